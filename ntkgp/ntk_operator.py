@@ -1,0 +1,132 @@
+"""The finite NTK K(X1, X2) = J(X1) J(X2)ᵀ as a lazy LinearOperator of shape (n1·C, n2·C).
+
+Rows are interleaved: row i·C + c is output c of input i. A product K V is one VJP at X2 then one
+JVP at X1 per block of columns; no Jacobian of the data set is ever formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor, nn
+
+from .functional import FunctionalNetwork, map_blocks
+from .validation import check_inputs
+
+__all__ = ["NTKOperator", "ntk_operator"]
+
+
+def _as_index_tensor(index, size: int, device: torch.device) -> Tensor:
+    """A slice or tensor index into range(size) as a long tensor of positions."""
+    return torch.arange(size, device=device)[index]
+
+
+class NTKOperator(LinearOperator):
+    """K(X1, X2) = J(X1) J(X2)ᵀ for a :class:`FunctionalNetwork` with C outputs.
+
+    Args:
+        x1: inputs (n1, ...); x2: inputs (n2, ...), or the same tensor for the symmetric K(X, X).
+        network: the functional network (keyword); num_outputs: C (keyword).
+    """
+
+    def __init__(self, x1: Tensor, x2: Tensor, *, network: FunctionalNetwork, num_outputs: int):
+        super().__init__(x1, x2, network=network, num_outputs=num_outputs)
+        self.x1, self.x2 = x1, x2
+        self.network = network
+        self.num_outputs = num_outputs
+
+    def _size(self) -> torch.Size:
+        c = self.num_outputs
+        return torch.Size([self.x1.shape[0] * c, self.x2.shape[0] * c])
+
+    def _transpose_nonbatch(self) -> NTKOperator:
+        return NTKOperator(self.x2, self.x1, network=self.network, num_outputs=self.num_outputs)
+
+    def _apply(self, left: Tensor, right: Tensor, rhs: Tensor) -> Tensor:
+        """J(left) J(right)ᵀ rhs for rhs (..., n_right·C, k) or (n_right·C,)."""
+        net, c = self.network, self.num_outputs
+        if rhs.dim() == 1:
+            return self._apply(left, right, rhs.unsqueeze(-1)).squeeze(-1)
+        cols = rhs.mT.reshape(-1, right.shape[0], c)
+
+        def block(u: Tensor) -> Tensor:
+            return net.jvp(left, net.vjp(right, u)).reshape(u.shape[0], -1)
+
+        out = map_blocks(block, cols, net.chunk_size)
+        return out.reshape(*rhs.shape[:-2], rhs.shape[-1], -1).mT
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self._apply(self.x1, self.x2, rhs)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._apply(self.x2, self.x1, rhs)
+
+    def _diagonal(self) -> Tensor:
+        """Exact diagonal ⟨J1[i,c], J2[i,c]⟩ (n·C,), from per-sample Jacobians in chunks."""
+        if self.x1.shape[0] != self.x2.shape[0]:
+            raise RuntimeError(f"diagonal of a non-square NTK {tuple(self.shape)}")
+        net = self.network
+        if self.x1 is self.x2:
+            parts = [(j * j).sum(-1) for j in net.jacobian_chunks(self.x1)]
+        else:
+            parts = [(a * b).sum(-1) for a, b in zip(net.jacobian_chunks(self.x1), net.jacobian_chunks(self.x2))]
+        return torch.cat(parts).reshape(-1)
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        """Entries K[row_index, col_index]: Jacobian rows of the needed rows (VJP), pushed to the needed columns (JVP)."""
+        row_index, col_index = torch.broadcast_tensors(row_index, col_index)
+        c, net = self.num_outputs, self.network
+        rows, row_pos = torch.unique(row_index, return_inverse=True)
+        row_inputs, row_input_pos = torch.unique(rows // c, return_inverse=True)
+        col_inputs, col_input_pos = torch.unique(col_index // c, return_inverse=True)
+        onehot = torch.zeros(len(rows), len(row_inputs), c, dtype=self.dtype, device=self.device)
+        onehot[torch.arange(len(rows), device=self.device), row_input_pos, rows % c] = 1
+        x_rows, x_cols = self.x1[row_inputs], self.x2[col_inputs]
+
+        def block(u: Tensor) -> Tensor:
+            return net.jvp(x_cols, net.vjp(x_rows, u))
+
+        krows = map_blocks(block, onehot, net.chunk_size)  # (rows, n_cols, C)
+        return krows[row_pos, col_input_pos, col_index % c]
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        """Sub-blocks that select whole inputs stay NTK operators; other index patterns interpolate."""
+        if batch_indices:
+            return super()._getitem(row_index, col_index, *batch_indices)
+        c = self.num_outputs
+        rows = _as_index_tensor(row_index, self.shape[-2], self.device)
+        cols = _as_index_tensor(col_index, self.shape[-1], self.device)
+        whole = [_whole_inputs(ids, c) for ids in (rows, cols)]
+        if whole[0] is None or whole[1] is None:
+            return super()._getitem(row_index, col_index)
+        return NTKOperator(self.x1[whole[0]], self.x2[whole[1]], network=self.network, num_outputs=c)
+
+
+def _whole_inputs(ids: Tensor, c: int) -> Tensor | None:
+    """Inputs selected by row ids if they are whole interleaved groups [i·C, ..., i·C + C − 1], else None."""
+    if ids.dim() != 1 or ids.numel() % c:
+        return None
+    groups = ids.reshape(-1, c)
+    inputs = groups[:, 0] // c
+    expected = inputs.unsqueeze(-1) * c + torch.arange(c, device=ids.device)
+    return inputs if torch.equal(groups, expected) else None
+
+
+def ntk_operator(model: nn.Module | FunctionalNetwork, x1: Tensor, x2: Tensor | None = None,
+                 params: Sequence[str] | None = None, chunk_size: int = 32) -> NTKOperator:
+    """The finite NTK of ``model`` between x1 (n1, ...) and x2 (n2, ...; default x1): shape (n1·C, n2·C).
+
+    ``params`` selects the parameters to linearise in (names or module prefixes, default all with
+    ``requires_grad``); ``chunk_size`` bounds how many vectors go through the network at once.
+    """
+    network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
+    check_inputs(x1, network.dtype, "x1")
+    if x2 is None:
+        x2 = x1
+    else:
+        check_inputs(x2, network.dtype, "x2")
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must share the per-input shape")
+    return NTKOperator(x1, x2, network=network, num_outputs=network.num_outputs(x1))
