@@ -2,6 +2,11 @@
 
 from .functional import FunctionalNetwork
 from .gram_operator import GramOperator, gram_operator
+from .kernel import NTKKernel
+from .mean import NetworkMean
+from .ntk_gp import NTKGP, Prediction
 from .ntk_operator import NTKOperator, ntk_operator
+from .solver import Solver
 
-__all__ = ["FunctionalNetwork", "GramOperator", "NTKOperator", "gram_operator", "ntk_operator"]
+__all__ = ["FunctionalNetwork", "GramOperator", "NTKGP", "NTKKernel", "NTKOperator", "NetworkMean", "Prediction",
+           "Solver", "gram_operator", "ntk_operator"]

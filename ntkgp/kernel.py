@@ -1,0 +1,88 @@
+"""The GPyTorch face of the finite NTK: a Kernel whose covariance is the lazy NTKOperator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import gpytorch
+import torch
+from linear_operator.operators import DenseLinearOperator
+from torch import Tensor, nn
+
+from .functional import FunctionalNetwork
+from .ntk_operator import NTKOperator
+from .validation import check_inputs
+
+__all__ = ["NTKKernel"]
+
+
+class NTKKernel(gpytorch.kernels.Kernel):
+    """k(x, x') = J(x) J(x')ᵀ of a network with C outputs, for use in any GPyTorch model.
+
+    GPyTorch passes inputs as (n, d) matrices; ``input_shape`` (default ``(d,)``) is the per-example
+    shape the network expects, and inputs are reshaped to (n, *input_shape) before the network sees
+    them. With C > 1 outputs the covariance is (n·C × n'·C), interleaved as in
+    :class:`~gpytorch.distributions.MultitaskMultivariateNormal` with ``interleaved=True``.
+    Wrap it in :class:`~gpytorch.kernels.ScaleKernel` for an output scale. The network is held as a
+    frozen snapshot, not as a submodule: ``.train()`` on the GP never touches it.
+
+    Args:
+        model: the network (eval mode), or a :class:`FunctionalNetwork`.
+        params: the parameters to linearise in (names or module prefixes; default all trainable).
+        input_shape: per-example input shape of the network.
+        chunk_size: vectors pushed through the network at once.
+    """
+
+    has_lengthscale = False
+
+    def __init__(self, model: nn.Module | FunctionalNetwork, params: Sequence[str] | None = None,
+                 input_shape: Sequence[int] | None = None, chunk_size: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self.network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self._num_outputs: int | None = None
+        self._memo: dict | None = None
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        if x.dim() != 2:
+            raise NotImplementedError(f"NTKKernel takes inputs of shape (n, d); got {tuple(x.shape)} "
+                                      "(batched inputs are not supported yet)")
+        check_inputs(x, self.network.dtype)
+        return x if self.input_shape is None else x.reshape(x.shape[0], *self.input_shape)
+
+    def num_outputs(self, x: Tensor) -> int:
+        """C, the network's output width (one forward pass on first use)."""
+        if self._num_outputs is None:
+            self._num_outputs = self.network.num_outputs(self._inputs(x[:1]))
+        return self._num_outputs
+
+    def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
+        return self.num_outputs(x1)
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+        if last_dim_is_batch:
+            raise ValueError("NTKKernel does not support last_dim_is_batch=True (deprecated in GPyTorch)")
+        a = self._inputs(x1)
+        b = a if (x2 is x1 or (x2.shape == x1.shape and torch.equal(x1, x2))) else self._inputs(x2)
+        op = NTKOperator(a, b, network=self.network, num_outputs=self.num_outputs(x1))
+        if diag:
+            return op._diagonal()
+        if self._memo is None or x1.requires_grad or x2.requires_grad:
+            return op
+        key = (x1.data_ptr(), x2.data_ptr(), x1.shape, x2.shape, x1._version, x2._version)
+        if key not in self._memo:
+            self._memo[key] = op.to_dense()
+        return DenseLinearOperator(self._memo[key])
+
+    @contextmanager
+    def memoize(self) -> Iterator[None]:
+        """Within this context, dense kernel matrices are computed once per pair of input tensors.
+
+        For hyperparameter fitting, where the inputs stay fixed and only scale and noise change.
+        """
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None

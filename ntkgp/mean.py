@@ -1,0 +1,29 @@
+"""The network itself as a GPyTorch prior mean: m(x) = f(x; θ0), the zeroth-order Taylor term."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gpytorch
+from torch import Tensor
+
+from .functional import FunctionalNetwork
+
+__all__ = ["NetworkMean"]
+
+
+class NetworkMean(gpytorch.means.Mean):
+    """m(x) = f(x; θ0) for inputs x (n, d), reshaped to (n, *input_shape); output (n,) if C = 1 else (n, C).
+
+    The network is a frozen snapshot (not a submodule): no gradient reaches its weights.
+    """
+
+    def __init__(self, network: FunctionalNetwork, input_shape: Sequence[int] | None = None):
+        super().__init__()
+        self.network = network
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        inputs = x if self.input_shape is None else x.reshape(x.shape[0], *self.input_shape)
+        out = self.network(inputs)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out

@@ -1,0 +1,154 @@
+"""NTKGP against the closed forms of GUIDE §1 on dense float64 Jacobians.
+
+Tolerances: 1e-6 (relative) with Cholesky, 1e-4 with preconditioned CG + Lanczos, in both spaces.
+"""
+
+import gpytorch
+import pytest
+import torch
+from conftest import dense_jacobian, make_case, rel_err
+
+from ntkgp import NTKGP, NTKKernel, Solver
+
+S2, NOISE = 0.7, 0.3
+SOLVERS = {"cholesky": (Solver("cholesky"), 1e-6), "cg": (Solver("cg", cg_tolerance=1e-8), 1e-4)}
+
+
+def dense_posterior(model, x, y, xs, params=None, mean="network", s2=S2, noise=NOISE):
+    """Mean, latent variance and log marginal likelihood from explicit Jacobians."""
+    j, js = dense_jacobian(model, x, params), dense_jacobian(model, xs, params)
+    with torch.no_grad():
+        f0 = model(x).reshape(-1)
+    fs = model(xs).reshape(-1)
+    if mean == "zero":
+        f0, fs = torch.zeros_like(f0), torch.zeros_like(fs)
+    cov = s2 * j @ j.T + noise * torch.eye(j.shape[0])
+    cross = s2 * js @ j.T
+    mu = fs + cross @ torch.linalg.solve(cov, y.reshape(-1) - f0)
+    var = (s2 * js @ js.T - cross @ torch.linalg.solve(cov, cross.T)).diagonal()
+    lml = torch.distributions.MultivariateNormal(f0, cov).log_prob(y.reshape(-1))
+    return mu, var, lml
+
+
+def targets(model, x):
+    with torch.no_grad():
+        out = model(x).reshape(x.shape[0], -1)
+    y = out + 0.5 * torch.randn_like(out)
+    return y.squeeze(-1) if y.shape[1] == 1 else y
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_posterior_matches_dense_reference(case, space, solver):
+    _, model, x, params = case
+    solver, tol = SOLVERS[solver]
+    y, xs = targets(model, x), torch.randn(5, *x.shape[1:])
+    gp = NTKGP(model, x, y, params=params, space=space, noise=NOISE, outputscale=S2, solver=solver)
+    pred = gp.predict(xs)
+    mu, var, lml = dense_posterior(model, x, y, xs, params)
+    assert pred.mean.shape == pred.variance.shape == ((5,) if y.dim() == 1 else (5, y.shape[1]))
+    assert rel_err(pred.mean.reshape(-1), mu) < tol
+    assert rel_err(pred.variance.reshape(-1), var) < tol
+    noisy = gp.predict(xs, observation_noise=True)
+    assert rel_err(noisy.variance.reshape(-1), var + NOISE) < tol
+    if solver is SOLVERS["cholesky"][0] or space == "parameter":
+        assert abs(float(gp.log_marginal_likelihood().detach() - lml)) < 1e-6 * abs(float(lml))
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_zero_mean(space):
+    model, x, _ = make_case("mlp_c3")
+    y, xs = targets(model, x), torch.randn(4, 3)
+    gp = NTKGP(model, x, y, space=space, mean="zero", noise=NOISE, outputscale=S2)
+    mu, var, _ = dense_posterior(model, x, y, xs, mean="zero")
+    pred = gp.predict(xs)
+    assert rel_err(pred.mean.reshape(-1), mu) < 1e-6
+    assert rel_err(pred.variance.reshape(-1), var) < 1e-6
+
+
+def test_lanczos_parameter_space_beyond_dense_size():
+    """p > cholesky_max_size: the Lanczos spectrum and CG must still reproduce the dense answer."""
+    model, x, _ = make_case("mlp_c1", n=10)
+    y, xs = targets(model, x), torch.randn(4, 3)
+    solver = Solver("auto", cholesky_max_size=5, lanczos_rank=40, cg_tolerance=1e-10)
+    gp = NTKGP(model, x, y, space="parameter", noise=NOISE, outputscale=S2, solver=solver)
+    mu, var, lml = dense_posterior(model, x, y, xs)
+    pred = gp.predict(xs)
+    assert rel_err(pred.mean, mu) < 1e-4 and rel_err(pred.variance, var) < 1e-4
+    assert abs(float(gp.log_marginal_likelihood() - lml)) < 1e-4 * abs(float(lml))
+
+
+def test_fit_agrees_across_spaces_and_increases_evidence():
+    model, x, _ = make_case("mlp_c1", n=12)
+    y = targets(model, x)
+    fitted = {}
+    for space in ("function", "parameter"):
+        gp = NTKGP(model, x, y, space=space)
+        before = float(gp.log_marginal_likelihood())
+        gp.fit()
+        assert float(gp.log_marginal_likelihood()) > before
+        fitted[space] = (float(gp.outputscale), float(gp.noise), gp.predict(torch.randn(3, 3, generator=torch.Generator().manual_seed(0))))
+    (s_f, n_f, p_f), (s_p, n_p, p_p) = fitted["function"], fitted["parameter"]
+    assert abs(s_f - s_p) < 1e-3 * s_f and abs(n_f - n_p) < 1e-3 * n_f
+    assert rel_err(p_f.mean, p_p.mean) < 1e-4 and rel_err(p_f.variance, p_p.variance) < 1e-3
+    # the fitted point is a stationary point of the dense evidence
+    s2 = torch.tensor(s_f, requires_grad=True)
+    noise = torch.tensor(n_f, requires_grad=True)
+    _, _, lml = dense_posterior(model, x, y, x, s2=s2, noise=noise)
+    grads = torch.autograd.grad(lml, (s2, noise))
+    assert abs(float(grads[0])) * s_f < 1e-3 * x.shape[0] and abs(float(grads[1])) * n_f < 1e-3 * x.shape[0]
+
+
+def test_fixed_noise_stays_fixed_and_network_untouched():
+    model, x, _ = make_case("cnn_batchnorm")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    y = targets(model, x)
+    gp = NTKGP(model, x, y, noise=0.05).fit()
+    assert abs(float(gp.noise) - 0.05) < 1e-12
+    assert not model.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_gradient_of_predictive_mean_wrt_inputs(space):
+    model, x, _ = make_case("mlp_c1")
+    y = targets(model, x)
+    gp = NTKGP(model, x, y, space=space, noise=NOISE, outputscale=S2)
+    xs = torch.randn(4, 3, requires_grad=True)
+    got = torch.autograd.grad(gp.predict(xs).mean.sum(), xs)[0]
+    xs2 = xs.detach().clone().requires_grad_()
+    mu, _, _ = dense_posterior(model, x, y, xs2)
+    ref = torch.autograd.grad(mu.sum(), xs2)[0]
+    assert rel_err(got, ref) < 1e-6
+
+
+def test_solver_choice_is_independent_of_botorch_import():
+    import botorch  # noqa: F401  (switches gpytorch's fast computations off process-wide)
+
+    model, x, _ = make_case("mlp_c1", n=10)
+    y, xs = targets(model, x), torch.randn(3, 3)
+    gp = NTKGP(model, x, y, noise=NOISE, outputscale=S2, solver=Solver("cg", cg_tolerance=1e-8))
+    with gpytorch.settings.max_cholesky_size(10_000), gpytorch.settings.fast_computations(False, False, False):
+        pred = gp.predict(xs)
+    mu, var, _ = dense_posterior(model, x, y, xs)
+    assert rel_err(pred.mean, mu) < 1e-4 and rel_err(pred.variance, var) < 1e-4
+
+
+def test_kernel_under_scale_kernel_and_diag():
+    model, x, _ = make_case("mlp_c3")
+    kernel = gpytorch.kernels.ScaleKernel(NTKKernel(model))
+    kernel.outputscale = S2
+    x2 = torch.randn(4, 3)
+    j1, j2 = dense_jacobian(model, x), dense_jacobian(model, x2)
+    assert rel_err(kernel(x, x2).to_dense(), S2 * j1 @ j2.T) < 1e-10
+    assert rel_err(kernel(x, diag=True), S2 * (j1 * j1).sum(-1)) < 1e-10
+    with pytest.raises(ValueError, match="last_dim_is_batch"):
+        kernel.base_kernel.forward(x, x, last_dim_is_batch=True)
+
+
+def test_kernel_with_image_inputs_reshapes():
+    model, x, _ = make_case("cnn_batchnorm")
+    kernel = NTKKernel(model, input_shape=x.shape[1:])
+    j = dense_jacobian(model, x)
+    assert rel_err(kernel(x.reshape(x.shape[0], -1)).to_dense(), j @ j.T) < 1e-10
