@@ -1,5 +1,12 @@
 """ntkgp: Gaussian processes from pretrained PyTorch networks through their finite neural tangent kernel."""
 
+import warnings
+
+with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprecated in torch 2.14
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    import gpytorch  # noqa: F401
+    import linear_operator  # noqa: F401
+
 from .functional import FunctionalNetwork
 from .gram_operator import GramOperator, gram_operator
 from .kernel import NTKKernel

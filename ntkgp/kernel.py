@@ -81,6 +81,9 @@ class NTKKernel(gpytorch.kernels.Kernel):
 
         For hyperparameter fitting, where the inputs stay fixed and only scale and noise change.
         """
+        if self._memo is not None:  # already memoizing: keep the outer cache
+            yield
+            return
         self._memo = {}
         try:
             yield

@@ -22,8 +22,8 @@ from .gram_operator import GramOperator
 from .kernel import NTKKernel
 from .mean import NetworkMean
 from .ntk_operator import NTKOperator
-from .parameter_space import (GramSpectrum, gram_spectrum, spectral_log_marginal_likelihood, spectral_solve,
-                              spectral_variance_reduction)
+from .parameter_space import (GramSpectrum, gram_spectrum, ntk_spectrum, spectral_log_marginal_likelihood,
+                              spectral_solve, spectral_variance_reduction)
 from .solver import Solver
 from .validation import check_inputs, check_positive, check_targets
 
@@ -125,6 +125,7 @@ class NTKGP(nn.Module):
             self._residual = (targets - self._prior_mean(train_x)).reshape(-1)  # (n·C,)
         self._spectrum: GramSpectrum | None = None
         self._gradient: Tensor | None = None
+        self._terms: tuple[Tensor, Tensor, Tensor] | None = None
 
     # --- hyperparameters -------------------------------------------------------------------------
     @property
@@ -142,7 +143,7 @@ class NTKGP(nn.Module):
         out = self.network(x)
         return out if self.mean_kind == "network" else torch.zeros_like(out)
 
-    # --- parameter-space pieces (cached: they depend on the data, not the hyperparameters) ---------
+    # --- cached pieces: they depend on the data, not on the hyperparameters ----------------------
     def _gram(self) -> GramOperator:
         return GramOperator(self.train_x, network=self.network)
 
@@ -150,19 +151,36 @@ class NTKGP(nn.Module):
         """(spectrum of JᵀJ, Jᵀ r (p,))."""
         if self._spectrum is None:
             with torch.no_grad():
-                self._spectrum = gram_spectrum(self._gram(), self.solver)
+                self._spectrum = gram_spectrum(self.network, self.train_x, self.num_outputs, self.solver)
                 n, c = self.train_x.shape[0], self.num_outputs
                 self._gradient = self.network.vjp(self.train_x, self._residual.reshape(1, n, c))[0]
         return self._spectrum, self._gradient
 
+    def _spectral_terms(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(λ, Qᵀ Jᵀ r, ‖Jᵀ r‖²) for the closed-form evidence; None when function space runs CG."""
+        if self._terms is None:
+            if self.space == "parameter":
+                spectrum, b = self._parameter_cache()
+                projected = spectrum.eigenvectors.mT @ b  # with an exact spectrum b is in span(Q)
+                b_sq = projected.square().sum() if spectrum.exact else b.square().sum()
+                self._terms = (spectrum.eigenvalues, projected, b_sq)
+            elif self.solver.dense(self._residual.numel()):
+                with torch.no_grad():
+                    evals, evecs = ntk_spectrum(self.network, self.train_x, self.num_outputs)
+                projected = evals.sqrt() * (evecs.mT @ self._residual)
+                self._terms = (evals, projected, projected.square().sum())
+        return self._terms
+
     # --- marginal likelihood and fitting -----------------------------------------------------------
     def log_marginal_likelihood(self) -> Tensor:
-        """log p(train_y) under the current hyperparameters (a differentiable scalar, not divided by n)."""
-        if self.space == "parameter":
-            spectrum, b = self._parameter_cache()
-            projected = spectrum.eigenvectors.mT @ b
-            return spectral_log_marginal_likelihood(spectrum, projected, b.square().sum(),
-                                                    self._residual.square().sum(), self._residual.numel(),
+        """log p(train_y) under the current hyperparameters (a differentiable scalar, not divided by n).
+
+        Closed form from the spectrum when the solver is dense (or in parameter space); GPyTorch's
+        exact marginal likelihood (CG and stochastic Lanczos quadrature) in function space otherwise.
+        """
+        terms = self._spectral_terms()
+        if terms is not None:
+            return spectral_log_marginal_likelihood(*terms, self._residual.square().sum(), self._residual.numel(),
                                                     self.outputscale, self.noise)
         self.gp.train()
         with self.solver.settings(), self.gp.covar_module.base_kernel.memoize():
@@ -187,7 +205,8 @@ class NTKGP(nn.Module):
             loss.backward()
             return loss
 
-        optimizer.step(closure)
+        with self.gp.covar_module.base_kernel.memoize():
+            optimizer.step(closure)
         return self
 
     # --- prediction ------------------------------------------------------------------------------
@@ -229,7 +248,8 @@ class NTKGP(nn.Module):
         outputs = self.network.jvp(x, tangents)  # (1 + r, m, C)
         mean = self._prior_mean(x) + outputs[0]
         prior_var = s2 * NTKOperator(x, x, network=self.network, num_outputs=self.num_outputs)._diagonal()
-        var = prior_var - noise * spectral_variance_reduction(spectrum, outputs[1:].reshape(len(tangents) - 1, -1), c)
+        reduction = spectral_variance_reduction(spectrum.eigenvalues, outputs[1:].reshape(len(tangents) - 1, -1), c)
+        var = prior_var - noise * reduction
         var = var.reshape(mean.shape)
         if self.num_outputs == 1:
             mean, var = mean.squeeze(-1), var.squeeze(-1)

@@ -1,11 +1,11 @@
-"""Parameter-space inference for the NTK-GP through the spectrum of G = JᵀJ (p × p).
+"""Spectra of the NTK and of G = JᵀJ, and the NTK-GP quantities that follow from them in closed form.
 
-With c = σ²/s² and A = G + cI, the GP posterior of §1 of the guide reads
-  mean(x*) = m(x*) + J* A⁻¹ Jᵀ r,     var(x*) = σ² diag(J* A⁻¹ J*ᵀ),
-and with G ≈ Q diag(λ) Qᵀ (all of the spectrum not in Q taken as 0):
-  A⁻¹ = Q diag(1/(λ + c)) Qᵀ + (I − QQᵀ)/c.
-The spectrum is exact (dense ``eigh``) for small p and the top Lanczos Ritz pairs otherwise; it is
-exact too whenever the Lanczos rank reaches rank(G) <= n·C. Small pure functions, shapes stated.
+J (N × p, N = n·C) has a thin SVD J = U S Qᵀ: K = JJᵀ = U S² Uᵀ and G = JᵀJ = Q S² Qᵀ share the
+nonzero eigenvalues λ = S². With c = σ²/s² and A = G + cI (all of the spectrum not in Q taken as 0):
+  A⁻¹ = Q diag(1/(λ + c)) Qᵀ + (I − QQᵀ)/c,
+so the parameter-space posterior mean J* A⁻¹ Jᵀ r, the variance σ² diag(J* A⁻¹ J*ᵀ) and the
+marginal likelihood need only (λ, Q). The spectrum is exact when the smaller of N and p is dense-sized
+(eigh of the smaller Gram); otherwise it is the top Lanczos Ritz pairs of G.
 """
 
 from __future__ import annotations
@@ -17,59 +17,91 @@ import torch
 from linear_operator.utils.lanczos import lanczos_tridiag
 from torch import Tensor
 
+from .functional import FunctionalNetwork
 from .gram_operator import GramOperator
+from .ntk_operator import NTKOperator
 from .solver import Solver
 
-__all__ = ["GramSpectrum", "gram_spectrum", "spectral_log_marginal_likelihood", "spectral_solve",
+__all__ = ["GramSpectrum", "gram_spectrum", "ntk_spectrum", "spectral_log_marginal_likelihood", "spectral_solve",
            "spectral_variance_reduction"]
 
 
 @dataclass
 class GramSpectrum:
-    """Eigenpairs of G = JᵀJ: eigenvalues (r,) >= 0 and orthonormal eigenvectors (p, r)."""
+    """Eigenpairs of G = JᵀJ: eigenvalues (r,) > 0 and orthonormal eigenvectors (p, r)."""
 
     eigenvalues: Tensor
     eigenvectors: Tensor
     exact: bool
 
 
-def gram_spectrum(gram: GramOperator, solver: Solver) -> GramSpectrum:
-    """Exact spectrum of G when ``solver.dense(p)``, else the top ``solver.lanczos_rank`` Ritz pairs."""
-    p = gram.shape[-1]
-    if solver.dense(p):
+def _numerical_rank_mask(eigenvalues: Tensor, size: int) -> Tensor:
+    """Eigenvalues above the roundoff level size·eps·λ_max of a symmetric eigensolver."""
+    floor = size * torch.finfo(eigenvalues.dtype).eps * eigenvalues.abs().max().clamp_min(1e-300)
+    return eigenvalues > floor
+
+
+def ntk_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int) -> tuple[Tensor, Tensor]:
+    """Nonzero eigenpairs of the dense NTK K(x, x) (N × N): eigenvalues (r,), eigenvectors (N, r)."""
+    kernel = NTKOperator(x, x, network=network, num_outputs=num_outputs).to_dense()
+    evals, evecs = torch.linalg.eigh(kernel)
+    keep = _numerical_rank_mask(evals, kernel.shape[0])
+    return evals[keep], evecs[:, keep]
+
+
+def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solver: Solver,
+                  max_dense_elements: int = 2**27) -> GramSpectrum:
+    """Spectrum of G = J(x)ᵀ J(x) (p × p).
+
+    Exact by ``eigh`` of G when p <= N and p is dense-sized; exact through the NTK's eigenpairs
+    (Q = Jᵀ U / √λ, one batched VJP) when N < p, N is dense-sized and Q (p × N) fits in
+    ``max_dense_elements``; otherwise the top ``solver.lanczos_rank`` Ritz pairs of Lanczos on G.
+    """
+    p, big_n = network.num_params, x.shape[0] * num_outputs
+    gram = GramOperator(x, network=network)
+    if p <= big_n and solver.dense(p):
         evals, evecs = torch.linalg.eigh(gram.to_dense())
-        return GramSpectrum(evals.clamp_min(0), evecs, exact=True)
+        keep = _numerical_rank_mask(evals, p)
+        return GramSpectrum(evals[keep], evecs[:, keep], exact=True)
+    if big_n < p and solver.dense(big_n) and big_n * p <= max_dense_elements:
+        evals, evecs = ntk_spectrum(network, x, num_outputs)
+        cotangents = (evecs / evals.sqrt()).mT.reshape(-1, x.shape[0], num_outputs)
+        return GramSpectrum(evals, network.vjp(x, cotangents).mT, exact=True)
     rank = min(solver.lanczos_rank, p)
     q, t = lanczos_tridiag(gram._matmul, max_iter=rank, dtype=gram.dtype, device=gram.device,
                            matrix_shape=gram.shape, tol=1e-10)
     evals, s = torch.linalg.eigh(t)
-    return GramSpectrum(evals.clamp_min(0), q @ s, exact=rank == p)
+    keep = _numerical_rank_mask(evals, p)
+    return GramSpectrum(evals[keep], (q @ s)[:, keep], exact=rank == p)
 
 
 def spectral_solve(spectrum: GramSpectrum, b: Tensor, c: Tensor) -> Tensor:
-    """A⁻¹ b for A = G + cI: b (p,) -> (p,)."""
+    """A⁻¹ b for A = G + cI and b = Jᵀ r in the range of G: b (p,) -> (p,).
+
+    With an exact spectrum b lies in span(Q), and the part outside it is roundoff that 1/c would
+    amplify; with a partial (Lanczos) spectrum that part is kept, as the eigenvalue-0 directions.
+    """
     coef = spectrum.eigenvectors.mT @ b
     in_span = spectrum.eigenvectors @ (coef / (spectrum.eigenvalues + c))
-    return in_span + (b - spectrum.eigenvectors @ coef) / c
+    return in_span if spectrum.exact else in_span + (b - spectrum.eigenvectors @ coef) / c
 
 
-def spectral_variance_reduction(spectrum: GramSpectrum, test_features: Tensor, c: Tensor) -> Tensor:
-    """Σ_k λ_k / (c (λ_k + c)) (J* q_k)²: test_features = J* Q of shape (r, m) -> (m,)."""
-    weights = spectrum.eigenvalues / (c * (spectrum.eigenvalues + c))
+def spectral_variance_reduction(eigenvalues: Tensor, test_features: Tensor, c: Tensor) -> Tensor:
+    """Σ_k λ_k / (c (λ_k + c)) (J* q_k)²: test_features = (J* q_k)_k of shape (r, m) -> (m,)."""
+    weights = eigenvalues / (c * (eigenvalues + c))
     return (weights.unsqueeze(-1) * test_features.square()).sum(0)
 
 
-def spectral_log_marginal_likelihood(spectrum: GramSpectrum, projected: Tensor, b_sq: Tensor, r_sq: Tensor,
+def spectral_log_marginal_likelihood(eigenvalues: Tensor, projected: Tensor, b_sq: Tensor, r_sq: Tensor,
                                      num_data: int, outputscale: Tensor, noise: Tensor) -> Tensor:
-    """log N(r; 0, s² JJᵀ + σ² I) from the spectrum of JᵀJ (Woodbury and the determinant lemma).
+    """log N(r; 0, s² JJᵀ + σ² I) from the spectrum (Woodbury and the determinant lemma).
 
     Args:
-        projected: Qᵀ Jᵀ r (r,); b_sq: ‖Jᵀ r‖²; r_sq: ‖r‖²; num_data: N = n·C.
-        outputscale: s²; noise: σ² (scalars, differentiable).
+        eigenvalues: λ (r,); projected: Qᵀ Jᵀ r (r,) (equivalently √λ·Uᵀ r); b_sq: ‖Jᵀ r‖²;
+        r_sq: ‖r‖²; num_data: N = n·C; outputscale: s²; noise: σ² (differentiable scalars).
     """
     c = noise / outputscale
-    evals = spectrum.eigenvalues
-    b_inv_b = (projected.square() / (evals + c)).sum() + (b_sq - projected.square().sum()) / c
+    b_inv_b = (projected.square() / (eigenvalues + c)).sum() + (b_sq - projected.square().sum()) / c
     quad = (r_sq - b_inv_b) / noise
-    logdet = num_data * torch.log(noise) + torch.log1p(evals / c).sum()
+    logdet = num_data * torch.log(noise) + torch.log1p(eigenvalues / c).sum()
     return -0.5 * (quad + logdet + num_data * math.log(2 * math.pi))

@@ -1,0 +1,27 @@
+# make run   — create .venv, install ntkgp, run the sinusoid experiment
+# make test  — create .venv, install ntkgp with its test extra, run the test suite
+# make bench — the NTK-MVM benchmark (benchmarks/ntk_mvm.py)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/ntkgp run sinusoid
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/ntk_mvm.py
+
+clean:
+	rm -rf $(VENV) results *.egg-info

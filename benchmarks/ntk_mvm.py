@@ -1,0 +1,103 @@
+"""NTK matrix-vector product cost relative to one gradient of the same network on the same batch.
+
+Prints, measured in one run: NTK-MVM time / gradient time (forward + backward of the summed outputs
+over the batch) and, on CUDA, peak memory of the product / peak memory of the gradient. Writes
+``results/benchmarks/ntk_mvm.json``. Usage::
+
+    python benchmarks/ntk_mvm.py                    # cuda if available: MLP n=4096, ResNet-18 n=512
+    python benchmarks/ntk_mvm.py --device cpu --n-mlp 512 --n-resnet 32 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from ntkgp import ntk_operator
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak bytes above the baseline; 0 on CPU) of ``fn()`` after one warm-up."""
+    fn()
+    sync(device)
+    times, peak = [], 0.0
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peak = max(peak, torch.cuda.max_memory_allocated(device) - base)
+    return statistics.median(times), peak
+
+
+def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size: int) -> dict:
+    device = x.device
+    model = model.to(device).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient():
+        grads = torch.autograd.grad(model(x).sum(), params)
+        return grads
+
+    op = ntk_operator(model, x, chunk_size=chunk_size)
+    v = torch.randn(op.shape[-1], device=device, dtype=x.dtype)
+
+    def mvm():
+        with torch.no_grad():
+            return op @ v
+
+    t_grad, m_grad = measure(gradient, device, repeats)
+    t_mvm, m_mvm = measure(mvm, device, repeats)
+    row = {"model": name, "n": x.shape[0], "outputs": op.shape[0] // x.shape[0], "params": op.network.num_params,
+           "gradient_ms": 1e3 * t_grad, "ntk_mvm_ms": 1e3 * t_mvm, "time_ratio": t_mvm / t_grad}
+    if device.type == "cuda":
+        row.update(gradient_peak_gib=m_grad / 2**30, ntk_mvm_peak_gib=m_mvm / 2**30, memory_ratio=m_mvm / m_grad)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n-mlp", type=int, default=4096)
+    parser.add_argument("--n-resnet", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ntk_mvm.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    resnet = torchvision.models.resnet18(num_classes=10)
+    rows = [bench("MLP 784-1024-1024-10", mlp, torch.randn(args.n_mlp, 784, device=device), args.repeats,
+                  args.chunk_size),
+            bench("ResNet-18 32x32", resnet, torch.randn(args.n_resnet, 3, 32, 32, device=device), args.repeats,
+                  args.chunk_size)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, float32, median of {args.repeats}")
+    for r in rows:
+        mem = f", memory ratio {r['memory_ratio']:.2f} ({r['ntk_mvm_peak_gib']:.2f} / {r['gradient_peak_gib']:.2f} GiB)" \
+            if "memory_ratio" in r else ""
+        print(f"{r['model']:22s} n={r['n']:5d} p={r['params']:9d}  gradient {r['gradient_ms']:8.2f} ms  "
+              f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  time ratio {r['time_ratio']:.2f}{mem}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

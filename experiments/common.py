@@ -1,0 +1,63 @@
+"""What every experiment shares: its registration record, seeding, atomic result files, summary tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Experiment", "format_table", "mean_and_stderr", "seed_everything", "write_json_atomic"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment the ``ntkgp`` command can run.
+
+    ``run(config, out_dir, device, seed)`` writes its results under ``out_dir`` and returns a summary;
+    ``configs`` maps a configuration name (``"default"``, ``"tiny"`` for the test suite) to keyword settings.
+    """
+
+    name: str
+    description: str
+    run: Callable[[dict, Path, str, int], dict]
+    configs: dict[str, dict] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(payload, handle, indent=1)
+        tmp = handle.name
+    os.replace(tmp, path)
+
+
+def mean_and_stderr(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    arr = np.asarray(list(values), dtype=float)
+    if arr.size == 0:
+        return math.nan, math.nan
+    err = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else 0.0
+    return float(arr.mean()), err
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain fixed-width text table."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])

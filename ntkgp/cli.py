@@ -1,0 +1,67 @@
+"""The ``ntkgp`` command: ``ntkgp list`` and ``ntkgp run NAME [--config tiny] [--device cpu] [--seed 0] [--out results]``.
+
+Experiments are found through the ``ntkgp.experiments`` entry-point group (an installed package), and
+in a clone through the top-level ``experiments`` package. The library itself never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+__all__ = ["discover_experiments", "main"]
+
+
+def discover_experiments() -> dict:
+    """name -> Experiment, from entry points, then from the ``experiments`` package if importable."""
+    found = {}
+    for entry in entry_points(group="ntkgp.experiments"):
+        found[entry.name] = entry
+    try:
+        package = importlib.import_module("experiments")
+    except ImportError:
+        package = None
+    if package is not None:
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name not in found and info.name != "common":
+                found[info.name] = f"experiments.{info.name}"
+    experiments = {}
+    for name, source in found.items():
+        module_or_entry = source.load() if hasattr(source, "load") else importlib.import_module(source)
+        experiment = getattr(module_or_entry, "EXPERIMENT", module_or_entry)
+        if hasattr(experiment, "run"):
+            experiments[experiment.name] = experiment
+    return experiments
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ntkgp", description="NTK Gaussian processes: experiments")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the experiments")
+    run = sub.add_parser("run", help="run an experiment")
+    run.add_argument("name")
+    run.add_argument("--config", default="default", help="named configuration (default, tiny)")
+    run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", type=Path, default=Path("results"), help="results root (default ./results)")
+    args = parser.parse_args(argv)
+    experiments = discover_experiments()
+    if args.command == "list":
+        for name, experiment in sorted(experiments.items()):
+            print(f"{name:20s} {experiment.description}  [configs: {', '.join(experiment.configs)}]")
+        return 0
+    if args.name not in experiments:
+        parser.error(f"unknown experiment {args.name!r}; known: {', '.join(sorted(experiments))}")
+    experiment = experiments[args.name]
+    if args.config not in experiment.configs:
+        parser.error(f"experiment {args.name!r} has configs {list(experiment.configs)}, not {args.config!r}")
+    experiment.run(dict(experiment.configs[args.config]), args.out / args.name, args.device, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
