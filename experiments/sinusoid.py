@@ -271,7 +271,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
 
 DEFAULT = {
     "pretrain_seeds": [0, 1, 2], "tasks": 20, "shots": [5, 10, 20], "test_points": 100,
-    "pretrain_points": 500, "pretrain_steps": 2000, "pretrain_lr": 3e-3,
+    "pretrain_points": 200, "pretrain_steps": 2000, "pretrain_lr": 3e-3,
     "finetune_steps": [100, 500], "last_layer_steps": 500, "finetune_lr": 1e-2,
     "plot_tasks": 3, "plot_methods": ["NTK-GP network mean, ML, funct.", "NTK-GP zero mean, ML, funct.",
                                       "Bayesian last layer (ML)", "fine-tune all, 500 steps"],

@@ -193,7 +193,8 @@ class NTKGP(nn.Module):
         L-BFGS with strong-Wolfe line search on the raw (unconstrained) hyperparameters. Returns self.
         """
         raw = [self.gp.covar_module.raw_outputscale] + ([self.gp.likelihood.raw_noise] if self.learn_noise else [])
-        optimizer = torch.optim.LBFGS(raw, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS(raw, lr=1.0, max_iter=max_iter, tolerance_change=1e-7,
+                                      line_search_fn="strong_wolfe")
         scale = float(self._residual.numel())
 
         def closure():

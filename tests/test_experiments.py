@@ -1,0 +1,57 @@
+"""Each experiment's tiny configuration runs end to end through the command line; the README example runs."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ntkgp.cli import discover_experiments, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_list_names_every_experiment(capsys):
+    assert main(["list"]) == 0
+    assert "sinusoid" in capsys.readouterr().out
+    assert set(discover_experiments()) >= {"sinusoid"}
+
+
+@pytest.mark.slow
+def test_sinusoid_tiny_run_writes_results_and_figure(tmp_path, capsys):
+    assert main(["run", "sinusoid", "--config", "tiny", "--out", str(tmp_path), "--seed", "3"]) == 0
+    out = tmp_path / "sinusoid"
+    payload = json.loads((out / "results.json").read_text())
+    from experiments.sinusoid import methods as method_table
+
+    tiny = discover_experiments()["sinusoid"].configs["tiny"]
+    expected = set(method_table(tiny))
+    assert {row["method"] for row in payload["rows"]} == expected and len(expected) == 11
+    assert len(payload["rows"]) == len(expected) * tiny["tasks"] * len(tiny["shots"])
+    for row in payload["rows"]:
+        assert row["mse"] >= 0 and 0 <= row["coverage"] <= 1 and row["time"] > 0
+    by_method = {r["method"]: r for r in payload["rows"] if r["task"] == 0}
+    function, parameter = by_method["NTK-GP network mean, fixed, funct."], by_method["NTK-GP network mean, fixed, param."]
+    assert abs(function["mse"] - parameter["mse"]) <= 1e-6 * function["mse"]
+    assert (out / "bands.png").stat().st_size > 10_000
+    assert "test NLL" in capsys.readouterr().out
+
+
+def test_unknown_experiment_is_an_error():
+    with pytest.raises(SystemExit):
+        main(["run", "no-such-experiment"])
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("ntkgp") or str(Path(sys.executable).parent / "ntkgp")
+    result = subprocess.run([exe, "list"], capture_output=True, text=True, check=True)
+    assert "sinusoid" in result.stdout
+
+
+def test_readme_example_runs():
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert len(code.strip().splitlines()) <= 15
+    exec(compile(code, "README.md", "exec"), {})
