@@ -16,7 +16,9 @@ get the predictive variance max(fixed noise, support MSE).
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,21 +108,29 @@ def bayesian_last_layer(model, x, y, xs, fixed_noise):
     return pred.mean, pred.variance
 
 
+def batched_mlp(layers: list[tuple[Tensor, Tensor]], x: Tensor) -> Tensor:
+    """T copies of the tanh MLP at once: weights (T, out, in), biases (T, out); x (T, k, 1) -> (T, k)."""
+    for i, (weight, bias) in enumerate(layers):
+        x = torch.baddbmm(bias.unsqueeze(1), x, weight.mT)
+        x = torch.tanh(x) if i < len(layers) - 1 else x
+    return x.squeeze(-1)
+
+
 def finetune_batched(model: nn.Module, x: Tensor, y: Tensor, xs: Tensor, steps: int, lr: float,
                      last_layer_only: bool) -> tuple[Tensor, Tensor]:
-    """Fine-tune copies of ``model`` on T tasks at once (vmap), each with its own Adam state.
+    """Fine-tune T copies of the MLP ``model`` on T tasks at once, each with its own Adam state.
 
     x (T, k, 1), y (T, k), xs (T, m, 1) -> test means (T, m) and final training MSEs (T,). The loss is
     the sum of per-task MSEs and Adam is elementwise, so each task gets exactly its own run.
     """
-    last = [name for name, _ in model.named_children()][-1]
-    stacked = {name: p.detach().expand(x.shape[0], *p.shape).clone() for name, p in model.named_parameters()}
-    trainable = [t.requires_grad_() for name, t in stacked.items() if not last_layer_only or name.startswith(last + ".")]
-    forward = torch.func.vmap(lambda params, inputs: torch.func.functional_call(model, params, (inputs,)).squeeze(-1))
-    task_mse = lambda: (forward(stacked, x) - y).square().mean(-1)  # noqa: E731
+    linear = [m for m in model if isinstance(m, nn.Linear)]
+    layers = [(m.weight.detach().expand(x.shape[0], *m.weight.shape).clone(),
+               m.bias.detach().expand(x.shape[0], *m.bias.shape).clone()) for m in linear]
+    trainable = [t.requires_grad_() for layer in (layers[-1:] if last_layer_only else layers) for t in layer]
+    task_mse = lambda: (batched_mlp(layers, x) - y).square().mean(-1)  # noqa: E731
     adam(lambda: task_mse().sum(), trainable, steps, lr)
     with torch.no_grad():
-        return forward(stacked, xs), task_mse()
+        return batched_mlp(layers, xs), task_mse()
 
 
 def point_method(steps: int, last_layer_only: bool, lr: float):
@@ -212,72 +222,94 @@ def adapt_all(adapt, model, x: Tensor, y: Tensor, xs: Tensor, fixed_noise: float
     return torch.stack(means), torch.stack(variances), times
 
 
-def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
-    """Run the experiment; writes ``results.json`` (after every pretraining seed) and ``bands.png``."""
-    dtype = torch.float64
-    seed_everything(seed)
-    table = methods(config)
-    rows, pretrained, examples = [], [], []
-    out_dir.mkdir(parents=True, exist_ok=True)
+def evaluate(job: dict) -> dict:
+    """All methods on all tasks of one pretraining seed and one number of shots: {"rows", "examples"}.
+
+    A job runs in one thread (its timings are single-thread timings) and may run in a worker process.
+    """
+    torch.set_num_threads(1)
+    config, device, dtype = job["config"], job["device"], torch.float64
+    model = make_mlp().to(dtype=dtype, device=device)
+    model.load_state_dict(job["state"])
+    model.eval()
+    generator = torch.Generator().manual_seed(job["task_seed"])
+    tasks = [sample_task(generator) for _ in range(config["tasks"])]
+    pools = [task.sample(max(config["shots"]), generator, dtype) for task in tasks]
+    tests = [task.sample(config["test_points"], generator, dtype) for task in tasks]
+    shots, num_plot = job["shots"], min(config["plot_tasks"], len(tasks)) if job["plot"] else 0
+    x = torch.stack([pool[0][:shots] for pool in pools]).to(device)
+    y = torch.stack([pool[1][:shots] for pool in pools]).to(device)
+    test_x, test_y = torch.stack([t[0] for t in tests]).to(device), torch.stack([t[1] for t in tests])
     grid = torch.linspace(-5, 5, 200, dtype=dtype, device=device).reshape(1, -1, 1)
-    num_plot = config["plot_tasks"]
-    total = len(config["pretrain_seeds"]) * len(config["shots"]) * len(table)
-    with tqdm(total=total, desc="sinusoid", unit="method") as bar:
-        for pretrain_seed in config["pretrain_seeds"]:
-            model, pre_mse = pretrain(seed + pretrain_seed, config, dtype, device)
-            fixed_noise = max(1e-3, pre_mse)
-            pretrained.append({"seed": seed + pretrain_seed, "pretrain_mse": pre_mse, "fixed_noise": fixed_noise})
-            generator = torch.Generator().manual_seed(seed + pretrain_seed)
-            tasks = [sample_task(generator) for _ in range(config["tasks"])]
-            pools = [task.sample(max(config["shots"]), generator, dtype) for task in tasks]
-            tests = [task.sample(config["test_points"], generator, dtype) for task in tasks]
-            test_x = torch.stack([t[0] for t in tests]).to(device)
-            test_y = torch.stack([t[1] for t in tests])
-            for shots in config["shots"]:
-                x = torch.stack([pool[0][:shots] for pool in pools]).to(device)
-                y = torch.stack([pool[1][:shots] for pool in pools]).to(device)
-                plot_here = pretrain_seed == config["pretrain_seeds"][0] and shots == min(config["shots"])
-                predictions = {}
-                for label, adapt in table.items():
-                    torch.manual_seed(seed + shots)
-                    mean, var, times = adapt_all(adapt, model, x, y, test_x, fixed_noise)
-                    for t, task in enumerate(tasks):
-                        rows.append({"pretrain_seed": seed + pretrain_seed, "task": t, "shots": shots, "method": label,
-                                     "time": times[t], **gaussian_scores(mean[t].cpu(), var[t].cpu(), test_y[t]),
-                                     "task_params": [task.amplitude, task.frequency, task.phase]})
-                    if plot_here and label in config["plot_methods"]:
-                        gm, gv, _ = adapt_all(adapt, model, x[:num_plot], y[:num_plot],
-                                              grid.expand(min(num_plot, len(tasks)), -1, -1), fixed_noise)
-                        predictions[label] = (gm.cpu().numpy(), gv.cpu().numpy())
-                    bar.update()
-                if predictions:
-                    for t in range(min(num_plot, len(tasks))):
-                        examples.append({"shots": shots, "grid": grid.flatten().cpu().numpy(),
-                                         "x": x[t].flatten().cpu().numpy(), "y": y[t].cpu().numpy(),
-                                         "truth": tasks[t](grid[0]).flatten().cpu().numpy(),
-                                         "predictions": {k: (v[0][t], v[1][t]) for k, v in predictions.items()}})
-            summary = summarise(rows)
+    rows, predictions = [], {}
+    for label, adapt in methods(config).items():
+        torch.manual_seed(job["task_seed"] + shots)
+        mean, var, times = adapt_all(adapt, model, x, y, test_x, job["fixed_noise"])
+        rows += [{"pretrain_seed": job["pretrain_seed"], "task": t, "shots": shots, "method": label, "time": times[t],
+                  **gaussian_scores(mean[t].cpu(), var[t].cpu(), test_y[t]),
+                  "task_params": [task.amplitude, task.frequency, task.phase]} for t, task in enumerate(tasks)]
+        if num_plot and label in config["plot_methods"]:
+            gm, gv, _ = adapt_all(adapt, model, x[:num_plot], y[:num_plot], grid.expand(num_plot, -1, -1),
+                                  job["fixed_noise"])
+            predictions[label] = (gm.cpu().numpy(), gv.cpu().numpy())
+    examples = [{"shots": shots, "grid": grid.flatten().cpu().numpy(), "x": x[t].flatten().cpu().numpy(),
+                 "y": y[t].cpu().numpy(), "truth": tasks[t](grid[0]).flatten().cpu().numpy(),
+                 "predictions": {k: (v[0][t], v[1][t]) for k, v in predictions.items()}} for t in range(num_plot)]
+    return {"rows": rows, "examples": examples}
+
+
+def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
+    """Pretrain one network per seed, then evaluate every (seed, shots) job, in ``config["workers"]`` processes.
+
+    ``results.json`` is rewritten (atomically) after every finished job; ``bands.png`` at the end.
+    """
+    seed_everything(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pretrained, jobs = [], []
+    for pretrain_seed in tqdm(config["pretrain_seeds"], desc="pretraining", unit="network"):
+        model, pre_mse = pretrain(seed + pretrain_seed, config, torch.float64, device)
+        fixed_noise = max(1e-3, pre_mse)
+        pretrained.append({"seed": seed + pretrain_seed, "pretrain_mse": pre_mse, "fixed_noise": fixed_noise})
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        jobs += [{"config": config, "device": device, "state": state, "pretrain_seed": seed + pretrain_seed,
+                  "task_seed": seed + pretrain_seed, "shots": shots, "fixed_noise": fixed_noise,
+                  "plot": pretrain_seed == config["pretrain_seeds"][0] and shots == min(config["shots"])}
+                 for shots in config["shots"]]
+    rows, examples = [], []
+    workers = min(config["workers"], len(jobs))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    try:
+        results = (pool.submit(evaluate, job) for job in jobs) if pool else (evaluate(job) for job in jobs)
+        pending = as_completed(list(results)) if pool else results
+        for result in tqdm(pending, total=len(jobs), desc="sinusoid", unit="job"):
+            result = result.result() if pool else result
+            rows += result["rows"]
+            examples += result["examples"]
             write_json_atomic(out_dir / "results.json", {"config": config, "seed": seed, "device": device,
-                                                         "pretraining": pretrained, "summary": summary, "rows": rows})
+                                                         "pretraining": pretrained, "summary": summarise(rows),
+                                                         "rows": rows})
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     if examples:
         plot_bands(examples, out_dir / "bands.png")
-    text = print_tables(summary)
-    print(text)
-    print("\nfine-tuning and last-layer retraining adapt all tasks of a pretraining seed in one batched run;"
-          " their time is that run's time divided by the number of tasks.")
+    summary = summarise(rows)
+    print(print_tables(summary))
+    print("\ntimes are single-thread; fine-tuning and last-layer retraining adapt all tasks of a pretraining seed in"
+          " one batched run, and their time is that run's time divided by the number of tasks.")
     print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'bands.png'}")
     return summary
 
 
 DEFAULT = {
     "pretrain_seeds": [0, 1, 2], "tasks": 20, "shots": [5, 10, 20], "test_points": 100,
-    "pretrain_points": 200, "pretrain_steps": 2000, "pretrain_lr": 3e-3,
+    "pretrain_points": 200, "pretrain_steps": 1000, "pretrain_lr": 1e-2,
     "finetune_steps": [100, 500], "last_layer_steps": 500, "finetune_lr": 1e-2,
-    "plot_tasks": 3, "plot_methods": ["NTK-GP network mean, ML, funct.", "NTK-GP zero mean, ML, funct.",
+    "workers": 2, "plot_tasks": 3, "plot_methods": ["NTK-GP network mean, ML, funct.", "NTK-GP zero mean, ML, funct.",
                                       "Bayesian last layer (ML)", "fine-tune all, 500 steps"],
 }
 TINY = {**DEFAULT, "pretrain_seeds": [0], "tasks": 2, "shots": [5], "test_points": 20, "pretrain_points": 100,
-        "pretrain_steps": 50, "finetune_steps": [5], "last_layer_steps": 5, "plot_tasks": 1}
+        "pretrain_steps": 50, "finetune_steps": [5], "last_layer_steps": 5, "plot_tasks": 1, "workers": 1}
 
 EXPERIMENT = Experiment(
     name="sinusoid",

@@ -105,6 +105,7 @@ class NTKGP(nn.Module):
         kernel = gpytorch.kernels.ScaleKernel(NTKKernel(self.network, input_shape=self.input_shape))
         kernel.outputscale = outputscale
         floor = 1e-6 if noise is None else min(1e-6, noise / 2)
+        self._noise_floor = floor
         if self.num_outputs == 1:
             likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=GreaterThan(floor))
         else:
@@ -190,10 +191,16 @@ class NTKGP(nn.Module):
     def fit(self, max_iter: int = 50) -> NTKGP:
         """Learn the output scale (and the noise, if it was not given) by the exact marginal likelihood.
 
-        L-BFGS with strong-Wolfe line search on the raw (unconstrained) hyperparameters. Returns self.
+        With the closed-form evidence (dense solves, or parameter space) the search starts from the best
+        point of a log-spaced grid, evaluated in one vectorised pass; then L-BFGS with strong-Wolfe line
+        search refines the raw (unconstrained) hyperparameters. Returns self.
         """
+        terms = self._spectral_terms()
+        if terms is not None:
+            self._start_from_grid(terms)
         raw = [self.gp.covar_module.raw_outputscale] + ([self.gp.likelihood.raw_noise] if self.learn_noise else [])
-        optimizer = torch.optim.LBFGS(raw, lr=1.0, max_iter=max_iter, tolerance_change=1e-7,
+        optimizer = torch.optim.LBFGS(raw, lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=1e-4,
+                                      tolerance_change=1e-7,
                                       line_search_fn="strong_wolfe")
         scale = float(self._residual.numel())
 
@@ -209,6 +216,23 @@ class NTKGP(nn.Module):
         with self.gp.covar_module.base_kernel.memoize():
             optimizer.step(closure)
         return self
+
+    def _start_from_grid(self, terms: tuple[Tensor, Tensor, Tensor], points: int = 25) -> None:
+        """Set the hyperparameters to the best of a log grid scaled to the residuals and the kernel's trace."""
+        r_sq, num_data = self._residual.square().sum(), self._residual.numel()
+        level = (r_sq / num_data).clamp_min(1e-12)
+        trace = terms[0].sum().clamp_min(1e-12)
+        grid = torch.logspace(-3, 2, points, dtype=level.dtype, device=level.device)
+        scales = grid * level * num_data / trace
+        noises = (torch.logspace(-6, 0.5, points, dtype=level.dtype, device=level.device) * level).clamp_min(2 * self._noise_floor)
+        if not self.learn_noise:
+            noises = self.noise.detach().reshape(1)
+        with torch.no_grad():
+            values = spectral_log_marginal_likelihood(*terms, r_sq, num_data, scales.unsqueeze(-1), noises)
+            best = torch.nonzero(values == values.max())[0]
+            self.gp.covar_module.outputscale = scales[best[0]]
+            if self.learn_noise:
+                self.gp.likelihood.noise = noises[best[1]]
 
     # --- prediction ------------------------------------------------------------------------------
     def predict(self, x: Tensor, observation_noise: bool = False) -> Prediction:

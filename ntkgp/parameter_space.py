@@ -98,10 +98,11 @@ def spectral_log_marginal_likelihood(eigenvalues: Tensor, projected: Tensor, b_s
 
     Args:
         eigenvalues: λ (r,); projected: Qᵀ Jᵀ r (r,) (equivalently √λ·Uᵀ r); b_sq: ‖Jᵀ r‖²;
-        r_sq: ‖r‖²; num_data: N = n·C; outputscale: s²; noise: σ² (differentiable scalars).
+        r_sq: ‖r‖²; num_data: N = n·C; outputscale: s²; noise: σ² (differentiable, any broadcastable
+        shape (...) — e.g. a grid of hyperparameters). Returns shape (...).
     """
-    c = noise / outputscale
-    b_inv_b = (projected.square() / (eigenvalues + c)).sum() + (b_sq - projected.square().sum()) / c
+    c = (noise / outputscale).unsqueeze(-1)
+    b_inv_b = (projected.square() / (eigenvalues + c)).sum(-1) + (b_sq - projected.square().sum()) / c.squeeze(-1)
     quad = (r_sq - b_inv_b) / noise
-    logdet = num_data * torch.log(noise) + torch.log1p(eigenvalues / c).sum()
+    logdet = num_data * torch.log(noise) + torch.log1p(eigenvalues / c).sum(-1)
     return -0.5 * (quad + logdet + num_data * math.log(2 * math.pi))
