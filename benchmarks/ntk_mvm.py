@@ -71,7 +71,7 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n-mlp", type=int, default=4096)
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--chunk-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ntk_mvm.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
@@ -97,6 +97,7 @@ def main() -> None:
               f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  time ratio {r['time_ratio']:.2f}{mem}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
