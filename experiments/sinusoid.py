@@ -163,7 +163,7 @@ def summarise(rows: list[dict]) -> dict:
     for row in rows:
         summary.setdefault(str(row["shots"]), {}).setdefault(row["method"], []).append(row)
     return {k: {m: {metric: mean_and_stderr(r[metric] for r in rs) for metric in ("mse", "nll", "coverage", "time")}
-                for m, rs in by_method.items()} for k, by_method in summary.items()}
+                for m, rs in by_method.items()} for k, by_method in sorted(summary.items(), key=lambda i: int(i[0]))}
 
 
 def print_tables(summary: dict) -> str:
@@ -242,6 +242,9 @@ def evaluate(job: dict) -> dict:
     test_x, test_y = torch.stack([t[0] for t in tests]).to(device), torch.stack([t[1] for t in tests])
     grid = torch.linspace(-5, 5, 200, dtype=dtype, device=device).reshape(1, -1, 1)
     rows, predictions = [], {}
+    # untimed warm-up: torch.func and GPyTorch pay a one-off cost on their first call in a process
+    ntk_method("network", "function", True)(model, x[0], y[0], test_x[0], job["fixed_noise"])
+    finetune_batched(model, x[:1], y[:1], test_x[:1], 1, config["finetune_lr"], False)
     for label, adapt in methods(config).items():
         torch.manual_seed(job["task_seed"] + shots)
         mean, var, times = adapt_all(adapt, model, x, y, test_x, job["fixed_noise"])

@@ -26,7 +26,9 @@ class Solver:
         method: ``"cholesky"`` (dense, exact), ``"cg"`` (preconditioned CG; Lanczos/LOVE for variances)
             or ``"auto"``: Cholesky up to ``cholesky_max_size`` rows, CG beyond.
         cholesky_max_size: the size up to which ``"auto"`` is dense.
-        cg_tolerance: relative residual at which CG stops (training and prediction alike).
+        cg_tolerance: relative residual at which CG stops (training and prediction alike). linear_operator's
+            CG restarts once the squared relative residual falls below its fixed eps = 1e-10, so it
+            stalls near 1e-5: smaller tolerances only spend ``max_cg_iterations`` (seen on 0.6.1).
         max_cg_iterations: CG iteration cap.
         preconditioner_size: rank of the pivoted-Cholesky preconditioner (0 = none).
         lanczos_rank: Lanczos iterations for predictive variances (LOVE) and parameter-space spectra.
@@ -34,7 +36,7 @@ class Solver:
 
     method: str = "auto"
     cholesky_max_size: int = 2048
-    cg_tolerance: float = 1e-6
+    cg_tolerance: float = 1e-5
     max_cg_iterations: int = 2000
     preconditioner_size: int = 20
     lanczos_rank: int = 512

@@ -11,7 +11,7 @@ from conftest import dense_jacobian, make_case, rel_err
 from ntkgp import NTKGP, NTKKernel, Solver
 
 S2, NOISE = 0.7, 0.3
-SOLVERS = {"cholesky": (Solver("cholesky"), 1e-6), "cg": (Solver("cg", cg_tolerance=1e-8), 1e-4)}
+SOLVERS = {"cholesky": (Solver("cholesky"), 1e-6), "cg": (Solver("cg"), 1e-4)}
 
 
 def dense_posterior(model, x, y, xs, params=None, mean="network", s2=S2, noise=NOISE):
@@ -70,7 +70,7 @@ def test_lanczos_parameter_space_beyond_dense_size():
     """p > cholesky_max_size: the Lanczos spectrum and CG must still reproduce the dense answer."""
     model, x, _ = make_case("mlp_c1", n=10)
     y, xs = targets(model, x), torch.randn(4, 3)
-    solver = Solver("auto", cholesky_max_size=5, lanczos_rank=40, cg_tolerance=1e-10)
+    solver = Solver("auto", cholesky_max_size=5, lanczos_rank=40)
     gp = NTKGP(model, x, y, space="parameter", noise=NOISE, outputscale=S2, solver=solver)
     mu, var, lml = dense_posterior(model, x, y, xs)
     pred = gp.predict(xs)
@@ -128,7 +128,7 @@ def test_solver_choice_is_independent_of_botorch_import():
 
     model, x, _ = make_case("mlp_c1", n=10)
     y, xs = targets(model, x), torch.randn(3, 3)
-    gp = NTKGP(model, x, y, noise=NOISE, outputscale=S2, solver=Solver("cg", cg_tolerance=1e-8))
+    gp = NTKGP(model, x, y, noise=NOISE, outputscale=S2, solver=Solver("cg"))
     with gpytorch.settings.max_cholesky_size(10_000), gpytorch.settings.fast_computations(False, False, False):
         pred = gp.predict(xs)
     mu, var, _ = dense_posterior(model, x, y, xs)
