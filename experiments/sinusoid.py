@@ -268,23 +268,24 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     """
     seed_everything(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pretrained, jobs = [], []
-    for pretrain_seed in tqdm(config["pretrain_seeds"], desc="pretraining", unit="network"):
-        model, pre_mse = pretrain(seed + pretrain_seed, config, torch.float64, device)
-        fixed_noise = max(1e-3, pre_mse)
-        pretrained.append({"seed": seed + pretrain_seed, "pretrain_mse": pre_mse, "fixed_noise": fixed_noise})
-        state = {k: v.cpu() for k, v in model.state_dict().items()}
-        jobs += [{"config": config, "device": device, "state": state, "pretrain_seed": seed + pretrain_seed,
-                  "task_seed": seed + pretrain_seed, "shots": shots, "fixed_noise": fixed_noise,
-                  "plot": pretrain_seed == config["pretrain_seeds"][0] and shots == min(config["shots"])}
-                 for shots in config["shots"]]
-    rows, examples = [], []
-    workers = min(config["workers"], len(jobs))
+    num_jobs = len(config["pretrain_seeds"]) * len(config["shots"])
+    workers = min(config["workers"], num_jobs)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pretrained, rows, examples, pending = [], [], [], []
     try:
-        results = (pool.submit(evaluate, job) for job in jobs) if pool else (evaluate(job) for job in jobs)
-        pending = as_completed(list(results)) if pool else results
-        for result in tqdm(pending, total=len(jobs), desc="sinusoid", unit="job"):
+        # workers start (and jobs run) while the next network pretrains; larger jobs (more shots) first
+        for pretrain_seed in tqdm(config["pretrain_seeds"], desc="pretraining", unit="network"):
+            model, pre_mse = pretrain(seed + pretrain_seed, config, torch.float64, device)
+            fixed_noise = max(1e-3, pre_mse)
+            pretrained.append({"seed": seed + pretrain_seed, "pretrain_mse": pre_mse, "fixed_noise": fixed_noise})
+            state = {k: v.cpu() for k, v in model.state_dict().items()}
+            for shots in sorted(config["shots"], reverse=True):
+                job = {"config": config, "device": device, "state": state, "pretrain_seed": seed + pretrain_seed,
+                       "task_seed": seed + pretrain_seed, "shots": shots, "fixed_noise": fixed_noise,
+                       "plot": pretrain_seed == config["pretrain_seeds"][0] and shots == min(config["shots"])}
+                pending.append(pool.submit(evaluate, job) if pool else job)
+        done = as_completed(pending) if pool else (evaluate(job) for job in pending)
+        for result in tqdm(done, total=num_jobs, desc="sinusoid", unit="job"):
             result = result.result() if pool else result
             rows += result["rows"]
             examples += result["examples"]
