@@ -7,6 +7,7 @@ with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprec
     import gpytorch  # noqa: F401
     import linear_operator  # noqa: F401
 
+from .fisher_operator import FisherOperator, fisher_operator
 from .functional import FunctionalNetwork
 from .gram_operator import GramOperator, gram_operator
 from .kernel import NTKKernel
@@ -15,5 +16,5 @@ from .ntk_gp import NTKGP, Prediction
 from .ntk_operator import NTKOperator, ntk_operator
 from .solver import Solver
 
-__all__ = ["FunctionalNetwork", "GramOperator", "NTKGP", "NTKKernel", "NTKOperator", "NetworkMean", "Prediction",
-           "Solver", "gram_operator", "ntk_operator"]
+__all__ = ["FisherOperator", "FunctionalNetwork", "GramOperator", "NTKGP", "NTKKernel", "NTKOperator", "NetworkMean", "Prediction",
+           "Solver", "fisher_operator", "gram_operator", "ntk_operator"]

@@ -10,7 +10,7 @@ Shapes: n inputs, C outputs per input, p selected parameters, k tangent/cotangen
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -179,6 +179,11 @@ class FunctionalNetwork:
                 f"and the double-VJP fallback cannot replace it: {problem}. Replace that op, or linearise "
                 "only parameters that it does not depend on"
             )
+
+    def output_gradients(self, x: Tensor, loss: Callable[[Tensor], Tensor], thetas: Tensor) -> Tensor:
+        """∇θ loss(f(x; θ)) at each row of thetas (k, p) -> (k, p); a forward and a backward pass each."""
+        grad = torch.func.grad(lambda theta: loss(self(x, theta)))
+        return vmap(grad, chunk_size=self.chunk_size)(thetas)
 
     def jacobian_chunks(self, x: Tensor) -> Iterator[Tensor]:
         """Per-sample Jacobians (b, C, p) of consecutive chunks of x; b·C·p <= jacobian_chunk_elements."""

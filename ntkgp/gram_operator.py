@@ -19,10 +19,14 @@ __all__ = ["GramOperator", "gram_operator"]
 
 
 class GramOperator(LinearOperator):
-    """G = J(X)ᵀ J(X) over inputs x (n, ...) for a :class:`FunctionalNetwork` (keyword ``network``)."""
+    """G = J(X)ᵀ J(X) over inputs x (n, ...) for a :class:`FunctionalNetwork` (keyword ``network``).
 
-    def __init__(self, x: Tensor, *, network: FunctionalNetwork):
-        super().__init__(x, network=network)
+    Subclasses that put an output-space matrix between the Jacobians (the Fisher) pass their own
+    keyword arguments through ``**kwargs`` and override ``_matmul`` and ``_diagonal``.
+    """
+
+    def __init__(self, x: Tensor, *, network: FunctionalNetwork, **kwargs):
+        super().__init__(x, network=network, **kwargs)
         self.x = x
         self.network = network
 

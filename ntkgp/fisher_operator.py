@@ -1,0 +1,117 @@
+"""The Fisher / generalised Gauss-Newton matrix F = Σ_i J_iᵀ H_i J_i as a lazy (p × p) LinearOperator.
+
+H_i is the Fisher of the likelihood in the outputs at f(x_i; θ0) (:mod:`ntkgp.likelihoods`). Two
+products:
+- ``"exact"``: J V (JVP), H applied per input, then Jᵀ (VJP);
+- ``"finite_difference"``: F v ≈ ‖v‖/ε · ∇θ' KL(p(y|θ0) ‖ p(y|θ'))|θ' = θ0 + ε v/‖v‖, since that KL has
+  zero gradient and Hessian F at θ' = θ0 (supplement of "Fast Adaptation with Linearized Neural
+  Networks", C.2). The forward pass at θ0 is computed once and reused across products; each product
+  costs one forward and one backward pass at θ0 + εv̂, batched over many v.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .functional import FunctionalNetwork, map_blocks
+from .gram_operator import GramOperator
+from .likelihoods import get_likelihood
+from .validation import check_inputs
+
+__all__ = ["FisherOperator", "default_epsilon", "fisher_operator"]
+
+_METHODS = ("exact", "finite_difference")
+
+
+def default_epsilon(theta0: Tensor) -> float:
+    """Step length along v/‖v‖ when none is given: √(machine eps) · max(1, RMS(θ0)) · p^{1/4}.
+
+    √eps balances the O(ε) truncation error against the O(eps/ε) rounding error; the factor grows the
+    step with the parameters' scale and number. On a 12k-parameter CNN it gave relative errors of
+    1.3e-3 (float32) and 6e-8 (float64), near the best fixed ε (tests/test_fisher_operator.py).
+    """
+    rms = float(theta0.square().mean().sqrt())
+    return torch.finfo(theta0.dtype).eps ** 0.5 * max(1.0, rms) * theta0.numel() ** 0.25
+
+
+class FisherOperator(GramOperator):
+    """F = Σ_i J_iᵀ H_i J_i over inputs x (n, ...), shape (p, p).
+
+    Keywords: ``network`` (a :class:`FunctionalNetwork`), ``likelihood`` (a name), ``method``
+    ("exact" or "finite_difference"), ``epsilon`` (the finite-difference step along v/‖v‖).
+    """
+
+    def __init__(self, x: Tensor, *, network: FunctionalNetwork, likelihood: str, method: str, epsilon: float):
+        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon)
+        self.likelihood, self.method, self.epsilon = get_likelihood(likelihood), method, epsilon
+        self._outputs: Tensor | None = None
+
+    def outputs(self) -> Tensor:
+        """f(x; θ0) (n, C), computed once and reused by every product."""
+        if self._outputs is None:
+            with torch.no_grad():
+                self._outputs = self.network(self.x)
+        return self._outputs
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        if rhs.dim() == 1:
+            return self._matmul(rhs.unsqueeze(-1)).squeeze(-1)
+        net = self.network
+        product = self._exact if self.method == "exact" else self._finite_difference
+        out = map_blocks(product, rhs.mT.reshape(-1, net.num_params), net.chunk_size)
+        return out.reshape(*rhs.shape[:-2], rhs.shape[-1], -1).mT
+
+    def _exact(self, v: Tensor) -> Tensor:
+        """Jᵀ H J v for v (k, p) -> (k, p)."""
+        net, f = self.network, self.outputs()
+        return net.vjp(self.x, self.likelihood.fisher(f, net.jvp(self.x, v)))
+
+    def _finite_difference(self, v: Tensor) -> Tensor:
+        """‖v‖/ε · ∇ KL(f0 ‖ f(θ0 + ε v̂)) for v (k, p) -> (k, p); zero vectors give zero."""
+        norms = v.norm(dim=-1, keepdim=True)
+        directions = v / norms.clamp_min(torch.finfo(v.dtype).tiny)
+        f0 = self.outputs()
+
+        def surrogate(f: Tensor) -> Tensor:  # gradient in f is the (accurately computed) KL gradient
+            return (self.likelihood.kl_gradient(f0, f).detach() * f).sum()
+
+        grads = self.network.output_gradients(self.x, surrogate, self.network.theta0 + self.epsilon * directions)
+        return grads * (norms / self.epsilon)
+
+    def _diagonal(self) -> Tensor:
+        """Exact diagonal Σ_i diag(J_iᵀ H_i J_i) (p,), from per-sample Jacobians in chunks."""
+        f, diag, start = self.outputs(), torch.zeros(self.shape[-1], dtype=self.dtype, device=self.device), 0
+        for jac in self.network.jacobian_chunks(self.x):  # (b, C, p)
+            cols = jac.transpose(-1, -2)  # (b, p, C)
+            weighted = self.likelihood.fisher(f[start:start + len(jac)].unsqueeze(1), cols)
+            diag = diag + (cols * weighted).sum((0, 2))
+            start += len(jac)
+        return diag
+
+
+def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood: str = "gaussian",
+                    method: str = "finite_difference", epsilon: float | None = None,
+                    params: Sequence[str] | None = None, chunk_size: int = 32) -> FisherOperator:
+    """The (p × p) Fisher of ``model`` on inputs x (n, ...) for ``likelihood``.
+
+    Args:
+        likelihood: "gaussian" (H = I), "categorical" (H = diag(π) − ππᵀ at the softmax of the
+            outputs, C >= 2) or "heteroscedastic" (outputs [mean, log-variance]).
+        method: "finite_difference" (one gradient per product) or "exact" (JVP then VJP).
+        epsilon: finite-difference step along v/‖v‖ (> 0); default :func:`default_epsilon`.
+        params, chunk_size: as in :func:`ntkgp.ntk_operator`.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    lik = get_likelihood(likelihood)
+    network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
+    check_inputs(x, network.dtype, "x")
+    lik.check(network.num_outputs(x))
+    if epsilon is None:
+        epsilon = default_epsilon(network.theta0)
+    elif not float(epsilon) > 0:
+        raise ValueError(f"epsilon must be > 0 (a step length along v/‖v‖), got {epsilon}")
+    return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=float(epsilon))
