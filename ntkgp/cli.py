@@ -27,13 +27,12 @@ def discover_experiments() -> dict:
         package = None
     if package is not None:
         for info in pkgutil.iter_modules(package.__path__):
-            if info.name not in found and info.name != "common":
-                found[info.name] = f"experiments.{info.name}"
+            found.setdefault(info.name, f"experiments.{info.name}")
     experiments = {}
     for name, source in found.items():
-        module_or_entry = source.load() if hasattr(source, "load") else importlib.import_module(source)
-        experiment = getattr(module_or_entry, "EXPERIMENT", module_or_entry)
-        if hasattr(experiment, "run"):
+        loaded = source.load() if hasattr(source, "load") else importlib.import_module(source)
+        experiment = loaded if hasattr(loaded, "configs") else getattr(loaded, "EXPERIMENT", None)
+        if experiment is not None:
             experiments[experiment.name] = experiment
     return experiments
 

@@ -27,14 +27,13 @@ _METHODS = ("exact", "finite_difference")
 
 
 def default_epsilon(theta0: Tensor) -> float:
-    """Step length along v/‖v‖ when none is given: √(machine eps) · max(1, RMS(θ0)) · p^{1/4}.
+    """Step length along v/‖v‖ when none is given: √(machine eps) · max(1, RMS(θ0)).
 
-    √eps balances the O(ε) truncation error against the O(eps/ε) rounding error; the factor grows the
-    step with the parameters' scale and number. On a 12k-parameter CNN it gave relative errors of
-    1.3e-3 (float32) and 6e-8 (float64), near the best fixed ε (tests/test_fisher_operator.py).
+    √eps balances the O(ε) truncation error against the O(eps/ε) rounding error of the difference;
+    the factor follows the parameters' scale. Measured relative errors: `ntkgp run fisher-accuracy`.
     """
     rms = float(theta0.square().mean().sqrt())
-    return torch.finfo(theta0.dtype).eps ** 0.5 * max(1.0, rms) * theta0.numel() ** 0.25
+    return torch.finfo(theta0.dtype).eps ** 0.5 * max(1.0, rms)
 
 
 class FisherOperator(GramOperator):

@@ -1,5 +1,8 @@
 """Shared float64 fixtures: small networks of every kind we support, and the dense Jacobian reference."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +10,8 @@ from torch import nn
 from ntkgp.functional import FunctionalNetwork
 
 torch.set_default_dtype(torch.float64)
+# CI sets NTKGP_DATA=../shared/data; the same default for a local run from the repository root
+os.environ.setdefault("NTKGP_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 class ResidualBlock(nn.Module):

@@ -55,3 +55,18 @@ def test_readme_example_runs():
     code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     assert len(code.strip().splitlines()) <= 15
     exec(compile(code, "README.md", "exec"), {})
+
+
+@pytest.mark.slow
+def test_fisher_accuracy_tiny_run(tmp_path, capsys):
+    assert main(["run", "fisher-accuracy", "--config", "tiny", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "fisher-accuracy" / "results.json").read_text())
+    tiny = payload["config"]
+    per_stage = len(tiny["likelihoods"]) * 2 * (len(tiny["epsilons"]) + 1)
+    assert len(payload["rows"]) == per_stage * len(tiny["stages"])
+    for row in payload["rows"]:
+        assert 0 <= row["error_max"] < 1 and row["epsilon"] > 0
+        if row["default_epsilon"]:  # the default step is accurate in both precisions
+            assert row["error_max"] < (1e-2 if row["dtype"] == "float32" else 1e-5)
+    assert (tmp_path / "fisher-accuracy" / "errors.png").stat().st_size > 10_000
+    assert "target < 1e-2" in capsys.readouterr().out

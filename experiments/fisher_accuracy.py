@@ -1,0 +1,137 @@
+"""Accuracy of finite-difference Fisher-vector products across ε (the supplement's Figure A.1 protocol).
+
+A small CNN is trained on Fashion-MNIST (``NTKGP_DATA``); at several stages of training the relative
+error ‖F v_FD(ε) − F v_exact‖ / ‖F v_exact‖ is measured for ε from 1e-6 to 1 and for the default ε, in
+float32 and float64, for the categorical and the Gaussian likelihood. The reference is the exact
+product (JVP, H, VJP) in float64. The vectors v are the gradient of the training loss on the batch
+(the supplement's F ∇) and random Gaussian directions.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ntkgp import fisher_operator
+
+from .common import Experiment, format_table, seed_everything, write_json_atomic
+from .datasets import load_fashion_mnist
+
+
+def make_cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10))
+
+
+def probe_vectors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, count: int) -> torch.Tensor:
+    """(p, 1 + count): the loss gradient on (x, y) and ``count`` random directions, float64."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    random = torch.randn(grad.numel(), count, dtype=torch.float64)
+    return torch.cat([grad.double().unsqueeze(-1), random], dim=-1)
+
+
+def measure(model: nn.Module, x: torch.Tensor, vectors: torch.Tensor, config: dict) -> list[dict]:
+    """Relative errors of FD products for every likelihood, dtype and ε (None = the default ε)."""
+    rows = []
+    model64 = copy.deepcopy(model).double().eval()
+    for likelihood in config["likelihoods"]:
+        exact = fisher_operator(model64, x.double(), likelihood, method="exact") @ vectors
+        for dtype in (torch.float32, torch.float64):
+            net, inputs = copy.deepcopy(model).to(dtype).eval(), x.to(dtype)
+            for eps in [*config["epsilons"], None]:
+                op = fisher_operator(net, inputs, likelihood, epsilon=eps)
+                approx = (op @ vectors.to(dtype)).double()
+                err = ((approx - exact).norm(dim=0) / exact.norm(dim=0)).tolist()
+                rows.append({"likelihood": likelihood, "dtype": str(dtype).replace("torch.", ""),
+                             "epsilon": op.epsilon, "default_epsilon": eps is None,
+                             "error_gradient_direction": err[0], "error_random_mean": float(np.mean(err[1:])),
+                             "error_max": max(err)})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    likelihoods = sorted({r["likelihood"] for r in rows})
+    fig, axes = plt.subplots(1, 2 * len(likelihoods), figsize=(4.2 * 2 * len(likelihoods), 3.4), squeeze=False)
+    for ax, (likelihood, dtype) in zip(axes[0], [(lk, dt) for lk in likelihoods for dt in ("float32", "float64")]):
+        for stage in sorted({r["stage"] for r in rows}):
+            sel = [r for r in rows if r["likelihood"] == likelihood and r["dtype"] == dtype and r["stage"] == stage]
+            grid = [r for r in sel if not r["default_epsilon"]]
+            line = ax.loglog([r["epsilon"] for r in grid], [r["error_max"] for r in grid], "o-", ms=3,
+                             label=f"epoch {stage}")
+            default = [r for r in sel if r["default_epsilon"]]
+            ax.loglog([default[0]["epsilon"]], [default[0]["error_max"]], "*", ms=10, color=line[0].get_color())
+        ax.axhline(1e-2, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{likelihood}, {dtype}", fontsize=9)
+        ax.set_xlabel("ε (step along v/‖v‖)")
+    axes[0, 0].set_ylabel("relative error (max over v)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("finite-difference Fisher-vector products vs exact (★ = default ε)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
+    """Train the CNN, measure FD errors at each stage; writes results.json (per stage) and errors.png."""
+    seed_everything(seed)
+    images, labels = load_fashion_mnist(train=True)
+    order = torch.randperm(len(images))[: config["train_size"]]
+    images, labels = images[order], labels[order]
+    probe_x, probe_y = images[: config["probe_size"]], labels[: config["probe_size"]]
+    model = make_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    rows, epoch, start = [], 0, time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stage in tqdm(config["stages"], desc="fisher-accuracy", unit="stage"):
+        while epoch < stage:
+            for batch in torch.randperm(len(images)).split(config["batch_size"]):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+                optimizer.step()
+            epoch += 1
+        model.eval()
+        with torch.no_grad():
+            accuracy = float((model(probe_x).argmax(-1) == probe_y).float().mean())
+        vectors = probe_vectors(model, probe_x, probe_y, config["random_vectors"])
+        for row in measure(model, probe_x, vectors, config):
+            rows.append({"stage": stage, "train_accuracy": accuracy, **row})
+        model.train()
+        write_json_atomic(out_dir / "results.json", {"config": config, "seed": seed, "rows": rows,
+                                                     "seconds": time.perf_counter() - start})
+    plot(rows, out_dir / "errors.png")
+    table = [[r["stage"], r["likelihood"], r["dtype"], "default" if r["default_epsilon"] else "",
+              f"{r['epsilon']:.1e}", f"{r['error_max']:.1e}", f"{r['error_gradient_direction']:.1e}"] for r in rows]
+    print(format_table(["epoch", "likelihood", "dtype", "", "ε", "max rel. error", "error on ∇L"], table))
+    window = [r for r in rows if r["dtype"] == "float32" and not r["default_epsilon"] and 1e-4 <= r["epsilon"] <= 1e-2]
+    worst = max(r["error_max"] for r in window) if window else math.nan
+    print(f"\nfloat32, ε in [1e-4, 1e-2]: worst relative error {worst:.2e} (target < 1e-2)")
+    print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'errors.png'}")
+    return {"worst_float32_window": worst}
+
+
+DEFAULT = {"train_size": 12000, "probe_size": 256, "batch_size": 128, "lr": 1e-3, "stages": [0, 1, 3, 6],
+           "random_vectors": 3, "likelihoods": ["categorical", "gaussian"],
+           "epsilons": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
+TINY = {**DEFAULT, "train_size": 512, "probe_size": 32, "stages": [0, 1], "random_vectors": 1,
+        "epsilons": [1e-4, 1e-2]}
+
+EXPERIMENT = Experiment(
+    name="fisher-accuracy",
+    description="relative error of finite-difference Fisher-vector products across ε during training (Fig. A.1)",
+    run=run,
+    configs={"default": DEFAULT, "tiny": TINY},
+)
