@@ -92,7 +92,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     order = torch.randperm(len(images))[: config["train_size"]]
     images, labels = images[order], labels[order]
     probe_x, probe_y = images[: config["probe_size"]], labels[: config["probe_size"]]
-    model = make_cnn()
+    model = make_cnn().to(torch.float32)  # trained in float32 whatever the default dtype
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     rows, epoch, start = [], 0, time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
