@@ -1,7 +1,9 @@
-"""NTK matrix-vector product cost relative to one gradient of the same network on the same batch.
+"""NTK and Fisher product costs relative to one gradient of the same network on the same batch.
 
 Prints, measured in one run: NTK-MVM time / gradient time (forward + backward of the summed outputs
-over the batch) and, on CUDA, peak memory of the product / peak memory of the gradient. Writes
+over the batch), finite-difference Fisher-vector product time / gradient time (categorical
+likelihood, forward pass at θ0 cached as in a CG loop) and, on CUDA, peak memory of each product /
+peak memory of the gradient. Writes
 ``results/benchmarks/ntk_mvm.json``. Usage::
 
     python benchmarks/ntk_mvm.py                    # cuda if available: MLP n=4096, ResNet-18 n=512
@@ -20,7 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ntkgp import ntk_operator
+from ntkgp import fisher_operator, ntk_operator
 
 
 def sync(device: torch.device) -> None:
@@ -62,12 +64,22 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
         with torch.no_grad():
             return op @ v
 
+    fisher = fisher_operator(op.network, x, "categorical", method="finite_difference")
+    fisher.outputs()  # the forward pass at θ0 is shared by every product
+    w = torch.randn(op.network.num_params, device=device, dtype=x.dtype)
+
+    def fvp():
+        return fisher @ w
+
     t_grad, m_grad = measure(gradient, device, repeats)
     t_mvm, m_mvm = measure(mvm, device, repeats)
+    t_fvp, m_fvp = measure(fvp, device, repeats)
     row = {"model": name, "n": x.shape[0], "outputs": op.shape[0] // x.shape[0], "params": op.network.num_params,
-           "gradient_ms": 1e3 * t_grad, "ntk_mvm_ms": 1e3 * t_mvm, "time_ratio": t_mvm / t_grad}
+           "gradient_ms": 1e3 * t_grad, "ntk_mvm_ms": 1e3 * t_mvm, "time_ratio": t_mvm / t_grad,
+           "fd_fisher_ms": 1e3 * t_fvp, "fd_fisher_ratio": t_fvp / t_grad}
     if device.type == "cuda":
-        row.update(gradient_peak_gib=m_grad / 2**30, ntk_mvm_peak_gib=m_mvm / 2**30, memory_ratio=m_mvm / m_grad)
+        row.update(gradient_peak_gib=m_grad / 2**30, ntk_mvm_peak_gib=m_mvm / 2**30, memory_ratio=m_mvm / m_grad,
+                   fd_fisher_peak_gib=m_fvp / 2**30, fd_fisher_memory_ratio=m_fvp / m_grad)
     return row
 
 
@@ -94,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         mem = f", memory ratio {r['memory_ratio']:.2f} ({r['ntk_mvm_peak_gib']:.2f} / {r['gradient_peak_gib']:.2f} GiB)" \
             if "memory_ratio" in r else ""
         print(f"{r['model']:22s} n={r['n']:5d} p={r['params']:9d}  gradient {r['gradient_ms']:8.2f} ms  "
-              f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  time ratio {r['time_ratio']:.2f}{mem}")
+              f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  ratio {r['time_ratio']:.2f}{mem}  "
+              f"FD-Fisher {r['fd_fisher_ms']:8.2f} ms  ratio {r['fd_fisher_ratio']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
     return rows
