@@ -64,13 +64,6 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
         with torch.no_grad():
             return op @ v
 
-    cached = ntk_operator(op.network, x, cache=True)
-    cached @ v  # builds the cached passes once, as the first product of a CG loop would
-
-    def cached_mvm():
-        with torch.no_grad():
-            return cached @ v
-
     fisher = fisher_operator(op.network, x, "categorical", method="finite_difference")
     fisher.outputs()  # the forward pass at θ0 is shared by every product
     w = torch.randn(op.network.num_params, device=device, dtype=x.dtype)
@@ -81,15 +74,12 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
     t_grad, m_grad = measure(gradient, device, repeats)
     t_mvm, m_mvm = measure(mvm, device, repeats)
     t_fvp, m_fvp = measure(fvp, device, repeats)
-    t_cached, m_cached = measure(cached_mvm, device, repeats)
     row = {"model": name, "n": x.shape[0], "outputs": op.shape[0] // x.shape[0], "params": op.network.num_params,
            "gradient_ms": 1e3 * t_grad, "ntk_mvm_ms": 1e3 * t_mvm, "time_ratio": t_mvm / t_grad,
-           "fd_fisher_ms": 1e3 * t_fvp, "fd_fisher_ratio": t_fvp / t_grad,
-           "cached_ntk_mvm_ms": 1e3 * t_cached, "cached_time_ratio": t_cached / t_grad}
+           "fd_fisher_ms": 1e3 * t_fvp, "fd_fisher_ratio": t_fvp / t_grad}
     if device.type == "cuda":
         row.update(gradient_peak_gib=m_grad / 2**30, ntk_mvm_peak_gib=m_mvm / 2**30, memory_ratio=m_mvm / m_grad,
-                   fd_fisher_peak_gib=m_fvp / 2**30, fd_fisher_memory_ratio=m_fvp / m_grad,
-                   cached_memory_ratio=m_cached / m_grad)
+                   fd_fisher_peak_gib=m_fvp / 2**30, fd_fisher_memory_ratio=m_fvp / m_grad)
     return row
 
 
@@ -117,7 +107,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if "memory_ratio" in r else ""
         print(f"{r['model']:22s} n={r['n']:5d} p={r['params']:9d}  gradient {r['gradient_ms']:8.2f} ms  "
               f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  ratio {r['time_ratio']:.2f}{mem}  "
-              f"cached NTK-MVM ratio {r['cached_time_ratio']:.2f}  "
               f"FD-Fisher {r['fd_fisher_ms']:8.2f} ms  ratio {r['fd_fisher_ratio']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))

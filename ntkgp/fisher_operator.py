@@ -43,9 +43,8 @@ class FisherOperator(GramOperator):
     ("exact" or "finite_difference"), ``epsilon`` (the finite-difference step along v/‖v‖).
     """
 
-    def __init__(self, x: Tensor, *, network: FunctionalNetwork, likelihood: str, method: str, epsilon: float,
-                 cache: bool = False):
-        super().__init__(x, network=network, cache=cache, likelihood=likelihood, method=method, epsilon=epsilon)
+    def __init__(self, x: Tensor, *, network: FunctionalNetwork, likelihood: str, method: str, epsilon: float):
+        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon)
         self.likelihood, self.method, self.epsilon = get_likelihood(likelihood), method, epsilon
         self._outputs: Tensor | None = None
 
@@ -66,7 +65,8 @@ class FisherOperator(GramOperator):
 
     def _exact(self, v: Tensor) -> Tensor:
         """Jᵀ H J v for v (k, p) -> (k, p)."""
-        return self.jacobian.vjp(self.likelihood.fisher(self.outputs(), self.jacobian.jvp(v)))
+        net, f = self.network, self.outputs()
+        return net.vjp(self.x, self.likelihood.fisher(f, net.jvp(self.x, v)))
 
     def _finite_difference(self, v: Tensor) -> Tensor:
         """‖v‖/ε · ∇ KL(f0 ‖ f(θ0 + ε v̂)) for v (k, p) -> (k, p); zero vectors give zero."""
@@ -93,7 +93,7 @@ class FisherOperator(GramOperator):
 
 def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood: str = "gaussian",
                     method: str = "finite_difference", epsilon: float | None = None,
-                    params: Sequence[str] | None = None, chunk_size: int = 32, cache: bool = False) -> FisherOperator:
+                    params: Sequence[str] | None = None, chunk_size: int = 32) -> FisherOperator:
     """The (p × p) Fisher of ``model`` on inputs x (n, ...) for ``likelihood``.
 
     Args:
@@ -101,7 +101,7 @@ def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood:
             outputs, C >= 2) or "heteroscedastic" (outputs [mean, log-variance]).
         method: "finite_difference" (one gradient per product) or "exact" (JVP then VJP).
         epsilon: finite-difference step along v/‖v‖ (> 0); default :func:`default_epsilon`.
-        params, chunk_size, cache: as in :func:`ntkgp.ntk_operator` (``cache`` serves the exact method).
+        params, chunk_size: as in :func:`ntkgp.ntk_operator`.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -113,5 +113,4 @@ def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood:
         epsilon = default_epsilon(network.theta0)
     elif not float(epsilon) > 0:
         raise ValueError(f"epsilon must be > 0 (a step length along v/‖v‖), got {epsilon}")
-    return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=float(epsilon),
-                          cache=cache)
+    return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=float(epsilon))

@@ -18,7 +18,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from .validation import check_eval_mode
 
-__all__ = ["FunctionalNetwork", "Linearization", "map_blocks", "select_parameters"]
+__all__ = ["FunctionalNetwork", "map_blocks", "select_parameters"]
 
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
                             r"|derivative for (\S+) is not implemented", re.IGNORECASE)
@@ -185,10 +185,6 @@ class FunctionalNetwork:
         grad = torch.func.grad(lambda theta: loss(self(x, theta)))
         return vmap(grad, chunk_size=self.chunk_size)(thetas)
 
-    def linearization(self, x: Tensor, cache: bool = False) -> Linearization:
-        """J(x) for repeated products; ``cache=True`` keeps the primal pass (its activations, in memory)."""
-        return Linearization(self, x, cache and not x.requires_grad)
-
     def jacobian_chunks(self, x: Tensor) -> Iterator[Tensor]:
         """Per-sample Jacobians (b, C, p) of consecutive chunks of x; b·C·p <= jacobian_chunk_elements."""
         num_outputs = self.num_outputs(x)
@@ -196,51 +192,6 @@ class FunctionalNetwork:
         per_sample = vmap(jacrev(lambda theta, xi: self(xi.unsqueeze(0), theta)[0]), in_dims=(None, 0))
         for start in range(0, x.shape[0], b):
             yield per_sample(self.theta0, x[start:start + b])
-
-
-class Linearization:
-    """J(x) at a fixed x: ``jvp(V (k, p)) -> (k, n, C)`` and ``vjp(U (k, n, C)) -> (k, p)``.
-
-    With ``cache=True`` the forward pass is done once (``torch.func.vjp``) and every later product
-    reuses the saved activations: Jᵀ U directly, J V as the VJP of the linear map u -> Jᵀ u, so neither
-    product runs the network forward again; cheaper products inside CG or Lanczos loops for the memory
-    of those activations. Without it each product runs its own forward pass (and J V is forward mode).
-    Inputs that require grad are never cached. (``torch.func.linearize`` returned zero tangents when
-    built inside linear_operator's autograd Function, torch 2.14, so it is not used.)
-    """
-
-    def __init__(self, network: FunctionalNetwork, x: Tensor, cache: bool = False):
-        self.network, self.x, self.cache = network, x, cache
-        self._vjp_fn = self._vjp_of_vjp = None
-
-    def _build(self) -> None:
-        """Cache the passes; if the double VJP fails the adjoint test (an op that is not twice
-        differentiable), fall back to uncached products instead of returning wrong numbers."""
-        net = self.network
-        out, self._vjp_fn = vjp(net._f(self.x), net.theta0)
-        self._vjp_of_vjp = vjp(lambda u: self._vjp_fn(u)[0], torch.zeros_like(out))[1]
-        generator = torch.Generator(device=net.device).manual_seed(0)
-        v = torch.randn(net.num_params, generator=generator, dtype=net.dtype, device=net.device)
-        u = torch.randn(out.shape, generator=generator, dtype=net.dtype, device=net.device)
-        try:
-            lhs, rhs = (u * self._vjp_of_vjp(v)[0]).sum(), (self._vjp_fn(u)[0] * v).sum()
-            self.cache = bool((lhs - rhs).abs() <= torch.finfo(net.dtype).eps ** 0.5 * max(1.0, float(rhs.abs())))
-        except (RuntimeError, NotImplementedError):
-            self.cache = False
-
-    def jvp(self, tangents: Tensor) -> Tensor:
-        if self.cache and self._vjp_fn is None:
-            self._build()
-        if not self.cache:
-            return self.network.jvp(self.x, tangents)
-        return vmap(lambda v: self._vjp_of_vjp(v)[0], chunk_size=self.network.chunk_size)(tangents)
-
-    def vjp(self, cotangents: Tensor) -> Tensor:
-        if self.cache and self._vjp_fn is None:
-            self._build()
-        if not self.cache:
-            return self.network.vjp(self.x, cotangents)
-        return vmap(lambda u: self._vjp_fn(u)[0], chunk_size=self.network.chunk_size)(cotangents)
 
 
 def map_blocks(fn, vectors: Tensor, block: int) -> Tensor:

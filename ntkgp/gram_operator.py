@@ -21,16 +21,14 @@ __all__ = ["GramOperator", "gram_operator"]
 class GramOperator(LinearOperator):
     """G = J(X)ᵀ J(X) over inputs x (n, ...) for a :class:`FunctionalNetwork` (keyword ``network``).
 
-    ``cache=True`` keeps the forward pass at x for all products (memory for speed). Subclasses that put
-    an output-space matrix between the Jacobians (the Fisher) pass their own keyword arguments through
-    ``**kwargs`` and override ``_matmul`` and ``_diagonal``.
+    Subclasses that put an output-space matrix between the Jacobians (the Fisher) pass their own
+    keyword arguments through ``**kwargs`` and override ``_matmul`` and ``_diagonal``.
     """
 
-    def __init__(self, x: Tensor, *, network: FunctionalNetwork, cache: bool = False, **kwargs):
-        super().__init__(x, network=network, cache=cache, **kwargs)
+    def __init__(self, x: Tensor, *, network: FunctionalNetwork, **kwargs):
+        super().__init__(x, network=network, **kwargs)
         self.x = x
         self.network = network
-        self.jacobian = network.linearization(x, cache)
 
     def _size(self) -> torch.Size:
         p = self.network.num_params
@@ -44,7 +42,7 @@ class GramOperator(LinearOperator):
         if rhs.dim() == 1:
             return self._matmul(rhs.unsqueeze(-1)).squeeze(-1)
         cols = rhs.mT.reshape(-1, net.num_params)
-        out = map_blocks(lambda v: self.jacobian.vjp(self.jacobian.jvp(v)), cols, net.chunk_size)
+        out = map_blocks(lambda v: net.vjp(self.x, net.jvp(self.x, v)), cols, net.chunk_size)
         return out.reshape(*rhs.shape[:-2], rhs.shape[-1], -1).mT
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
@@ -67,9 +65,9 @@ class GramOperator(LinearOperator):
 
 
 def gram_operator(model: nn.Module | FunctionalNetwork, x: Tensor, params: Sequence[str] | None = None,
-                  chunk_size: int = 32, cache: bool = False) -> GramOperator:
-    """The (p × p) operator J(x)ᵀ J(x) of ``model`` on inputs x (n, ...); other arguments as in :func:`ntk_operator`."""
+                  chunk_size: int = 32) -> GramOperator:
+    """The (p × p) operator J(x)ᵀ J(x) of ``model`` on inputs x (n, ...); ``params`` as in :func:`ntk_operator`."""
     network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
     check_inputs(x, network.dtype, "x")
     network.num_outputs(x)
-    return GramOperator(x, network=network, cache=cache)
+    return GramOperator(x, network=network)

@@ -12,7 +12,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, Linearization, map_blocks
+from .functional import FunctionalNetwork, map_blocks
 from .validation import check_inputs
 
 __all__ = ["NTKOperator", "ntk_operator"]
@@ -29,42 +29,39 @@ class NTKOperator(LinearOperator):
     Args:
         x1: inputs (n1, ...); x2: inputs (n2, ...), or the same tensor for the symmetric K(X, X).
         network: the functional network (keyword); num_outputs: C (keyword).
-        cache: keep the forward passes at x1 and x2 for all products of this operator (keyword; costs
-            the activations' memory, pays off in CG/Lanczos loops).
     """
 
-    def __init__(self, x1: Tensor, x2: Tensor, *, network: FunctionalNetwork, num_outputs: int, cache: bool = False):
-        super().__init__(x1, x2, network=network, num_outputs=num_outputs, cache=cache)
+    def __init__(self, x1: Tensor, x2: Tensor, *, network: FunctionalNetwork, num_outputs: int):
+        super().__init__(x1, x2, network=network, num_outputs=num_outputs)
         self.x1, self.x2 = x1, x2
         self.network = network
-        self.num_outputs, self.cache = num_outputs, cache
-        self._left = network.linearization(x1, cache)
-        self._right = self._left if x2 is x1 else network.linearization(x2, cache)
+        self.num_outputs = num_outputs
 
     def _size(self) -> torch.Size:
         c = self.num_outputs
         return torch.Size([self.x1.shape[0] * c, self.x2.shape[0] * c])
 
     def _transpose_nonbatch(self) -> NTKOperator:
-        return NTKOperator(self.x2, self.x1, network=self.network, num_outputs=self.num_outputs, cache=self.cache)
+        return NTKOperator(self.x2, self.x1, network=self.network, num_outputs=self.num_outputs)
 
-    def _apply(self, left: Linearization, right: Linearization, rhs: Tensor) -> Tensor:
+    def _apply(self, left: Tensor, right: Tensor, rhs: Tensor) -> Tensor:
         """J(left) J(right)ᵀ rhs for rhs (..., n_right·C, k) or (n_right·C,)."""
+        net, c = self.network, self.num_outputs
         if rhs.dim() == 1:
             return self._apply(left, right, rhs.unsqueeze(-1)).squeeze(-1)
-        cols = rhs.mT.reshape(-1, right.x.shape[0], self.num_outputs)
+        cols = rhs.mT.reshape(-1, right.shape[0], c)
 
         def block(u: Tensor) -> Tensor:
-            return left.jvp(right.vjp(u)).reshape(u.shape[0], -1)
+            return net.jvp(left, net.vjp(right, u)).reshape(u.shape[0], -1)
 
-        out = map_blocks(block, cols, self.network.chunk_size)
+        out = map_blocks(block, cols, net.chunk_size)
         return out.reshape(*rhs.shape[:-2], rhs.shape[-1], -1).mT
 
     def _matmul(self, rhs: Tensor) -> Tensor:
-        return self._apply(self._left, self._right, rhs)
+        return self._apply(self.x1, self.x2, rhs)
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
-        return self._apply(self._right, self._left, rhs)
+        return self._apply(self.x2, self.x1, rhs)
 
     def _diagonal(self) -> Tensor:
         """Exact diagonal ⟨J1[i,c], J2[i,c]⟩ (n·C,), from per-sample Jacobians in chunks."""
@@ -104,7 +101,7 @@ class NTKOperator(LinearOperator):
         whole = [_whole_inputs(ids, c) for ids in (rows, cols)]
         if whole[0] is None or whole[1] is None:
             return super()._getitem(row_index, col_index)
-        return NTKOperator(self.x1[whole[0]], self.x2[whole[1]], network=self.network, num_outputs=c, cache=self.cache)
+        return NTKOperator(self.x1[whole[0]], self.x2[whole[1]], network=self.network, num_outputs=c)
 
 
 def _whole_inputs(ids: Tensor, c: int) -> Tensor | None:
@@ -118,12 +115,11 @@ def _whole_inputs(ids: Tensor, c: int) -> Tensor | None:
 
 
 def ntk_operator(model: nn.Module | FunctionalNetwork, x1: Tensor, x2: Tensor | None = None,
-                 params: Sequence[str] | None = None, chunk_size: int = 32, cache: bool = False) -> NTKOperator:
+                 params: Sequence[str] | None = None, chunk_size: int = 32) -> NTKOperator:
     """The finite NTK of ``model`` between x1 (n1, ...) and x2 (n2, ...; default x1): shape (n1·C, n2·C).
 
     ``params`` selects the parameters to linearise in (names or module prefixes, default all with
-    ``requires_grad``); ``chunk_size`` bounds how many vectors go through the network at once;
-    ``cache=True`` keeps the forward passes for all products of the operator (memory for speed).
+    ``requires_grad``); ``chunk_size`` bounds how many vectors go through the network at once.
     """
     network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
     check_inputs(x1, network.dtype, "x1")
@@ -133,4 +129,4 @@ def ntk_operator(model: nn.Module | FunctionalNetwork, x1: Tensor, x2: Tensor | 
         check_inputs(x2, network.dtype, "x2")
         if x2.shape[1:] != x1.shape[1:]:
             raise ValueError(f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must share the per-input shape")
-    return NTKOperator(x1, x2, network=network, num_outputs=network.num_outputs(x1), cache=cache)
+    return NTKOperator(x1, x2, network=network, num_outputs=network.num_outputs(x1))
