@@ -29,7 +29,7 @@ def discover_experiments() -> dict:
         for info in pkgutil.iter_modules(package.__path__):
             found.setdefault(info.name, f"experiments.{info.name}")
     experiments = {}
-    for name, source in found.items():
+    for source in found.values():
         loaded = source.load() if hasattr(source, "load") else importlib.import_module(source)
         experiment = loaded if hasattr(loaded, "configs") else getattr(loaded, "EXPERIMENT", None)
         if experiment is not None:
