@@ -34,7 +34,7 @@ def probe_vectors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, count: int
     """(p, 1 + count): the loss gradient on (x, y) and ``count`` random directions, float64."""
     loss = nn.functional.cross_entropy(model(x), y)
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
-    random = torch.randn(grad.numel(), count, dtype=torch.float64)
+    random = torch.randn(grad.numel(), count, dtype=torch.float64, device=grad.device)
     return torch.cat([grad.double().unsqueeze(-1), random], dim=-1)
 
 
@@ -90,15 +90,15 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     seed_everything(seed)
     images, labels = load_fashion_mnist(train=True)
     order = torch.randperm(len(images))[: config["train_size"]]
-    images, labels = images[order], labels[order]
+    images, labels = images[order].to(device), labels[order].to(device)
     probe_x, probe_y = images[: config["probe_size"]], labels[: config["probe_size"]]
-    model = make_cnn().to(torch.float32)  # trained in float32 whatever the default dtype
+    model = make_cnn().to(device=device, dtype=torch.float32)  # trained in float32 whatever the default dtype
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     rows, epoch, start = [], 0, time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     for stage in tqdm(config["stages"], desc="fisher-accuracy", unit="stage"):
         while epoch < stage:
-            for batch in torch.randperm(len(images)).split(config["batch_size"]):
+            for batch in torch.randperm(len(images), device=device).split(config["batch_size"]):
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
                 optimizer.step()
