@@ -200,8 +200,7 @@ class NTKGP(nn.Module):
             self._start_from_grid(terms)
         raw = [self.gp.covar_module.raw_outputscale] + ([self.gp.likelihood.raw_noise] if self.learn_noise else [])
         optimizer = torch.optim.LBFGS(raw, lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=1e-4,
-                                      tolerance_change=1e-7,
-                                      line_search_fn="strong_wolfe")
+                                      tolerance_change=1e-7, line_search_fn="strong_wolfe")
         scale = float(self._residual.numel())
 
         def closure():
@@ -224,8 +223,10 @@ class NTKGP(nn.Module):
         trace = terms[0].sum().clamp_min(1e-12)
         grid = torch.logspace(-3, 2, points, dtype=level.dtype, device=level.device)
         scales = grid * level * num_data / trace
-        noises = (torch.logspace(-6, 0.5, points, dtype=level.dtype, device=level.device) * level).clamp_min(2 * self._noise_floor)
-        if not self.learn_noise:
+        if self.learn_noise:
+            noises = torch.logspace(-6, 0.5, points, dtype=level.dtype, device=level.device) * level
+            noises = noises.clamp_min(2 * self._noise_floor)
+        else:
             noises = self.noise.detach().reshape(1)
         with torch.no_grad():
             values = spectral_log_marginal_likelihood(*terms, r_sq, num_data, scales.unsqueeze(-1), noises)
