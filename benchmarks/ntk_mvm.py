@@ -6,7 +6,7 @@ likelihood, forward pass at θ0 cached as in a CG loop) and, on CUDA, peak memor
 peak memory of the gradient. Writes
 ``results/benchmarks/ntk_mvm.json``. Usage::
 
-    python benchmarks/ntk_mvm.py                    # cuda if available: MLP n=4096, ResNet-18 n=512
+    python benchmarks/ntk_mvm.py                    # cuda if available: MLP n=4096, ResNet-18 n=512, 30 rounds
     python benchmarks/ntk_mvm.py --device cpu --n-mlp 512 --n-resnet 32 --repeats 3
 """
 
@@ -30,22 +30,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device: torch.device, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak bytes above the baseline; 0 on CPU) of ``fn()`` after one warm-up."""
-    fn()
-    sync(device)
-    times, peak = [], 0.0
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
+def measure(fns: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
+    """name -> (median seconds, peak bytes above the baseline; 0 on CPU) of each ``fn()`` after one warm-up,
+    timed in interleaved rounds so that clock and load drift hit every function alike."""
+    for fn in fns.values():
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-        if device.type == "cuda":
-            peak = max(peak, torch.cuda.max_memory_allocated(device) - base)
-    return statistics.median(times), peak
+    sync(device)
+    times = {name: [] for name in fns}
+    peaks = dict.fromkeys(fns, 0.0)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) - base)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size: int) -> dict:
@@ -71,9 +75,8 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
     def fvp():
         return fisher @ w
 
-    t_grad, m_grad = measure(gradient, device, repeats)
-    t_mvm, m_mvm = measure(mvm, device, repeats)
-    t_fvp, m_fvp = measure(fvp, device, repeats)
+    timings = measure({"gradient": gradient, "mvm": mvm, "fvp": fvp}, device, repeats)
+    (t_grad, m_grad), (t_mvm, m_mvm), (t_fvp, m_fvp) = timings["gradient"], timings["mvm"], timings["fvp"]
     row = {"model": name, "n": x.shape[0], "outputs": op.shape[0] // x.shape[0], "params": op.network.num_params,
            "gradient_ms": 1e3 * t_grad, "ntk_mvm_ms": 1e3 * t_mvm, "time_ratio": t_mvm / t_grad,
            "fd_fisher_ms": 1e3 * t_fvp, "fd_fisher_ratio": t_fvp / t_grad}
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n-mlp", type=int, default=4096)
     parser.add_argument("--n-resnet", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--chunk-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ntk_mvm.json"))
     args = parser.parse_args(argv)

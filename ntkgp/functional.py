@@ -128,20 +128,27 @@ class FunctionalNetwork:
             raise ValueError(f"the network failed on inputs of shape {tuple(x.shape)}: "
                              f"{str(err).splitlines()[0]}") from err
 
+    def _map(self, fn: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
+        """fn over the rows of batch (k, ...), vmapped in chunks; one row is a plain call, since vmap over a
+        single parameter tangent turns every convolution into a slow grouped one."""
+        if batch.shape[0] == 1:
+            return fn(batch[0]).unsqueeze(0)
+        return vmap(fn, chunk_size=self.chunk_size)(batch)
+
     def _f(self, x: Tensor):
         return lambda theta: self(x, theta)
 
     def vjp(self, x: Tensor, cotangents: Tensor) -> Tensor:
         """Jᵀ U: cotangents (k, n, C) -> (k, p); one forward pass, then k backward passes (vmapped)."""
         _, vjp_fn = vjp(self._f(x), self.theta0)
-        return vmap(lambda u: vjp_fn(u)[0], chunk_size=self.chunk_size)(cotangents)
+        return self._map(lambda u: vjp_fn(u)[0], cotangents)
 
     def jvp(self, x: Tensor, tangents: Tensor) -> Tensor:
         """J V: tangents (k, p) -> (k, n, C), forward mode; double-VJP where an op has no forward rule."""
         if not self.use_double_vjp:
             f = self._f(x)
             try:
-                return vmap(lambda v: jvp(f, (self.theta0,), (v,))[1], chunk_size=self.chunk_size)(tangents)
+                return self._map(lambda v: jvp(f, (self.theta0,), (v,))[1], tangents)
             except (RuntimeError, NotImplementedError) as err:
                 op = _missing_forward_rule(err)
                 if op is None:
@@ -154,7 +161,7 @@ class FunctionalNetwork:
         """J V as the VJP of the linear map u -> Jᵀ u (two reverse passes)."""
         out, vjp_fn = vjp(self._f(x), self.theta0)
         _, vjp_of_vjp = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
-        return vmap(lambda v: vjp_of_vjp(v)[0], chunk_size=self.chunk_size)(tangents)
+        return self._map(lambda v: vjp_of_vjp(v)[0], tangents)
 
     def _check_double_vjp(self, x: Tensor, op: str) -> None:
         """Adjoint test uᵀ(J v) = (Jᵀu)ᵀ v of the double-VJP; raise naming ``op`` if it fails or is wrong."""
@@ -183,7 +190,7 @@ class FunctionalNetwork:
     def output_gradients(self, x: Tensor, loss: Callable[[Tensor], Tensor], thetas: Tensor) -> Tensor:
         """∇θ loss(f(x; θ)) at each row of thetas (k, p) -> (k, p); a forward and a backward pass each."""
         grad = torch.func.grad(lambda theta: loss(self(x, theta)))
-        return vmap(grad, chunk_size=self.chunk_size)(thetas)
+        return self._map(grad, thetas)
 
     def jacobian_chunks(self, x: Tensor) -> Iterator[Tensor]:
         """Per-sample Jacobians (b, C, p) of consecutive chunks of x; b·C·p <= jacobian_chunk_elements."""

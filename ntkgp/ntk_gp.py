@@ -111,7 +111,7 @@ class NTKGP(nn.Module):
         else:
             likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(
                 num_tasks=self.num_outputs, rank=0, has_task_noise=False, noise_constraint=GreaterThan(floor))
-        likelihood = likelihood.to(self.network.dtype)
+        likelihood = likelihood.to(device=self.network.device, dtype=self.network.dtype)
         if noise is None:
             likelihood.noise = max(1e-2 * float(targets.var()) if targets.numel() > 1 else 1e-2, 2 * floor)
         else:
@@ -121,7 +121,7 @@ class NTKGP(nn.Module):
                        else _ZeroMean(self.num_outputs))
         y = targets.squeeze(-1) if self.num_outputs == 1 else targets
         self.gp = _ExactNTKModel(train_x.reshape(train_x.shape[0], -1), y, likelihood, mean_module,
-                                 kernel.to(self.network.dtype), self.num_outputs)
+                                 kernel.to(device=self.network.device, dtype=self.network.dtype), self.num_outputs)
         with torch.no_grad():
             self._residual = (targets - self._prior_mean(train_x)).reshape(-1)  # (n·C,)
         self._spectrum: GramSpectrum | None = None

@@ -1,0 +1,48 @@
+"""The operators and NTKGP on a CUDA device against the float64 CPU references (skipped without a GPU).
+
+Tolerances: 1e-10 for operator products in float64 on the GPU, 1e-6 for GP predictions.
+"""
+
+import pytest
+import torch
+from conftest import dense_jacobian, make_case, rel_err
+
+from ntkgp import NTKGP, fisher_operator, gram_operator, ntk_operator
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def test_ntk_and_gram_products_on_cuda(case):
+    _, model, x, params = case
+    j = dense_jacobian(model, x, params)
+    model_gpu, x_gpu = model.to(CUDA), x.to(CUDA)
+    op = ntk_operator(model_gpu, x_gpu, params=params, chunk_size=3)
+    v = torch.randn(op.shape[-1], 4)
+    assert op.device.type == "cuda"
+    assert rel_err((op @ v.to(CUDA)).cpu(), j @ (j.T @ v)) < 1e-10
+    assert rel_err(op.diagonal().cpu(), (j * j).sum(-1)) < 1e-10
+    gram = gram_operator(model_gpu, x_gpu, params=params)
+    w = torch.randn(j.shape[1], 2)
+    assert rel_err((gram @ w.to(CUDA)).cpu(), j.T @ (j @ w)) < 1e-10
+
+
+def test_fisher_finite_difference_on_cuda():
+    model, x, _ = make_case("mlp_c3")
+    exact = fisher_operator(model, x, "categorical", method="exact")
+    v = torch.randn(exact.shape[-1], 3)
+    reference = exact @ v
+    fd = fisher_operator(model.to(CUDA), x.to(CUDA), "categorical", method="finite_difference")
+    assert rel_err((fd @ v.to(CUDA)).cpu(), reference) < 1e-5
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_ntk_gp_on_cuda_matches_cpu(space):
+    model, x, _ = make_case("mlp_c1", n=12)
+    y = torch.sin(x.sum(-1))
+    xs = torch.randn(6, 3)
+    cpu = NTKGP(model, x, y, space=space, noise=0.1, outputscale=0.5).predict(xs)
+    gpu = NTKGP(model.to(CUDA), x.to(CUDA), y.to(CUDA), space=space, noise=0.1, outputscale=0.5).predict(xs.to(CUDA))
+    assert gpu.mean.device.type == "cuda"
+    assert rel_err(gpu.mean.cpu(), cpu.mean) < 1e-6
+    assert rel_err(gpu.variance.cpu(), cpu.variance) < 1e-6
