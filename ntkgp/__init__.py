@@ -11,10 +11,12 @@ from .fisher_operator import FisherOperator, fisher_operator
 from .functional import FunctionalNetwork
 from .gram_operator import GramOperator, gram_operator
 from .kernel import NTKKernel
+from .laplace import Laplace, PosteriorCovariance
 from .mean import NetworkMean
 from .ntk_gp import NTKGP, Prediction
 from .ntk_operator import NTKOperator, ntk_operator
 from .solver import Solver
 
-__all__ = ["FisherOperator", "FunctionalNetwork", "GramOperator", "NTKGP", "NTKKernel", "NTKOperator", "NetworkMean", "Prediction",
-           "Solver", "fisher_operator", "gram_operator", "ntk_operator"]
+__all__ = ["FisherOperator", "FunctionalNetwork", "GramOperator", "Laplace", "NTKGP", "NTKKernel", "NTKOperator",
+           "NetworkMean", "PosteriorCovariance", "Prediction", "Solver", "fisher_operator", "gram_operator",
+           "ntk_operator"]

@@ -40,12 +40,15 @@ class FisherOperator(GramOperator):
     """F = Σ_i J_iᵀ H_i J_i over inputs x (n, ...), shape (p, p).
 
     Keywords: ``network`` (a :class:`FunctionalNetwork`), ``likelihood`` (a name), ``method``
-    ("exact" or "finite_difference"), ``epsilon`` (the finite-difference step along v/‖v‖).
+    ("exact" or "finite_difference"), ``epsilon`` (the finite-difference step along v/‖v‖), ``at``
+    (outputs (n, C) at which H is evaluated; default f(x; θ0). The Laplace posterior passes the
+    linearised MAP outputs f0 + J Δθ: the finite difference then perturbs them by f(θ0 + εv̂) − f0).
     """
 
-    def __init__(self, x: Tensor, *, network: FunctionalNetwork, likelihood: str, method: str, epsilon: float):
-        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon)
-        self.likelihood, self.method, self.epsilon = get_likelihood(likelihood), method, epsilon
+    def __init__(self, x: Tensor, *, network: FunctionalNetwork, likelihood: str, method: str, epsilon: float,
+                 at: Tensor | None = None):
+        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at)
+        self.likelihood, self.method, self.epsilon, self.at = get_likelihood(likelihood), method, epsilon, at
         self._outputs: Tensor | None = None
 
     def outputs(self) -> Tensor:
@@ -54,6 +57,10 @@ class FisherOperator(GramOperator):
             with torch.no_grad():
                 self._outputs = self.network(self.x)
         return self._outputs
+
+    def hessian_outputs(self) -> Tensor:
+        """The outputs (n, C) at which H is evaluated: ``at`` if given, else f(x; θ0)."""
+        return self.outputs() if self.at is None else self.at
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         if rhs.dim() == 1:
@@ -65,24 +72,26 @@ class FisherOperator(GramOperator):
 
     def _exact(self, v: Tensor) -> Tensor:
         """Jᵀ H J v for v (k, p) -> (k, p)."""
-        net, f = self.network, self.outputs()
-        return net.vjp(self.x, self.likelihood.fisher(f, net.jvp(self.x, v)))
+        net = self.network
+        return net.vjp(self.x, self.likelihood.fisher(self.hessian_outputs(), net.jvp(self.x, v)))
 
     def _finite_difference(self, v: Tensor) -> Tensor:
         """‖v‖/ε · ∇ KL(f0 ‖ f(θ0 + ε v̂)) for v (k, p) -> (k, p); zero vectors give zero."""
         norms = v.norm(dim=-1, keepdim=True)
         directions = v / norms.clamp_min(torch.finfo(v.dtype).tiny)
-        f0 = self.outputs()
+        f0, at = self.outputs(), self.at
 
         def surrogate(f: Tensor) -> Tensor:  # gradient in f is the (accurately computed) KL gradient
-            return (self.likelihood.kl_gradient(f0, f).detach() * f).sum()
+            if at is None:
+                return (self.likelihood.kl_gradient(f0, f).detach() * f).sum()
+            return (self.likelihood.kl_gradient(at, at + (f - f0)).detach() * f).sum()
 
         grads = self.network.output_gradients(self.x, surrogate, self.network.theta0 + self.epsilon * directions)
         return grads * (norms / self.epsilon)
 
     def _diagonal(self) -> Tensor:
         """Exact diagonal Σ_i diag(J_iᵀ H_i J_i) (p,), from per-sample Jacobians in chunks."""
-        f, diag, start = self.outputs(), torch.zeros(self.shape[-1], dtype=self.dtype, device=self.device), 0
+        f, diag, start = self.hessian_outputs(), torch.zeros(self.shape[-1], dtype=self.dtype, device=self.device), 0
         for jac in self.network.jacobian_chunks(self.x):  # (b, C, p)
             cols = jac.transpose(-1, -2)  # (b, p, C)
             weighted = self.likelihood.fisher(f[start:start + len(jac)].unsqueeze(1), cols)
@@ -93,7 +102,8 @@ class FisherOperator(GramOperator):
 
 def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood: str = "gaussian",
                     method: str = "finite_difference", epsilon: float | None = None,
-                    params: Sequence[str] | None = None, chunk_size: int = 32) -> FisherOperator:
+                    params: Sequence[str] | None = None, chunk_size: int = 32,
+                    at: Tensor | None = None) -> FisherOperator:
     """The (p × p) Fisher of ``model`` on inputs x (n, ...) for ``likelihood``.
 
     Args:
@@ -102,6 +112,7 @@ def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood:
         method: "finite_difference" (one gradient per product) or "exact" (JVP then VJP).
         epsilon: finite-difference step along v/‖v‖ (> 0); default :func:`default_epsilon`.
         params, chunk_size: as in :func:`ntkgp.ntk_operator`.
+        at: outputs (n, C) at which H is evaluated (default f(x; θ0)), e.g. linearised MAP logits.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -113,4 +124,7 @@ def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood:
         epsilon = default_epsilon(network.theta0)
     elif not float(epsilon) > 0:
         raise ValueError(f"epsilon must be > 0 (a step length along v/‖v‖), got {epsilon}")
-    return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=float(epsilon))
+    if at is not None and at.shape != (x.shape[0], network.num_outputs(x)):
+        raise ValueError(f"at must hold the outputs (n, C) = {(x.shape[0], network.num_outputs(x))} at which H is "
+                         f"evaluated, got {tuple(at.shape)}")
+    return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=float(epsilon), at=at)

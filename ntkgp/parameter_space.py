@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from linear_operator.operators import LinearOperator
 from linear_operator.utils.lanczos import lanczos_tridiag
 from torch import Tensor
 
@@ -22,7 +23,7 @@ from .gram_operator import GramOperator
 from .ntk_operator import NTKOperator
 from .solver import Solver
 
-__all__ = ["GramSpectrum", "gram_spectrum", "ntk_spectrum", "spectral_log_marginal_likelihood", "spectral_solve",
+__all__ = ["GramSpectrum", "gram_spectrum", "lanczos_spectrum", "ntk_spectrum", "spectral_log_marginal_likelihood", "spectral_solve",
            "spectral_variance_reduction"]
 
 
@@ -67,9 +68,20 @@ def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solve
         evals, evecs = ntk_spectrum(network, x, num_outputs)
         cotangents = (evecs / evals.sqrt()).mT.reshape(-1, x.shape[0], num_outputs)
         return GramSpectrum(evals, network.vjp(x, cotangents).mT, exact=True)
-    rank = min(solver.lanczos_rank, p)
-    q, t = lanczos_tridiag(gram._matmul, max_iter=rank, dtype=gram.dtype, device=gram.device,
-                           matrix_shape=gram.shape, tol=1e-10)
+    return lanczos_spectrum(gram, solver.lanczos_rank)
+
+
+def lanczos_spectrum(operator: LinearOperator, rank: int) -> GramSpectrum:
+    """Top Ritz pairs of a symmetric PSD (p × p) operator after ``rank`` Lanczos steps (exact if rank >= p).
+
+    The start vector is a fixed pseudo-random one, so the result is reproducible.
+    """
+    p = operator.shape[-1]
+    rank = min(rank, p)
+    generator = torch.Generator(device=operator.device).manual_seed(0)
+    start = torch.randn(p, 1, generator=generator, dtype=operator.dtype, device=operator.device)
+    q, t = lanczos_tridiag(operator._matmul, max_iter=rank, dtype=operator.dtype, device=operator.device,
+                           matrix_shape=operator.shape, tol=1e-10, init_vecs=start)
     evals, s = torch.linalg.eigh(t)
     keep = _numerical_rank_mask(evals, p)
     return GramSpectrum(evals[keep], (q @ s)[:, keep], exact=rank == p)

@@ -60,3 +60,21 @@ def check_positive(value: float | None, name: str) -> None:
     v = float(value)
     if not (v > 0 and v < float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
+    """Validate class labels (n,) of integer dtype in [0, num_classes); return them as torch.long."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"train_y must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"train_y has dtype {y.dtype}; classification targets must be integer class indices "
+                        "of shape (n,): convert one-hot targets with train_y.argmax(-1), labels with train_y.long()")
+    if y.dim() != 1:
+        raise ValueError(f"train_y must be class indices of shape (n,), got shape {tuple(y.shape)}")
+    if y.shape[0] != n:
+        raise ValueError(f"train_x has {n} inputs but train_y has {y.shape[0]} labels; they must match")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) for a network with {num_classes} outputs, got "
+                         f"values in [{low}, {high}]: relabel the classes or give the network one logit per class")
+    return y.long()

@@ -1,0 +1,322 @@
+"""Laplace posterior of the linearised network and its GLM predictive, in closed form through the NTK.
+
+Model: f_lin(x; θ) = f0(x) + J(x) Δ with Δ = θ − θ0, prior Δ ~ N(0, I/δ), and a Gaussian (variance σ²)
+or categorical likelihood. With K = J Jᵀ at the training inputs X (N × N, N = n·C):
+
+- The MAP lies in the span of Jᵀ: Δ = Jᵀ α and f = f0 + K α. Regression: α = (K + σ²δ I)⁻¹ (y − f0).
+  Classification: Newton's method in α, (δI + W K) α' = W (f − f0) + (onehot(y) − π) with W = H(f)
+  block-diagonal (H = diag(π) − ππᵀ per input), halving steps that do not decrease the objective.
+- F = Jᵀ H J with H at the MAP outputs (I/σ² for regression). With S = H^{1/2} blockwise, B = S J and
+  S K S = U Λ Uᵀ (dense, exact):
+      Σ = (F + δI)⁻¹ = (I − Jᵀ M J)/δ,    M = S U diag(1/(λ + δ)) Uᵀ S,
+  so the covariance of f_lin at x* is (K** − K*X M KX*)/δ, and log det(I + F/δ) = Σ log(1 + λ/δ).
+- Samples: Σ^{1/2} z = (z − Bᵀ U diag(1/(√(λ+δ)(√(λ+δ) + √δ))) Uᵀ B z)/√δ (one JVP and one VJP), or
+  with a ``rank``, from the top Ritz pairs of F (Lanczos on products by ``hessian``) with the rest of
+  tr F spread evenly over the orthogonal complement.
+
+All N × N algebra runs in float64 whatever the network's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor, nn
+
+from .fisher_operator import FisherOperator, default_epsilon
+from .functional import FunctionalNetwork, map_blocks
+from .linearised_model import TASKS, check_task, log_likelihood, make_network, prepare_data
+from .ntk_gp import Prediction
+from .ntk_operator import NTKOperator
+from .parameter_space import lanczos_spectrum
+from .validation import check_inputs
+
+__all__ = ["Laplace", "PosteriorCovariance"]
+
+_HESSIANS = ("exact", "finite_difference")
+_LINKS = ("probit", "mc")
+
+
+class PosteriorCovariance(LinearOperator):
+    """Σ = (I − J(x)ᵀ M J(x))/δ, shape (p, p): a product is one JVP and one VJP at x.
+
+    Args: x (n, ...), middle M (n·C, n·C), delta δ (a 0-d tensor); keyword ``network``.
+    """
+
+    def __init__(self, x: Tensor, middle: Tensor, delta: Tensor, *, network: FunctionalNetwork):
+        super().__init__(x, middle, delta, network=network)
+        self.x, self.middle, self.delta, self.network = x, middle, delta, network
+
+    def _size(self) -> torch.Size:
+        return torch.Size([self.network.num_params, self.network.num_params])
+
+    def _transpose_nonbatch(self) -> PosteriorCovariance:
+        return self
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        if rhs.dim() == 1:
+            return self._matmul(rhs.unsqueeze(-1)).squeeze(-1)
+        net, n = self.network, self.x.shape[0]
+
+        def block(v: Tensor) -> Tensor:
+            jv = net.jvp(self.x, v).reshape(v.shape[0], -1)
+            w = (jv.to(self.middle.dtype) @ self.middle).to(v.dtype)
+            return (v - net.vjp(self.x, w.reshape(v.shape[0], n, -1))) / self.delta.to(v.dtype)
+
+        return map_blocks(block, rhs.mT, net.chunk_size).mT
+
+
+def _blockwise(blocks: Tensor, vectors: Tensor) -> Tensor:
+    """Apply the block-diagonal matrix with blocks (n, C, C) to vectors (..., n·C) -> (..., n·C)."""
+    n, c = blocks.shape[0], blocks.shape[-1]
+    return torch.einsum("iab,...ib->...ia", blocks, vectors.reshape(*vectors.shape[:-1], n, c)).flatten(-2)
+
+
+def _categorical_hessian(f: Tensor) -> Tensor:
+    """H = diag(π) − ππᵀ per input: logits (n, C) -> (n, C, C)."""
+    pi = torch.softmax(f, dim=-1)
+    return torch.diag_embed(pi) - pi.unsqueeze(-1) * pi.unsqueeze(-2)
+
+
+def _psd_sqrt(blocks: Tensor) -> Tensor:
+    """Symmetric square roots of PSD blocks (n, C, C)."""
+    evals, evecs = torch.linalg.eigh(blocks)
+    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT
+
+
+class Laplace:
+    """Laplace approximation N(θ_MAP, (F + δI)⁻¹) of the linearised network on new data.
+
+    Args:
+        model: a network in eval mode (or a :class:`FunctionalNetwork`) mapping (n, ...) to (n, C).
+        likelihood: "regression" (Gaussian, variance ``noise``, default 1) or "classification"
+            (categorical over C >= 2 logits; labels (n,) of integer dtype).
+        params: parameter names or module prefixes to linearise (default: all trainable).
+        hessian: how products with F are computed where they are needed (``precision``, ``sample``
+            with a rank): "exact" (JVP, H, VJP) or "finite_difference" (one gradient per product).
+        prior_precision: δ > 0 of the prior N(θ0, I/δ) centred at the pretrained weights.
+        noise: σ² for regression; must be None for classification.
+        num_classes: if given, must equal the network's output width C.
+        max_size: largest N = n·C accepted (the posterior is dense in N).
+    """
+
+    def __init__(self, model: nn.Module | FunctionalNetwork, likelihood: str = "regression",
+                 params: Sequence[str] | None = None, hessian: str = "exact", prior_precision: float = 1.0,
+                 noise: float | None = None, num_classes: int | None = None, chunk_size: int = 32,
+                 max_size: int = 8192):
+        self.noise = check_task(likelihood, noise, prior_precision)
+        if hessian not in _HESSIANS:
+            raise ValueError(f"hessian must be one of {_HESSIANS}, got {hessian!r}")
+        self.task, self.hessian, self.prior_precision = likelihood, hessian, float(prior_precision)
+        self.network = make_network(model, params, chunk_size)
+        self.num_classes, self.max_size = num_classes, max_size
+        self.train_x: Tensor | None = None
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, train_x: Tensor, train_y: Tensor, max_iter: int = 100) -> Laplace:
+        """MAP of the linearised model on (train_x (n, ...), train_y) and the posterior around it."""
+        targets, c = prepare_data(self.task, self.network, train_x, train_y, self.num_classes)
+        size = train_x.shape[0] * c
+        if size > self.max_size:
+            raise ValueError(f"n·C = {size} exceeds max_size = {self.max_size}: this Laplace posterior is exact "
+                             "and dense in n·C; use fewer training points, raise max_size, or use ntkgp.SVI")
+        self.train_x, self.targets, self.num_outputs, self.max_iter = train_x, targets, c, max_iter
+        with torch.no_grad():
+            self.f0 = self.network(train_x)
+        kernel = NTKOperator(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
+        self.kernel = (0.5 * (kernel + kernel.mT)).double()
+        self._alpha = torch.zeros(size, dtype=torch.float64, device=kernel.device)
+        self._update(self.prior_precision)
+        return self
+
+    def _update(self, delta: float) -> None:
+        """MAP and posterior for prior precision δ (the NTK is reused: no network passes)."""
+        self.prior_precision = delta
+        self._alpha = self._map_coefficients(delta, self._alpha)
+        self._theta_map = None
+        f0 = self.f0.double().reshape(-1)
+        self._f_map = (f0 + self.kernel @ self._alpha).reshape(self.f0.shape)
+        sqrt_h = _psd_sqrt(self._hessian_blocks(self._f_map))
+        s = self._sqrt_h = sqrt_h
+        g = _blockwise(s, _blockwise(s, self.kernel).mT)  # S K S (S symmetric)
+        evals, evecs = torch.linalg.eigh(0.5 * (g + g.mT))
+        self._evals, self._evecs = evals.clamp_min(0), evecs
+        su = _blockwise(s, evecs.mT).mT  # S U
+        self._middle = (su / (self._evals + delta)) @ su.mT
+
+    def _hessian_blocks(self, f: Tensor) -> Tensor:
+        if self.task == "regression":
+            eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+            return (eye / self.noise).expand(f.shape[0], -1, -1)
+        return _categorical_hessian(f)
+
+    def _objective(self, alpha: Tensor) -> Tensor:
+        """−log p(y | f0 + Kα) + δ/2 αᵀKα."""
+        k_alpha = self.kernel @ alpha
+        f = self.f0.double() + k_alpha.reshape(self.f0.shape)
+        return -log_likelihood(self.task, f, self._targets64(), self.noise) + 0.5 * self.prior_precision * (
+            alpha @ k_alpha)
+
+    def _targets64(self) -> Tensor:
+        return self.targets.double() if self.task == "regression" else self.targets
+
+    def _map_coefficients(self, delta: float, start: Tensor) -> Tensor:
+        """α of the MAP Δ = Jᵀα: closed form for regression, Newton from ``start`` for classification."""
+        eye = torch.eye(self.kernel.shape[0], dtype=self.kernel.dtype, device=self.kernel.device)
+        if self.task == "regression":
+            residual = (self._targets64() - self.f0.double()).reshape(-1)
+            return torch.cholesky_solve(residual.unsqueeze(-1),
+                                        torch.linalg.cholesky(self.kernel + self.noise * delta * eye)).squeeze(-1)
+        n, c = self.f0.shape
+        f0 = self.f0.double().reshape(-1)
+        onehot = torch.nn.functional.one_hot(self.targets, c).double().reshape(-1)
+        alpha, value = start, self._objective(start)
+        for _ in range(self.max_iter):
+            f = f0 + self.kernel @ alpha
+            h = _categorical_hessian(f.reshape(n, c))
+            rhs = _blockwise(h, f - f0) + onehot - torch.softmax(f.reshape(n, c), -1).reshape(-1)
+            step = torch.linalg.solve(delta * eye + _blockwise(h, self.kernel.mT).mT, rhs) - alpha
+            t = 1.0
+            while True:
+                candidate = self._objective(alpha + t * step)
+                if candidate <= value or t < 1e-6:
+                    break
+                t /= 2
+            if not candidate < value:
+                break
+            converged = value - candidate <= 1e-12 * max(1.0, abs(float(value)))
+            alpha, value = alpha + t * step, candidate
+            if converged:
+                break
+        return alpha
+
+    def _check_fitted(self) -> None:
+        if self.train_x is None:
+            raise RuntimeError("call .fit(train_x, train_y) first")
+
+    # ------------------------------------------------------------------ posterior
+    @property
+    def mean(self) -> Tensor:
+        """θ_MAP = θ0 + Jᵀα (p,)."""
+        self._check_fitted()
+        if self._theta_map is None:
+            alpha = self._alpha.to(self.network.dtype).reshape(1, *self.f0.shape)
+            self._theta_map = self.network.theta0 + self.network.vjp(self.train_x, alpha)[0]
+        return self._theta_map
+
+    @property
+    def covariance(self) -> PosteriorCovariance:
+        """Σ = (F + δI)⁻¹ as a lazy (p × p) operator."""
+        self._check_fitted()
+        delta = torch.tensor(self.prior_precision, dtype=torch.float64, device=self.kernel.device)
+        return PosteriorCovariance(self.train_x, self._middle, delta, network=self.network)
+
+    def fisher(self) -> LinearOperator:
+        """F (p × p) at the training inputs, H at the MAP outputs (1/σ²-scaled for regression)."""
+        self._check_fitted()
+        op = FisherOperator(self.train_x, network=self.network, likelihood=TASKS[self.task], method=self.hessian,
+                            epsilon=default_epsilon(self.network.theta0),
+                            at=self._f_map.to(self.network.dtype))
+        return op if self.task == "classification" else op * (1.0 / self.noise)
+
+    @property
+    def precision(self) -> LinearOperator:
+        """F + δI as a lazy (p × p) operator, products by ``hessian``."""
+        eye = torch.full((self.network.num_params,), self.prior_precision, dtype=self.network.dtype,
+                         device=self.network.device)
+        return self.fisher().add_diagonal(eye)
+
+    def log_marginal_likelihood(self) -> Tensor:
+        """Laplace evidence log p(y | f_MAP) − δ/2 ‖Δ_MAP‖² − ½ log det(I + F/δ) (exact for regression)."""
+        self._check_fitted()
+        logdet = torch.log1p(self._evals / self.prior_precision).sum()
+        return -self._objective(self._alpha) - 0.5 * logdet
+
+    def optimize_prior_precision(self, grid: Tensor | None = None) -> float:
+        """Set δ to the grid value (default 10^-4 … 10^4, 33 points) of largest evidence; return it."""
+        self._check_fitted()
+        grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else torch.as_tensor(grid)
+        if grid.dim() != 1 or not (grid > 0).all():
+            raise ValueError("grid must be a 1-d tensor of prior precisions > 0")
+        best, best_value = None, -math.inf
+        for delta in grid.tolist():
+            self._update(delta)
+            value = float(self.log_marginal_likelihood())
+            if value > best_value:
+                best, best_value = delta, value
+        self._update(best)
+        return best
+
+    # ------------------------------------------------------------------ prediction
+    def _latent(self, x: Tensor, full: bool) -> tuple[Tensor, Tensor]:
+        """Mean (m, C) of f_lin at θ_MAP and its variance (m, C) or covariance blocks (m, C, C)."""
+        net, c, delta = self.network, self.num_outputs, self.prior_precision
+        cross = NTKOperator(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double()
+        with torch.no_grad():
+            mean = net(x).double() + (cross @ self._alpha).reshape(-1, c)
+        reduced = (cross @ self._middle).reshape(-1, c, cross.shape[-1])
+        cross = cross.reshape(-1, c, cross.shape[-1])
+        if not full:
+            prior = NTKOperator(x, x, network=net, num_outputs=c).diagonal().detach().double().reshape(-1, c)
+            return mean, ((prior - (reduced * cross).sum(-1)) / delta).clamp_min(0)
+        prior = torch.cat([j @ j.mT for j in net.jacobian_chunks(x)]).detach().double()
+        cov = (prior - reduced @ cross.mT) / delta
+        return mean, 0.5 * (cov + cov.mT)
+
+    def predict(self, x: Tensor, link: str = "probit", num_samples: int = 1000,
+                generator: torch.Generator | None = None, batch_size: int = 256) -> Prediction | Tensor:
+        """Linearised (GLM) predictive at x (m, ...).
+
+        Regression: a :class:`Prediction` of the latent function, mean and variance (m,) for C = 1,
+        else (m, C). Classification: class probabilities (m, C), by the per-class probit
+        softmax(μ / √(1 + π/8 · var)) (``link="probit"``) or by ``num_samples`` Monte Carlo draws of
+        the logits from their full C × C covariance (``link="mc"``).
+        """
+        self._check_fitted()
+        check_inputs(x, self.network.dtype, "x")
+        if link not in _LINKS:
+            raise ValueError(f"link must be one of {_LINKS}, got {link!r}")
+        full = self.task == "classification" and link == "mc"
+        parts = [self._latent(x[i:i + batch_size], full) for i in range(0, x.shape[0], batch_size)]
+        mean, spread = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+        dtype = self.network.dtype
+        if self.task == "regression":
+            squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
+            return Prediction(squeeze(mean).to(dtype), squeeze(spread).to(dtype))
+        if link == "probit":
+            return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * spread), -1).to(dtype)
+        jitter = 1e-10 * spread.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        chol = torch.linalg.cholesky(spread + jitter[:, None, None] * torch.eye(self.num_outputs, dtype=spread.dtype,
+                                                                              device=spread.device))
+        z = torch.randn(num_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        logits = mean + (chol @ z.unsqueeze(-1)).squeeze(-1)
+        return torch.softmax(logits, -1).mean(0).to(dtype)
+
+    def sample(self, k: int, rank: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """k parameter vectors θ ~ N(θ_MAP, Σ): (k, p).
+
+        rank None: exact, through the dense eigendecomposition (one JVP and one VJP at the training
+        inputs). rank r: Lanczos on F (products by ``hessian``) for its top r Ritz pairs; the remaining
+        mass tr F − Σλ is spread evenly over the p − r other directions (precision δ + ρ there).
+        """
+        self._check_fitted()
+        net, delta = self.network, self.prior_precision
+        z = torch.randn(k, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
+        if rank is None:
+            bz = _blockwise(self._sqrt_h, net.jvp(self.train_x, z).reshape(k, -1).double())
+            root = self._evals + delta
+            coef = 1.0 / (root.sqrt() * (root.sqrt() + math.sqrt(delta)))
+            w = _blockwise(self._sqrt_h, ((bz @ self._evecs) * coef) @ self._evecs.mT)
+            correction = net.vjp(self.train_x, w.to(net.dtype).reshape(k, *self.f0.shape))
+            return self.mean + (z - correction) / math.sqrt(delta)
+        if rank < 1:
+            raise ValueError(f"rank must be a positive number of Lanczos steps, got {rank}")
+        spectrum = lanczos_spectrum(self.fisher(), rank)
+        lam, q = spectrum.eigenvalues, spectrum.eigenvectors
+        rest = net.num_params - lam.numel()
+        rho = max(0.0, float(self._evals.sum() - lam.sum())) / rest if rest > 0 else 0.0
+        scale = (lam + delta).rsqrt() - (delta + rho) ** -0.5
+        return self.mean + z * (delta + rho) ** -0.5 + ((z @ q) * scale) @ q.mT

@@ -1,0 +1,66 @@
+"""What the Laplace and SVI posteriors share: the tasks, their targets and log-likelihoods, and the
+linearised network f_lin(x; θ) = f(x; θ0) + J(x)(θ − θ0) with the prior N(θ0, I/δ)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .functional import FunctionalNetwork
+from .validation import check_inputs, check_labels, check_positive, check_targets
+
+__all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "make_network", "prepare_data"]
+
+# task -> likelihood of :mod:`ntkgp.likelihoods` whose Fisher is the task's Hessian in the outputs
+TASKS = {"regression": "gaussian", "classification": "categorical"}
+
+
+def check_task(likelihood: str, noise: float | None, prior_precision: float) -> float | None:
+    """Validate the task name, noise and prior precision; return the noise (1.0 by default for regression)."""
+    if likelihood not in TASKS:
+        raise ValueError(f"likelihood must be one of {tuple(TASKS)}, got {likelihood!r}")
+    check_positive(prior_precision, "prior_precision")
+    check_positive(noise, "noise")
+    if likelihood == "classification":
+        if noise is not None:
+            raise ValueError("noise is a regression setting (the Gaussian variance σ²); leave it None for "
+                             "classification")
+        return None
+    return 1.0 if noise is None else float(noise)
+
+
+def make_network(model: nn.Module | FunctionalNetwork, params: Sequence[str] | None,
+                 chunk_size: int) -> FunctionalNetwork:
+    return model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
+
+
+def prepare_data(task: str, network: FunctionalNetwork, x: Tensor, y: Tensor,
+                 num_classes: int | None) -> tuple[Tensor, int]:
+    """Checked targets — regression (n, C) floats, classification (n,) labels — and C."""
+    check_inputs(x, network.dtype, "train_x")
+    c = network.num_outputs(x)
+    if task == "regression":
+        return check_targets(y, x.shape[0], c, network.dtype), c
+    if num_classes is not None and num_classes != c:
+        raise ValueError(f"num_classes = {num_classes} but the network has {c} outputs: classification needs one "
+                         "logit per class (replace the network's last layer)")
+    if c < 2:
+        raise ValueError(f"classification needs a network with C >= 2 outputs (logits), got C = {c}")
+    return check_labels(y, x.shape[0], c), c
+
+
+def log_likelihood(task: str, f: Tensor, targets: Tensor, noise: float | Tensor | None) -> Tensor:
+    """Σ_i log p(y_i | f_i) for outputs f (..., n, C): Gaussian with variance ``noise`` or categorical."""
+    if task == "regression":
+        return -0.5 * (((targets - f) ** 2 / noise).sum((-1, -2))
+                       + targets.numel() * (math.log(2 * math.pi) + torch.log(torch.as_tensor(noise))))
+    logp = torch.log_softmax(f, dim=-1)
+    return logp.gather(-1, targets.expand(*f.shape[:-1]).unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def linearised_outputs(network: FunctionalNetwork, x: Tensor, f0: Tensor, deltas: Tensor) -> Tensor:
+    """f0 + J(x) Δ for parameter offsets Δ (k, p): (k, n, C), by one batched JVP."""
+    return f0 + network.jvp(x, deltas)

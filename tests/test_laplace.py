@@ -1,0 +1,175 @@
+"""Laplace against dense float64 references built from torch.func.jacrev Jacobians.
+
+Tolerances: 1e-8 for closed-form quantities (MAP, covariance, predictive, evidence, samples), 1e-4 for the
+regression agreement with NTKGP that the issue asks for, 1e-5 for finite-difference Fisher products.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import dense_jacobian, make_case, rel_err
+
+from ntkgp import NTKGP, Laplace
+from ntkgp.functional import FunctionalNetwork
+from ntkgp.parameter_space import lanczos_spectrum
+
+DELTA = 0.7
+
+
+def labels(model, x, seed=1):
+    with torch.no_grad():
+        logits = model(x)
+    g = torch.Generator().manual_seed(seed)
+    return torch.multinomial(torch.softmax(2 * logits, -1), 1, generator=g).squeeze(-1)
+
+
+def dense_classification_map(j, f0, y, delta, steps=50):
+    """Newton in parameter space on the dense linearised objective: Δ (p,)."""
+    n, c = f0.shape
+    onehot = torch.nn.functional.one_hot(y, c).double()
+    d = torch.zeros(j.shape[1])
+    for _ in range(steps):
+        pi = torch.softmax(f0 + (j @ d).reshape(n, c), -1)
+        h = torch.block_diag(*(torch.diag(q) - torch.outer(q, q) for q in pi))
+        grad = j.T @ (pi - onehot).reshape(-1) + delta * d
+        d = d - torch.linalg.solve(j.T @ h @ j + delta * torch.eye(j.shape[1]), grad)
+    pi = torch.softmax(f0 + (j @ d).reshape(n, c), -1)
+    h = torch.block_diag(*(torch.diag(q) - torch.outer(q, q) for q in pi))
+    return d, h
+
+
+@pytest.mark.parametrize("name", ["mlp_c1", "mlp_c3"])
+def test_regression_agrees_with_ntk_gp(name):
+    model, x, _ = make_case(name, n=9)
+    with torch.no_grad():
+        y = model(x) + 0.3 * torch.randn(9, model(x).shape[-1])
+    y = y.squeeze(-1) if y.shape[-1] == 1 else y
+    xs = torch.randn(6, *x.shape[1:])
+    la = Laplace(model, "regression", prior_precision=DELTA, noise=0.2).fit(x, y)
+    gp = NTKGP(model, x, y, noise=0.2, outputscale=1 / DELTA, solver=None)
+    pred, ref = la.predict(xs), gp.predict(xs)
+    assert pred.mean.shape == ref.mean.shape
+    assert rel_err(pred.mean, ref.mean) < 1e-4 and rel_err(pred.variance, ref.variance) < 1e-4
+    lml = float(gp.log_marginal_likelihood().detach())
+    assert abs(float(la.log_marginal_likelihood()) - lml) < 1e-4 * abs(lml)
+
+
+@pytest.fixture
+def classified():
+    model, x, _ = make_case("cnn_batchnorm", n=7)
+    y = labels(model, x)
+    j = dense_jacobian(model, x)
+    with torch.no_grad():
+        f0 = model(x)
+    d, h = dense_classification_map(j, f0, y, DELTA)
+    sigma = torch.linalg.inv(j.T @ h @ j + DELTA * torch.eye(j.shape[1]))
+    la = Laplace(model, "classification", prior_precision=DELTA).fit(x, y)
+    return model, x, y, j, f0, d, h, sigma, la
+
+
+def test_classification_map_covariance_and_evidence(classified):
+    model, x, y, j, f0, d, h, sigma, la = classified
+    theta0 = FunctionalNetwork(model).theta0
+    assert rel_err(la.mean - theta0, d) < 1e-8
+    v = torch.randn(j.shape[1], 3)
+    assert rel_err(la.covariance @ v, sigma @ v) < 1e-8
+    f_map = f0 + (j @ d).reshape(f0.shape)
+    loglik = torch.log_softmax(f_map, -1).gather(-1, y[:, None]).sum()
+    logdet = torch.logdet(torch.eye(j.shape[1]) + j.T @ h @ j / DELTA)
+    assert abs(float(la.log_marginal_likelihood() - (loglik - DELTA / 2 * d @ d - logdet / 2))) < 1e-8
+
+
+def test_classification_predictive(classified):
+    model, x, y, j, f0, d, h, sigma, la = classified
+    xs = torch.randn(5, *x.shape[1:])
+    js = dense_jacobian(model, xs)
+    with torch.no_grad():
+        mu = model(xs) + (js @ d).reshape(5, -1)
+    cov = js @ sigma @ js.T
+    var = cov.diagonal().reshape(5, -1)
+    probit = torch.softmax(mu / torch.sqrt(1 + math.pi / 8 * var), -1)
+    assert rel_err(la.predict(xs), probit) < 1e-8
+    assert torch.allclose(la.predict(xs).sum(-1), torch.ones(5))
+    blocks = torch.stack([cov[2 * i:2 * i + 2, 2 * i:2 * i + 2] for i in range(5)])
+    z = torch.randn(40000, 5, 2, generator=torch.Generator().manual_seed(3))
+    reference = torch.softmax(mu + (torch.linalg.cholesky(blocks) @ z.unsqueeze(-1)).squeeze(-1), -1).mean(0)
+    mc = la.predict(xs, link="mc", num_samples=40000, generator=torch.Generator().manual_seed(4))
+    assert (mc - reference).abs().max() < 1e-2
+
+
+def test_samples_are_exact_and_lanczos_keeps_the_trace(classified):
+    model, x, y, j, f0, d, h, sigma, la = classified
+    p, fisher = j.shape[1], j.T @ h @ j
+
+    def offsets(rank):
+        samples = la.sample(3, rank=rank, generator=torch.Generator().manual_seed(5))
+        return samples - la.mean, torch.randn(3, p, generator=torch.Generator().manual_seed(5))
+
+    def root(matrix):
+        evals, evecs = torch.linalg.eigh(matrix)
+        return (evecs * evals.sqrt()) @ evecs.T
+
+    offset, z = offsets(None)
+    assert rel_err(offset, z @ root(sigma)) < 1e-8
+    offset, z = offsets(p)  # Lanczos to full rank: the exact posterior
+    assert rel_err(offset, z @ root(sigma)) < 1e-6
+    # rank 3 < rank F = 7: top-3 Ritz values + δ, and δ + ρ elsewhere with ρ spreading the rest of tr F
+    spec = lanczos_spectrum(la.fisher(), 3)
+    q, lam = spec.eigenvectors, spec.eigenvalues
+    rho = float(torch.trace(fisher) - lam.sum()) / (p - 3)
+    assert rho > 0
+    precision = q @ torch.diag(lam + DELTA) @ q.T + (DELTA + rho) * (torch.eye(p) - q @ q.T)
+    assert abs(float(torch.trace(precision) - torch.trace(fisher) - p * DELTA)) < 1e-8 * float(torch.trace(precision))
+    offset, z = offsets(3)
+    assert rel_err(offset, z @ root(torch.linalg.inv(precision))) < 1e-6
+
+
+@pytest.mark.parametrize("hessian", ["exact", "finite_difference"])
+def test_precision_operator(classified, hessian):
+    model, x, y, j, f0, d, h, sigma, la = classified
+    la.hessian = hessian
+    v = torch.randn(j.shape[1], 2)
+    tol = 1e-10 if hessian == "exact" else 1e-5
+    assert rel_err(la.precision @ v, (j.T @ h @ j + DELTA * torch.eye(j.shape[1])) @ v) < tol
+
+
+def test_optimize_prior_precision_picks_the_best_evidence():
+    model, x, _ = make_case("mlp_c3", n=8)
+    y = labels(model, x)
+    grid = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0])
+    la = Laplace(model, "classification").fit(x, y)
+    best = la.optimize_prior_precision(grid)
+    values = [float(Laplace(model, "classification", prior_precision=g).fit(x, y).log_marginal_likelihood())
+              for g in grid.tolist()]
+    assert best == grid.tolist()[max(range(5), key=values.__getitem__)]
+    assert abs(float(la.log_marginal_likelihood()) - max(values)) < 1e-8
+    assert la.prior_precision == best
+
+
+def test_laplace_bad_input():
+    model, x, _ = make_case("mlp_c3", n=6)
+    y = labels(model, x)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        Laplace(model, "poisson")
+    with pytest.raises(ValueError, match="hessian must be one of"):
+        Laplace(model, "classification", hessian="kfac")
+    with pytest.raises(ValueError, match="prior_precision must be"):
+        Laplace(model, "classification", prior_precision=0)
+    with pytest.raises(ValueError, match="leave it None for classification"):
+        Laplace(model, "classification", noise=0.1)
+    with pytest.raises(TypeError, match="integer class indices"):
+        Laplace(model, "classification").fit(x, y.double())
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        Laplace(model, "classification").fit(x, y + 3)
+    with pytest.raises(ValueError, match="num_classes = 5 but the network has 3 outputs"):
+        Laplace(model, "classification", num_classes=5).fit(x, y)
+    with pytest.raises(RuntimeError, match="fit"):
+        Laplace(model, "classification").predict(x)
+    with pytest.raises(ValueError, match="link must be one of"):
+        Laplace(model, "classification").fit(x, y).predict(x, link="logit")
+    single, xs, _ = make_case("mlp_c1", n=6)
+    with pytest.raises(ValueError, match="C >= 2"):
+        Laplace(single, "classification").fit(xs, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds max_size"):
+        Laplace(model, "classification", max_size=10).fit(x, y)
