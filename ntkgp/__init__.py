@@ -16,7 +16,8 @@ from .mean import NetworkMean
 from .ntk_gp import NTKGP, Prediction
 from .ntk_operator import NTKOperator, ntk_operator
 from .solver import Solver
+from .svi import SVI
 
 __all__ = ["FisherOperator", "FunctionalNetwork", "GramOperator", "Laplace", "NTKGP", "NTKKernel", "NTKOperator",
-           "NetworkMean", "PosteriorCovariance", "Prediction", "Solver", "fisher_operator", "gram_operator",
+           "NetworkMean", "PosteriorCovariance", "Prediction", "SVI", "Solver", "fisher_operator", "gram_operator",
            "ntk_operator"]
