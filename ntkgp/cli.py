@@ -7,6 +7,7 @@ in a clone through the top-level ``experiments`` package. The library itself nev
 from __future__ import annotations
 
 import argparse
+import json
 import importlib
 import pkgutil
 import sys
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default ./results)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one configuration setting; VALUE is read as JSON, else as a string "
+                          "(e.g. --set scope=all --set shots=[1,5])")
     args = parser.parse_args(argv)
     experiments = discover_experiments()
     if args.command == "list":
@@ -58,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     experiment = experiments[args.name]
     if args.config not in experiment.configs:
         parser.error(f"experiment {args.name!r} has configs {list(experiment.configs)}, not {args.config!r}")
-    experiment.run(dict(experiment.configs[args.config]), args.out / args.name, args.device, args.seed)
+    config = dict(experiment.configs[args.config])
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in config:
+            parser.error(f"--set takes KEY=VALUE with KEY one of {sorted(config)}, got {item!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    experiment.run(config, args.out / args.name, args.device, args.seed)
     return 0
 
 

@@ -37,7 +37,7 @@ from .validation import check_inputs
 __all__ = ["Laplace", "PosteriorCovariance"]
 
 _HESSIANS = ("exact", "finite_difference")
-_LINKS = ("probit", "mc")
+_LINKS = ("probit", "mc", "map")
 
 
 class PosteriorCovariance(LinearOperator):
@@ -116,14 +116,19 @@ class Laplace:
         self.train_x: Tensor | None = None
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train_x: Tensor, train_y: Tensor, max_iter: int = 100) -> Laplace:
-        """MAP of the linearised model on (train_x (n, ...), train_y) and the posterior around it."""
+    def fit(self, train_x: Tensor, train_y: Tensor, max_iter: int = 100, find_map: bool = True) -> Laplace:
+        """MAP of the linearised model on (train_x (n, ...), train_y) and the posterior around it.
+
+        ``find_map=False`` takes the network as the MAP already (θ_MAP = θ0, post-hoc Laplace of a
+        trained network, as laplace-torch does); the posterior and evidence are then formed at θ0.
+        """
         targets, c = prepare_data(self.task, self.network, train_x, train_y, self.num_classes)
         size = train_x.shape[0] * c
         if size > self.max_size:
             raise ValueError(f"n·C = {size} exceeds max_size = {self.max_size}: this Laplace posterior is exact "
                              "and dense in n·C; use fewer training points, raise max_size, or use ntkgp.SVI")
         self.train_x, self.targets, self.num_outputs, self.max_iter = train_x, targets, c, max_iter
+        self.find_map = find_map
         with torch.no_grad():
             self.f0 = self.network(train_x)
         kernel = NTKOperator(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
@@ -135,17 +140,24 @@ class Laplace:
     def _update(self, delta: float) -> None:
         """MAP and posterior for prior precision δ (the NTK is reused: no network passes)."""
         self.prior_precision = delta
-        self._alpha = self._map_coefficients(delta, self._alpha)
+        if self.find_map:
+            self._alpha = self._map_coefficients(delta, self._alpha)
         self._theta_map = None
-        f0 = self.f0.double().reshape(-1)
-        self._f_map = (f0 + self.kernel @ self._alpha).reshape(self.f0.shape)
-        sqrt_h = _psd_sqrt(self._hessian_blocks(self._f_map))
-        s = self._sqrt_h = sqrt_h
-        g = _blockwise(s, _blockwise(s, self.kernel).mT)  # S K S (S symmetric)
-        evals, evecs = torch.linalg.eigh(0.5 * (g + g.mT))
+        self._f_map = self._outputs(self._alpha)
+        s = self._sqrt_h = _psd_sqrt(self._hessian_blocks(self._f_map))
+        evals, evecs = torch.linalg.eigh(self._whitened_kernel(s))
         self._evals, self._evecs = evals.clamp_min(0), evecs
         su = _blockwise(s, evecs.mT).mT  # S U
         self._middle = (su / (self._evals + delta)) @ su.mT
+
+    def _outputs(self, alpha: Tensor) -> Tensor:
+        """f0 + Kα at the training inputs (n, C), float64."""
+        return self.f0.double() + (self.kernel @ alpha).reshape(self.f0.shape)
+
+    def _whitened_kernel(self, s: Tensor) -> Tensor:
+        """S K S (N × N) for blockwise symmetric S (n, C, C)."""
+        g = _blockwise(s, _blockwise(s, self.kernel).mT)
+        return 0.5 * (g + g.mT)
 
     def _hessian_blocks(self, f: Tensor) -> Tensor:
         if self.task == "regression":
@@ -153,18 +165,28 @@ class Laplace:
             return (eye / self.noise).expand(f.shape[0], -1, -1)
         return _categorical_hessian(f)
 
-    def _objective(self, alpha: Tensor) -> Tensor:
+    def _objective(self, alpha: Tensor, delta: float) -> Tensor:
         """−log p(y | f0 + Kα) + δ/2 αᵀKα."""
         k_alpha = self.kernel @ alpha
         f = self.f0.double() + k_alpha.reshape(self.f0.shape)
-        return -log_likelihood(self.task, f, self._targets64(), self.noise) + 0.5 * self.prior_precision * (
-            alpha @ k_alpha)
+        return -log_likelihood(self.task, f, self._targets64(), self.noise) + 0.5 * delta * (alpha @ k_alpha)
+
+    def _evidence(self, delta: float) -> tuple[float, Tensor]:
+        """(Laplace evidence, α) at δ through one Cholesky factor, without the eigendecomposition."""
+        alpha = self._map_coefficients(delta, self._alpha) if self.find_map else self._alpha
+        g = self._whitened_kernel(_psd_sqrt(self._hessian_blocks(self._outputs(alpha))))
+        chol = torch.linalg.cholesky(torch.eye(g.shape[0], dtype=g.dtype, device=g.device) + g / delta)
+        logdet = 2 * chol.diagonal().log().sum()
+        return float(-self._objective(alpha, delta) - 0.5 * logdet), alpha
 
     def _targets64(self) -> Tensor:
         return self.targets.double() if self.task == "regression" else self.targets
 
     def _map_coefficients(self, delta: float, start: Tensor) -> Tensor:
-        """α of the MAP Δ = Jᵀα: closed form for regression, Newton from ``start`` for classification."""
+        """α of the MAP Δ = Jᵀα: closed form for regression, Newton from ``start`` for classification.
+
+        Newton step: α' = (δI + WK)⁻¹ b = (b − S (δI + SKS)⁻¹ S K b)/δ with W = S², one Cholesky factor.
+        """
         eye = torch.eye(self.kernel.shape[0], dtype=self.kernel.dtype, device=self.kernel.device)
         if self.task == "regression":
             residual = (self._targets64() - self.f0.double()).reshape(-1)
@@ -173,15 +195,18 @@ class Laplace:
         n, c = self.f0.shape
         f0 = self.f0.double().reshape(-1)
         onehot = torch.nn.functional.one_hot(self.targets, c).double().reshape(-1)
-        alpha, value = start, self._objective(start)
+        alpha, value = start, self._objective(start, delta)
         for _ in range(self.max_iter):
             f = f0 + self.kernel @ alpha
             h = _categorical_hessian(f.reshape(n, c))
-            rhs = _blockwise(h, f - f0) + onehot - torch.softmax(f.reshape(n, c), -1).reshape(-1)
-            step = torch.linalg.solve(delta * eye + _blockwise(h, self.kernel.mT).mT, rhs) - alpha
+            s = _psd_sqrt(h)
+            b = _blockwise(h, f - f0) + onehot - torch.softmax(f.reshape(n, c), -1).reshape(-1)
+            chol = torch.linalg.cholesky(delta * eye + self._whitened_kernel(s))
+            inner = torch.cholesky_solve(_blockwise(s, self.kernel @ b).unsqueeze(-1), chol).squeeze(-1)
+            step = (b - _blockwise(s, inner)) / delta - alpha
             t = 1.0
             while True:
-                candidate = self._objective(alpha + t * step)
+                candidate = self._objective(alpha + t * step, delta)
                 if candidate <= value or t < 1e-6:
                     break
                 t /= 2
@@ -233,18 +258,20 @@ class Laplace:
         """Laplace evidence log p(y | f_MAP) − δ/2 ‖Δ_MAP‖² − ½ log det(I + F/δ) (exact for regression)."""
         self._check_fitted()
         logdet = torch.log1p(self._evals / self.prior_precision).sum()
-        return -self._objective(self._alpha) - 0.5 * logdet
+        return -self._objective(self._alpha, self.prior_precision) - 0.5 * logdet
 
     def optimize_prior_precision(self, grid: Tensor | None = None) -> float:
-        """Set δ to the grid value (default 10^-4 … 10^4, 33 points) of largest evidence; return it."""
+        """Set δ to the grid value (default 10^-4 … 10^4, 33 points) of largest evidence; return it.
+
+        Each grid value costs the MAP (Newton, warm-started) and one Cholesky factor of the N × N matrix.
+        """
         self._check_fitted()
         grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else torch.as_tensor(grid)
         if grid.dim() != 1 or not (grid > 0).all():
             raise ValueError("grid must be a 1-d tensor of prior precisions > 0")
         best, best_value = None, -math.inf
         for delta in grid.tolist():
-            self._update(delta)
-            value = float(self.log_marginal_likelihood())
+            value, self._alpha = self._evidence(delta)  # warm start for the next grid value
             if value > best_value:
                 best, best_value = delta, value
         self._update(best)
@@ -272,8 +299,9 @@ class Laplace:
 
         Regression: a :class:`Prediction` of the latent function, mean and variance (m,) for C = 1,
         else (m, C). Classification: class probabilities (m, C), by the per-class probit
-        softmax(μ / √(1 + π/8 · var)) (``link="probit"``) or by ``num_samples`` Monte Carlo draws of
-        the logits from their full C × C covariance (``link="mc"``).
+        softmax(μ / √(1 + π/8 · var)) (``link="probit"``), by ``num_samples`` Monte Carlo draws of
+        the logits from their full C × C covariance (``link="mc"``), or softmax(μ), the linearised MAP
+        network alone (``link="map"``).
         """
         self._check_fitted()
         check_inputs(x, self.network.dtype, "x")
@@ -286,6 +314,8 @@ class Laplace:
         if self.task == "regression":
             squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
             return Prediction(squeeze(mean).to(dtype), squeeze(spread).to(dtype))
+        if link == "map":
+            return torch.softmax(mean, -1).to(dtype)
         if link == "probit":
             return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * spread), -1).to(dtype)
         jitter = 1e-10 * spread.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)

@@ -70,3 +70,43 @@ def test_fisher_accuracy_tiny_run(tmp_path, capsys):
             assert row["error_max"] < (1e-2 if row["dtype"] == "float32" else 1e-5)
     assert (tmp_path / "fisher-accuracy" / "errors.png").stat().st_size > 10_000
     assert "target < 1e-2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fashion_fewshot_tiny_run(tmp_path, capsys):
+    argv = ["run", "fashion-fewshot", "--config", "tiny", "--out", str(tmp_path), "--set", "shots=[1]"]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "fashion-fewshot" / "results.json").read_text())
+    from experiments.fashion_fewshot import METHODS
+
+    assert payload["config"]["shots"] == [1] and payload["scope"] == "last_block"
+    assert [r["method"] for r in payload["rows"]] == METHODS
+    for row in payload["rows"]:
+        assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0 and 0 <= row["ece"] <= 1 and row["seconds"] >= 0
+    assert (tmp_path / "fashion-fewshot" / "fewshot.png").stat().st_size > 10_000
+    assert "Laplace (probit)" in capsys.readouterr().out
+
+
+def test_set_overrides_are_checked():
+    with pytest.raises(SystemExit):
+        main(["run", "fashion-fewshot", "--config", "tiny", "--set", "no_such_key=1"])
+    with pytest.raises(SystemExit):
+        main(["run", "fashion-fewshot", "--config", "tiny", "--set", "scope"])
+
+
+def test_fewshot_pieces():
+    import torch
+
+    from experiments.fashion_fewshot import gp_class_probabilities, metrics, split
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    result = metrics(probs, torch.tensor([0, 1, 1]))
+    assert abs(result["accuracy"] - 2 / 3) < 1e-12
+    assert abs(result["nll"] + (torch.log(torch.tensor([0.9, 0.8, 0.4])).sum() / 3).item()) < 1e-6
+    # bins: 0.9 correct, 0.8 correct, 0.6 wrong -> ECE = (0.1 + 0.2 + 0.6) / 3
+    assert abs(result["ece"] - 0.3) < 1e-6
+    p = gp_class_probabilities(torch.tensor([[5.0, 0.0]]), torch.tensor([[1e-6, 1e-6]]), 98,
+                               torch.Generator().manual_seed(0))
+    assert torch.allclose(p, torch.tensor([[99 / 100, 1 / 100]]))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        split(None, None, "everything")

@@ -1,0 +1,244 @@
+"""Few-shot Fashion-MNIST (10-way, k-shot) with torchvision's ImageNet MobileNetV2.
+
+The 1000-way ImageNet head is replaced by a new 10-way linear head (seeded PyTorch init, the same for
+every method of a draw); images are resized to ``image_size`` and replicated to 3 channels with the
+ImageNet normalisation. The parameter ``scope`` decides what is adapted: ``last_layer`` (the head,
+12,810 parameters), ``last_block`` (the last inverted residual block, the final 1×1 convolution and the
+head) or ``all`` (every parameter; meant for the GPU). The frozen part of the network runs once per
+image and the methods see the adapted part alone, which is the same linearisation as ``params=`` on
+the whole network, since the frozen prefix has no parameters in scope.
+
+Methods, on the same support draws and the same test images:
+- ``linearised MAP``: the MAP of the linearised network under the prior N(θ0, I/δ) (Newton, exact);
+- ``Laplace (probit)``: its GLM predictive with the per-class probit, δ by the Laplace evidence;
+- ``SVI``: mean-field Gaussian over the linearised network (same δ), Monte Carlo predictive;
+- ``NTK-GP one-hot``: GP regression on one-hot targets (zero mean, evidence-fitted scale and noise),
+  class probabilities = frequency of each class being the largest of the predictive samples;
+- ``retrain last layer``: logistic regression on the pooled 1280-d features from the new head;
+- ``fine-tune``: Adam on the cross-entropy over every parameter in scope (BatchNorm statistics frozen).
+Metrics: accuracy, NLL, expected calibration error (15 bins); time per adaptation (fit + prediction).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ntkgp import NTKGP, SVI, Laplace
+
+from .common import Experiment, format_table, mean_and_stderr, seed_everything, write_json_atomic
+from .datasets import data_root, load_fashion_mnist
+
+METHODS = ["linearised MAP", "Laplace (probit)", "SVI", "NTK-GP one-hot", "retrain last layer", "fine-tune"]
+SCOPES = {"last_layer": None, "last_block": 17, "all": 0}  # index of the first adapted feature block
+NUM_CLASSES = 10
+
+
+def load_mobilenet(device: str) -> nn.Module:
+    """ImageNet MobileNetV2 through torchvision's API, from TORCH_HOME (default: $NTKGP_DATA/torch_home)."""
+    os.environ.setdefault("TORCH_HOME", str(data_root() / "torch_home"))
+    return torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").to(device).eval()
+
+
+def preprocess(images: Tensor, size: int) -> Tensor:
+    """(N, 1, 28, 28) in [0, 1] -> (N, 3, size, size), ImageNet-normalised."""
+    x = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+def split(backbone: nn.Module, head: nn.Linear, scope: str) -> tuple[nn.Module, nn.Module]:
+    """(frozen prefix, adapted suffix) of MobileNetV2 with the new head, for a parameter scope."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+    pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    features = backbone.features
+    if SCOPES[scope] is None:
+        return nn.Sequential(features, *pool).eval(), nn.Sequential(head).eval()
+    k = SCOPES[scope]
+    return nn.Sequential(*features[:k]).eval(), nn.Sequential(*features[k:], *pool, head).eval()
+
+
+@torch.no_grad()
+def encode(module: nn.Module, images: Tensor, size: int, batch: int = 256) -> Tensor:
+    return torch.cat([module(preprocess(images[i:i + batch], size)) for i in range(0, len(images), batch)])
+
+
+def support_indices(labels: Tensor, shots: int, generator: torch.Generator) -> Tensor:
+    """``shots`` random indices of every class."""
+    picks = [torch.nonzero(labels == c).squeeze(-1) for c in range(NUM_CLASSES)]
+    return torch.cat([p[torch.randperm(len(p), generator=generator)[:shots]] for p in picks])
+
+
+def metrics(probs: Tensor, labels: Tensor, bins: int = 15) -> dict:
+    """Accuracy, NLL and expected calibration error of class probabilities (m, C)."""
+    probs = probs.double().cpu()
+    labels = labels.cpu()
+    confidence, prediction = probs.max(-1)
+    correct = (prediction == labels).double()
+    nll = -torch.log(probs.gather(-1, labels[:, None]).clamp_min(1e-12)).mean()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += float(inside.double().mean() * (confidence[inside].mean() - correct[inside].mean()).abs())
+    return {"accuracy": float(correct.mean()), "nll": float(nll), "ece": ece}
+
+
+def gp_class_probabilities(mean: Tensor, variance: Tensor, samples: int, generator: torch.Generator) -> Tensor:
+    """P(class c has the largest latent value) under independent N(mean, variance), by sampling (+1 smoothing)."""
+    z = torch.randn(samples, *mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    winners = (mean + variance.clamp_min(0).sqrt() * z).argmax(-1)
+    counts = nn.functional.one_hot(winners, mean.shape[-1]).sum(0).to(mean.dtype)
+    return (counts + 1) / (samples + mean.shape[-1])
+
+
+def train_cross_entropy(module: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> nn.Module:
+    """Full-batch Adam on the cross-entropy of a copy of ``module`` (kept in eval mode: BatchNorm frozen)."""
+    module = copy.deepcopy(module).eval()
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(module(x), y).backward()
+        optimizer.step()
+    return module.eval()
+
+
+def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test: dict, seed: int) -> dict:
+    """Run every method on one support draw: method -> (test probabilities, seconds)."""
+    x, y, pooled = support["inputs"], support["labels"], support["pooled"]
+    out, generator = {}, torch.Generator().manual_seed(seed)
+    clock = time.perf_counter()
+    laplace = Laplace(suffix, "classification", num_classes=NUM_CLASSES).fit(x, y)
+    delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64))
+    shared = time.perf_counter() - clock
+    for method, link in (("linearised MAP", "map"), ("Laplace (probit)", "probit")):
+        clock = time.perf_counter()
+        probs = laplace.predict(test["inputs"], link=link)
+        out[method] = (probs, shared + time.perf_counter() - clock)
+    clock = time.perf_counter()
+    svi = SVI(suffix, "classification", prior_precision=delta, num_classes=NUM_CLASSES)
+    svi.fit(x, y, epochs=config["svi_epochs"], lr=config["svi_lr"], num_samples=config["svi_samples"],
+            progress=False, generator=generator)
+    out["SVI"] = (svi.predict(test["inputs"], num_samples=config["predictive_samples"], generator=generator),
+                  time.perf_counter() - clock)
+    clock = time.perf_counter()
+    onehot = nn.functional.one_hot(y, NUM_CLASSES).to(x.dtype)
+    gp = NTKGP(suffix, x, onehot, mean="zero")
+    gp.fit()
+    pred = gp.predict(test["inputs"])
+    out["NTK-GP one-hot"] = (gp_class_probabilities(pred.mean.detach(), pred.variance.detach(),
+                                                    config["predictive_samples"], generator),
+                             time.perf_counter() - clock)
+    clock = time.perf_counter()
+    classifier = train_cross_entropy(head, pooled, y, config["retrain_steps"], config["retrain_lr"])
+    with torch.no_grad():
+        out["retrain last layer"] = (torch.softmax(classifier(test["pooled"]), -1), time.perf_counter() - clock)
+    clock = time.perf_counter()
+    tuned = train_cross_entropy(suffix, x, y, config["finetune_steps"], config["finetune_lr"])
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(tuned(chunk), -1) for chunk in test["inputs"].split(256)])
+    out["fine-tune"] = (probs, time.perf_counter() - clock)
+    return {m: out[m] for m in config["methods"]}
+
+
+def summarise(rows: list[dict], shots: list[int], methods: list[str]) -> str:
+    tables = []
+    for k in shots:
+        table = []
+        for method in methods:
+            sel = [r for r in rows if r["shots"] == k and r["method"] == method]
+            if not sel:
+                continue
+            cells = [mean_and_stderr(r[key] for r in sel) for key in ("accuracy", "nll", "ece")]
+            t, t_err = mean_and_stderr(r["seconds"] for r in sel)
+            table.append([method] + [f"{m:.3f} ± {e:.3f}" for m, e in cells] + [f"{t:.2f} ± {t_err:.2f}"])
+        tables.append(f"{k}-shot (mean ± standard error over {len(sel)} draws)\n"
+                      + format_table(["method", "accuracy", "NLL", "ECE", "seconds"], table))
+    return "\n\n".join(tables)
+
+
+def plot(rows: list[dict], shots: list[int], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label in zip(axes, ("accuracy", "nll", "ece"), ("accuracy", "NLL", "expected calibration error")):
+        for method in methods:
+            stats = [mean_and_stderr(r[key] for r in rows if r["shots"] == k and r["method"] == method) for k in shots]
+            ax.errorbar(shots, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.set_xlabel("shots per class")
+        ax.set_title(label)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
+    seed_everything(seed)
+    start = time.perf_counter()
+    size, scope = config["image_size"], config["scope"]
+    train_images, train_labels = load_fashion_mnist(train=True)
+    test_images, test_labels = load_fashion_mnist(train=False)
+    pick = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed))[:config["test_size"]]
+    test_images, test_labels = test_images[pick].to(device), test_labels[pick].to(device)
+    backbone = load_mobilenet(device)
+    pooled_net = nn.Sequential(backbone.features, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    head = nn.Linear(1280, NUM_CLASSES).to(device)
+    prefix, suffix = split(backbone, head, scope)
+    test = {"inputs": encode(prefix, test_images, size), "pooled": encode(pooled_net, test_images, size)}
+    rows, payload = [], {"config": config, "seed": seed, "device": device, "scope": scope}
+    jobs = [(k, d) for k in config["shots"] for d in range(config["draws"])]
+    for k, draw in tqdm(jobs, desc="fashion-fewshot"):
+        draw_seed = 1000 * seed + 100 * k + draw
+        generator = torch.Generator().manual_seed(draw_seed)
+        torch.manual_seed(draw_seed)
+        head.reset_parameters()  # the new head, seeded per draw, shared by every method
+        idx = support_indices(train_labels, k, generator)
+        images = train_images[idx].to(device)
+        support = {"inputs": encode(prefix, images, size), "pooled": encode(pooled_net, images, size),
+                   "labels": train_labels[idx].to(device)}
+        for method, (probs, seconds) in adapt(config, suffix, head, support, test, draw_seed).items():
+            rows.append({"shots": k, "draw": draw, "method": method, "seconds": seconds,
+                         **metrics(probs, test_labels)})
+        payload.update(rows=rows, parameters=sum(p.numel() for p in suffix.parameters()),
+                       seconds=time.perf_counter() - start)
+        write_json_atomic(out_dir / "results.json", payload)
+    plot(rows, config["shots"], config["methods"], out_dir / "fewshot.png")
+    print(f"scope {scope}: {payload['parameters']:,} adapted parameters, {len(test_labels)} test images, "
+          f"{size}×{size} inputs, device {device}")
+    print(summarise(rows, config["shots"], config["methods"]))
+    print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'fewshot.png'}")
+    return {"rows": len(rows)}
+
+
+DEFAULT = {"shots": [1, 5, 10, 20], "draws": 5, "test_size": 2000, "image_size": 64, "scope": "last_layer",
+           "methods": METHODS, "prior_grid": [-4, 4, 33], "svi_epochs": 300, "svi_lr": 1e-2, "svi_samples": 4, "predictive_samples": 1000,
+           "retrain_steps": 300, "retrain_lr": 1e-2, "finetune_steps": 100, "finetune_lr": 1e-3}
+TINY = {**DEFAULT, "shots": [1, 2], "draws": 1, "test_size": 40, "image_size": 32, "scope": "last_block",
+        "prior_grid": [-2, 2, 5],
+        "svi_epochs": 5, "predictive_samples": 50, "retrain_steps": 5, "finetune_steps": 2}
+
+EXPERIMENT = Experiment(
+    name="fashion-fewshot",
+    description="10-way k-shot Fashion-MNIST with an ImageNet MobileNetV2: Laplace, SVI, NTK-GP and baselines",
+    run=run,
+    configs={"default": DEFAULT, "tiny": TINY, "gpu_all": {**DEFAULT, "scope": "all", "shots": [1, 5, 10],
+                                                             "draws": 3, "test_size": 1000}},
+)
