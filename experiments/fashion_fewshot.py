@@ -22,12 +22,10 @@ Metrics: accuracy, NLL, expected calibration error (15 bins); time per adaptatio
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -116,7 +114,8 @@ def train_cross_entropy(module: nn.Module, x: Tensor, y: Tensor, steps: int, lr:
 
 
 def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test: dict, seed: int) -> dict:
-    """Run every method on one support draw: method -> (test probabilities, seconds)."""
+    """Run every method on one support draw: method -> (test probabilities, seconds); and the prior
+    precision δ that the Laplace evidence chose (used by the MAP, Laplace and SVI)."""
     x, y, pooled = support["inputs"], support["labels"], support["pooled"]
     out, generator = {}, torch.Generator().manual_seed(seed)
     clock = time.perf_counter()
@@ -150,7 +149,7 @@ def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test:
     with torch.no_grad():
         probs = torch.cat([torch.softmax(tuned(chunk), -1) for chunk in test["inputs"].split(256)])
     out["fine-tune"] = (probs, time.perf_counter() - clock)
-    return {m: out[m] for m in config["methods"]}
+    return {m: out[m] for m in config["methods"]}, delta
 
 
 def summarise(rows: list[dict], shots: list[int], methods: list[str]) -> str:
@@ -214,8 +213,9 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         images = train_images[idx].to(device)
         support = {"inputs": encode(prefix, images, size), "pooled": encode(pooled_net, images, size),
                    "labels": train_labels[idx].to(device)}
-        for method, (probs, seconds) in adapt(config, suffix, head, support, test, draw_seed).items():
-            rows.append({"shots": k, "draw": draw, "method": method, "seconds": seconds,
+        results, delta = adapt(config, suffix, head, support, test, draw_seed)
+        for method, (probs, seconds) in results.items():
+            rows.append({"shots": k, "draw": draw, "method": method, "seconds": seconds, "prior_precision": delta,
                          **metrics(probs, test_labels)})
         payload.update(rows=rows, parameters=sum(p.numel() for p in suffix.parameters()),
                        seconds=time.perf_counter() - start)

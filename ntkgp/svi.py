@@ -40,7 +40,7 @@ class SVI:
 
     def __init__(self, model: nn.Module | FunctionalNetwork, likelihood: str = "regression",
                  params: Sequence[str] | None = None, prior_precision: float = 1.0, noise: float | None = None,
-                 num_classes: int | None = None, chunk_size: int = 32, init_scale: float = 1e-3):
+                 num_classes: int | None = None, chunk_size: int = 32, init_scale: float = 1.0):
         self.noise = check_task(likelihood, noise, prior_precision)
         self.task, self.prior_precision, self.num_classes = likelihood, float(prior_precision), num_classes
         self.network = make_network(model, params, chunk_size)

@@ -3,11 +3,13 @@
 Tolerances: 1e-10 for operator products in float64 on the GPU, 1e-6 for GP predictions.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import dense_jacobian, make_case, rel_err
 
-from ntkgp import NTKGP, fisher_operator, gram_operator, ntk_operator
+from ntkgp import NTKGP, SVI, Laplace, fisher_operator, gram_operator, ntk_operator
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -46,3 +48,17 @@ def test_ntk_gp_on_cuda_matches_cpu(space):
     assert gpu.mean.device.type == "cuda"
     assert rel_err(gpu.mean.cpu(), cpu.mean) < 1e-6
     assert rel_err(gpu.variance.cpu(), cpu.variance) < 1e-6
+
+
+def test_laplace_and_svi_on_cuda_match_cpu():
+    model, x, _ = make_case("mlp_c3", n=10)
+    y = torch.arange(10) % 3
+    xs = torch.randn(4, 3)
+    cpu = Laplace(model, "classification", prior_precision=0.5).fit(x, y)
+    model_gpu = copy.deepcopy(model).to(CUDA)
+    gpu = Laplace(model_gpu, "classification", prior_precision=0.5).fit(x.to(CUDA), y.to(CUDA))
+    assert rel_err(gpu.predict(xs.to(CUDA)).cpu(), cpu.predict(xs)) < 1e-8
+    assert rel_err(gpu.mean.cpu(), cpu.mean) < 1e-8
+    assert gpu.sample(2).device.type == "cuda"
+    svi = SVI(model_gpu, "classification").fit(x.to(CUDA), y.to(CUDA), epochs=3, progress=False)
+    assert svi.predict(xs.to(CUDA), num_samples=5).device.type == "cuda"
