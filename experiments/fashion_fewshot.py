@@ -119,22 +119,23 @@ def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test:
     x, y, pooled = support["inputs"], support["labels"], support["pooled"]
     out, generator = {}, torch.Generator().manual_seed(seed)
     clock = time.perf_counter()
-    laplace = Laplace(suffix, "classification", num_classes=NUM_CLASSES).fit(x, y)
+    chunk = config["chunk_size"]
+    laplace = Laplace(suffix, "classification", num_classes=NUM_CLASSES, chunk_size=chunk).fit(x, y)
     delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64))
     shared = time.perf_counter() - clock
     for method, link in (("linearised MAP", "map"), ("Laplace (probit)", "probit")):
         clock = time.perf_counter()
-        probs = laplace.predict(test["inputs"], link=link)
+        probs = laplace.predict(test["inputs"], link=link, batch_size=config["predict_batch"])
         out[method] = (probs, shared + time.perf_counter() - clock)
     clock = time.perf_counter()
-    svi = SVI(suffix, "classification", prior_precision=delta, num_classes=NUM_CLASSES)
+    svi = SVI(suffix, "classification", prior_precision=delta, num_classes=NUM_CLASSES, chunk_size=chunk)
     svi.fit(x, y, epochs=config["svi_epochs"], lr=config["svi_lr"], num_samples=config["svi_samples"],
             progress=False, generator=generator)
     out["SVI"] = (svi.predict(test["inputs"], num_samples=config["predictive_samples"], generator=generator),
                   time.perf_counter() - clock)
     clock = time.perf_counter()
     onehot = nn.functional.one_hot(y, NUM_CLASSES).to(x.dtype)
-    gp = NTKGP(suffix, x, onehot, mean="zero")
+    gp = NTKGP(suffix, x, onehot, mean="zero", chunk_size=chunk)
     gp.fit()
     pred = gp.predict(test["inputs"])
     out["NTK-GP one-hot"] = (gp_class_probabilities(pred.mean.detach(), pred.variance.detach(),
@@ -229,7 +230,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
 
 
 DEFAULT = {"shots": [1, 5, 10, 20], "draws": 5, "test_size": 2000, "image_size": 64, "scope": "last_layer",
-           "methods": METHODS, "prior_grid": [-4, 4, 33], "svi_epochs": 300, "svi_lr": 1e-2, "svi_samples": 4, "predictive_samples": 1000,
+           "methods": METHODS, "chunk_size": 32, "predict_batch": 256, "prior_grid": [-4, 4, 33], "svi_epochs": 300, "svi_lr": 1e-2, "svi_samples": 4, "predictive_samples": 1000,
            "retrain_steps": 300, "retrain_lr": 1e-2, "finetune_steps": 100, "finetune_lr": 1e-3}
 TINY = {**DEFAULT, "shots": [1, 2], "draws": 1, "test_size": 40, "image_size": 32, "scope": "last_block",
         "prior_grid": [-2, 2, 5],
@@ -239,6 +240,7 @@ EXPERIMENT = Experiment(
     name="fashion-fewshot",
     description="10-way k-shot Fashion-MNIST with an ImageNet MobileNetV2: Laplace, SVI, NTK-GP and baselines",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY, "gpu_all": {**DEFAULT, "scope": "all", "shots": [1, 5, 10],
-                                                             "draws": 3, "test_size": 1000}},
+    configs={"default": DEFAULT, "tiny": TINY,
+             "gpu_all": {**DEFAULT, "scope": "all", "shots": [1, 5], "draws": 2, "test_size": 200, "chunk_size": 8,
+                         "predict_batch": 50}},
 )

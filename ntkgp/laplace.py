@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .fisher_operator import FisherOperator, default_epsilon
 from .functional import FunctionalNetwork, map_blocks
-from .linearised_model import TASKS, check_task, log_likelihood, make_network, prepare_data
+from .linearised_model import TASKS, check_task, log_likelihood, make_network, prepare_data, randn
 from .ntk_gp import Prediction
 from .ntk_operator import NTKOperator
 from .parameter_space import lanczos_spectrum
@@ -321,7 +321,7 @@ class Laplace:
         jitter = 1e-10 * spread.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
         chol = torch.linalg.cholesky(spread + jitter[:, None, None] * torch.eye(self.num_outputs, dtype=spread.dtype,
                                                                               device=spread.device))
-        z = torch.randn(num_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        z = randn(num_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
         logits = mean + (chol @ z.unsqueeze(-1)).squeeze(-1)
         return torch.softmax(logits, -1).mean(0).to(dtype)
 
@@ -334,7 +334,7 @@ class Laplace:
         """
         self._check_fitted()
         net, delta = self.network, self.prior_precision
-        z = torch.randn(k, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
+        z = randn(k, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
         if rank is None:
             bz = _blockwise(self._sqrt_h, net.jvp(self.train_x, z).reshape(k, -1).double())
             root = self._evals + delta

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .functional import FunctionalNetwork
 from .validation import check_inputs, check_labels, check_positive, check_targets
 
-__all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "make_network", "prepare_data"]
+__all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "make_network", "prepare_data", "randn"]
 
 # task -> likelihood of :mod:`ntkgp.likelihoods` whose Fisher is the task's Hessian in the outputs
 TASKS = {"regression": "gaussian", "classification": "categorical"}
@@ -64,3 +64,10 @@ def log_likelihood(task: str, f: Tensor, targets: Tensor, noise: float | Tensor 
 def linearised_outputs(network: FunctionalNetwork, x: Tensor, f0: Tensor, deltas: Tensor) -> Tensor:
     """f0 + J(x) Δ for parameter offsets Δ (k, p): (k, n, C), by one batched JVP."""
     return f0 + network.jvp(x, deltas)
+
+
+def randn(*shape: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """Standard normal draws on ``device``, made on the generator's own device (a CPU generator drives
+    CUDA runs reproducibly)."""
+    source = device if generator is None else generator.device
+    return torch.randn(*shape, dtype=dtype, device=source, generator=generator).to(device)

@@ -18,7 +18,7 @@ from torch.nn.functional import softplus
 from tqdm.auto import tqdm
 
 from .functional import FunctionalNetwork
-from .linearised_model import check_task, linearised_outputs, log_likelihood, make_network, prepare_data
+from .linearised_model import check_task, linearised_outputs, log_likelihood, make_network, prepare_data, randn
 from .ntk_gp import Prediction
 from .validation import check_inputs
 
@@ -104,8 +104,7 @@ class SVI:
             for x, y in batches:
                 x, y = x.to(net.device), y.to(net.device)
                 targets, _ = prepare_data(self.task, net, x, y, self.num_classes)
-                eps = torch.randn(num_samples, net.num_params, dtype=net.dtype, device=net.device,
-                                  generator=generator)
+                eps = randn(num_samples, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
                 delta = self.loc + self.scale * eps
                 with torch.no_grad():
                     f0 = net(x)
@@ -146,7 +145,7 @@ class SVI:
         net = self.network
         check_inputs(x, net.dtype, "x")
         with torch.no_grad():
-            eps = torch.randn(num_samples, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
+            eps = randn(num_samples, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
             f = linearised_outputs(net, x, net(x), self.loc + self.scale * eps)  # (k, m, C)
         if self.task == "classification":
             return torch.softmax(f, -1).mean(0)

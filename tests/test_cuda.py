@@ -60,5 +60,8 @@ def test_laplace_and_svi_on_cuda_match_cpu():
     assert rel_err(gpu.predict(xs.to(CUDA)).cpu(), cpu.predict(xs)) < 1e-8
     assert rel_err(gpu.mean.cpu(), cpu.mean) < 1e-8
     assert gpu.sample(2).device.type == "cuda"
-    svi = SVI(model_gpu, "classification").fit(x.to(CUDA), y.to(CUDA), epochs=3, progress=False)
-    assert svi.predict(xs.to(CUDA), num_samples=5).device.type == "cuda"
+    generator = torch.Generator().manual_seed(0)  # a CPU generator drives the CUDA run
+    assert gpu.sample(2, generator=generator).device.type == "cuda"
+    assert gpu.predict(xs.to(CUDA), link="mc", num_samples=5, generator=generator).device.type == "cuda"
+    svi = SVI(model_gpu, "classification").fit(x.to(CUDA), y.to(CUDA), epochs=3, progress=False, generator=generator)
+    assert svi.predict(xs.to(CUDA), num_samples=5, generator=generator).device.type == "cuda"

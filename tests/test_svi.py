@@ -5,6 +5,7 @@ mean must come within 10 % of it (stochastic optimisation), and the exact ELBO m
 exact log marginal likelihood.
 """
 
+import pytest
 import torch
 from conftest import dense_jacobian, make_case, rel_err
 from torch.utils.data import DataLoader, TensorDataset
@@ -63,3 +64,24 @@ def test_svi_classification_with_a_dataloader():
     assert probs.shape == (24, 3) and torch.allclose(probs.sum(-1), torch.ones(24))
     map_accuracy = (Laplace(model, "classification", prior_precision=DELTA).fit(x, y).predict(x).argmax(-1) == y)
     assert (probs.argmax(-1) == y).double().mean() >= map_accuracy.double().mean() - 0.1
+
+
+def test_svi_bad_input():
+    model, x, _ = make_case("mlp_c3", n=6)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        SVI(model, "ordinal")
+    with pytest.raises(ValueError, match="prior_precision must be"):
+        SVI(model, "classification", prior_precision=-1.0)
+    with pytest.raises(TypeError, match="integer class indices"):
+        SVI(model, "classification").fit(x, y.double(), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        SVI(model, "classification").fit(x, y - 1, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="num_classes = 4 but the network has 3 outputs"):
+        SVI(model, "classification", num_classes=4).fit(x, y, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="give train_y"):
+        SVI(model, "classification").fit(x, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="epochs and num_samples must be >= 1"):
+        SVI(model, "classification").fit(x, y, epochs=0, progress=False)
+    with pytest.raises(ValueError, match=r"train_y has shape \(6,\) but the network has 3 output"):
+        SVI(model, "regression").fit(x, y.double(), epochs=1, progress=False)
