@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .fisher_operator import FisherOperator, default_epsilon
 from .functional import FunctionalNetwork, map_blocks
-from .linearised_model import TASKS, check_task, log_likelihood, make_network, prepare_data, randn
+from .linearised_model import (TASKS, check_task, log_likelihood, make_network, mc_class_probabilities,
+                               prepare_data, randn)
 from .ntk_gp import Prediction
 from .ntk_operator import NTKOperator
 from .parameter_space import lanczos_spectrum
@@ -318,12 +319,7 @@ class Laplace:
             return torch.softmax(mean, -1).to(dtype)
         if link == "probit":
             return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * spread), -1).to(dtype)
-        jitter = 1e-10 * spread.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-        chol = torch.linalg.cholesky(spread + jitter[:, None, None] * torch.eye(self.num_outputs, dtype=spread.dtype,
-                                                                              device=spread.device))
-        z = randn(num_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
-        logits = mean + (chol @ z.unsqueeze(-1)).squeeze(-1)
-        return torch.softmax(logits, -1).mean(0).to(dtype)
+        return mc_class_probabilities(mean, spread, num_samples, generator).to(dtype)
 
     def sample(self, k: int, rank: int | None = None, generator: torch.Generator | None = None) -> Tensor:
         """k parameter vectors θ ~ N(θ_MAP, Σ): (k, p).

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from .functional import FunctionalNetwork
 from .validation import check_inputs, check_labels, check_positive, check_targets
 
-__all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "make_network", "prepare_data", "randn"]
+__all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "make_network", "mc_class_probabilities",
+           "prepare_data", "randn"]
 
 # task -> likelihood of :mod:`ntkgp.likelihoods` whose Fisher is the task's Hessian in the outputs
 TASKS = {"regression": "gaussian", "classification": "categorical"}
@@ -71,3 +72,13 @@ def randn(*shape: int, dtype: torch.dtype, device: torch.device, generator: torc
     CUDA runs reproducibly)."""
     source = device if generator is None else generator.device
     return torch.randn(*shape, dtype=dtype, device=source, generator=generator).to(device)
+
+
+def mc_class_probabilities(mean: Tensor, cov: Tensor, num_samples: int,
+                           generator: torch.Generator | None) -> Tensor:
+    """E[softmax(f)] for f ~ N(mean (m, C), cov (m, C, C)) per input, by ``num_samples`` draws: (m, C)."""
+    c = mean.shape[-1]
+    jitter = 1e-10 * cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    chol = torch.linalg.cholesky(cov + jitter[:, None, None] * torch.eye(c, dtype=cov.dtype, device=cov.device))
+    z = randn(num_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    return torch.softmax(mean + (chol @ z.unsqueeze(-1)).squeeze(-1), -1).mean(0)

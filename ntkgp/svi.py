@@ -18,7 +18,8 @@ from torch.nn.functional import softplus
 from tqdm.auto import tqdm
 
 from .functional import FunctionalNetwork
-from .linearised_model import check_task, linearised_outputs, log_likelihood, make_network, prepare_data, randn
+from .linearised_model import (check_task, linearised_outputs, log_likelihood, make_network, mc_class_probabilities,
+                               prepare_data, randn)
 from .ntk_gp import Prediction
 from .validation import check_inputs
 
@@ -122,35 +123,41 @@ class SVI:
                 schedule.step()
         return self
 
+    def latent(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean f0 + J m (m, C) and covariance J diag(s²) Jᵀ (m, C, C) of the outputs at x under q."""
+        net = self.network
+        check_inputs(x, net.dtype, "x")
+        with torch.no_grad():
+            mean = linearised_outputs(net, x, net(x), self.loc.detach().unsqueeze(0))[0]
+            s2 = self.scale.detach().square()
+            cov = torch.cat([(j * s2) @ j.mT for j in net.jacobian_chunks(x)])
+        return mean, cov
+
     def elbo(self, x: Tensor, y: Tensor) -> Tensor:
         """The ELBO on (x, y), exact for regression (E‖y − f0 − JΔ‖² needs Σ_j J_ij² s_j²)."""
         if self.task != "regression":
             raise NotImplementedError("the exact ELBO is available for regression; classification records its "
                                       "Monte Carlo estimate in history")
-        net = self.network
-        targets, _ = prepare_data(self.task, net, x, y, self.num_classes)
-        with torch.no_grad():
-            f = linearised_outputs(net, x, net(x), self.loc.detach().unsqueeze(0))[0]
-            variance = torch.cat([(j.square() * self.scale.square()).sum(-1) for j in net.jacobian_chunks(x)])
-            expected = log_likelihood(self.task, f, targets, self.noise) - 0.5 * variance.sum() / self.noise
-            return expected - self.kl()
+        targets, _ = prepare_data(self.task, self.network, x, y, self.num_classes)
+        mean, cov = self.latent(x)
+        variance = cov.diagonal(dim1=-2, dim2=-1)
+        expected = log_likelihood(self.task, mean, targets, self.noise) - 0.5 * variance.sum() / self.noise
+        return expected - self.kl().detach()
 
     def predict(self, x: Tensor, num_samples: int = 100,
                 generator: torch.Generator | None = None) -> Prediction | Tensor:
-        """Monte Carlo predictive at x (m, ...) from ``num_samples`` draws of Δ ~ q.
+        """Predictive at x (m, ...) of the linearised network under q.
 
-        Regression: a :class:`Prediction` of the latent function (mean and variance (m,) or (m, C)).
-        Classification: class probabilities (m, C), the mean of the softmax over draws.
+        The outputs are Gaussian under q, N(f0 + J m, J diag(s²) Jᵀ) (:meth:`latent`, from per-input
+        Jacobians). Regression: a :class:`Prediction` of the latent function (mean and variance (m,) or
+        (m, C)). Classification: class probabilities (m, C), the Monte Carlo mean of the softmax over
+        ``num_samples`` draws of the logits.
         """
-        net = self.network
-        check_inputs(x, net.dtype, "x")
-        with torch.no_grad():
-            eps = randn(num_samples, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
-            f = linearised_outputs(net, x, net(x), self.loc + self.scale * eps)  # (k, m, C)
+        mean, cov = self.latent(x)
         if self.task == "classification":
-            return torch.softmax(f, -1).mean(0)
-        mean, var = f.mean(0), f.var(0)
-        return Prediction(mean.squeeze(-1), var.squeeze(-1)) if f.shape[-1] == 1 else Prediction(mean, var)
+            return mc_class_probabilities(mean, cov, num_samples, generator)
+        var = cov.diagonal(dim1=-2, dim2=-1)
+        return Prediction(mean.squeeze(-1), var.squeeze(-1)) if mean.shape[-1] == 1 else Prediction(mean, var)
 
 
 class _Reiterable:

@@ -48,8 +48,12 @@ def test_svi_approaches_the_exact_posterior_and_stays_below_the_evidence():
     assert rel_err(svi.mean - theta0, exact.mean - theta0) < 0.1
     assert len(svi.history) == 1000
 
-    pred = svi.predict(torch.randn(5, 3), num_samples=4000, generator=torch.Generator().manual_seed(1))
+    xs = torch.randn(5, 3)
+    pred, js = svi.predict(xs), dense_jacobian(model, xs)
     assert pred.mean.shape == pred.variance.shape == (5,)
+    with torch.no_grad():
+        assert rel_err(pred.mean, model(xs).squeeze(-1) + js @ svi.loc) < 1e-10
+    assert rel_err(pred.variance, js.square() @ svi.scale.detach().square()) < 1e-10
 
 
 def test_svi_classification_with_a_dataloader():
@@ -60,6 +64,11 @@ def test_svi_classification_with_a_dataloader():
     svi = SVI(model, "classification", prior_precision=DELTA).fit(loader, epochs=60, lr=5e-2, num_samples=4,
                                                                     progress=False)
     assert svi.history[-1] > svi.history[0]
+    mean, cov = svi.latent(x)
+    j = dense_jacobian(model, x).reshape(24, 3, -1)
+    with torch.no_grad():
+        assert rel_err(mean, model(x) + (j @ svi.loc)) < 1e-10
+    assert rel_err(cov, (j * svi.scale.detach().square()) @ j.mT) < 1e-10
     probs = svi.predict(x, num_samples=50)
     assert probs.shape == (24, 3) and torch.allclose(probs.sum(-1), torch.ones(24))
     map_accuracy = (Laplace(model, "classification", prior_precision=DELTA).fit(x, y).predict(x).argmax(-1) == y)
