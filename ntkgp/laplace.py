@@ -279,15 +279,18 @@ class Laplace:
         return best
 
     # ------------------------------------------------------------------ prediction
-    def _latent(self, x: Tensor, full: bool) -> tuple[Tensor, Tensor]:
-        """Mean (m, C) of f_lin at θ_MAP and its variance (m, C) or covariance blocks (m, C, C)."""
+    def _latent(self, x: Tensor, spread: str) -> tuple[Tensor, Tensor | None]:
+        """Mean (m, C) of f_lin at θ_MAP and, for ``spread`` "diag" / "full" / "none", its variance
+        (m, C), its covariance blocks (m, C, C) or None."""
         net, c, delta = self.network, self.num_outputs, self.prior_precision
         cross = NTKOperator(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double()
         with torch.no_grad():
             mean = net(x).double() + (cross @ self._alpha).reshape(-1, c)
+        if spread == "none":
+            return mean, None
         reduced = (cross @ self._middle).reshape(-1, c, cross.shape[-1])
         cross = cross.reshape(-1, c, cross.shape[-1])
-        if not full:
+        if spread == "diag":
             prior = NTKOperator(x, x, network=net, num_outputs=c).diagonal().detach().double().reshape(-1, c)
             return mean, ((prior - (reduced * cross).sum(-1)) / delta).clamp_min(0)
         prior = torch.cat([j @ j.mT for j in net.jacobian_chunks(x)]).detach().double()
@@ -308,10 +311,10 @@ class Laplace:
         check_inputs(x, self.network.dtype, "x")
         if link not in _LINKS:
             raise ValueError(f"link must be one of {_LINKS}, got {link!r}")
-        full = self.task == "classification" and link == "mc"
-        parts = [self._latent(x[i:i + batch_size], full) for i in range(0, x.shape[0], batch_size)]
-        mean, spread = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
-        dtype = self.network.dtype
+        kind = "diag" if self.task == "regression" else {"probit": "diag", "mc": "full", "map": "none"}[link]
+        parts = [self._latent(x[i:i + batch_size], kind) for i in range(0, x.shape[0], batch_size)]
+        mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
+        spread = None if kind == "none" else torch.cat([s for _, s in parts])
         if self.task == "regression":
             squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
             return Prediction(squeeze(mean).to(dtype), squeeze(spread).to(dtype))
