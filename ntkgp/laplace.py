@@ -255,11 +255,33 @@ class Laplace:
                          device=self.network.device)
         return self.fisher().add_diagonal(eye)
 
-    def log_marginal_likelihood(self) -> Tensor:
-        """Laplace evidence log p(y | f_MAP) − δ/2 ‖Δ_MAP‖² − ½ log det(I + F/δ) (exact for regression)."""
+    def log_marginal_likelihood(self, rank: int | None = None) -> Tensor:
+        """Laplace evidence log p(y | f_MAP) − δ/2 ‖Δ_MAP‖² − ½ log det(I + F/δ) (exact for regression).
+
+        rank None: the log-determinant from the exact eigendecomposition. rank r: from r Lanczos Ritz
+        values of F (products by ``hessian``) and the rest of tr F spread evenly over the other p − r
+        directions, Σ log(1 + λ/δ) + (p − r) log(1 + ρ/δ); by concavity of log this is an upper bound
+        on the log-determinant (a lower bound on the evidence), exact once r reaches the rank of F.
+        """
         self._check_fitted()
-        logdet = torch.log1p(self._evals / self.prior_precision).sum()
-        return -self._objective(self._alpha, self.prior_precision) - 0.5 * logdet
+        delta = self.prior_precision
+        if rank is None:
+            logdet = torch.log1p(self._evals / delta).sum()
+        else:
+            lam, _, rho, rest = self._lanczos(rank)
+            logdet = torch.log1p(lam / delta).sum().double() + rest * math.log1p(rho / delta)
+        return -self._objective(self._alpha, delta) - 0.5 * logdet
+
+    def _lanczos(self, rank: int) -> tuple[Tensor, Tensor, float, int]:
+        """Top Ritz pairs (λ (r,), Q (p, r)) of F after ``rank`` Lanczos steps, the mean ρ of the rest of
+        its spectrum over the other directions, and their number p − r."""
+        if rank < 1:
+            raise ValueError(f"rank must be a positive number of Lanczos steps, got {rank}")
+        spectrum = lanczos_spectrum(self.fisher(), rank)
+        lam, q = spectrum.eigenvalues, spectrum.eigenvectors
+        rest = self.network.num_params - lam.numel()
+        rho = max(0.0, float(self._evals.sum() - lam.sum())) / rest if rest > 0 else 0.0
+        return lam, q, rho, rest
 
     def optimize_prior_precision(self, grid: Tensor | None = None) -> float:
         """Set δ to the grid value (default 10^-4 … 10^4, 33 points) of largest evidence; return it.
@@ -341,11 +363,6 @@ class Laplace:
             w = _blockwise(self._sqrt_h, ((bz @ self._evecs) * coef) @ self._evecs.mT)
             correction = net.vjp(self.train_x, w.to(net.dtype).reshape(k, *self.f0.shape))
             return self.mean + (z - correction) / math.sqrt(delta)
-        if rank < 1:
-            raise ValueError(f"rank must be a positive number of Lanczos steps, got {rank}")
-        spectrum = lanczos_spectrum(self.fisher(), rank)
-        lam, q = spectrum.eigenvalues, spectrum.eigenvectors
-        rest = net.num_params - lam.numel()
-        rho = max(0.0, float(self._evals.sum() - lam.sum())) / rest if rest > 0 else 0.0
+        lam, q, rho, _ = self._lanczos(rank)
         scale = (lam + delta).rsqrt() - (delta + rho) ** -0.5
         return self.mean + z * (delta + rho) ** -0.5 + ((z @ q) * scale) @ q.mT
