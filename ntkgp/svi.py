@@ -67,17 +67,26 @@ class SVI:
         return 0.5 * (d * (s.square() + self.loc.square()) - 1 - torch.log(d * s.square())).sum()
 
     def _batches(self, data, targets, batch_size, generator) -> tuple[int, Iterable]:
+        """(N, an iterable of checked (x, targets) batches on the network's device, reshuffled per pass)."""
+        net = self.network
         if isinstance(data, torch.utils.data.DataLoader):
-            return len(data.dataset), data
+            def checked():
+                for x, y in data:
+                    x, y = x.to(net.device), y.to(net.device)
+                    yield x, prepare_data(self.task, net, x, y, self.num_classes)[0]
+
+            return len(data.dataset), _Reiterable(checked)
+        data, targets = data.to(net.device), targets.to(net.device)
+        targets = prepare_data(self.task, net, data, targets, self.num_classes)[0]  # once, not per step
         n = data.shape[0]
         size = n if batch_size is None else batch_size
 
-        def loader():
+        def shuffled():
             order = torch.randperm(n, generator=generator, device="cpu").to(data.device)
             for i in range(0, n, size):
                 yield data[order[i:i + size]], targets[order[i:i + size]]
 
-        return n, _Reiterable(loader)
+        return n, _Reiterable(shuffled)
 
     def fit(self, train_x, train_y: Tensor | None = None, epochs: int = 100, batch_size: int | None = None,
             lr: float = 1e-2, num_samples: int = 1, anneal: bool = True, progress: bool = True,
@@ -102,9 +111,7 @@ class SVI:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if anneal else None
         for _ in tqdm(range(epochs), desc="SVI", disable=not progress):
             values = []
-            for x, y in batches:
-                x, y = x.to(net.device), y.to(net.device)
-                targets, _ = prepare_data(self.task, net, x, y, self.num_classes)
+            for x, targets in batches:
                 eps = randn(num_samples, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
                 delta = self.loc + self.scale * eps
                 with torch.no_grad():
