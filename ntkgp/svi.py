@@ -76,7 +76,8 @@ class SVI:
                     yield x, prepare_data(self.task, net, x, y, self.num_classes)[0]
 
             return len(data.dataset), _Reiterable(checked)
-        data, targets = data.to(net.device), targets.to(net.device)
+        data = data.to(net.device)
+        targets = targets.to(net.device) if isinstance(targets, Tensor) else targets
         targets = prepare_data(self.task, net, data, targets, self.num_classes)[0]  # once, not per step
         n = data.shape[0]
         size = n if batch_size is None else batch_size
