@@ -1,6 +1,6 @@
 # make run   — create .venv, install ntkgp, run the sinusoid experiment
 # make test  — create .venv, install ntkgp with its test extra, run the test suite
-# make bench — the NTK-MVM benchmark (benchmarks/ntk_mvm.py)
+# make bench — the NTK-MVM benchmark and the comparison with laplace-torch (benchmarks/)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -22,6 +22,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/ntk_mvm.py
+	$(BIN)/python benchmarks/laplace_vs_laplace_torch.py
 
 clean:
 	rm -rf $(VENV) results *.egg-info
