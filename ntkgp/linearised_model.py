@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import FunctionalNetwork
+from .likelihoods import get_likelihood
 from .validation import check_inputs, check_labels, check_positive, check_targets
 
 __all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "make_network", "mc_class_probabilities",
@@ -48,8 +49,7 @@ def prepare_data(task: str, network: FunctionalNetwork, x: Tensor, y: Tensor,
     if num_classes is not None and num_classes != c:
         raise ValueError(f"num_classes = {num_classes} but the network has {c} outputs: classification needs one "
                          "logit per class (replace the network's last layer)")
-    if c < 2:
-        raise ValueError(f"classification needs a network with C >= 2 outputs (logits), got C = {c}")
+    get_likelihood(TASKS[task]).check(c)
     return check_labels(y, x.shape[0], c), c
 
 
