@@ -21,7 +21,7 @@ from .functional import FunctionalNetwork
 from .linearised_model import (check_task, linearised_outputs, log_likelihood, make_network, mc_class_probabilities,
                                prepare_data, randn)
 from .ntk_gp import Prediction
-from .validation import check_inputs
+from .validation import check_inputs, check_positive
 
 __all__ = ["SVI"]
 
@@ -43,6 +43,7 @@ class SVI:
                  params: Sequence[str] | None = None, prior_precision: float = 1.0, noise: float | None = None,
                  num_classes: int | None = None, chunk_size: int = 32, init_scale: float = 1.0):
         self.noise = check_task(likelihood, noise, prior_precision)
+        check_positive(init_scale, "init_scale")
         self.task, self.prior_precision, self.num_classes = likelihood, float(prior_precision), num_classes
         self.network = make_network(model, params, chunk_size)
         net = self.network

@@ -82,6 +82,8 @@ def test_svi_bad_input():
         SVI(model, "ordinal")
     with pytest.raises(ValueError, match="prior_precision must be"):
         SVI(model, "classification", prior_precision=-1.0)
+    with pytest.raises(ValueError, match="init_scale must be"):
+        SVI(model, "classification", init_scale=0.0)
     with pytest.raises(TypeError, match="integer class indices"):
         SVI(model, "classification").fit(x, y.double(), epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
