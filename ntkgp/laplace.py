@@ -135,6 +135,7 @@ class Laplace:
         kernel = NTKOperator(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
         self.kernel = (0.5 * (kernel + kernel.mT)).double()
         self._alpha = torch.zeros(size, dtype=torch.float64, device=kernel.device)
+        self._jacobian = None
         self._update(self.prior_precision)
         return self
 
@@ -305,7 +306,7 @@ class Laplace:
         """Mean (m, C) of f_lin at θ_MAP and, for ``spread`` "diag" / "full" / "none", its variance
         (m, C), its covariance blocks (m, C, C) or None."""
         net, c, delta = self.network, self.num_outputs, self.prior_precision
-        cross = NTKOperator(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double()
+        cross = self._cross_kernel(x)
         with torch.no_grad():
             mean = net(x).double() + (cross @ self._alpha).reshape(-1, c)
         if spread == "none":
@@ -318,6 +319,17 @@ class Laplace:
         prior = torch.cat([j @ j.mT for j in net.jacobian_chunks(x)]).detach().double()
         cov = (prior - reduced @ cross.mT) / delta
         return mean, 0.5 * (cov + cov.mT)
+
+    def _cross_kernel(self, x: Tensor) -> Tensor:
+        """K(x, X) (m·C, N), float64. J(X) (N × p) is kept after the first call when N·p is at most
+        8 · ``jacobian_chunk_elements``, so later batches and calls need only the JVPs at x."""
+        net, c, size = self.network, self.num_outputs, self.kernel.shape[0]
+        if self._jacobian is None and size * net.num_params <= 8 * net.jacobian_chunk_elements:
+            eye = torch.eye(size, dtype=net.dtype, device=net.device).reshape(size, -1, c)
+            self._jacobian = net.vjp(self.train_x, eye).detach()  # row k: J(X)ᵀ e_k
+        if self._jacobian is None:
+            return NTKOperator(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double()
+        return net.jvp(x, self._jacobian).detach().reshape(size, -1).mT.double()
 
     def predict(self, x: Tensor, link: str = "probit", num_samples: int = 1000,
                 generator: torch.Generator | None = None, batch_size: int = 256) -> Prediction | Tensor:
