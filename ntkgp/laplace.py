@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .fisher_operator import FisherOperator, default_epsilon
 from .functional import FunctionalNetwork, map_blocks
+from .likelihoods import get_likelihood
 from .linearised_model import (TASKS, check_task, log_likelihood, make_network, mc_class_probabilities,
                                prepare_data, randn)
 from .ntk_gp import Prediction
@@ -74,12 +75,6 @@ def _blockwise(blocks: Tensor, vectors: Tensor) -> Tensor:
     """Apply the block-diagonal matrix with blocks (n, C, C) to vectors (..., n·C) -> (..., n·C)."""
     n, c = blocks.shape[0], blocks.shape[-1]
     return torch.einsum("iab,...ib->...ia", blocks, vectors.reshape(*vectors.shape[:-1], n, c)).flatten(-2)
-
-
-def _categorical_hessian(f: Tensor) -> Tensor:
-    """H = diag(π) − ππᵀ per input: logits (n, C) -> (n, C, C)."""
-    pi = torch.softmax(f, dim=-1)
-    return torch.diag_embed(pi) - pi.unsqueeze(-1) * pi.unsqueeze(-2)
 
 
 def _psd_sqrt(blocks: Tensor) -> Tensor:
@@ -162,16 +157,17 @@ class Laplace:
         return 0.5 * (g + g.mT)
 
     def _hessian_blocks(self, f: Tensor) -> Tensor:
-        if self.task == "regression":
-            eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-            return (eye / self.noise).expand(f.shape[0], -1, -1)
-        return _categorical_hessian(f)
+        """The likelihood's Hessian in the outputs, blocks (n, C, C) at outputs f (n, C): the task's
+        likelihood (:mod:`ntkgp.likelihoods`) applied to the identity, scaled by 1/σ² for regression."""
+        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
+        blocks = get_likelihood(TASKS[self.task]).fisher(f.unsqueeze(-2), eye)
+        return blocks if self.noise is None else blocks / self.noise
 
     def _objective(self, alpha: Tensor, delta: float) -> Tensor:
         """−log p(y | f0 + Kα) + δ/2 αᵀKα."""
-        k_alpha = self.kernel @ alpha
-        f = self.f0.double() + k_alpha.reshape(self.f0.shape)
-        return -log_likelihood(self.task, f, self._targets64(), self.noise) + 0.5 * delta * (alpha @ k_alpha)
+        f = self._outputs(alpha)
+        quadratic = alpha @ (f - self.f0.double()).reshape(-1)
+        return -log_likelihood(self.task, f, self._targets64(), self.noise) + 0.5 * delta * quadratic
 
     def _evidence(self, delta: float) -> tuple[float, Tensor]:
         """(Laplace evidence, α) at δ through one Cholesky factor, without the eigendecomposition."""
@@ -199,8 +195,8 @@ class Laplace:
         onehot = torch.nn.functional.one_hot(self.targets, c).double().reshape(-1)
         alpha, value = start, self._objective(start, delta)
         for _ in range(self.max_iter):
-            f = f0 + self.kernel @ alpha
-            h = _categorical_hessian(f.reshape(n, c))
+            f = self._outputs(alpha).reshape(-1)
+            h = self._hessian_blocks(f.reshape(n, c))
             s = _psd_sqrt(h)
             b = _blockwise(h, f - f0) + onehot - torch.softmax(f.reshape(n, c), -1).reshape(-1)
             chol = torch.linalg.cholesky(delta * eye + self._whitened_kernel(s))
