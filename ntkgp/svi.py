@@ -68,25 +68,32 @@ class SVI:
         return 0.5 * (d * (s.square() + self.loc.square()) - 1 - torch.log(d * s.square())).sum()
 
     def _batches(self, data, targets, batch_size, generator) -> tuple[int, Iterable]:
-        """(N, an iterable of checked (x, targets) batches on the network's device, reshuffled per pass)."""
+        """(N, an iterable of (x, checked targets, f(x; θ0)) batches on the network's device, reshuffled per
+        pass). For tensors the targets are checked and f(x; θ0) computed once per fit, not once per step."""
         net = self.network
         if isinstance(data, torch.utils.data.DataLoader):
             def checked():
                 for x, y in data:
                     x, y = x.to(net.device), y.to(net.device)
-                    yield x, prepare_data(self.task, net, x, y, self.num_classes)[0]
+                    targets = prepare_data(self.task, net, x, y, self.num_classes)[0]
+                    with torch.no_grad():
+                        outputs = net(x)
+                    yield x, targets, outputs  # outside no_grad: the caller's step needs autograd
 
             return len(data.dataset), _Reiterable(checked)
         data = data.to(net.device)
         targets = targets.to(net.device) if isinstance(targets, Tensor) else targets
-        targets = prepare_data(self.task, net, data, targets, self.num_classes)[0]  # once, not per step
+        targets = prepare_data(self.task, net, data, targets, self.num_classes)[0]
+        with torch.no_grad():
+            outputs = net(data)
         n = data.shape[0]
         size = n if batch_size is None else batch_size
 
         def shuffled():
             order = torch.randperm(n, generator=generator, device="cpu").to(data.device)
             for i in range(0, n, size):
-                yield data[order[i:i + size]], targets[order[i:i + size]]
+                batch = order[i:i + size]
+                yield data[batch], targets[batch], outputs[batch]
 
         return n, _Reiterable(shuffled)
 
@@ -113,11 +120,10 @@ class SVI:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if anneal else None
         for _ in tqdm(range(epochs), desc="SVI", disable=not progress):
             values = []
-            for x, targets in batches:
+            for x, targets, f0 in batches:
                 eps = randn(num_samples, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
                 delta = self.loc + self.scale * eps
                 with torch.no_grad():
-                    f0 = net(x)
                     f = linearised_outputs(net, x, f0, delta.detach()).requires_grad_(True)
                 expected = log_likelihood(self.task, f, targets, self.noise).mean() * (num_data / x.shape[0])
                 (grad_f,) = torch.autograd.grad(expected, f)
