@@ -68,8 +68,15 @@ def split(backbone: nn.Module, head: nn.Linear, scope: str) -> tuple[nn.Module, 
 
 
 @torch.no_grad()
-def encode(module: nn.Module, images: Tensor, size: int, batch: int = 256) -> Tensor:
-    return torch.cat([module(preprocess(images[i:i + batch], size)) for i in range(0, len(images), batch)])
+def batched(fn, inputs: Tensor, batch: int = 256) -> Tensor:
+    return torch.cat([fn(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+
+
+def encode(prefix: nn.Module, suffix: nn.Module, images: Tensor, size: int) -> dict:
+    """The adapted part's inputs (the frozen prefix's outputs) and the pooled 1280-d features, which the
+    suffix without its head computes from them: each image goes through the backbone once."""
+    inputs = batched(lambda chunk: prefix(preprocess(chunk, size)), images)
+    return {"inputs": inputs, "pooled": batched(suffix[:-1], inputs)}
 
 
 def support_indices(labels: Tensor, shots: int, generator: torch.Generator) -> Tensor:
@@ -199,10 +206,9 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     pick = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed))[:config["test_size"]]
     test_images, test_labels = test_images[pick].to(device), test_labels[pick].to(device)
     backbone = load_mobilenet(device)
-    pooled_net = nn.Sequential(backbone.features, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     head = nn.Linear(1280, NUM_CLASSES).to(device)
     prefix, suffix = split(backbone, head, scope)
-    test = {"inputs": encode(prefix, test_images, size), "pooled": encode(pooled_net, test_images, size)}
+    test = encode(prefix, suffix, test_images, size)
     rows, payload = [], {"config": config, "seed": seed, "device": device, "scope": scope}
     jobs = [(k, d) for k in config["shots"] for d in range(config["draws"])]
     for k, draw in tqdm(jobs, desc="fashion-fewshot"):
@@ -212,8 +218,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         head.reset_parameters()  # the new head, seeded per draw, shared by every method
         idx = support_indices(train_labels, k, generator)
         images = train_images[idx].to(device)
-        support = {"inputs": encode(prefix, images, size), "pooled": encode(pooled_net, images, size),
-                   "labels": train_labels[idx].to(device)}
+        support = {**encode(prefix, suffix, images, size), "labels": train_labels[idx].to(device)}
         results, delta = adapt(config, suffix, head, support, test, draw_seed)
         for method, (probs, seconds) in results.items():
             rows.append({"shots": k, "draw": draw, "method": method, "seconds": seconds, "prior_precision": delta,
