@@ -74,6 +74,21 @@ def dense_jacobian(model, x, params=None):
     return jac.reshape(-1, net.num_params)
 
 
+def dense_output_fisher(likelihood, f):
+    """Block-diagonal H (n·C × n·C) of the likelihood at outputs f (n, C)."""
+    blocks = []
+    for row in f:
+        if likelihood == "gaussian":
+            blocks.append(torch.eye(len(row)))
+        elif likelihood == "categorical":
+            pi = torch.softmax(row, -1)
+            blocks.append(torch.diag(pi) - torch.outer(pi, pi))
+        else:
+            d = len(row) // 2
+            blocks.append(torch.diag(torch.cat([torch.exp(-row[d:]), torch.full((d,), 0.5)])))
+    return torch.block_diag(*blocks)
+
+
 @pytest.fixture(params=list(CASES))
 def case(request):
     return (request.param, *make_case(request.param))

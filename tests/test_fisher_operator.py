@@ -2,25 +2,10 @@
 
 import pytest
 import torch
-from conftest import dense_jacobian, make_case, rel_err
+from conftest import dense_jacobian, dense_output_fisher, make_case, rel_err
 from torch import nn
 
 from ntkgp import fisher_operator
-
-
-def dense_output_fisher(likelihood, f):
-    """Block-diagonal H (n·C × n·C) of the likelihood at outputs f (n, C)."""
-    blocks = []
-    for row in f:
-        if likelihood == "gaussian":
-            blocks.append(torch.eye(len(row)))
-        elif likelihood == "categorical":
-            pi = torch.softmax(row, -1)
-            blocks.append(torch.diag(pi) - torch.outer(pi, pi))
-        else:
-            d = len(row) // 2
-            blocks.append(torch.diag(torch.cat([torch.exp(-row[d:]), torch.full((d,), 0.5)])))
-    return torch.block_diag(*blocks)
 
 
 def dense_fisher(model, x, likelihood, params=None):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import dense_jacobian, make_case, rel_err
+from conftest import dense_jacobian, dense_output_fisher, make_case, rel_err
 
 from ntkgp import NTKGP, Laplace
 from ntkgp.functional import FunctionalNetwork
@@ -30,13 +30,11 @@ def dense_classification_map(j, f0, y, delta, steps=50):
     onehot = torch.nn.functional.one_hot(y, c).double()
     d = torch.zeros(j.shape[1])
     for _ in range(steps):
-        pi = torch.softmax(f0 + (j @ d).reshape(n, c), -1)
-        h = torch.block_diag(*(torch.diag(q) - torch.outer(q, q) for q in pi))
-        grad = j.T @ (pi - onehot).reshape(-1) + delta * d
+        f = f0 + (j @ d).reshape(n, c)
+        h = dense_output_fisher("categorical", f)
+        grad = j.T @ (torch.softmax(f, -1) - onehot).reshape(-1) + delta * d
         d = d - torch.linalg.solve(j.T @ h @ j + delta * torch.eye(j.shape[1]), grad)
-    pi = torch.softmax(f0 + (j @ d).reshape(n, c), -1)
-    h = torch.block_diag(*(torch.diag(q) - torch.outer(q, q) for q in pi))
-    return d, h
+    return d, dense_output_fisher("categorical", f0 + (j @ d).reshape(n, c))
 
 
 @pytest.mark.parametrize("name", ["mlp_c1", "mlp_c3"])
