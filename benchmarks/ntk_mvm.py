@@ -2,7 +2,7 @@
 
 Prints, measured in one run: NTK-MVM time / gradient time (forward + backward of the summed outputs
 over the batch), finite-difference Fisher-vector product time / gradient time (categorical
-likelihood, forward pass at θ0 cached as in a CG loop) and, on CUDA, peak memory of each product /
+likelihood, forward pass at θ0 cached as in a CG loop; forward and central differences) and, on CUDA, peak memory of each product /
 peak memory of the gradient. Writes
 ``results/benchmarks/ntk_mvm.json``. Usage::
 
@@ -68,18 +68,20 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
         with torch.no_grad():
             return op @ v
 
-    fisher = fisher_operator(op.network, x, "categorical", method="finite_difference")
-    fisher.outputs()  # the forward pass at θ0 is shared by every product
     w = torch.randn(op.network.num_params, device=device, dtype=x.dtype)
+    fvps = {}
+    for method in ("finite_difference", "central_difference"):
+        fisher = fisher_operator(op.network, x, "categorical", method=method)
+        fisher.outputs()  # the forward pass at θ0 is shared by every product
+        fvps[method] = lambda fisher=fisher: fisher @ w
 
-    def fvp():
-        return fisher @ w
-
-    timings = measure({"gradient": gradient, "mvm": mvm, "fvp": fvp}, device, repeats)
+    timings = measure({"gradient": gradient, "mvm": mvm, "fvp": fvps["finite_difference"],
+                       "central": fvps["central_difference"]}, device, repeats)
     (t_grad, m_grad), (t_mvm, m_mvm), (t_fvp, m_fvp) = timings["gradient"], timings["mvm"], timings["fvp"]
     row = {"model": name, "n": x.shape[0], "outputs": op.shape[0] // x.shape[0], "params": op.network.num_params,
            "gradient_ms": 1e3 * t_grad, "ntk_mvm_ms": 1e3 * t_mvm, "time_ratio": t_mvm / t_grad,
-           "fd_fisher_ms": 1e3 * t_fvp, "fd_fisher_ratio": t_fvp / t_grad}
+           "fd_fisher_ms": 1e3 * t_fvp, "fd_fisher_ratio": t_fvp / t_grad,
+           "central_fisher_ms": 1e3 * timings["central"][0], "central_fisher_ratio": timings["central"][0] / t_grad}
     if device.type == "cuda":
         row.update(gradient_peak_gib=m_grad / 2**30, ntk_mvm_peak_gib=m_mvm / 2**30, memory_ratio=m_mvm / m_grad,
                    fd_fisher_peak_gib=m_fvp / 2**30, fd_fisher_memory_ratio=m_fvp / m_grad)
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if "memory_ratio" in r else ""
         print(f"{r['model']:22s} n={r['n']:5d} p={r['params']:9d}  gradient {r['gradient_ms']:8.2f} ms  "
               f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  ratio {r['time_ratio']:.2f}{mem}  "
-              f"FD-Fisher {r['fd_fisher_ms']:8.2f} ms  ratio {r['fd_fisher_ratio']:.2f}")
+              f"FD-Fisher {r['fd_fisher_ms']:8.2f} ms  ratio {r['fd_fisher_ratio']:.2f}  "
+              f"central {r['central_fisher_ms']:8.2f} ms  ratio {r['central_fisher_ratio']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
     return rows

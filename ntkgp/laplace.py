@@ -26,7 +26,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
-from .fisher_operator import FisherOperator, default_epsilon
+from .fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
 from .functional import FunctionalNetwork, map_blocks
 from .likelihoods import get_likelihood
 from .linearised_model import (TASKS, check_task, log_likelihood, make_network, mc_class_probabilities,
@@ -38,7 +38,6 @@ from .validation import check_inputs
 
 __all__ = ["Laplace", "PosteriorCovariance"]
 
-_HESSIANS = ("exact", "finite_difference")
 _LINKS = ("probit", "mc", "map")
 
 
@@ -92,7 +91,8 @@ class Laplace:
             (categorical over C >= 2 logits; labels (n,) of integer dtype).
         params: parameter names or module prefixes to linearise (default: all trainable).
         hessian: how products with F are computed where they are needed (``precision``, ``sample``
-            with a rank): "exact" (JVP, H, VJP) or "finite_difference" (one gradient per product).
+            with a rank): "exact" (JVP, H, VJP), "finite_difference" (one gradient per product) or
+            "central_difference" (two), see :func:`ntkgp.fisher_operator`.
         prior_precision: δ > 0 of the prior N(θ0, I/δ) centred at the pretrained weights.
         noise: σ² for regression; must be None for classification.
         num_classes: if given, must equal the network's output width C.
@@ -104,8 +104,8 @@ class Laplace:
                  noise: float | None = None, num_classes: int | None = None, chunk_size: int = 32,
                  max_size: int = 8192):
         self.noise = check_task(likelihood, noise, prior_precision)
-        if hessian not in _HESSIANS:
-            raise ValueError(f"hessian must be one of {_HESSIANS}, got {hessian!r}")
+        if hessian not in FISHER_METHODS:
+            raise ValueError(f"hessian must be one of {FISHER_METHODS}, got {hessian!r}")
         self.task, self.hessian, self.prior_precision = likelihood, hessian, float(prior_precision)
         self.network = make_network(model, params, chunk_size)
         self.num_classes, self.max_size = num_classes, max_size
@@ -241,7 +241,7 @@ class Laplace:
         """F (p × p) at the training inputs, H at the MAP outputs (1/σ²-scaled for regression)."""
         self._check_fitted()
         op = FisherOperator(self.train_x, network=self.network, likelihood=TASKS[self.task], method=self.hessian,
-                            epsilon=default_epsilon(self.network.theta0),
+                            epsilon=default_epsilon(self.network.theta0, self.hessian),
                             at=self._f_map.to(self.network.dtype))
         return op if self.task == "classification" else op * (1.0 / self.noise)
 

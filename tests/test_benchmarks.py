@@ -27,7 +27,8 @@ def test_ntk_mvm_benchmark_runs(tmp_path):
     finally:
         torch.set_default_dtype(previous)
     assert [r["model"] for r in rows] == ["MLP 784-1024-1024-10", "ResNet-18 32x32"]
-    assert all(math.isfinite(r[key]) and r[key] > 0 for r in rows for key in ("time_ratio", "fd_fisher_ratio"))
+    assert all(math.isfinite(r[key]) and r[key] > 0 for r in rows
+               for key in ("time_ratio", "fd_fisher_ratio", "central_fisher_ratio"))
     assert (tmp_path / "ntk_mvm.json").exists()
 
 

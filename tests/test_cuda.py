@@ -29,13 +29,15 @@ def test_ntk_and_gram_products_on_cuda(case):
     assert rel_err((gram @ w.to(CUDA)).cpu(), j.T @ (j @ w)) < 1e-10
 
 
-def test_fisher_finite_difference_on_cuda():
+@pytest.mark.parametrize("method", ["finite_difference", "central_difference"])
+def test_fisher_finite_difference_on_cuda(method):
     model, x, _ = make_case("mlp_c3")
     exact = fisher_operator(model, x, "categorical", method="exact")
     v = torch.randn(exact.shape[-1], 3)
     reference = exact @ v
-    fd = fisher_operator(model.to(CUDA), x.to(CUDA), "categorical", method="finite_difference")
+    fd = fisher_operator(model.to(CUDA), x.to(CUDA), "categorical", method=method)
     assert rel_err((fd @ v.to(CUDA)).cpu(), reference) < 1e-5
+    assert rel_err((fd @ v[:, 0].to(CUDA)).cpu(), reference[:, 0]) < 1e-5
 
 
 @pytest.mark.parametrize("space", ["function", "parameter"])

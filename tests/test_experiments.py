@@ -62,12 +62,14 @@ def test_fisher_accuracy_tiny_run(tmp_path, capsys):
     assert main(["run", "fisher-accuracy", "--config", "tiny", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "fisher-accuracy" / "results.json").read_text())
     tiny = payload["config"]
-    per_stage = len(tiny["likelihoods"]) * 2 * (len(tiny["epsilons"]) + 1)
+    per_stage = len(tiny["likelihoods"]) * len(tiny["methods"]) * 2 * (len(tiny["epsilons"]) + 1)
     assert len(payload["rows"]) == per_stage * len(tiny["stages"])
     for row in payload["rows"]:
         assert 0 <= row["error_max"] < 1 and row["epsilon"] > 0
-        if row["default_epsilon"]:  # the default step is accurate in both precisions
-            assert row["error_max"] < (1e-2 if row["dtype"] == "float32" else 1e-5)
+        if row["default_epsilon"]:  # the default step is accurate in both precisions; the central one is
+            # larger (eps^(1/3)), and ReLU kinks crossed by it make its error O(ε) here, not O(ε²)
+            float32 = 1e-2 if row["method"] == "finite_difference" else 2e-2
+            assert row["error_max"] < (float32 if row["dtype"] == "float32" else 1e-5), row
     assert (tmp_path / "fisher-accuracy" / "errors.png").stat().st_size > 10_000
     assert "target < 1e-2" in capsys.readouterr().out
 

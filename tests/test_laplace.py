@@ -78,7 +78,7 @@ def test_classification_map_covariance_and_evidence(classified):
     assert abs(float(la.log_marginal_likelihood() - (loglik - DELTA / 2 * d @ d - logdet / 2))) < 1e-8
 
 
-@pytest.mark.parametrize("hessian", ["exact", "finite_difference"])
+@pytest.mark.parametrize("hessian", ["exact", "finite_difference", "central_difference"])
 def test_lanczos_log_determinant(classified, hessian):
     model, x, y, j, f0, d, h, sigma, la = classified
     la.hessian = hessian
@@ -146,7 +146,7 @@ def test_samples_are_exact_and_lanczos_keeps_the_trace(classified):
     assert rel_err(offset, z @ root(torch.linalg.inv(precision))) < 1e-6
 
 
-@pytest.mark.parametrize("hessian", ["exact", "finite_difference"])
+@pytest.mark.parametrize("hessian", ["exact", "finite_difference", "central_difference"])
 def test_precision_operator(classified, hessian):
     model, x, y, j, f0, d, h, sigma, la = classified
     la.hessian = hessian
