@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
 from .functional import FunctionalNetwork, map_blocks
+from .lanczos_quadrature import stochastic_lanczos_quadrature
 from .likelihoods import get_likelihood
 from .linearised_model import (TASKS, check_task, log_likelihood, make_network, mc_class_probabilities,
                                prepare_data, randn)
@@ -252,17 +253,29 @@ class Laplace:
                          device=self.network.device)
         return self.fisher().add_diagonal(eye)
 
-    def log_marginal_likelihood(self, rank: int | None = None) -> Tensor:
+    def log_marginal_likelihood(self, rank: int | None = None, probes: int | None = None,
+                                generator: torch.Generator | None = None) -> Tensor:
         """Laplace evidence log p(y | f_MAP) − δ/2 ‖Δ_MAP‖² − ½ log det(I + F/δ) (exact for regression).
 
-        rank None: the log-determinant from the exact eigendecomposition. rank r: from r Lanczos Ritz
-        values of F (products by ``hessian``) and the rest of tr F spread evenly over the other p − r
-        directions, Σ log(1 + λ/δ) + (p − r) log(1 + ρ/δ); by concavity of log this is an upper bound
-        on the log-determinant (a lower bound on the evidence), exact once r reaches the rank of F.
+        The log-determinant:
+        - rank None: from the exact eigendecomposition (dense in N = n·C).
+        - rank r, probes None: from r Lanczos Ritz values of F (products by ``hessian``) and the rest of
+          tr F spread evenly over the other p − r directions, Σ log(1 + λ/δ) + (p − r) log(1 + ρ/δ); by
+          concavity of log an upper bound on it (a lower bound on the evidence), exact once r reaches
+          the rank of F.
+        - rank r, probes m: stochastic Lanczos quadrature of tr log(I + F/δ), r steps from each of m
+          Rademacher probes (:func:`ntkgp.lanczos_quadrature.stochastic_lanczos_quadrature`); unbiased
+          once r exceeds the rank of F, standard error ∝ 1/√m. Needs no trace of F.
         """
         self._check_fitted()
         delta = self.prior_precision
-        if rank is None:
+        if probes is not None:
+            if rank is None:
+                raise ValueError("probes needs rank: the number of Lanczos steps per probe")
+            scaled = (self.fisher() * (1.0 / delta)).add_diagonal(torch.tensor(1.0, dtype=self.network.dtype,
+                                                                                device=self.network.device))
+            logdet = stochastic_lanczos_quadrature(scaled, torch.log, rank, probes, generator).double()
+        elif rank is None:
             logdet = torch.log1p(self._evals / delta).sum()
         else:
             lam, _, rho, rest = self._lanczos(rank)
