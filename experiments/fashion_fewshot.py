@@ -235,8 +235,9 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
 
 
 DEFAULT = {"shots": [1, 5, 10, 20], "draws": 5, "test_size": 2000, "image_size": 64, "scope": "last_layer",
-           "methods": METHODS, "chunk_size": 32, "predict_batch": 256, "prior_grid": [-4, 4, 33], "svi_epochs": 300, "svi_lr": 1e-2, "svi_samples": 4, "predictive_samples": 1000,
-           "retrain_steps": 300, "retrain_lr": 1e-2, "finetune_steps": 100, "finetune_lr": 1e-3}
+           "methods": METHODS, "chunk_size": 32, "predict_batch": 256, "prior_grid": [-4, 4, 33], "svi_epochs": 300,
+           "svi_lr": 1e-2, "svi_samples": 4, "predictive_samples": 1000, "retrain_steps": 300,
+           "retrain_lr": 1e-2, "finetune_steps": 100, "finetune_lr": 1e-3}
 TINY = {**DEFAULT, "shots": [1, 2], "draws": 1, "test_size": 40, "image_size": 32, "scope": "last_block",
         "prior_grid": [-2, 2, 5],
         "svi_epochs": 5, "predictive_samples": 50, "retrain_steps": 5, "finetune_steps": 2}
