@@ -20,6 +20,7 @@ All N × N algebra runs in float64 whatever the network's dtype.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -297,6 +298,7 @@ class Laplace:
         """Set δ to the grid value (default 10^-4 … 10^4, 33 points) of largest evidence; return it.
 
         Each grid value costs the MAP (Newton, warm-started) and one Cholesky factor of the N × N matrix.
+        Warns when the best value is an end of the grid (the optimum may lie beyond it).
         """
         self._check_fitted()
         grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else torch.as_tensor(grid)
@@ -307,6 +309,10 @@ class Laplace:
             value, self._alpha = self._evidence(delta)  # warm start for the next grid value
             if value > best_value:
                 best, best_value = delta, value
+        if grid.numel() > 1 and best in (float(grid.min()), float(grid.max())):
+            end = "largest" if best == float(grid.max()) else "smallest"
+            warnings.warn(f"the evidence is highest at the {end} prior precision of the grid (δ = {best:g}); the "
+                          "optimum may lie beyond it: extend the grid", RuntimeWarning, stacklevel=2)
         self._update(best)
         return best
 

@@ -5,6 +5,7 @@ regression agreement with NTKGP that the issue asks for, 1e-5 for finite-differe
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -185,12 +186,20 @@ def test_optimize_prior_precision_picks_the_best_evidence():
     y = labels(model, x)
     grid = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0])
     la = Laplace(model, "classification").fit(x, y)
-    best = la.optimize_prior_precision(grid)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        best = la.optimize_prior_precision(grid)
     values = [float(Laplace(model, "classification", prior_precision=g).fit(x, y).log_marginal_likelihood())
               for g in grid.tolist()]
     assert best == grid.tolist()[max(range(5), key=values.__getitem__)]
     assert abs(float(la.log_marginal_likelihood()) - max(values)) < 1e-8
     assert la.prior_precision == best
+    # the optimum is inside this grid (no warning); grids that stop short of it on either side warn
+    assert 0 < grid.tolist().index(best) < 4
+    with pytest.warns(RuntimeWarning, match="highest at the largest prior precision of the grid"):
+        la.optimize_prior_precision(torch.logspace(-3, math.log10(best) - 0.5, 4))
+    with pytest.warns(RuntimeWarning, match="highest at the smallest prior precision of the grid"):
+        la.optimize_prior_precision(torch.logspace(math.log10(best) + 0.5, 3, 4))
 
 
 def test_laplace_bad_input():
