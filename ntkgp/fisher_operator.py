@@ -28,14 +28,18 @@ FISHER_METHODS = ("exact", "finite_difference", "central_difference")
 
 
 def default_epsilon(theta0: Tensor, method: str = "finite_difference") -> float:
-    """Step length along v/‖v‖ when none is given: eps^(1/2) (forward) or eps^(1/3) (central) · max(1, RMS(θ0)).
+    """Step length along v/‖v‖ when none is given.
 
-    The power balances the truncation error (O(ε), O(ε²)) against the O(eps/ε) rounding error of the
-    difference; the factor follows the parameters' scale. Measured errors: `ntkgp run fisher-accuracy`.
+    Forward differences: √(eps · (1 + ‖θ0‖)), the Jacobian-free Newton–Krylov choice (Knoll & Keyes
+    2004): rounding θ0 + εv̂ costs about eps·‖θ0‖/ε relative error, truncation O(ε). Central
+    differences: eps^(1/3) · max(1, RMS θ0) (truncation O(ε²) on smooth networks). Both measured on a
+    small ReLU CNN through training and on ResNet-18 in float32 and float64: `ntkgp run fisher-accuracy`
+    and docs/performance.md.
     """
-    rms = float(theta0.square().mean().sqrt())
-    power = 1 / 3 if method == "central_difference" else 1 / 2
-    return torch.finfo(theta0.dtype).eps ** power * max(1.0, rms)
+    eps = torch.finfo(theta0.dtype).eps
+    if method == "central_difference":
+        return eps ** (1 / 3) * max(1.0, float(theta0.square().mean().sqrt()))
+    return (eps * (1.0 + float(theta0.norm()))) ** 0.5
 
 
 class FisherOperator(GramOperator):
