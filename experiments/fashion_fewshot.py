@@ -10,7 +10,8 @@ the whole network, since the frozen prefix has no parameters in scope.
 
 Methods, on the same support draws and the same test images:
 - ``linearised MAP``: the MAP of the linearised network under the prior N(θ0, I/δ) (Newton, exact);
-- ``Laplace (probit)``: its GLM predictive with the per-class probit, δ by the Laplace evidence;
+- ``Laplace (probit)``: its GLM predictive with the per-class probit, δ by the Laplace evidence over
+  ``prior_grid`` (or fixed: ``--set prior_precision=30``);
 - ``SVI``: mean-field Gaussian over the linearised network (same δ), Monte Carlo predictive;
 - ``NTK-GP one-hot``: GP regression on one-hot targets (zero mean, evidence-fitted scale and noise),
   class probabilities = frequency of each class being the largest of the predictive samples;
@@ -122,13 +123,19 @@ def train_cross_entropy(module: nn.Module, x: Tensor, y: Tensor, steps: int, lr:
 
 def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test: dict, seed: int) -> dict:
     """Run every method on one support draw: method -> (test probabilities, seconds); and the prior
-    precision δ that the Laplace evidence chose (used by the MAP, Laplace and SVI)."""
+    precision δ used by the MAP, Laplace and SVI: ``config["prior_precision"]`` if set, else the grid
+    value of largest Laplace evidence."""
     x, y, pooled = support["inputs"], support["labels"], support["pooled"]
     out, generator = {}, torch.Generator().manual_seed(seed)
     clock = time.perf_counter()
     chunk = config["chunk_size"]
-    laplace = Laplace(suffix, "classification", num_classes=NUM_CLASSES, chunk_size=chunk).fit(x, y)
-    delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64))
+    fixed = config["prior_precision"]
+    laplace = Laplace(suffix, "classification", prior_precision=1.0 if fixed is None else fixed, num_classes=NUM_CLASSES,
+                      chunk_size=chunk).fit(x, y)
+    if fixed is None:
+        delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64))
+    else:
+        delta = laplace.prior_precision
     shared = time.perf_counter() - clock
     for method, link in (("linearised MAP", "map"), ("Laplace (probit)", "probit")):
         clock = time.perf_counter()
@@ -235,9 +242,10 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
 
 
 DEFAULT = {"shots": [1, 5, 10, 20], "draws": 5, "test_size": 2000, "image_size": 64, "scope": "last_layer",
-           "methods": METHODS, "chunk_size": 32, "predict_batch": 256, "prior_grid": [-4, 4, 33], "svi_epochs": 300,
-           "svi_lr": 1e-2, "svi_samples": 4, "predictive_samples": 1000, "retrain_steps": 300,
-           "retrain_lr": 1e-2, "finetune_steps": 100, "finetune_lr": 1e-3}
+           "methods": METHODS, "chunk_size": 32, "predict_batch": 256, "prior_precision": None,
+           "prior_grid": [-4, 4, 33], "svi_epochs": 300, "svi_lr": 1e-2, "svi_samples": 4,
+           "predictive_samples": 1000, "retrain_steps": 300, "retrain_lr": 1e-2, "finetune_steps": 100,
+           "finetune_lr": 1e-3}
 TINY = {**DEFAULT, "shots": [1, 2], "draws": 1, "test_size": 40, "image_size": 32, "scope": "last_block",
         "prior_grid": [-2, 2, 5],
         "svi_epochs": 5, "predictive_samples": 50, "retrain_steps": 5, "finetune_steps": 2}

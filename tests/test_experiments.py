@@ -89,6 +89,15 @@ def test_fashion_fewshot_tiny_run(tmp_path, capsys):
     assert "Laplace (probit)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_fashion_fewshot_fixed_prior_precision(tmp_path):
+    argv = ["run", "fashion-fewshot", "--config", "tiny", "--out", str(tmp_path), "--set", "shots=[1]",
+            "--set", 'methods=["linearised MAP"]', "--set", "prior_precision=3.0"]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "fashion-fewshot" / "results.json").read_text())["rows"]
+    assert [(r["method"], r["prior_precision"]) for r in rows] == [("linearised MAP", 3.0)]
+
+
 def test_set_overrides_are_checked():
     with pytest.raises(SystemExit):
         main(["run", "fashion-fewshot", "--config", "tiny", "--set", "no_such_key=1"])
