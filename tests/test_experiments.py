@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ntkgp.cli import discover_experiments, main
 
@@ -98,6 +99,16 @@ def test_fashion_fewshot_fixed_prior_precision(tmp_path):
     assert [(r["method"], r["prior_precision"]) for r in rows] == [("linearised MAP", 3.0)]
 
 
+def test_fisher_accuracy_networks():
+    from experiments.fisher_accuracy import make_cnn
+
+    x = torch.randn(2, 1, 28, 28)
+    for activation in ("relu", "silu"):
+        assert make_cnn(activation)(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        make_cnn("gelu")
+
+
 def test_set_overrides_are_checked():
     with pytest.raises(SystemExit):
         main(["run", "fashion-fewshot", "--config", "tiny", "--set", "no_such_key=1"])
@@ -106,8 +117,6 @@ def test_set_overrides_are_checked():
 
 
 def test_fewshot_pieces():
-    import torch
-
     from experiments.fashion_fewshot import gp_class_probabilities, metrics, split
 
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
