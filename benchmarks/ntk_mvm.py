@@ -2,9 +2,8 @@
 
 Prints, measured in one run: NTK-MVM time / gradient time (forward + backward of the summed outputs
 over the batch), finite-difference Fisher-vector product time / gradient time (categorical
-likelihood, forward pass at θ0 cached as in a CG loop; forward and central differences) and, on CUDA, peak memory of each product /
-peak memory of the gradient. Writes
-``results/benchmarks/ntk_mvm.json``. Usage::
+likelihood, forward pass at θ0 cached as in a CG loop; forward and central differences) and, on CUDA,
+peak memory of each product / peak memory of the gradient. Writes ``results/benchmarks/ntk_mvm.json``. Usage::
 
     python benchmarks/ntk_mvm.py                    # cuda if available: MLP n=4096, ResNet-18 n=512, 30 rounds
     python benchmarks/ntk_mvm.py --device cpu --n-mlp 512 --n-resnet 32 --repeats 3
@@ -84,7 +83,8 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
            "central_fisher_ms": 1e3 * timings["central"][0], "central_fisher_ratio": timings["central"][0] / t_grad}
     if device.type == "cuda":
         row.update(gradient_peak_gib=m_grad / 2**30, ntk_mvm_peak_gib=m_mvm / 2**30, memory_ratio=m_mvm / m_grad,
-                   fd_fisher_peak_gib=m_fvp / 2**30, fd_fisher_memory_ratio=m_fvp / m_grad)
+                   fd_fisher_peak_gib=m_fvp / 2**30, fd_fisher_memory_ratio=m_fvp / m_grad,
+                   central_fisher_memory_ratio=timings["central"][1] / m_grad)
     return row
 
 

@@ -130,8 +130,8 @@ def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test:
     clock = time.perf_counter()
     chunk = config["chunk_size"]
     fixed = config["prior_precision"]
-    laplace = Laplace(suffix, "classification", prior_precision=1.0 if fixed is None else fixed, num_classes=NUM_CLASSES,
-                      chunk_size=chunk).fit(x, y)
+    laplace = Laplace(suffix, "classification", prior_precision=1.0 if fixed is None else fixed,
+                      num_classes=NUM_CLASSES, chunk_size=chunk).fit(x, y)
     if fixed is None:
         delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64))
     else:

@@ -144,8 +144,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
 
 
 DEFAULT = {"activation": "relu", "train_size": 12000, "probe_size": 256, "batch_size": 128, "lr": 1e-3,
-           "stages": [0, 1, 3, 6],
-           "random_vectors": 3, "likelihoods": ["categorical", "gaussian"],
+           "stages": [0, 1, 3, 6], "random_vectors": 3, "likelihoods": ["categorical", "gaussian"],
            "methods": ["finite_difference", "central_difference"],
            "epsilons": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
 TINY = {**DEFAULT, "train_size": 512, "probe_size": 32, "stages": [0, 1], "random_vectors": 1,

@@ -82,7 +82,7 @@ class FisherOperator(GramOperator):
         return net.vjp(self.x, self.likelihood.fisher(self.hessian_outputs(), net.jvp(self.x, v)))
 
     def _finite_difference(self, v: Tensor) -> Tensor:
-        """‖v‖/ε · ∇ KL(f0 ‖ f(θ0 + ε v̂)) for v (k, p) -> (k, p), or its central version; zero vectors give zero."""
+        """‖v‖/ε · ∇ KL(f0 ‖ f(θ0 + ε v̂)) for v (k, p) -> (k, p), or the central version; zero v gives zero."""
         norms = v.norm(dim=-1, keepdim=True)
         scale = torch.where(norms > 0, self.epsilon / norms, 0.0)  # (k, 1): θ = θ0 + scale·v = θ0 + εv̂
         f0, at = self.outputs(), self.at

@@ -198,9 +198,9 @@ class FunctionalNetwork:
             create_graph = torch.is_grad_enabled() and x.requires_grad
             try:
                 theta = thetas[0].detach().requires_grad_(True)
-            except RuntimeError:
-                theta = None
-            if theta is not None:
+            except RuntimeError:  # inside a torch.func transform: torch.func.grad below
+                pass
+            else:
                 with torch.enable_grad():
                     (grad,) = torch.autograd.grad(loss(self(x, theta)), theta, create_graph=create_graph)
                 return grad.unsqueeze(0)
