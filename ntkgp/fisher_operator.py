@@ -5,8 +5,9 @@ products:
 - ``"exact"``: J V (JVP), H applied per input, then Jᵀ (VJP);
 - ``"finite_difference"``: F v ≈ ‖v‖/ε · ∇θ' KL(p(y|θ0) ‖ p(y|θ'))|θ' = θ0 + ε v/‖v‖, since that KL has
   zero gradient and Hessian F at θ' = θ0 (supplement of "Fast Adaptation with Linearized Neural
-  Networks", C.2). The forward pass at θ0 is computed once and reused across products; each product
-  costs one forward and one backward pass at θ0 + εv̂, batched over many v. Its error is O(ε);
+  Networks", C.2). The forward pass at θ0 is computed once, when the operator is built, and reused by
+  every product; each product costs one forward and one backward pass at θ0 + εv̂, batched over many v.
+  Its error is O(ε);
 - ``"central_difference"``: ‖v‖/(2ε) · [∇KL at θ0 + εv̂ − ∇KL at θ0 − εv̂], error O(ε²), two gradients.
 """
 
@@ -48,25 +49,24 @@ class FisherOperator(GramOperator):
     Keywords: ``network`` (a :class:`FunctionalNetwork`), ``likelihood`` (a name), ``method`` (one of
     ``FISHER_METHODS``), ``epsilon`` (the finite-difference step along v/‖v‖), ``at`` (outputs (n, C) at
     which H is evaluated; default f(x; θ0). The Laplace posterior passes the linearised MAP outputs
-    f0 + J Δθ: the finite differences then perturb them by f(θ0 ± εv̂) − f0).
+    f0 + J Δθ: the finite differences then perturb them by f(θ0 ± εv̂) − f0), ``f0`` (f(x; θ0) (n, C);
+    computed here when None and needed). f0 is a keyword, not a cache on the instance, because
+    linear_operator rebuilds the operator from its arguments inside every ``@``: a cache would be
+    empty there and every product would pay one more forward pass.
     """
 
     def __init__(self, x: Tensor, *, network: FunctionalNetwork, likelihood: str, method: str, epsilon: float,
-                 at: Tensor | None = None):
-        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at)
-        self.likelihood, self.method, self.epsilon, self.at = get_likelihood(likelihood), method, epsilon, at
-        self._outputs: Tensor | None = None
-
-    def outputs(self) -> Tensor:
-        """f(x; θ0) (n, C), computed once and reused by every product."""
-        if self._outputs is None:
+                 at: Tensor | None = None, f0: Tensor | None = None):
+        if f0 is None and (method != "exact" or at is None):
             with torch.no_grad():
-                self._outputs = self.network(self.x)
-        return self._outputs
+                f0 = network(x)
+        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at, f0=f0)
+        self.likelihood, self.method, self.epsilon, self.at = get_likelihood(likelihood), method, epsilon, at
+        self.f0 = f0
 
     def hessian_outputs(self) -> Tensor:
         """The outputs (n, C) at which H is evaluated: ``at`` if given, else f(x; θ0)."""
-        return self.outputs() if self.at is None else self.at
+        return self.f0 if self.at is None else self.at
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         if rhs.dim() == 1:
@@ -85,7 +85,7 @@ class FisherOperator(GramOperator):
         """‖v‖/ε · ∇ KL(f0 ‖ f(θ0 + ε v̂)) for v (k, p) -> (k, p), or the central version; zero v gives zero."""
         norms = v.norm(dim=-1, keepdim=True)
         scale = torch.where(norms > 0, self.epsilon / norms, 0.0)  # (k, 1): θ = θ0 + scale·v = θ0 + εv̂
-        f0, at = self.outputs(), self.at
+        f0, at = self.f0, self.at
 
         def surrogate(f: Tensor) -> Tensor:  # gradient in f is the (accurately computed) KL gradient
             if at is None:

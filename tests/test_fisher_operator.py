@@ -61,6 +61,20 @@ def test_single_vector_and_transformed_products_agree(method):
     assert rel_err(transformed, batched) < 1e-6
 
 
+@pytest.mark.parametrize("method,per_product", [("finite_difference", 1), ("central_difference", 2), ("exact", 2)])
+def test_forward_passes_per_product(method, per_product):
+    """f(x; θ0) is computed once, when the operator is built: a finite-difference product through `@` (which
+    rebuilds the operator inside linear_operator's Matmul) then runs one forward pass per gradient, no more."""
+    model, x, _ = make_case("mlp_c3")
+    calls = []
+    model[0].register_forward_hook(lambda *args: calls.append(1))
+    op = fisher_operator(model, x, "categorical", method=method)
+    built = len(calls)
+    for _ in range(3):
+        op @ torch.randn(op.shape[-1])
+    assert len(calls) - built == 3 * per_product
+
+
 @pytest.mark.parametrize("likelihood", ["gaussian", "categorical"])
 def test_truncation_error_orders(likelihood):
     """float64, ε large enough that truncation dominates: halving ε halves the forward error and quarters
