@@ -141,7 +141,7 @@ class Laplace:
         self.prior_precision = delta
         if self.find_map:
             self._alpha = self._map_coefficients(delta, self._alpha)
-        self._theta_map = None
+        self._step = None
         self._f_map = self._outputs(self._alpha)
         s = self._sqrt_h = _psd_sqrt(self._hessian_blocks(self._f_map))
         evals, evecs = torch.linalg.eigh(self._whitened_kernel(s))
@@ -226,11 +226,15 @@ class Laplace:
     @property
     def mean(self) -> Tensor:
         """θ_MAP = θ0 + Jᵀα (p,)."""
+        return self.network.theta0 + self._map_step()
+
+    def _map_step(self) -> Tensor:
+        """θ_MAP − θ0 = Jᵀα (p,): one VJP at the training inputs, kept until δ changes."""
         self._check_fitted()
-        if self._theta_map is None:
+        if self._step is None:
             alpha = self._alpha.to(self.network.dtype).reshape(1, *self.f0.shape)
-            self._theta_map = self.network.theta0 + self.network.vjp(self.train_x, alpha)[0]
-        return self._theta_map
+            self._step = self.network.vjp(self.train_x, alpha)[0]
+        return self._step
 
     @property
     def covariance(self) -> PosteriorCovariance:
@@ -321,11 +325,12 @@ class Laplace:
         """Mean (m, C) of f_lin at θ_MAP and, for ``spread`` "diag" / "full" / "none", its variance
         (m, C), its covariance blocks (m, C, C) or None."""
         net, c, delta = self.network, self.num_outputs, self.prior_precision
+        if spread == "none":  # the mean alone is one JVP along θ_MAP − θ0; K(x, X) is for the spread
+            with torch.no_grad():
+                return (net(x) + net.jvp(x, self._map_step().unsqueeze(0))[0]).double(), None
         cross = self._cross_kernel(x)
         with torch.no_grad():
             mean = net(x).double() + (cross @ self._alpha).reshape(-1, c)
-        if spread == "none":
-            return mean, None
         reduced = (cross @ self._middle).reshape(-1, c, cross.shape[-1])
         cross = cross.reshape(-1, c, cross.shape[-1])
         if spread == "diag":
