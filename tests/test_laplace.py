@@ -170,6 +170,8 @@ def test_stochastic_lanczos_quadrature_log_determinant(classified, hessian):
     assert abs(float(estimate) - exact) < 4 * 0.5 * stderr
     with pytest.raises(ValueError, match="probes needs rank"):
         la.log_marginal_likelihood(probes=3)
+    with pytest.raises(ValueError, match="steps and probes must be >= 1"):
+        la.log_marginal_likelihood(rank=4, probes=0)
 
 
 @pytest.mark.parametrize("hessian", ["exact", "finite_difference", "central_difference"])
