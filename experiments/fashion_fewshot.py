@@ -133,7 +133,8 @@ def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test:
     laplace = Laplace(suffix, "classification", prior_precision=1.0 if fixed is None else fixed,
                       num_classes=NUM_CLASSES, chunk_size=chunk).fit(x, y)
     if fixed is None:
-        delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64))
+        delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64),
+                                                 progress=False)
     else:
         delta = laplace.prior_precision
     shared = time.perf_counter() - clock

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
 from .functional import FunctionalNetwork, map_blocks
@@ -298,18 +299,19 @@ class Laplace:
         rho = max(0.0, float(self._evals.sum() - lam.sum())) / rest if rest > 0 else 0.0
         return lam, q, rho, rest
 
-    def optimize_prior_precision(self, grid: Tensor | None = None) -> float:
+    def optimize_prior_precision(self, grid: Tensor | None = None, progress: bool = True) -> float:
         """Set δ to the grid value (default 10^-4 … 10^4, 33 points) of largest evidence; return it.
 
-        Each grid value costs the MAP (Newton, warm-started) and one Cholesky factor of the N × N matrix.
-        Warns when the best value is an end of the grid (the optimum may lie beyond it).
+        Each grid value costs the MAP (Newton, warm-started) and one Cholesky factor of the N × N matrix
+        (a progress bar over the grid unless ``progress`` is False). Warns when the best value is an
+        end of the grid (the optimum may lie beyond it).
         """
         self._check_fitted()
         grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else torch.as_tensor(grid)
         if grid.dim() != 1 or not (grid > 0).all():
             raise ValueError("grid must be a 1-d tensor of prior precisions > 0")
         best, best_value = None, -math.inf
-        for delta in grid.tolist():
+        for delta in tqdm(grid.tolist(), desc="prior precision", disable=not progress):
             value, self._alpha = self._evidence(delta)  # warm start for the next grid value
             if value > best_value:
                 best, best_value = delta, value
