@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
 from .functional import FunctionalNetwork, map_blocks
-from .lanczos_quadrature import stochastic_lanczos_quadrature
+from .lanczos import stochastic_lanczos_quadrature
 from .likelihoods import get_likelihood
 from .linearised_model import (TASKS, check_task, log_likelihood, make_network, mc_class_probabilities,
                                prepare_data, randn)
@@ -270,7 +270,7 @@ class Laplace:
           concavity of log an upper bound on it (a lower bound on the evidence), exact once r reaches
           the rank of F.
         - rank r, probes m: stochastic Lanczos quadrature of tr log(I + F/δ), r steps from each of m
-          Rademacher probes (:func:`ntkgp.lanczos_quadrature.stochastic_lanczos_quadrature`); unbiased
+          Rademacher probes (:func:`ntkgp.lanczos.stochastic_lanczos_quadrature`); unbiased
           once r exceeds the rank of F, standard error ∝ 1/√m. Needs no trace of F.
         """
         self._check_fitted()

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .functional import FunctionalNetwork
 from .gram_operator import GramOperator
+from .lanczos import reorthogonalisation_tolerance
 from .ntk_operator import NTKOperator
 from .solver import Solver
 
@@ -81,7 +82,8 @@ def lanczos_spectrum(operator: LinearOperator, rank: int) -> GramSpectrum:
     generator = torch.Generator(device=operator.device).manual_seed(0)
     start = torch.randn(p, 1, generator=generator, dtype=operator.dtype, device=operator.device)
     q, t = lanczos_tridiag(operator._matmul, max_iter=rank, dtype=operator.dtype, device=operator.device,
-                           matrix_shape=operator.shape, tol=1e-10, init_vecs=start)
+                           matrix_shape=operator.shape, tol=reorthogonalisation_tolerance(operator.dtype),
+                           init_vecs=start)
     evals, s = torch.linalg.eigh(t)
     keep = _numerical_rank_mask(evals, p)
     return GramSpectrum(evals[keep], (q @ s)[:, keep], exact=rank == p)

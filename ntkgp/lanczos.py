@@ -1,4 +1,5 @@
-"""Stochastic Lanczos quadrature: tr f(A) of a symmetric (p × p) operator from Lanczos runs on random probes.
+"""Lanczos helpers on linear_operator's recurrence: its reorthogonalisation tolerance, and stochastic
+Lanczos quadrature, tr f(A) of a symmetric (p × p) operator from Lanczos runs on random probes.
 
 tr f(A) ≈ (p/m) Σ_i Σ_j τ_ij² f(θ_ij) (Ubaru, Chen & Saad 2017): for each of m Rademacher probes z_i,
 s Lanczos steps started at z_i/‖z_i‖ give Ritz values θ_ij and the first components τ_ij of the
@@ -18,7 +19,17 @@ from linear_operator.utils.lanczos import lanczos_tridiag, lanczos_tridiag_to_di
 from linear_operator.utils.stochastic_lq import StochasticLQ
 from torch import Tensor
 
-__all__ = ["rademacher_probes", "stochastic_lanczos_quadrature"]
+__all__ = ["rademacher_probes", "reorthogonalisation_tolerance", "stochastic_lanczos_quadrature"]
+
+
+def reorthogonalisation_tolerance(dtype: torch.dtype) -> float:
+    """``tol`` for linear_operator's ``lanczos_tridiag``: √eps of ``dtype``.
+
+    The recurrence stops as soon as ten reorthogonalisation passes cannot push every inner product with
+    the earlier Lanczos vectors below ``tol``; a fixed 1e-10 is out of float32's reach (about 1e-8), and
+    Lanczos then stopped after a handful of steps whatever the number asked for.
+    """
+    return torch.finfo(dtype).eps ** 0.5
 
 
 def rademacher_probes(size: int, count: int, generator: torch.Generator | None = None,
@@ -46,7 +57,8 @@ def stochastic_lanczos_quadrature(operator: LinearOperator, fn: Callable[[Tensor
     p = operator.shape[-1]
     z = rademacher_probes(p, probes, generator, operator.dtype, operator.device)
     _, t = lanczos_tridiag(operator._matmul, max_iter=steps, dtype=operator.dtype, device=operator.device,
-                           matrix_shape=operator.shape, init_vecs=z, tol=1e-10)
+                           matrix_shape=operator.shape, init_vecs=z,
+                           tol=reorthogonalisation_tolerance(operator.dtype))
     if probes == 1:  # lanczos_tridiag drops the probe dimension for a single start vector
         t = t.unsqueeze(0)
     evals, evecs = lanczos_tridiag_to_diag(t)
