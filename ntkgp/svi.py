@@ -128,11 +128,12 @@ class SVI:
                 expected = log_likelihood(self.task, f, targets, self.noise).mean() * (num_data / x.shape[0])
                 (grad_f,) = torch.autograd.grad(expected, f)
                 grad_delta = net.vjp(x, grad_f)  # ∂ E[log p] / ∂Δ for each sample
-                loss = self.kl() - (delta * grad_delta).sum()
+                kl = self.kl()
+                loss = kl - (delta * grad_delta).sum()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                values.append(float(expected.detach()) - float(self.kl().detach()))
+                values.append(float(expected.detach()) - float(kl.detach()))  # both at the pre-step q
             self.history.append(sum(values) / len(values))
             if schedule is not None:
                 schedule.step()
