@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, map_blocks
+from .functional import FunctionalNetwork, as_functional_network, map_blocks
 from .gram_operator import GramOperator
 from .likelihoods import get_likelihood
 from .validation import check_inputs
@@ -129,7 +129,7 @@ def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood:
     if method not in FISHER_METHODS:
         raise ValueError(f"method must be one of {FISHER_METHODS}, got {method!r}")
     lik = get_likelihood(likelihood)
-    network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
+    network = as_functional_network(model, params, chunk_size)
     check_inputs(x, network.dtype, "x")
     lik.check(network.num_outputs(x))
     if epsilon is None:

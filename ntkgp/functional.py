@@ -18,7 +18,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from .validation import check_eval_mode
 
-__all__ = ["FunctionalNetwork", "map_blocks", "select_parameters"]
+__all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "select_parameters"]
 
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
                             r"|derivative for (\S+) is not implemented", re.IGNORECASE)
@@ -213,6 +213,12 @@ class FunctionalNetwork:
         per_sample = vmap(jacrev(lambda theta, xi: self(xi.unsqueeze(0), theta)[0]), in_dims=(None, 0))
         for start in range(0, x.shape[0], b):
             yield per_sample(self.theta0, x[start:start + b])
+
+
+def as_functional_network(model: nn.Module | FunctionalNetwork, params: Sequence[str] | None = None,
+                          chunk_size: int = 32) -> FunctionalNetwork:
+    """``model`` itself if it is a :class:`FunctionalNetwork`, else a snapshot of the module."""
+    return model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
 
 
 def map_blocks(fn, vectors: Tensor, block: int) -> Tensor:

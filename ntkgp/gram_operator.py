@@ -12,7 +12,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, map_blocks
+from .functional import FunctionalNetwork, as_functional_network, map_blocks
 from .validation import check_inputs
 
 __all__ = ["GramOperator", "gram_operator"]
@@ -67,7 +67,7 @@ class GramOperator(LinearOperator):
 def gram_operator(model: nn.Module | FunctionalNetwork, x: Tensor, params: Sequence[str] | None = None,
                   chunk_size: int = 32) -> GramOperator:
     """The (p × p) operator J(x)ᵀ J(x) of ``model`` on inputs x (n, ...); ``params`` as in :func:`ntk_operator`."""
-    network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
+    network = as_functional_network(model, params, chunk_size)
     check_inputs(x, network.dtype, "x")
     network.num_outputs(x)
     return GramOperator(x, network=network)

@@ -10,7 +10,7 @@ import torch
 from linear_operator.operators import DenseLinearOperator
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork
+from .functional import FunctionalNetwork, as_functional_network
 from .ntk_operator import NTKOperator
 from .validation import check_inputs
 
@@ -39,7 +39,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
     def __init__(self, model: nn.Module | FunctionalNetwork, params: Sequence[str] | None = None,
                  input_shape: Sequence[int] | None = None, chunk_size: int = 32, **kwargs):
         super().__init__(**kwargs)
-        self.network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
+        self.network = as_functional_network(model, params, chunk_size)
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self._num_outputs: int | None = None
         self._memo: dict | None = None

@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
-from .functional import FunctionalNetwork, map_blocks
+from .functional import FunctionalNetwork, as_functional_network, map_blocks
 from .lanczos import stochastic_lanczos_quadrature
 from .likelihoods import get_likelihood
-from .linearised_model import (TASKS, check_task, log_likelihood, make_network, mc_class_probabilities,
+from .linearised_model import (TASKS, check_task, log_likelihood, mc_class_probabilities,
                                prepare_data, randn)
 from .ntk_gp import Prediction
 from .ntk_operator import NTKOperator
@@ -110,7 +110,7 @@ class Laplace:
         if hessian not in FISHER_METHODS:
             raise ValueError(f"hessian must be one of {FISHER_METHODS}, got {hessian!r}")
         self.task, self.hessian, self.prior_precision = likelihood, hessian, float(prior_precision)
-        self.network = make_network(model, params, chunk_size)
+        self.network = as_functional_network(model, params, chunk_size)
         self.num_classes, self.max_size = num_classes, max_size
         self.train_x: Tensor | None = None
 

@@ -4,16 +4,15 @@ linearised network f_lin(x; θ) = f(x; θ0) + J(x)(θ − θ0) with the prior N(
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .functional import FunctionalNetwork
 from .likelihoods import get_likelihood
 from .validation import check_inputs, check_labels, check_positive, check_targets
 
-__all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "make_network", "mc_class_probabilities",
+__all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "mc_class_probabilities",
            "prepare_data", "randn"]
 
 # task -> likelihood of :mod:`ntkgp.likelihoods` whose Fisher is the task's Hessian in the outputs
@@ -32,11 +31,6 @@ def check_task(likelihood: str, noise: float | None, prior_precision: float) -> 
                              "classification")
         return None
     return 1.0 if noise is None else float(noise)
-
-
-def make_network(model: nn.Module | FunctionalNetwork, params: Sequence[str] | None,
-                 chunk_size: int) -> FunctionalNetwork:
-    return model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
 
 
 def prepare_data(task: str, network: FunctionalNetwork, x: Tensor, y: Tensor,

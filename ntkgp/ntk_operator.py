@@ -12,7 +12,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, map_blocks
+from .functional import FunctionalNetwork, as_functional_network, map_blocks
 from .validation import check_inputs
 
 __all__ = ["NTKOperator", "ntk_operator"]
@@ -121,7 +121,7 @@ def ntk_operator(model: nn.Module | FunctionalNetwork, x1: Tensor, x2: Tensor | 
     ``params`` selects the parameters to linearise in (names or module prefixes, default all with
     ``requires_grad``); ``chunk_size`` bounds how many vectors go through the network at once.
     """
-    network = model if isinstance(model, FunctionalNetwork) else FunctionalNetwork(model, params, chunk_size)
+    network = as_functional_network(model, params, chunk_size)
     check_inputs(x1, network.dtype, "x1")
     if x2 is None:
         x2 = x1

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.nn.functional import softplus
 from tqdm.auto import tqdm
 
-from .functional import FunctionalNetwork
-from .linearised_model import (check_task, linearised_outputs, log_likelihood, make_network, mc_class_probabilities,
+from .functional import FunctionalNetwork, as_functional_network
+from .linearised_model import (check_task, linearised_outputs, log_likelihood, mc_class_probabilities,
                                prepare_data, randn)
 from .ntk_gp import Prediction
 from .validation import check_inputs, check_positive
@@ -45,7 +45,7 @@ class SVI:
         self.noise = check_task(likelihood, noise, prior_precision)
         check_positive(init_scale, "init_scale")
         self.task, self.prior_precision, self.num_classes = likelihood, float(prior_precision), num_classes
-        self.network = make_network(model, params, chunk_size)
+        self.network = as_functional_network(model, params, chunk_size)
         net = self.network
         self.loc = torch.zeros(net.num_params, dtype=net.dtype, device=net.device, requires_grad=True)
         scale = torch.full_like(self.loc, init_scale / math.sqrt(self.prior_precision))
