@@ -13,17 +13,18 @@ products:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, as_functional_network, map_blocks
+from .functional import FunctionalNetwork, as_functional_network
 from .gram_operator import GramOperator
 from .likelihoods import get_likelihood
-from .validation import check_inputs
+from .validation import as_positive_float, check_choice, check_finite, check_inputs, check_tensor
 
-__all__ = ["FISHER_METHODS", "FisherOperator", "default_epsilon", "fisher_operator"]
+__all__ = ["FISHER_METHODS", "FisherOperator", "check_epsilon", "default_epsilon", "fisher_operator"]
 
 FISHER_METHODS = ("exact", "finite_difference", "central_difference")
 
@@ -43,6 +44,30 @@ def default_epsilon(theta0: Tensor, method: str = "finite_difference") -> float:
     return (eps * (1.0 + float(theta0.norm()))) ** 0.5
 
 
+def check_epsilon(epsilon, theta0: Tensor, method: str = "finite_difference") -> float:
+    """``epsilon`` as a finite step > 0 that survives the rounding of θ0 + εv/‖v‖.
+
+    The relative rounding error of a difference quotient is about eps·(1 + ‖θ0‖)/ε (see
+    :func:`default_epsilon`; it overestimates the measured error about tenfold): above 1 a RuntimeWarning
+    says the product is dominated by rounding, above 1000 (ε = 1e-30, say, where the product underflows
+    to 0) it is an error.
+    """
+    step = as_positive_float(epsilon, "epsilon")
+    norm = float(theta0.norm())
+    rounding = torch.finfo(theta0.dtype).eps * (1 + norm) / step
+    advice = (f"the default for these weights is {default_epsilon(theta0, method):.2g} "
+              "(leave epsilon=None), or use method='exact'")
+    if rounding > 1e3:
+        raise ValueError(f"epsilon = {step:g} is too small for {theta0.dtype} weights of norm {norm:.3g}: the step "
+                         f"θ0 + εv/‖v‖ is lost in rounding (estimated relative error eps·(1 + ‖θ0‖)/ε = "
+                         f"{rounding:.2g}); {advice}")
+    if rounding > 1:
+        warnings.warn(f"epsilon = {step:g} is small for {theta0.dtype} weights of norm {norm:.3g}: the "
+                      f"finite-difference products are dominated by rounding (estimated relative error "
+                      f"{rounding:.2g}); {advice}", RuntimeWarning, stacklevel=3)
+    return step
+
+
 class FisherOperator(GramOperator):
     """F = Σ_i J_iᵀ H_i J_i over inputs x (n, ...), shape (p, p).
 
@@ -55,26 +80,47 @@ class FisherOperator(GramOperator):
     empty there and every product would pay one more forward pass.
     """
 
+    _derived = ("f0",)
+
     def __init__(self, x: Tensor, *, network: FunctionalNetwork, likelihood: str, method: str, epsilon: float,
-                 at: Tensor | None = None, f0: Tensor | None = None):
+                 at: Tensor | None = None, f0: Tensor | None = None, batch_shape: torch.Size | tuple[int, ...] = ()):
         if f0 is None and (method != "exact" or at is None):
-            with torch.no_grad():
-                f0 = network(x)
-        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at, f0=f0)
+            f0 = network.outputs(x)
+        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at, f0=f0,
+                         batch_shape=batch_shape)
         self.likelihood, self.method, self.epsilon, self.at = get_likelihood(likelihood), method, epsilon, at
         self.f0 = f0
 
-    def hessian_outputs(self) -> Tensor:
-        """The outputs (n, C) at which H is evaluated: ``at`` if given, else f(x; θ0)."""
-        return self.f0 if self.at is None else self.at
+    def _differentiating(self) -> bool:
+        """Whether autograd wants gradients of the products in x (or in ``at``)."""
+        return torch.is_grad_enabled() and (self.x.requires_grad or (self.at is not None and self.at.requires_grad))
 
-    def _matmul(self, rhs: Tensor) -> Tensor:
-        if rhs.dim() == 1:
-            return self._matmul(rhs.unsqueeze(-1)).squeeze(-1)
-        net = self.network
-        product = self._exact if self.method == "exact" else self._finite_difference
-        out = map_blocks(product, rhs.mT.reshape(-1, net.num_params), net.chunk_size)
-        return out.reshape(*rhs.shape[:-2], rhs.shape[-1], -1).mT
+    def hessian_outputs(self) -> Tensor:
+        """The outputs (n, C) at which H is evaluated: ``at`` if given, else f(x; θ0) (recomputed with its graph
+        when gradients in x are wanted, so that they include H's dependence on x)."""
+        if self.at is not None:
+            return self.at
+        return self.network(self.x) if self._differentiating() else self.f0
+
+    def _product(self, v: Tensor) -> Tensor:
+        """F v for v (k, p) -> (k, p). Finite differences give the value; when gradients in x are wanted
+        they are those of the exact product (the derivative of a difference quotient in x would be a
+        difference quotient of derivatives, its rounding amplified by 1/ε), at the cost of one exact
+        product more."""
+        if self.method == "exact":
+            return self._exact(v)
+        try:
+            with torch.no_grad():
+                value = self._finite_difference(v)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"the {self.method.replace('_', '-')} Fisher product with step epsilon = "
+                                     f"{self.epsilon:.3g} is not finite: the step θ0 + εv/‖v‖ moves the outputs too "
+                                     "far for a difference quotient (saturated logits?) or they overflow at these "
+                                     "inputs; use a smaller epsilon or method='exact'") from err
+        if self._differentiating():
+            exact = self._exact(v)
+            value = value + (exact - exact.detach())
+        return value
 
     def _exact(self, v: Tensor) -> Tensor:
         """Jᵀ H J v for v (k, p) -> (k, p)."""
@@ -100,7 +146,7 @@ class FisherOperator(GramOperator):
         # two calls, not one over 2k rows: a single vector then stays a plain (un-vmapped) pass each way
         return gradients(scale).sub_(gradients(-scale)).mul_(norms / (2 * self.epsilon))
 
-    def _diagonal(self) -> Tensor:
+    def _diagonal_matrix(self) -> Tensor:
         """Exact diagonal Σ_i diag(J_iᵀ H_i J_i) (p,), from per-sample Jacobians in chunks."""
         f, diag, start = self.hessian_outputs(), torch.zeros(self.shape[-1], dtype=self.dtype, device=self.device), 0
         for jac in self.network.jacobian_chunks(self.x):  # (b, C, p)
@@ -113,7 +159,7 @@ class FisherOperator(GramOperator):
 
 def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood: str = "gaussian",
                     method: str = "finite_difference", epsilon: float | None = None,
-                    params: Sequence[str] | None = None, chunk_size: int = 32,
+                    params: Sequence[str] | str | None = None, chunk_size: int | None = None,
                     at: Tensor | None = None) -> FisherOperator:
     """The (p × p) Fisher of ``model`` on inputs x (n, ...) for ``likelihood``.
 
@@ -122,21 +168,23 @@ def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood:
             outputs, C >= 2) or "heteroscedastic" (outputs [mean, log-variance]).
         method: "finite_difference" (one gradient per product, error O(ε)), "central_difference" (two
             gradients, error O(ε²)) or "exact" (JVP then VJP).
-        epsilon: finite-difference step along v/‖v‖ (> 0); default :func:`default_epsilon`.
+        epsilon: finite-difference step along v/‖v‖ (> 0); default :func:`default_epsilon`; steps lost in
+            the rounding of θ0 + εv/‖v‖ are refused, small ones warned about (:func:`check_epsilon`).
         params, chunk_size: as in :func:`ntkgp.ntk_operator`.
         at: outputs (n, C) at which H is evaluated (default f(x; θ0)), e.g. linearised MAP logits.
     """
-    if method not in FISHER_METHODS:
-        raise ValueError(f"method must be one of {FISHER_METHODS}, got {method!r}")
+    check_choice(method, "method", FISHER_METHODS)
     lik = get_likelihood(likelihood)
     network = as_functional_network(model, params, chunk_size)
-    check_inputs(x, network.dtype, "x")
-    lik.check(network.num_outputs(x))
-    if epsilon is None:
-        epsilon = default_epsilon(network.theta0, method)
-    elif not float(epsilon) > 0:
-        raise ValueError(f"epsilon must be > 0 (a step length along v/‖v‖), got {epsilon}")
-    if at is not None and at.shape != (x.shape[0], network.num_outputs(x)):
-        raise ValueError(f"at must hold the outputs (n, C) = {(x.shape[0], network.num_outputs(x))} at which H is "
-                         f"evaluated, got {tuple(at.shape)}")
-    return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=float(epsilon), at=at)
+    check_inputs(x, network.dtype, "x", network.device)
+    num_outputs = network.num_outputs(x)
+    lik.check(num_outputs)
+    epsilon = default_epsilon(network.theta0, method) if epsilon is None else check_epsilon(epsilon, network.theta0,
+                                                                                             method)
+    if at is not None:
+        check_tensor(at, "at", "(n, C)")
+        if at.shape != (x.shape[0], num_outputs) or at.dtype != network.dtype:
+            raise ValueError(f"at must hold the outputs (n, C) = {(x.shape[0], num_outputs)} in {network.dtype} at "
+                             f"which H is evaluated, got {tuple(at.shape)} in {at.dtype}")
+        check_finite(at, "at", "pass finite outputs")
+    return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at)

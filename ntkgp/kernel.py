@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from .functional import FunctionalNetwork, as_functional_network
 from .ntk_operator import NTKOperator
-from .validation import check_inputs
+from .validation import as_count, check_inputs, check_tensor
 
 __all__ = ["NTKKernel"]
 
@@ -25,36 +26,61 @@ class NTKKernel(gpytorch.kernels.Kernel):
     them. With C > 1 outputs the covariance is (n·C × n'·C), interleaved as in
     :class:`~gpytorch.distributions.MultitaskMultivariateNormal` with ``interleaved=True``.
     Wrap it in :class:`~gpytorch.kernels.ScaleKernel` for an output scale. The network is held as a
-    frozen snapshot, not as a submodule: ``.train()`` on the GP never touches it.
+    frozen snapshot, not as a submodule: ``.train()`` on the GP never touches it, while ``.to(...)``,
+    ``.double()``, ``.float()`` on the kernel or on any model holding it convert the snapshot too.
 
     Args:
         model: the network (eval mode), or a :class:`FunctionalNetwork`.
         params: the parameters to linearise in (names or module prefixes; default all trainable).
-        input_shape: per-example input shape of the network.
-        chunk_size: vectors pushed through the network at once.
+        input_shape: per-example input shape of the network (a sequence of sizes, or one int).
+        chunk_size: vectors pushed through the network at once (default 32).
     """
 
     has_lengthscale = False
 
-    def __init__(self, model: nn.Module | FunctionalNetwork, params: Sequence[str] | None = None,
-                 input_shape: Sequence[int] | None = None, chunk_size: int = 32, **kwargs):
+    def __init__(self, model: nn.Module | FunctionalNetwork, params: Sequence[str] | str | None = None,
+                 input_shape: Sequence[int] | int | None = None, chunk_size: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.network = as_functional_network(model, params, chunk_size)
-        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.input_shape = _as_shape(input_shape)
         self._num_outputs: int | None = None
         self._memo: dict | None = None
 
-    def _inputs(self, x: Tensor) -> Tensor:
+    def __call__(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False,
+                 **params):
+        """GPyTorch's kernel call, after a check of the inputs' types and feature counts (GPyTorch's own errors
+        for these come from deep inside it)."""
+        for name, x in (("x1", x1), ("x2", x2)):
+            if x is not None:
+                check_tensor(x, name, "(n, d)")
+                if x.dim() < 2:
+                    raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
+        if x2 is not None and x2.shape[-1] != x1.shape[-1]:
+            raise ValueError(f"x1 has {x1.shape[-1]} features per input but x2 has {x2.shape[-1]}; they must match")
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Conversions (``.to``, ``.double()``, …) reach the network snapshot, as they reach a submodule."""
+        self.network._apply(fn)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _inputs(self, x: Tensor, name: str = "x") -> Tensor:
         if x.dim() != 2:
             raise NotImplementedError(f"NTKKernel takes inputs of shape (n, d); got {tuple(x.shape)} "
                                       "(batched inputs are not supported yet)")
-        check_inputs(x, self.network.dtype)
-        return x if self.input_shape is None else x.reshape(x.shape[0], *self.input_shape)
+        check_inputs(x, self.network.dtype, name, self.network.device)
+        if self.input_shape is None:
+            return x
+        if x.shape[-1] != math.prod(self.input_shape):
+            raise ValueError(f"{name} has d = {x.shape[-1]} features per input but input_shape {self.input_shape} "
+                             f"holds {math.prod(self.input_shape)}: pass inputs (n, {math.prod(self.input_shape)}) "
+                             "or the matching input_shape")
+        return x.reshape(x.shape[0], *self.input_shape)
 
     def num_outputs(self, x: Tensor) -> int:
         """C, the network's output width (one forward pass on first use)."""
         if self._num_outputs is None:
-            self._num_outputs = self.network.num_outputs(self._inputs(x[:1]))
+            self._num_outputs = self.network.num_outputs(self._inputs(x))
         return self._num_outputs
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
@@ -63,8 +89,10 @@ class NTKKernel(gpytorch.kernels.Kernel):
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         if last_dim_is_batch:
             raise ValueError("NTKKernel does not support last_dim_is_batch=True (deprecated in GPyTorch)")
-        a = self._inputs(x1)
-        b = a if (x2 is x1 or (x2.shape == x1.shape and torch.equal(x1, x2))) else self._inputs(x2)
+        a = self._inputs(x1, "x1")
+        if x2.dim() == 2 and x2.shape[-1] != x1.shape[-1]:
+            raise ValueError(f"x1 has {x1.shape[-1]} features per input but x2 has {x2.shape[-1]}; they must match")
+        b = a if (x2 is x1 or (x2.shape == x1.shape and torch.equal(x1, x2))) else self._inputs(x2, "x2")
         op = NTKOperator(a, b, network=self.network, num_outputs=self.num_outputs(x1))
         if diag:
             return op._diagonal()
@@ -89,3 +117,14 @@ class NTKKernel(gpytorch.kernels.Kernel):
             yield
         finally:
             self._memo = None
+
+
+def _as_shape(shape: Sequence[int] | int | None) -> tuple[int, ...] | None:
+    """``input_shape`` as a tuple of positive sizes (an int is a one-dimensional shape)."""
+    if shape is None:
+        return None
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, Sequence) or isinstance(shape, str):
+        raise TypeError(f"input_shape must be a sequence of sizes such as (1, 28, 28), got {type(shape).__name__}")
+    return tuple(as_count(size, "input_shape entries") for size in shape)

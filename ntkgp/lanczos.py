@@ -19,6 +19,8 @@ from linear_operator.utils.lanczos import lanczos_tridiag, lanczos_tridiag_to_di
 from linear_operator.utils.stochastic_lq import StochasticLQ
 from torch import Tensor
 
+from .validation import check_generator
+
 __all__ = ["rademacher_probes", "reorthogonalisation_tolerance", "stochastic_lanczos_quadrature"]
 
 
@@ -35,7 +37,7 @@ def reorthogonalisation_tolerance(dtype: torch.dtype) -> float:
 def rademacher_probes(size: int, count: int, generator: torch.Generator | None = None,
                       dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
     """(size, count) independent ±1 entries, drawn on the generator's device (CPU by default), then moved."""
-    draw_device = generator.device if generator is not None else "cpu"
+    draw_device = check_generator(generator).device if generator is not None else "cpu"
     bits = torch.randint(0, 2, (size, count), generator=generator, device=draw_device)
     return (2 * bits - 1).to(dtype=dtype or torch.get_default_dtype(), device=device)
 

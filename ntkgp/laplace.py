@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
 from .functional import FunctionalNetwork, as_functional_network, map_blocks
+from .network_operator import NetworkOperator
 from .lanczos import stochastic_lanczos_quadrature
 from .likelihoods import get_likelihood
 from .linearised_model import (TASKS, check_task, log_likelihood, mc_class_probabilities,
@@ -37,38 +38,36 @@ from .linearised_model import (TASKS, check_task, log_likelihood, mc_class_proba
 from .ntk_gp import Prediction
 from .ntk_operator import NTKOperator
 from .parameter_space import lanczos_spectrum
-from .validation import check_inputs
+from .validation import as_count, as_positive_float, check_choice, check_generator, check_inputs, check_prediction
 
 __all__ = ["Laplace", "PosteriorCovariance"]
 
 _LINKS = ("probit", "mc", "map")
 
 
-class PosteriorCovariance(LinearOperator):
+class PosteriorCovariance(NetworkOperator):
     """Σ = (I − J(x)ᵀ M J(x))/δ, shape (p, p): a product is one JVP and one VJP at x.
 
-    Args: x (n, ...), middle M (n·C, n·C), delta δ (a 0-d tensor); keyword ``network``.
+    Args: x (n, ...), middle M (n·C, n·C), delta δ (a 0-d tensor); keywords ``network`` and ``batch_shape``
+    (see :class:`~ntkgp.network_operator.NetworkOperator`). M was computed from the training inputs x, so
+    the products are not differentiable in x (x is used detached); they are in M and δ.
     """
 
-    def __init__(self, x: Tensor, middle: Tensor, delta: Tensor, *, network: FunctionalNetwork):
-        super().__init__(x, middle, delta, network=network)
-        self.x, self.middle, self.delta, self.network = x, middle, delta, network
+    def __init__(self, x: Tensor, middle: Tensor, delta: Tensor, *, network: FunctionalNetwork,
+                 batch_shape: torch.Size | tuple[int, ...] = ()):
+        super().__init__(x, middle, delta, network=network, batch_shape=batch_shape)
+        self.x, self.middle, self.delta = x, middle, delta
 
-    def _size(self) -> torch.Size:
-        return torch.Size([self.network.num_params, self.network.num_params])
+    def _matrix_shape(self) -> tuple[int, int]:
+        return self.network.num_params, self.network.num_params
 
-    def _transpose_nonbatch(self) -> PosteriorCovariance:
-        return self
-
-    def _matmul(self, rhs: Tensor) -> Tensor:
-        if rhs.dim() == 1:
-            return self._matmul(rhs.unsqueeze(-1)).squeeze(-1)
-        net, n = self.network, self.x.shape[0]
+    def _matmul_matrix(self, rhs: Tensor) -> Tensor:
+        net, n, x = self.network, self.x.shape[0], self.x.detach()
 
         def block(v: Tensor) -> Tensor:
-            jv = net.jvp(self.x, v).reshape(v.shape[0], -1)
-            w = (jv.to(self.middle.dtype) @ self.middle).to(v.dtype)
-            return (v - net.vjp(self.x, w.reshape(v.shape[0], n, -1))) / self.delta.to(v.dtype)
+            jv = net.jvp(x, v).reshape(v.shape[0], -1)
+            w = (jv.to(self.middle.dtype) @ self.middle.mT).to(v.dtype)  # rows (M J v)ᵀ
+            return (v - net.vjp(x, w.reshape(v.shape[0], n, -1))) / self.delta.to(v.dtype)
 
         return map_blocks(block, rhs.mT, net.chunk_size).mT
 
@@ -77,6 +76,17 @@ def _blockwise(blocks: Tensor, vectors: Tensor) -> Tensor:
     """Apply the block-diagonal matrix with blocks (n, C, C) to vectors (..., n·C) -> (..., n·C)."""
     n, c = blocks.shape[0], blocks.shape[-1]
     return torch.einsum("iab,...ib->...ia", blocks, vectors.reshape(*vectors.shape[:-1], n, c)).flatten(-2)
+
+
+def _as_grid(grid) -> Tensor:
+    """A grid of prior precisions (a sequence or tensor) as a 1-d float64 tensor of finite values > 0."""
+    try:
+        values = torch.as_tensor(grid, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"grid must be a 1-d sequence or tensor of prior precisions > 0, got {grid!r}") from err
+    if values.dim() != 1 or values.numel() == 0 or not bool((torch.isfinite(values) & (values > 0)).all()):
+        raise ValueError(f"grid must be a non-empty 1-d sequence of finite prior precisions > 0, got {grid!r}")
+    return values
 
 
 def _psd_sqrt(blocks: Tensor) -> Tensor:
@@ -103,15 +113,15 @@ class Laplace:
     """
 
     def __init__(self, model: nn.Module | FunctionalNetwork, likelihood: str = "regression",
-                 params: Sequence[str] | None = None, hessian: str = "exact", prior_precision: float = 1.0,
-                 noise: float | None = None, num_classes: int | None = None, chunk_size: int = 32,
+                 params: Sequence[str] | str | None = None, hessian: str = "exact", prior_precision: float = 1.0,
+                 noise: float | None = None, num_classes: int | None = None, chunk_size: int | None = None,
                  max_size: int = 8192):
         self.noise = check_task(likelihood, noise, prior_precision)
-        if hessian not in FISHER_METHODS:
-            raise ValueError(f"hessian must be one of {FISHER_METHODS}, got {hessian!r}")
-        self.task, self.hessian, self.prior_precision = likelihood, hessian, float(prior_precision)
+        self.task, self.hessian = likelihood, check_choice(hessian, "hessian", FISHER_METHODS)
+        self.prior_precision = as_positive_float(prior_precision, "prior_precision")
         self.network = as_functional_network(model, params, chunk_size)
-        self.num_classes, self.max_size = num_classes, max_size
+        self.num_classes = None if num_classes is None else as_count(num_classes, "num_classes", minimum=2)
+        self.max_size = as_count(max_size, "max_size")
         self.train_x: Tensor | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -122,14 +132,16 @@ class Laplace:
         trained network, as laplace-torch does); the posterior and evidence are then formed at θ0.
         """
         targets, c = prepare_data(self.task, self.network, train_x, train_y, self.num_classes)
+        max_iter = as_count(max_iter, "max_iter")
+        if not isinstance(find_map, bool):
+            raise TypeError(f"find_map must be True or False, got {find_map!r}")
         size = train_x.shape[0] * c
         if size > self.max_size:
             raise ValueError(f"n·C = {size} exceeds max_size = {self.max_size}: this Laplace posterior is exact "
                              "and dense in n·C; use fewer training points, raise max_size, or use ntkgp.SVI")
         self.train_x, self.targets, self.num_outputs, self.max_iter = train_x, targets, c, max_iter
         self.find_map = find_map
-        with torch.no_grad():
-            self.f0 = self.network(train_x)
+        self.f0 = self.network.outputs(train_x, "train_x")
         kernel = NTKOperator(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
         self.kernel = (0.5 * (kernel + kernel.mT)).double()
         self._alpha = torch.zeros(size, dtype=torch.float64, device=kernel.device)
@@ -275,7 +287,9 @@ class Laplace:
         """
         self._check_fitted()
         delta = self.prior_precision
+        rank = None if rank is None else as_count(rank, "rank")
         if probes is not None:
+            probes = as_count(probes, "probes")
             if rank is None:
                 raise ValueError("probes needs rank: the number of Lanczos steps per probe")
             scaled = (self.fisher() * (1.0 / delta)).add_diagonal(torch.tensor(1.0, dtype=self.network.dtype,
@@ -291,8 +305,7 @@ class Laplace:
     def _lanczos(self, rank: int) -> tuple[Tensor, Tensor, float, int]:
         """Top Ritz pairs (λ (r,), Q (p, r)) of F after ``rank`` Lanczos steps, the mean ρ of the rest of
         its spectrum over the other directions, and their number p − r."""
-        if rank < 1:
-            raise ValueError(f"rank must be a positive number of Lanczos steps, got {rank}")
+        rank = as_count(rank, "rank")
         spectrum = lanczos_spectrum(self.fisher(), rank)
         lam, q = spectrum.eigenvalues, spectrum.eigenvectors
         rest = self.network.num_params - lam.numel()
@@ -307,9 +320,7 @@ class Laplace:
         end of the grid (the optimum may lie beyond it).
         """
         self._check_fitted()
-        grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else torch.as_tensor(grid)
-        if grid.dim() != 1 or not (grid > 0).all():
-            raise ValueError("grid must be a 1-d tensor of prior precisions > 0")
+        grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else _as_grid(grid)
         best, best_value = None, -math.inf
         for delta in tqdm(grid.tolist(), desc="prior precision", disable=not progress):
             value, self._alpha = self._evidence(delta)  # warm start for the next grid value
@@ -364,13 +375,15 @@ class Laplace:
         network alone (``link="map"``).
         """
         self._check_fitted()
-        check_inputs(x, self.network.dtype, "x")
-        if link not in _LINKS:
-            raise ValueError(f"link must be one of {_LINKS}, got {link!r}")
+        check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.train_x.shape[1:])
+        check_choice(link, "link", _LINKS)
+        num_samples, batch_size = as_count(num_samples, "num_samples"), as_count(batch_size, "batch_size")
+        check_generator(generator)
         kind = "diag" if self.task == "regression" else {"probit": "diag", "mc": "full", "map": "none"}[link]
         parts = [self._latent(x[i:i + batch_size], kind) for i in range(0, x.shape[0], batch_size)]
         mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
         spread = None if kind == "none" else torch.cat([s for _, s in parts])
+        check_prediction(x, mean=mean, variance=spread)
         if self.task == "regression":
             squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
             return Prediction(squeeze(mean).to(dtype), squeeze(spread).to(dtype))
@@ -388,6 +401,7 @@ class Laplace:
         mass tr F − Σλ is spread evenly over the p − r other directions (precision δ + ρ there).
         """
         self._check_fitted()
+        k, generator = as_count(k, "k"), check_generator(generator)
         net, delta = self.network, self.prior_precision
         z = randn(k, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
         if rank is None:

@@ -91,6 +91,6 @@ _LIKELIHOODS = {cls.name: cls for cls in (Gaussian, Categorical, Heteroscedastic
 
 def get_likelihood(name: str):
     """The likelihood called ``name`` ("gaussian", "categorical", "heteroscedastic")."""
-    if name not in _LIKELIHOODS:
+    if not isinstance(name, str) or name not in _LIKELIHOODS:
         raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(_LIKELIHOODS)}")
     return _LIKELIHOODS[name]()

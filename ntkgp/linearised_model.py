@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .functional import FunctionalNetwork
 from .likelihoods import get_likelihood
-from .validation import check_inputs, check_labels, check_positive, check_targets
+from .validation import as_positive_float, check_choice, check_generator, check_inputs, check_labels, check_targets
 
 __all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "mc_class_probabilities",
            "prepare_data", "randn"]
@@ -21,22 +21,21 @@ TASKS = {"regression": "gaussian", "classification": "categorical"}
 
 def check_task(likelihood: str, noise: float | None, prior_precision: float) -> float | None:
     """Validate the task name, noise and prior precision; return the noise (1.0 by default for regression)."""
-    if likelihood not in TASKS:
-        raise ValueError(f"likelihood must be one of {tuple(TASKS)}, got {likelihood!r}")
-    check_positive(prior_precision, "prior_precision")
-    check_positive(noise, "noise")
+    check_choice(likelihood, "likelihood", tuple(TASKS))
+    as_positive_float(prior_precision, "prior_precision")
+    noise = as_positive_float(noise, "noise", allow_none=True)
     if likelihood == "classification":
         if noise is not None:
             raise ValueError("noise is a regression setting (the Gaussian variance σ²); leave it None for "
                              "classification")
         return None
-    return 1.0 if noise is None else float(noise)
+    return 1.0 if noise is None else noise
 
 
 def prepare_data(task: str, network: FunctionalNetwork, x: Tensor, y: Tensor,
                  num_classes: int | None) -> tuple[Tensor, int]:
     """Checked targets — regression (n, C) floats, classification (n,) labels — and C."""
-    check_inputs(x, network.dtype, "train_x")
+    check_inputs(x, network.dtype, "train_x", network.device)
     c = network.num_outputs(x)
     if task == "regression":
         return check_targets(y, x.shape[0], c, network.dtype), c
@@ -64,6 +63,7 @@ def linearised_outputs(network: FunctionalNetwork, x: Tensor, f0: Tensor, deltas
 def randn(*shape: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None) -> Tensor:
     """Standard normal draws on ``device``, made on the generator's own device (a CPU generator drives
     CUDA runs reproducibly)."""
+    check_generator(generator)
     source = device if generator is None else generator.device
     return torch.randn(*shape, dtype=dtype, device=source, generator=generator).to(device)
 

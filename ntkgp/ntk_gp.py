@@ -1,31 +1,38 @@
 """NTKGP: exact GP regression with the finite NTK of a pretrained network, in function or parameter space.
 
 Prior f ~ GP(m, s² K) with K = J Jᵀ and m = f(·; θ0) (``mean="network"``) or 0 (``mean="zero"``),
-Gaussian noise σ² shared across outputs. Function space runs GPyTorch's exact GP on the lazy
-:class:`NTKKernel` (n·C × n·C solves); parameter space solves with JᵀJ + (σ²/s²)I (p × p) through
-:mod:`ntkgp.parameter_space`. Both give the same numbers; pick the smaller of n·C and p.
+Gaussian noise σ² shared across outputs. Function space solves with s²K + σ²I (n·C × n·C): when the
+solver is dense, through the float64 eigendecomposition of K (the one the evidence uses) and one lazy
+cross-kernel product K(X*, X)[a, U]; beyond, GPyTorch's exact GP on the lazy :class:`NTKKernel` (CG,
+LOVE). Parameter space solves with JᵀJ + (σ²/s²)I (p × p) through :mod:`ntkgp.parameter_space`. Both
+give the same numbers; pick the smaller of n·C and p. Directions whose eigenvalue the network's dtype
+cannot resolve at the current σ²/s² are numerically zero in both (:func:`ntkgp.parameter_space.resolved`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import gpytorch
 import torch
 from gpytorch.constraints import GreaterThan
 from linear_operator.operators import AddedDiagLinearOperator, ConstantDiagLinearOperator
+from linear_operator.utils.errors import NotPSDError
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork
+from .functional import FunctionalNetwork, as_functional_network
 from .gram_operator import GramOperator
 from .kernel import NTKKernel
 from .mean import NetworkMean
 from .ntk_operator import NTKOperator
-from .parameter_space import (GramSpectrum, gram_spectrum, ntk_eigh, spectral_log_marginal_likelihood,
+from .parameter_space import (GramSpectrum, gram_spectrum, ntk_eigh, resolved, spectral_log_marginal_likelihood,
                               spectral_solve, spectral_variance_reduction)
-from .solver import Solver
-from .validation import check_inputs, check_positive, check_targets
+from .solver import Solver, as_solver
+from .validation import as_count, as_positive_float, check_choice, check_inputs, check_prediction, check_targets
 
 __all__ = ["NTKGP", "Prediction"]
 
@@ -42,7 +49,8 @@ class Prediction:
         return self.variance.clamp_min(0).sqrt()
 
     def confidence_region(self, z: float = 1.959964) -> tuple[Tensor, Tensor]:
-        """(lower, upper) of the central interval mean ± z·stddev (95% by default)."""
+        """(lower, upper) of the central interval mean ± z·stddev (95% by default; z > 0)."""
+        z = as_positive_float(z, "z")
         return self.mean - z * self.stddev, self.mean + z * self.stddev
 
 
@@ -72,7 +80,8 @@ class NTKGP(nn.Module):
     """Exact NTK-GP regression on a pretrained network.
 
     Args:
-        model: the pretrained network in eval mode; inputs (n, ...) -> outputs (n,) or (n, C). Not modified.
+        model: the pretrained network in eval mode (or a :class:`FunctionalNetwork`); inputs (n, ...) ->
+            outputs (n,) or (n, C). Not modified; snapshotted as :class:`FunctionalNetwork` describes.
         train_x: (n, ...) inputs; train_y: (n,) for C = 1, (n, C) otherwise.
         params: the parameters to linearise in (names or module prefixes; default all trainable).
         space: ``"function"`` (n·C × n·C solves) or ``"parameter"`` (p × p solves).
@@ -80,26 +89,30 @@ class NTKGP(nn.Module):
             (the Jacobian alone as features).
         noise: σ², shared by all outputs; learned by :meth:`fit` when None.
         outputscale: s², the prior scale of the kernel; learned by :meth:`fit`.
-        solver: a :class:`Solver` (default: Cholesky up to 2048 rows, preconditioned CG beyond).
-        chunk_size: vectors pushed through the network at once.
+        solver: a :class:`Solver` or its method name (default ``"auto"``: Cholesky up to 2048 rows,
+            preconditioned CG beyond).
+        chunk_size: vectors pushed through the network at once (default 32).
+
+    ``.to(dtype/device)``, ``.double()``, ``.float()`` convert the network snapshot with the GP.
     """
 
-    def __init__(self, model: nn.Module, train_x: Tensor, train_y: Tensor, params: Sequence[str] | None = None,
-                 space: str = "function", mean: str = "network", noise: float | None = None,
-                 outputscale: float = 1.0, solver: Solver | None = None, chunk_size: int = 32):
+    def __init__(self, model: nn.Module | FunctionalNetwork, train_x: Tensor, train_y: Tensor,
+                 params: Sequence[str] | str | None = None, space: str = "function", mean: str = "network",
+                 noise: float | None = None, outputscale: float = 1.0, solver: Solver | str | None = None,
+                 chunk_size: int | None = None):
         super().__init__()
-        if space not in ("function", "parameter"):
-            raise ValueError(f"space must be 'function' or 'parameter', got {space!r}")
-        if mean not in ("network", "zero"):
-            raise ValueError(f"mean must be 'network' or 'zero', got {mean!r}")
-        check_positive(noise, "noise")
-        check_positive(outputscale, "outputscale")
-        self.network = FunctionalNetwork(model, params, chunk_size)
-        check_inputs(train_x, self.network.dtype, "train_x")
+        check_choice(space, "space", ("function", "parameter"))
+        check_choice(mean, "mean", ("network", "zero"))
+        noise = as_positive_float(noise, "noise", allow_none=True)
+        outputscale = as_positive_float(outputscale, "outputscale")
+        self.solver = as_solver(solver)
+        self.network = as_functional_network(model, params, chunk_size)
+        check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
         self.num_outputs = self.network.num_outputs(train_x)
         targets = check_targets(train_y, train_x.shape[0], self.num_outputs, self.network.dtype)
-        self.space, self.mean_kind, self.solver = space, mean, solver or Solver()
-        self.train_x, self.input_shape = train_x, tuple(train_x.shape[1:])
+        self.space, self.mean_kind = space, mean
+        self.register_buffer("train_x", train_x, persistent=False)
+        self.input_shape = tuple(train_x.shape[1:])
         self.learn_noise = noise is None
 
         kernel = gpytorch.kernels.ScaleKernel(NTKKernel(self.network, input_shape=self.input_shape))
@@ -122,11 +135,24 @@ class NTKGP(nn.Module):
         y = targets.squeeze(-1) if self.num_outputs == 1 else targets
         self.gp = _ExactNTKModel(train_x.reshape(train_x.shape[0], -1), y, likelihood, mean_module,
                                  kernel.to(device=self.network.device, dtype=self.network.dtype), self.num_outputs)
-        with torch.no_grad():
-            self._residual = (targets - self._prior_mean(train_x)).reshape(-1)  # (n·C,)
+        self.register_buffer("train_targets", targets, persistent=False)  # (n, C)
+        self._clear_caches()
+        self._residual  # checks the network's outputs at train_x now, not at the first prediction
+
+    def _clear_caches(self) -> None:
+        self._residual_cache: Tensor | None = None
+        self._ntk: tuple[Tensor, Tensor, float] | None = None
         self._spectrum: GramSpectrum | None = None
         self._gradient: Tensor | None = None
         self._terms: tuple[Tensor, Tensor, Tensor] | None = None
+        self.gp.prediction_strategy = None
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to``, ``.double()``, …: the GP's tensors, the network snapshot (through the kernel and the mean)
+        and the training data are converted; caches computed in the old dtype are dropped."""
+        super()._apply(fn, *args, **kwargs)  # the kernel and the mean convert the shared network snapshot
+        self._clear_caches()
+        return self
 
     # --- hyperparameters -------------------------------------------------------------------------
     @property
@@ -145,8 +171,24 @@ class NTKGP(nn.Module):
         return out if self.mean_kind == "network" else torch.zeros_like(out)
 
     # --- cached pieces: they depend on the data, not on the hyperparameters ----------------------
+    @property
+    def _residual(self) -> Tensor:
+        """r = y − m(X) (n·C,), interleaved."""
+        if self._residual_cache is None:
+            targets = self.train_targets
+            prior = self.network.outputs(self.train_x, "train_x") if self.mean_kind == "network" else 0 * targets
+            self._residual_cache = (targets - prior).reshape(-1)
+        return self._residual_cache
+
     def _gram(self) -> GramOperator:
         return GramOperator(self.train_x, network=self.network)
+
+    def _ntk_eigenpairs(self) -> tuple[Tensor, Tensor, float]:
+        """All eigenpairs of the dense NTK K(X, X) in float64 and the floor of the network's dtype."""
+        if self._ntk is None:
+            with torch.no_grad():
+                self._ntk = ntk_eigh(self.network, self.train_x, self.num_outputs)
+        return self._ntk
 
     def _parameter_cache(self) -> tuple[GramSpectrum, Tensor]:
         """(spectrum of JᵀJ, Jᵀ r (p,))."""
@@ -157,42 +199,56 @@ class NTKGP(nn.Module):
                 self._gradient = self.network.vjp(self.train_x, self._residual.reshape(1, n, c))[0]
         return self._spectrum, self._gradient
 
-    def _spectral_terms(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(λ, Qᵀ Jᵀ r, ‖Jᵀ r‖²) for the closed-form evidence; None when function space runs CG.
+    def _spectral_terms(self) -> tuple[Tensor, Tensor, Tensor, float] | None:
+        """(λ, Qᵀ Jᵀ r, ‖Jᵀ r‖², floor) for the closed-form evidence; None when function space runs CG.
 
-        Whenever the NTK's eigenpairs are at hand (function space, or a parameter-space spectrum built
-        from them) the terms come from all of them, as √λ·Uᵀr: no division by λ, no rank mask. (From
-        Q = JᵀU/√λ and a float32 Jᵀr the evidence was 0.3 % off in float32.)
+        From all eigenpairs of the smaller Gram in float64 whenever they are at hand (the NTK's as √λ·Uᵀr,
+        no division by λ; G's as Qᵀ Jᵀr), with the floor below which eigenvalues are not resolved
+        (:mod:`ntkgp.parameter_space`); from the Lanczos Ritz pairs otherwise. (From Q = JᵀU/√λ and a
+        float32 Jᵀr the evidence was 0.3 % off in float32.)
         """
         if self._terms is None:
-            ntk = None
+            residual = self._residual.double()
             if self.space == "parameter":
                 spectrum, b = self._parameter_cache()
-                ntk = spectrum.ntk
-                if ntk is None:
-                    self._terms = (spectrum.eigenvalues, spectrum.eigenvectors.mT @ b, b.square().sum())
+                if spectrum.ntk is not None:
+                    evals, evecs = spectrum.ntk
+                    projected = evals.sqrt() * (evecs.mT @ residual)
+                elif spectrum.gram is not None:
+                    evals, evecs = spectrum.gram
+                    projected = evecs.mT @ b.double()
+                else:
+                    evals, projected = spectrum.eigenvalues, spectrum.eigenvectors.mT @ b
+                    self._terms = (evals, projected, b.square().sum(), 0.0)
+                    return self._terms
+                floor = spectrum.floor
             elif self.solver.dense(self._residual.numel()):
-                with torch.no_grad():
-                    ntk = ntk_eigh(self.network, self.train_x, self.num_outputs)
-            if ntk is not None:
-                evals, evecs = ntk
-                projected = evals.sqrt() * (evecs.mT @ self._residual)
-                self._terms = (evals, projected, projected.square().sum())
+                evals, evecs, floor = self._ntk_eigenpairs()
+                projected = evals.sqrt() * (evecs.mT @ residual)
+            else:
+                return None
+            self._terms = (evals, projected, projected.square().sum(), floor)
         return self._terms
 
     # --- marginal likelihood and fitting -----------------------------------------------------------
     def log_marginal_likelihood(self) -> Tensor:
         """log p(train_y) under the current hyperparameters (a differentiable scalar, not divided by n).
 
-        Closed form from the spectrum when the solver is dense (or in parameter space); GPyTorch's
-        exact marginal likelihood (CG and stochastic Lanczos quadrature) in function space otherwise.
+        Closed form from the spectrum when the solver is dense (or in parameter space), in float64;
+        GPyTorch's exact marginal likelihood (CG and stochastic Lanczos quadrature) in function space otherwise.
         """
+        return self._evidence().to(self.network.dtype)
+
+    def _evidence(self) -> Tensor:
+        """:meth:`log_marginal_likelihood`, in float64 when it has the closed form (what ``fit`` optimises: in
+        float32 the value would round away the changes L-BFGS looks for)."""
         terms = self._spectral_terms()
         if terms is not None:
-            return spectral_log_marginal_likelihood(*terms, self._residual.square().sum(), self._residual.numel(),
-                                                    self.outputscale, self.noise)
+            *spectral, floor = terms
+            return spectral_log_marginal_likelihood(*spectral, self._residual.double().square().sum(),
+                                                    self._residual.numel(), self.outputscale, self.noise, floor)
         self.gp.train()
-        with self.solver.settings(), self.gp.covar_module.base_kernel.memoize():
+        with self.solver.settings(), self.gp.covar_module.base_kernel.memoize(), self._explained_singularity():
             prior = self.gp(*self.gp.train_inputs)
             return self.gp.likelihood(prior).log_prob(self.gp.train_targets).sum()
 
@@ -201,8 +257,9 @@ class NTKGP(nn.Module):
 
         With the closed-form evidence (dense solves, or parameter space) the search starts from the best
         point of a log-spaced grid, evaluated in one vectorised pass; then L-BFGS with strong-Wolfe line
-        search refines the raw (unconstrained) hyperparameters. Returns self.
+        search refines the raw (unconstrained) hyperparameters, at most ``max_iter`` iterations. Returns self.
         """
+        max_iter = as_count(max_iter, "max_iter")
         terms = self._spectral_terms()
         if terms is not None:
             self._start_from_grid(terms)
@@ -213,10 +270,9 @@ class NTKGP(nn.Module):
 
         def closure():
             optimizer.zero_grad()
-            loss = -self.log_marginal_likelihood() / scale
+            loss = -self._evidence() / scale
             if not torch.isfinite(loss):
-                raise FloatingPointError("the marginal likelihood became non-finite while fitting; "
-                                         "pass a fixed noise or rescale the targets")
+                raise FloatingPointError(self._non_finite_evidence_message())
             loss.backward()
             return loss
 
@@ -224,24 +280,52 @@ class NTKGP(nn.Module):
             optimizer.step(closure)
         return self
 
-    def _start_from_grid(self, terms: tuple[Tensor, Tensor, Tensor], points: int = 25) -> None:
+    def _non_finite_evidence_message(self) -> str:
+        state = (f"at output scale s² = {float(self.outputscale):.3g} and noise σ² = {float(self.noise):.3g}"
+                 f" ({'learned' if self.learn_noise else 'fixed'})")
+        if self.learn_noise:
+            return (f"the marginal likelihood became non-finite while fitting, {state}; pass a fixed noise, or rescale "
+                    "the targets")
+        return (f"the marginal likelihood became non-finite while fitting, {state}: s²K + σ²I is numerically "
+                f"singular in {self.network.dtype} (repeated or nearly repeated inputs with a tiny noise?); raise the "
+                "fixed noise, remove duplicate inputs, or use float64")
+
+    @contextmanager
+    def _explained_singularity(self) -> Iterator[None]:
+        """Re-raise GPyTorch's NotPSDError (a Cholesky factor that failed even with jitter) saying why and what
+        to do."""
+        try:
+            yield
+        except NotPSDError as err:
+            raise FloatingPointError(
+                f"s²K + σ²I ({self._residual.numel()} × {self._residual.numel()}) is numerically singular in "
+                f"{self.network.dtype} at s² = {float(self.outputscale):.3g}, σ² = {float(self.noise):.3g}: the "
+                "noise is below what this dtype resolves for this kernel, as with repeated or nearly repeated inputs. "
+                "Raise the noise, remove duplicate inputs, use float64, or a dense solver (which treats unresolved "
+                "directions as numerically zero)") from err
+
+    def _start_from_grid(self, terms: tuple[Tensor, Tensor, Tensor, float], points: int = 25) -> None:
         """Set the hyperparameters to the best of a log grid scaled to the residuals and the kernel's trace."""
-        r_sq, num_data = self._residual.square().sum(), self._residual.numel()
+        r_sq, num_data = self._residual.double().square().sum(), self._residual.numel()
         level = (r_sq / num_data).clamp_min(1e-12)
-        trace = terms[0].sum().clamp_min(1e-12)
+        trace = terms[0].sum().double().clamp_min(1e-12)
         grid = torch.logspace(-3, 2, points, dtype=level.dtype, device=level.device)
         scales = grid * level * num_data / trace
         if self.learn_noise:
             noises = torch.logspace(-6, 0.5, points, dtype=level.dtype, device=level.device) * level
             noises = noises.clamp_min(2 * self._noise_floor)
         else:
-            noises = self.noise.detach().reshape(1)
+            noises = self.noise.detach().double().reshape(1)
         with torch.no_grad():
-            values = spectral_log_marginal_likelihood(*terms, r_sq, num_data, scales.unsqueeze(-1), noises)
+            *spectral, floor = terms
+            values = spectral_log_marginal_likelihood(*spectral, r_sq, num_data, scales.unsqueeze(-1), noises, floor)
+            values = torch.nan_to_num(values, nan=-math.inf)
+            if not torch.isfinite(values).any():
+                raise FloatingPointError(self._non_finite_evidence_message())
             best = torch.nonzero(values == values.max())[0]
-            self.gp.covar_module.outputscale = scales[best[0]]
+            self.gp.covar_module.outputscale = scales[best[0]].to(self.network.dtype)
             if self.learn_noise:
-                self.gp.likelihood.noise = noises[best[1]]
+                self.gp.likelihood.noise = noises[best[1]].to(self.network.dtype)
 
     # --- prediction ------------------------------------------------------------------------------
     def predict(self, x: Tensor, observation_noise: bool = False) -> Prediction:
@@ -249,35 +333,76 @@ class NTKGP(nn.Module):
 
         Differentiable with respect to x. Shapes (m,) for C = 1, (m, C) otherwise.
         """
-        check_inputs(x, self.network.dtype, "x")
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"x has per-input shape {tuple(x.shape[1:])} but the GP was built on {self.input_shape}")
+        check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.input_shape)
+        if not isinstance(observation_noise, bool):
+            raise TypeError(f"observation_noise must be True or False, got {observation_noise!r}")
         if self.space == "parameter":
             mean, var = self._predict_parameter(x)
         else:
             mean, var = self._predict_function(x)
         if observation_noise:
             var = var + self.noise
+        check_prediction(x, mean=mean, variance=var)
         if not x.requires_grad:
             mean, var = mean.detach(), var.detach()
         return Prediction(mean, var)
 
     def _predict_function(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self.gp.eval()
+        """Dense: from the eigenpairs (λ, U) of K in float64, with w = 1/(λ + c) on the resolved directions,
+        mean = m(X*) + K*X U (w ⊙ Uᵀr) and var = s²·diag K** − s² Σ_i w_i (K*X u_i)², one lazy cross-kernel
+        product with [a, U]. Otherwise GPyTorch's exact GP (CG, LOVE)."""
+        if not self.solver.dense(self._residual.numel()):
+            self.gp.eval()
+            with self.solver.settings(), self._explained_singularity():
+                posterior = self.gp(x.reshape(x.shape[0], -1))
+                return posterior.mean, posterior.variance
+        evals, evecs, floor = self._ntk_eigenpairs()
+        s2, noise = self.outputscale.detach(), self.noise.detach()
+        c = (noise / s2).double()
+        self._warn_unresolved(evals, floor, c)
+        keep = resolved(evals, c, floor)
+        weights, basis = 1.0 / (evals[keep] + c), evecs[:, keep]
+        a = basis @ (weights * (basis.mT @ self._residual.double()))
+        columns = torch.cat([a.unsqueeze(-1), basis], dim=-1).to(self.network.dtype)
+        cross = NTKOperator(x, self.train_x, network=self.network, num_outputs=self.num_outputs) @ columns
+        mean = self._prior_mean(x) + cross[:, 0].reshape(x.shape[0], -1)
+        prior_var = NTKOperator(x, x, network=self.network, num_outputs=self.num_outputs)._diagonal()
+        reduction = (cross[:, 1:].square() * weights.to(cross.dtype)).sum(-1)
+        var = (s2 * (prior_var - reduction)).reshape(mean.shape)
+        return (mean.squeeze(-1), var.squeeze(-1)) if self.num_outputs == 1 else (mean, var)
+
+    def _mean_tangent(self, spectrum: GramSpectrum, b: Tensor, c: Tensor) -> Tensor:
+        """α = (JᵀJ + cI)⁻¹ Jᵀ r (p,), solved in float64 in the basis of the smaller Gram when it is dense
+        (:mod:`ntkgp.parameter_space`), by CG on the lazy Gram otherwise."""
+        dtype = self.network.dtype
+        if spectrum.ntk is not None:
+            cotangent = spectral_solve(*spectrum.ntk, self._residual, c, spectrum.floor)
+            n, k = self.train_x.shape[0], self.num_outputs
+            return self.network.vjp(self.train_x, cotangent.to(dtype).reshape(1, n, k))[0]
+        if spectrum.gram is not None:
+            return spectral_solve(*spectrum.gram, b, c, spectrum.floor).to(dtype)
+        system = AddedDiagLinearOperator(self._gram(), ConstantDiagLinearOperator(c.reshape(1), b.shape[0]))
         with self.solver.settings():
-            posterior = self.gp(x.reshape(x.shape[0], -1))
-            return posterior.mean, posterior.variance
+            return system.solve(b.unsqueeze(-1)).squeeze(-1)
+
+    def _warn_unresolved(self, eigenvalues: Tensor, floor: float, c: Tensor) -> None:
+        """Say so when σ²/s² is below the floor and some of the eigenvalues (all of a dense spectrum) are too."""
+        unresolved = int((~resolved(eigenvalues, c.to(eigenvalues.dtype), floor)).sum())
+        if unresolved:
+            warnings.warn(f"σ²/s² = {float(c):.3g} is below what {self.network.dtype} resolves for this kernel "
+                          f"(eigenvalues under {floor:.3g}): {unresolved} of {eigenvalues.numel()} directions of the "
+                          "data are treated as numerically zero, exact for repeated inputs; for nearly repeated inputs "
+                          "use float64 or a larger noise", RuntimeWarning, stacklevel=4)
 
     def _predict_parameter(self, x: Tensor) -> tuple[Tensor, Tensor]:
         spectrum, b = self._parameter_cache()
         s2, noise = self.outputscale.detach(), self.noise.detach()
         c = noise / s2
-        if spectrum.exact:
-            alpha = spectral_solve(spectrum, b, c)
-        else:
-            system = AddedDiagLinearOperator(self._gram(), ConstantDiagLinearOperator(c.reshape(1), b.shape[0]))
-            with self.solver.settings(), torch.no_grad():
-                alpha = system.solve(b.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            alpha = self._mean_tangent(spectrum, b, c)
+        basis = spectrum.ntk or spectrum.gram
+        if basis is not None:
+            self._warn_unresolved(basis[0], spectrum.floor, c)
         tangents = torch.cat([alpha.unsqueeze(0), spectrum.eigenvectors.mT])
         outputs = self.network.jvp(x, tangents)  # (1 + r, m, C)
         mean = self._prior_mean(x) + outputs[0]

@@ -13,6 +13,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
 from .functional import FunctionalNetwork, as_functional_network, map_blocks
+from .network_operator import NetworkOperator
 from .validation import check_inputs
 
 __all__ = ["NTKOperator", "ntk_operator"]
@@ -23,50 +24,47 @@ def _as_index_tensor(index, size: int, device: torch.device) -> Tensor:
     return torch.arange(size, device=device)[index]
 
 
-class NTKOperator(LinearOperator):
+class NTKOperator(NetworkOperator):
     """K(X1, X2) = J(X1) J(X2)ᵀ for a :class:`FunctionalNetwork` with C outputs.
 
     Args:
         x1: inputs (n1, ...); x2: inputs (n2, ...), or the same tensor for the symmetric K(X, X).
         network: the functional network (keyword); num_outputs: C (keyword).
+        batch_shape: the matrix repeated over these batch dimensions (keyword, default none).
     """
 
-    def __init__(self, x1: Tensor, x2: Tensor, *, network: FunctionalNetwork, num_outputs: int):
-        super().__init__(x1, x2, network=network, num_outputs=num_outputs)
+    def __init__(self, x1: Tensor, x2: Tensor, *, network: FunctionalNetwork, num_outputs: int,
+                 batch_shape: torch.Size | tuple[int, ...] = ()):
+        super().__init__(x1, x2, network=network, num_outputs=num_outputs, batch_shape=batch_shape)
         self.x1, self.x2 = x1, x2
-        self.network = network
         self.num_outputs = num_outputs
 
-    def _size(self) -> torch.Size:
+    def _matrix_shape(self) -> tuple[int, int]:
         c = self.num_outputs
-        return torch.Size([self.x1.shape[0] * c, self.x2.shape[0] * c])
+        return self.x1.shape[0] * c, self.x2.shape[0] * c
 
     def _transpose_nonbatch(self) -> NTKOperator:
-        return NTKOperator(self.x2, self.x1, network=self.network, num_outputs=self.num_outputs)
+        return NTKOperator(self.x2, self.x1, network=self.network, num_outputs=self.num_outputs,
+                           batch_shape=self._batch)
 
-    def _apply(self, left: Tensor, right: Tensor, rhs: Tensor) -> Tensor:
-        """J(left) J(right)ᵀ rhs for rhs (..., n_right·C, k) or (n_right·C,)."""
-        net, c = self.network, self.num_outputs
-        if rhs.dim() == 1:
-            return self._apply(left, right, rhs.unsqueeze(-1)).squeeze(-1)
-        cols = rhs.mT.reshape(-1, right.shape[0], c)
+    def _product(self, left: Tensor, right: Tensor, rhs: Tensor) -> Tensor:
+        """J(left) J(right)ᵀ rhs for rhs (n_right·C, k) -> (n_left·C, k)."""
+        net = self.network
+        cols = rhs.mT.reshape(-1, right.shape[0], self.num_outputs)
 
         def block(u: Tensor) -> Tensor:
             return net.jvp(left, net.vjp(right, u)).reshape(u.shape[0], -1)
 
-        out = map_blocks(block, cols, net.chunk_size)
-        return out.reshape(*rhs.shape[:-2], rhs.shape[-1], -1).mT
+        return map_blocks(block, cols, net.chunk_size).mT
 
-    def _matmul(self, rhs: Tensor) -> Tensor:
-        return self._apply(self.x1, self.x2, rhs)
+    def _matmul_matrix(self, rhs: Tensor) -> Tensor:
+        return self._product(self.x1, self.x2, rhs)
 
-    def _t_matmul(self, rhs: Tensor) -> Tensor:
-        return self._apply(self.x2, self.x1, rhs)
+    def _t_matmul_matrix(self, rhs: Tensor) -> Tensor:
+        return self._product(self.x2, self.x1, rhs)
 
-    def _diagonal(self) -> Tensor:
+    def _diagonal_matrix(self) -> Tensor:
         """Exact diagonal ⟨J1[i,c], J2[i,c]⟩ (n·C,), from per-sample Jacobians in chunks."""
-        if self.x1.shape[0] != self.x2.shape[0]:
-            raise RuntimeError(f"diagonal of a non-square NTK {tuple(self.shape)}")
         net = self.network
         if self.x1 is self.x2:
             parts = [(j * j).sum(-1) for j in net.jacobian_chunks(self.x1)]
@@ -74,34 +72,32 @@ class NTKOperator(LinearOperator):
             parts = [(a * b).sum(-1) for a, b in zip(net.jacobian_chunks(self.x1), net.jacobian_chunks(self.x2))]
         return torch.cat(parts).reshape(-1)
 
-    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
-        """Entries K[row_index, col_index]: Jacobian rows of the needed rows (VJP), pushed to the needed columns (JVP)."""
-        row_index, col_index = torch.broadcast_tensors(row_index, col_index)
+    def _entries(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """Entries K[rows, cols]: Jacobian rows of the needed rows (VJP), pushed to the needed columns (JVP)."""
         c, net = self.num_outputs, self.network
-        rows, row_pos = torch.unique(row_index, return_inverse=True)
-        row_inputs, row_input_pos = torch.unique(rows // c, return_inverse=True)
-        col_inputs, col_input_pos = torch.unique(col_index // c, return_inverse=True)
-        onehot = torch.zeros(len(rows), len(row_inputs), c, dtype=self.dtype, device=self.device)
-        onehot[torch.arange(len(rows), device=self.device), row_input_pos, rows % c] = 1
+        rows_needed, row_pos = torch.unique(rows, return_inverse=True)
+        row_inputs, row_input_pos = torch.unique(rows_needed // c, return_inverse=True)
+        col_inputs, col_input_pos = torch.unique(cols // c, return_inverse=True)
+        onehot = torch.zeros(len(rows_needed), len(row_inputs), c, dtype=self.dtype, device=self.device)
+        onehot[torch.arange(len(rows_needed), device=self.device), row_input_pos, rows_needed % c] = 1
         x_rows, x_cols = self.x1[row_inputs], self.x2[col_inputs]
 
         def block(u: Tensor) -> Tensor:
             return net.jvp(x_cols, net.vjp(x_rows, u))
 
         krows = map_blocks(block, onehot, net.chunk_size)  # (rows, n_cols, C)
-        return krows[row_pos, col_input_pos, col_index % c]
+        return krows[row_pos, col_input_pos, cols % c]
 
-    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+    def _getitem_matrix(self, row_index, col_index) -> LinearOperator:
         """Sub-blocks that select whole inputs stay NTK operators; other index patterns interpolate."""
-        if batch_indices:
-            return super()._getitem(row_index, col_index, *batch_indices)
         c = self.num_outputs
         rows = _as_index_tensor(row_index, self.shape[-2], self.device)
         cols = _as_index_tensor(col_index, self.shape[-1], self.device)
         whole = [_whole_inputs(ids, c) for ids in (rows, cols)]
         if whole[0] is None or whole[1] is None:
-            return super()._getitem(row_index, col_index)
-        return NTKOperator(self.x1[whole[0]], self.x2[whole[1]], network=self.network, num_outputs=c)
+            return super()._getitem_matrix(row_index, col_index)
+        return NTKOperator(self.x1[whole[0]], self.x2[whole[1]], network=self.network, num_outputs=c,
+                           batch_shape=self._batch)
 
 
 def _whole_inputs(ids: Tensor, c: int) -> Tensor | None:
@@ -115,18 +111,17 @@ def _whole_inputs(ids: Tensor, c: int) -> Tensor | None:
 
 
 def ntk_operator(model: nn.Module | FunctionalNetwork, x1: Tensor, x2: Tensor | None = None,
-                 params: Sequence[str] | None = None, chunk_size: int = 32) -> NTKOperator:
+                 params: Sequence[str] | str | None = None, chunk_size: int | None = None) -> NTKOperator:
     """The finite NTK of ``model`` between x1 (n1, ...) and x2 (n2, ...; default x1): shape (n1·C, n2·C).
 
     ``params`` selects the parameters to linearise in (names or module prefixes, default all with
-    ``requires_grad``); ``chunk_size`` bounds how many vectors go through the network at once.
+    ``requires_grad``); ``chunk_size`` bounds how many vectors go through the network at once (default 32;
+    both belong to the snapshot, so leave them None when ``model`` is a FunctionalNetwork).
     """
     network = as_functional_network(model, params, chunk_size)
-    check_inputs(x1, network.dtype, "x1")
+    check_inputs(x1, network.dtype, "x1", network.device)
     if x2 is None:
         x2 = x1
     else:
-        check_inputs(x2, network.dtype, "x2")
-        if x2.shape[1:] != x1.shape[1:]:
-            raise ValueError(f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must share the per-input shape")
+        check_inputs(x2, network.dtype, "x2", network.device, input_shape=x1.shape[1:], shape_of="x1")
     return NTKOperator(x1, x2, network=network, num_outputs=network.num_outputs(x1))

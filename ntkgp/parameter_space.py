@@ -1,11 +1,19 @@
 """Spectra of the NTK and of G = JᵀJ, and the NTK-GP quantities that follow from them in closed form.
 
 J (N × p, N = n·C) has a thin SVD J = U S Qᵀ: K = JJᵀ = U S² Uᵀ and G = JᵀJ = Q S² Qᵀ share the
-nonzero eigenvalues λ = S². With c = σ²/s² and A = G + cI (all of the spectrum not in Q taken as 0):
-  A⁻¹ = Q diag(1/(λ + c)) Qᵀ + (I − QQᵀ)/c,
-so the parameter-space posterior mean J* A⁻¹ Jᵀ r, the variance σ² diag(J* A⁻¹ J*ᵀ) and the
-marginal likelihood need only (λ, Q). The spectrum is exact when the smaller of N and p is dense-sized
-(eigh of the smaller Gram); otherwise it is the top Lanczos Ritz pairs of G.
+nonzero eigenvalues λ = S². With c = σ²/s² and A = G + cI, the parameter-space posterior mean needs
+α = A⁻¹ Jᵀ r = Jᵀ (K + cI)⁻¹ r, the variance σ² diag(J* A⁻¹ J*ᵀ) and the marginal likelihood (λ, Q).
+
+Precision: the dense spectra are computed in float64 from the matrix the network's dtype gives
+(eigenvalues clamped at 0); eigenvalues below the floor √size·eps·λ_max of that dtype, the typical
+error of the matrix's own rounding, are not resolved by it. While c >= floor such an eigenvalue is used
+as computed (its error is negligible against c); when c < floor the dtype cannot tell its direction
+from rounding noise, and it is taken as exactly zero: its direction carries no data (a cut-off, as
+least squares has; :func:`resolved`). The mean is solved in float64 in the basis of the smaller Gram —
+α = Jᵀ [U diag(w) Uᵀ r] (one VJP) when N < p, α = Q diag(w) Qᵀ Jᵀr when p ≤ N, w = 1/(λ + c) — so
+nothing is divided by a small λ and no roundoff is amplified by 1/c: a float32 parameter-space mean at
+σ² = 1e-8 was off by a factor 690 when Jᵀr − QQᵀJᵀr, pure roundoff, was divided by c. Beyond dense
+sizes the spectrum is the top Lanczos Ritz pairs of G and the mean is a CG solve.
 """
 
 from __future__ import annotations
@@ -24,39 +32,50 @@ from .lanczos import reorthogonalisation_tolerance
 from .ntk_operator import NTKOperator
 from .solver import Solver
 
-__all__ = ["GramSpectrum", "gram_spectrum", "lanczos_spectrum", "ntk_eigh", "spectral_log_marginal_likelihood",
-           "spectral_solve", "spectral_variance_reduction"]
+__all__ = ["GramSpectrum", "gram_spectrum", "lanczos_spectrum", "ntk_eigh", "resolved", "resolved_eigh",
+           "spectral_log_marginal_likelihood", "spectral_solve", "spectral_variance_reduction"]
 
 
 @dataclass
 class GramSpectrum:
-    """Eigenpairs of G = JᵀJ: eigenvalues (r,) > 0 and orthonormal eigenvectors (p, r).
+    """Eigenpairs of G = JᵀJ with eigenvalues above ``floor``: eigenvalues (r,) and orthonormal
+    eigenvectors (p, r), in the network's dtype (the tangents of the variance).
 
-    ``ntk``: when the pairs came from the NTK (Q = Jᵀ U / √λ), all its eigenpairs ((N,), (N, N)), for
-    quantities that need no division by λ (the evidence).
+    ``floor``: eigenvalues below it are not resolved by the network's dtype. For the dense spectra, all
+    eigenpairs in float64, eigenvalues clamped at 0: ``ntk`` ((N,), (N, N)) when they came from the NTK
+    (N < p, Q = Jᵀ U / √λ), ``gram`` ((p,), (p, p)) when from G itself (or from p Lanczos steps). Neither
+    is set for a partial Lanczos spectrum: the mean then needs CG.
     """
 
     eigenvalues: Tensor
     eigenvectors: Tensor
-    exact: bool
+    floor: float = 0.0
     ntk: tuple[Tensor, Tensor] | None = None
+    gram: tuple[Tensor, Tensor] | None = None
 
 
-def _numerical_rank_mask(eigenvalues: Tensor, size: int) -> Tensor:
-    """Eigenvalues above √size·eps·λ_max, the typical backward error of a symmetric eigensolver.
+def _rank_floor(eigenvalues: Tensor, size: int, dtype: torch.dtype) -> float:
+    """√size·eps·λ_max of ``dtype``: the typical error of the eigenvalues of a matrix rounded to it.
 
     (The worst-case bound size·eps·λ_max dropped real, accurately computed eigenvalues in float32: a
     quarter of a 120 × 120 NTK's; `tests/test_ntk_gp.py::test_float32_agrees_with_float64`.)
     """
-    floor = size**0.5 * torch.finfo(eigenvalues.dtype).eps * eigenvalues.abs().max().clamp_min(1e-300)
-    return eigenvalues > floor
+    return size**0.5 * torch.finfo(dtype).eps * max(float(eigenvalues.abs().max()), 1e-300)
 
 
-def ntk_eigh(network: FunctionalNetwork, x: Tensor, num_outputs: int) -> tuple[Tensor, Tensor]:
-    """All eigenpairs of the dense NTK K(x, x) (N × N), eigenvalues clamped at 0: (N,), (N, N)."""
-    kernel = NTKOperator(x, x, network=network, num_outputs=num_outputs).to_dense()
-    evals, evecs = torch.linalg.eigh(kernel)
-    return evals.clamp_min(0), evecs
+def resolved_eigh(matrix: Tensor) -> tuple[Tensor, Tensor, float]:
+    """All eigenpairs of a symmetric PSD matrix given in the network's dtype, by eigh in float64.
+
+    Returns eigenvalues (n,) float64 clamped at 0, eigenvectors (n, n) float64, and the floor of
+    ``matrix``'s dtype below which eigenvalues are not resolved.
+    """
+    evals, evecs = torch.linalg.eigh(0.5 * (matrix + matrix.mT).double())
+    return evals.clamp_min(0), evecs, _rank_floor(evals, matrix.shape[-1], matrix.dtype)
+
+
+def ntk_eigh(network: FunctionalNetwork, x: Tensor, num_outputs: int) -> tuple[Tensor, Tensor, float]:
+    """:func:`resolved_eigh` of the dense NTK K(x, x) (N × N)."""
+    return resolved_eigh(NTKOperator(x, x, network=network, num_outputs=num_outputs).to_dense())
 
 
 def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solver: Solver,
@@ -67,17 +86,19 @@ def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solve
     (Q = Jᵀ U / √λ, one batched VJP) when N < p, N is dense-sized and Q (p × N) fits in
     ``max_dense_elements``; otherwise the top ``solver.lanczos_rank`` Ritz pairs of Lanczos on G.
     """
-    p, big_n = network.num_params, x.shape[0] * num_outputs
+    p, big_n, dtype = network.num_params, x.shape[0] * num_outputs, network.dtype
     gram = GramOperator(x, network=network)
     if p <= big_n and solver.dense(p):
-        evals, evecs = torch.linalg.eigh(gram.to_dense())
-        keep = _numerical_rank_mask(evals, p)
-        return GramSpectrum(evals[keep], evecs[:, keep], exact=True)
+        evals, evecs, floor = resolved_eigh(gram.to_dense())
+        keep = evals > floor
+        return GramSpectrum(evals[keep].to(dtype), evecs[:, keep].to(dtype), floor=floor,
+                            gram=(evals, evecs))
     if big_n < p and solver.dense(big_n) and big_n * p <= max_dense_elements:
-        evals, evecs = ntk_eigh(network, x, num_outputs)
-        keep = _numerical_rank_mask(evals, big_n)
-        cotangents = (evecs[:, keep] / evals[keep].sqrt()).mT.reshape(-1, x.shape[0], num_outputs)
-        return GramSpectrum(evals[keep], network.vjp(x, cotangents).mT, exact=True, ntk=(evals, evecs))
+        evals, evecs, floor = ntk_eigh(network, x, num_outputs)
+        keep = evals > floor
+        cotangents = (evecs[:, keep] / evals[keep].sqrt()).mT.to(dtype).reshape(-1, x.shape[0], num_outputs)
+        return GramSpectrum(evals[keep].to(dtype), network.vjp(x, cotangents).mT, floor=floor,
+                            ntk=(evals, evecs))
     return lanczos_spectrum(gram, solver.lanczos_rank)
 
 
@@ -94,21 +115,29 @@ def lanczos_spectrum(operator: LinearOperator, rank: int) -> GramSpectrum:
                            matrix_shape=operator.shape, tol=reorthogonalisation_tolerance(operator.dtype),
                            init_vecs=start)
     evals, s = torch.linalg.eigh(t)
-    keep = _numerical_rank_mask(evals, p)
-    return GramSpectrum(evals[keep], (q @ s)[:, keep], exact=rank == p)
+    floor = _rank_floor(evals, p, operator.dtype)
+    keep = evals > floor
+    vectors = q @ s
+    full = (evals.clamp_min(0).double(), vectors.double()) if q.shape[-1] == p else None  # a complete basis
+    return GramSpectrum(evals[keep], vectors[:, keep], floor=floor, gram=full)
 
 
-def spectral_solve(spectrum: GramSpectrum, b: Tensor, c: Tensor) -> Tensor:
-    """A⁻¹ b for A = G + cI and b = Jᵀ r in the range of G: b (p,) -> (p,).
+def resolved(eigenvalues: Tensor, c: Tensor, floor: float) -> Tensor:
+    """Which eigenvalues (r,) count at regulariser c (any shape (..., 1)): those above ``floor``, and all
+    of them while c >= floor (an error below the floor is then negligible against c). (..., r) booleans.
 
-    The part of b outside span(Q) is solved as eigenvalue 0: with a partial (Lanczos) spectrum it is
-    the directions not found; with an exact one, the eigenvalues the rank mask dropped, plus roundoff.
-    (Dropping it instead cost a few % of the float32 predictive mean where the masked eigenvalues were
-    real: `tests/test_ntk_gp.py::test_float32_agrees_with_float64`.)
+    The others are numerically zero: their directions are dropped. Kept with weight 1/c instead, a null
+    direction turns the roundoff of a float32 Jacobian product into an error of eps·λ_max/c.
     """
-    coef = spectrum.eigenvectors.mT @ b
-    in_span = spectrum.eigenvectors @ (coef / (spectrum.eigenvalues + c))
-    return in_span + (b - spectrum.eigenvectors @ coef) / c
+    return (eigenvalues > floor) | (c >= floor)
+
+
+def spectral_solve(eigenvalues: Tensor, eigenvectors: Tensor, rhs: Tensor, c: Tensor, floor: float) -> Tensor:
+    """(matrix + cI)⁻¹ rhs from all eigenpairs of a PSD matrix, numerically zero directions dropped
+    (:func:`resolved`): rhs (n,) -> (n,), in the eigenvectors' dtype."""
+    c = c.to(eigenvalues.dtype).reshape(1)
+    weights = torch.where(resolved(eigenvalues, c, floor), 1.0 / (eigenvalues + c), 0.0)
+    return eigenvectors @ (weights * (eigenvectors.mT @ rhs.to(eigenvectors.dtype)))
 
 
 def spectral_variance_reduction(eigenvalues: Tensor, test_features: Tensor, c: Tensor) -> Tensor:
@@ -118,16 +147,22 @@ def spectral_variance_reduction(eigenvalues: Tensor, test_features: Tensor, c: T
 
 
 def spectral_log_marginal_likelihood(eigenvalues: Tensor, projected: Tensor, b_sq: Tensor, r_sq: Tensor,
-                                     num_data: int, outputscale: Tensor, noise: Tensor) -> Tensor:
+                                     num_data: int, outputscale: Tensor, noise: Tensor, floor: float = 0.0) -> Tensor:
     """log N(r; 0, s² JJᵀ + σ² I) from the spectrum (Woodbury and the determinant lemma).
 
     Args:
-        eigenvalues: λ (r,); projected: Qᵀ Jᵀ r (r,) (equivalently √λ·Uᵀ r); b_sq: ‖Jᵀ r‖²;
+        eigenvalues: λ (r,) >= 0; projected: Qᵀ Jᵀ r (r,) (equivalently √λ·Uᵀ r); b_sq: ‖Jᵀ r‖²;
         r_sq: ‖r‖²; num_data: N = n·C; outputscale: s²; noise: σ² (differentiable, any broadcastable
-        shape (...) — e.g. a grid of hyperparameters). Returns shape (...).
+        shape (...) — e.g. a grid of hyperparameters); floor: eigenvalues below it are numerically zero
+        where c = σ²/s² is below it too (:func:`resolved`): their λ and projections count as 0.
+        Returns shape (...).
     """
     c = (noise / outputscale).unsqueeze(-1)
-    b_inv_b = (projected.square() / (eigenvalues + c)).sum(-1) + (b_sq - projected.square().sum()) / c.squeeze(-1)
+    keep = resolved(eigenvalues, c, floor)
+    dropped = torch.where(keep, 0.0, projected.square()).sum(-1)
+    eigenvalues, projected = torch.where(keep, eigenvalues, 0.0), torch.where(keep, projected, 0.0)
+    b_sq = b_sq - dropped
+    b_inv_b = (projected.square() / (eigenvalues + c)).sum(-1) + (b_sq - projected.square().sum(-1)) / c.squeeze(-1)
     quad = (r_sq - b_inv_b) / noise
     logdet = num_data * torch.log(noise) + torch.log1p(eigenvalues / c).sum(-1)
     return -0.5 * (quad + logdet + num_data * math.log(2 * math.pi))

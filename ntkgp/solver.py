@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import gpytorch
 import linear_operator
 
-__all__ = ["Solver"]
+from .validation import as_count, as_positive_float, check_choice
+
+__all__ = ["Solver", "as_solver"]
 
 _METHODS = ("auto", "cholesky", "cg")
 
@@ -42,10 +44,13 @@ class Solver:
     lanczos_rank: int = 512
 
     def __post_init__(self):
-        if self.method not in _METHODS:
-            raise ValueError(f"solver method must be one of {_METHODS}, got {self.method!r}")
-        if self.cg_tolerance <= 0 or self.max_cg_iterations < 1 or self.lanczos_rank < 1:
-            raise ValueError("cg_tolerance must be > 0, max_cg_iterations and lanczos_rank >= 1")
+        check_choice(self.method, "solver method", _METHODS)
+        set_ = object.__setattr__  # the dataclass is frozen: store the checked (normalised) values
+        set_(self, "cholesky_max_size", as_count(self.cholesky_max_size, "cholesky_max_size", minimum=0))
+        set_(self, "cg_tolerance", as_positive_float(self.cg_tolerance, "cg_tolerance"))
+        set_(self, "max_cg_iterations", as_count(self.max_cg_iterations, "max_cg_iterations"))
+        set_(self, "preconditioner_size", as_count(self.preconditioner_size, "preconditioner_size", minimum=0))
+        set_(self, "lanczos_rank", as_count(self.lanczos_rank, "lanczos_rank"))
 
     def dense(self, size: int) -> bool:
         """Whether a system of ``size`` rows is solved densely."""
@@ -71,3 +76,14 @@ class Solver:
             for context in contexts:
                 stack.enter_context(context)
             yield
+
+
+def as_solver(solver: Solver | str | None) -> Solver:
+    """``solver`` as a :class:`Solver`: None is the default, a string is a method name ("auto", "cholesky", "cg")."""
+    if solver is None:
+        return Solver()
+    if isinstance(solver, str):
+        return Solver(solver)
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a Solver or one of {_METHODS}, got {type(solver).__name__} {solver!r}")
+    return solver

@@ -21,7 +21,7 @@ from .functional import FunctionalNetwork, as_functional_network
 from .linearised_model import (check_task, linearised_outputs, log_likelihood, mc_class_probabilities,
                                prepare_data, randn)
 from .ntk_gp import Prediction
-from .validation import check_inputs, check_positive
+from .validation import as_count, as_positive_float, check_generator, check_inputs, check_prediction
 
 __all__ = ["SVI"]
 
@@ -40,12 +40,14 @@ class SVI:
     """
 
     def __init__(self, model: nn.Module | FunctionalNetwork, likelihood: str = "regression",
-                 params: Sequence[str] | None = None, prior_precision: float = 1.0, noise: float | None = None,
-                 num_classes: int | None = None, chunk_size: int = 32, init_scale: float = 1.0):
+                 params: Sequence[str] | str | None = None, prior_precision: float = 1.0, noise: float | None = None,
+                 num_classes: int | None = None, chunk_size: int | None = None, init_scale: float = 1.0):
         self.noise = check_task(likelihood, noise, prior_precision)
-        check_positive(init_scale, "init_scale")
-        self.task, self.prior_precision, self.num_classes = likelihood, float(prior_precision), num_classes
+        init_scale = as_positive_float(init_scale, "init_scale")
+        self.task, self.prior_precision = likelihood, as_positive_float(prior_precision, "prior_precision")
+        self.num_classes = None if num_classes is None else as_count(num_classes, "num_classes", minimum=2)
         self.network = as_functional_network(model, params, chunk_size)
+        self.input_shape: tuple[int, ...] | None = None  # of the training inputs, once fitted
         net = self.network
         self.loc = torch.zeros(net.num_params, dtype=net.dtype, device=net.device, requires_grad=True)
         scale = torch.full_like(self.loc, init_scale / math.sqrt(self.prior_precision))
@@ -73,19 +75,24 @@ class SVI:
         net = self.network
         if isinstance(data, torch.utils.data.DataLoader):
             def checked():
-                for x, y in data:
+                for batch in data:
+                    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                        kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list))
+                                                       else "")
+                        raise TypeError(f"train_x is a DataLoader whose batches are {kind}; it must yield (x, y) "
+                                        "pairs (a TensorDataset(x, y), for example)")
+                    x, y = batch
+                    self._check_input_shape(x, "the DataLoader's x")
                     x, y = x.to(net.device), y.to(net.device)
                     targets = prepare_data(self.task, net, x, y, self.num_classes)[0]
-                    with torch.no_grad():
-                        outputs = net(x)
+                    outputs = net.outputs(x, "train_x")
                     yield x, targets, outputs  # outside no_grad: the caller's step needs autograd
 
             return len(data.dataset), _Reiterable(checked)
         data = data.to(net.device)
         targets = targets.to(net.device) if isinstance(targets, Tensor) else targets
         targets = prepare_data(self.task, net, data, targets, self.num_classes)[0]
-        with torch.no_grad():
-            outputs = net(data)
+        outputs = net.outputs(data, "train_x")
         n = data.shape[0]
         size = n if batch_size is None else batch_size
 
@@ -103,7 +110,8 @@ class SVI:
         """Maximise the ELBO over ``epochs`` passes.
 
         Args:
-            train_x: inputs (n, ...) with targets ``train_y``, or a DataLoader of (x, y) batches.
+            train_x: inputs (n, ...) with targets ``train_y`` (both moved to the network's device), or a
+                DataLoader of (x, y) batches.
             batch_size: minibatch size for tensors (default: the full batch).
             num_samples: reparameterised samples of Δ per step.
             anneal: cosine decay of the learning rate to 0 over the epochs (the iterates settle).
@@ -112,13 +120,19 @@ class SVI:
         """
         if isinstance(train_x, Tensor) and train_y is None:
             raise ValueError("give train_y with tensor inputs, or pass a DataLoader of (x, y) batches")
-        if epochs < 1 or num_samples < 1:
-            raise ValueError(f"epochs and num_samples must be >= 1, got {epochs} and {num_samples}")
+        if not isinstance(train_x, (Tensor, torch.utils.data.DataLoader)):
+            raise TypeError(f"train_x must be a torch.Tensor (n, ...) or a DataLoader of (x, y) batches, got "
+                            f"{type(train_x).__name__}")
+        epochs, num_samples = as_count(epochs, "epochs"), as_count(num_samples, "num_samples")
+        batch_size = None if batch_size is None else as_count(batch_size, "batch_size")
+        lr, generator = as_positive_float(lr, "lr"), check_generator(generator)
         net = self.network
+        if isinstance(train_x, Tensor):
+            self._check_input_shape(train_x, "train_x")
         num_data, batches = self._batches(train_x, train_y, batch_size, generator)
         optimizer = torch.optim.Adam([self.loc, self.raw_scale], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if anneal else None
-        for _ in tqdm(range(epochs), desc="SVI", disable=not progress):
+        for epoch in tqdm(range(epochs), desc="SVI", disable=not progress):
             values = []
             for x, targets, f0 in batches:
                 eps = randn(num_samples, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
@@ -134,19 +148,34 @@ class SVI:
                 loss.backward()
                 optimizer.step()
                 values.append(float(expected.detach()) - float(kl.detach()))  # both at the pre-step q
+                if not math.isfinite(values[-1]):
+                    raise FloatingPointError(f"SVI diverged at epoch {epoch + 1}, step {len(values)}: the ELBO "
+                                             f"estimate is {values[-1]}; lower the learning rate (lr = {lr:g}) or "
+                                             "pass a smaller init_scale")
             self.history.append(sum(values) / len(values))
             if schedule is not None:
                 schedule.step()
         return self
 
+    def _check_input_shape(self, x: Tensor, name: str) -> None:
+        """Record the per-input shape of the first training inputs; later inputs must share it."""
+        if not isinstance(x, Tensor):
+            return  # prepare_data names the type
+        if self.input_shape is None:
+            self.input_shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{name} has per-input shape {tuple(x.shape[1:])} but the training inputs have "
+                             f"{self.input_shape}")
+
     def latent(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean f0 + J m (m, C) and covariance J diag(s²) Jᵀ (m, C, C) of the outputs at x under q."""
         net = self.network
-        check_inputs(x, net.dtype, "x")
+        check_inputs(x, net.dtype, "x", net.device, input_shape=self.input_shape)
         with torch.no_grad():
             mean = linearised_outputs(net, x, net(x), self.loc.detach().unsqueeze(0))[0]
             s2 = self.scale.detach().square()
             cov = torch.cat([(j * s2) @ j.mT for j in net.jacobian_chunks(x)])
+        check_prediction(x, mean=mean, covariance=cov)
         return mean, cov
 
     def elbo(self, x: Tensor, y: Tensor) -> Tensor:
@@ -169,6 +198,7 @@ class SVI:
         (m, C)). Classification: class probabilities (m, C), the Monte Carlo mean of the softmax over
         ``num_samples`` draws of the logits.
         """
+        num_samples = as_count(num_samples, "num_samples")
         mean, cov = self.latent(x)
         if self.task == "classification":
             return mc_class_probabilities(mean, cov, num_samples, generator)

@@ -1,6 +1,17 @@
-"""Input checks shared by the operators and the models: each failure names the problem and the fix."""
+"""Input checks shared by the functional layer, the operators and the models.
+
+Every failure names the argument, says what is wrong and what to do. Numbers are accepted as Python
+or NumPy scalars or one-element tensors; strings, None (where not allowed) and multi-element tensors
+are rejected with a ``TypeError``, out-of-range values with a ``ValueError``. Non-finite values that
+arise inside a computation (a network's outputs, a Jacobian product, a finite-difference step) raise
+a ``FloatingPointError`` that says where they arose.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,25 +30,88 @@ def check_eval_mode(module: nn.Module) -> None:
         )
 
 
-def check_inputs(x: Tensor, dtype: torch.dtype, name: str = "x") -> None:
-    """Raise unless ``x`` is a finite floating tensor of shape (n, ...) with n >= 1 in ``dtype``."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (n, ...), got {type(x).__name__}")
+def _scalar(value, name: str, kind: str):
+    """``value`` as a Python number if it is one (a bool is not), or a one-element tensor / NumPy scalar."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    elif hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "size", 2) == 1:  # NumPy scalar
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def as_positive_float(value, name: str, allow_none: bool = False) -> float | None:
+    """``value`` as a finite float > 0 (None passes through when ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    v = float(_scalar(value, name, "a finite number > 0"))
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return v
+
+
+def as_count(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (integral floats such as 4.0 are refused: they hide mistakes)."""
+    v = _scalar(value, name, f"an integer >= {minimum}")
+    if not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(v).__name__} {value!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v}")
+    return int(v)
+
+
+def check_choice(value, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_generator(generator) -> torch.Generator | None:
+    """``generator`` if it is a torch.Generator or None (a seed is not: pass torch.Generator().manual_seed(seed))."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}: "
+                        "pass torch.Generator().manual_seed(seed)")
+    return generator
+
+
+def check_tensor(value, name: str, shape: str) -> Tensor:
+    """Raise a TypeError naming ``name`` unless ``value`` is a tensor (lists and arrays are not converted:
+    the dtype would be a guess)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}: convert it "
+                        f"with torch.as_tensor({name}, dtype=...)")
+    return value
+
+
+def check_inputs(x, dtype: torch.dtype, name: str = "x", device: torch.device | None = None,
+                 input_shape: Sequence[int] | None = None, shape_of: str = "the training inputs") -> Tensor:
+    """Raise unless ``x`` is a finite floating tensor (n, ...) with n >= 1 in ``dtype`` (and on ``device``,
+    with per-input shape ``input_shape``, that of ``shape_of``, when given); return it."""
+    check_tensor(x, name, "(n, ...)")
     if not x.is_floating_point():
         raise TypeError(f"{name} has dtype {x.dtype}; the network needs floating inputs: convert with {name}.to({dtype})")
     if x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the network's parameters are {dtype}: "
                         f"convert with {name}.to({dtype}) or the network with .to({x.dtype})")
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"{name} is on {x.device} but the network is on {device}: move it with {name}.to('{device}')")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} must have shape (n, ...) with n >= 1, got {tuple(x.shape)}")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{name} has per-input shape {tuple(x.shape[1:])}, but {tuple(input_shape)} is expected (that "
+                         f"of {shape_of}); pass inputs (n, {', '.join(map(str, input_shape))})")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf values; remove or impute them first")
+    return x
 
 
-def check_targets(y: Tensor, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
+def check_targets(y, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
     """Validate regression targets against n inputs and C outputs; return them as (n, C)."""
-    if not isinstance(y, Tensor):
-        raise TypeError(f"train_y must be a torch.Tensor, got {type(y).__name__}")
+    check_tensor(y, "train_y", "(n,) or (n, C)")
     if not y.is_floating_point():
         raise TypeError(f"train_y has dtype {y.dtype}; regression targets must be floating: use train_y.to({dtype})")
     expected = "(n,) or (n, 1)" if num_outputs == 1 else f"(n, {num_outputs})"
@@ -53,19 +127,9 @@ def check_targets(y: Tensor, n: int, num_outputs: int, dtype: torch.dtype) -> Te
     return y.to(dtype)
 
 
-def check_positive(value: float | None, name: str) -> None:
-    """Raise unless ``value`` is None or a finite number > 0."""
-    if value is None:
-        return
-    v = float(value)
-    if not (v > 0 and v < float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-
-
-def check_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
+def check_labels(y, n: int, num_classes: int) -> Tensor:
     """Validate class labels (n,) of integer dtype in [0, num_classes); return them as torch.long."""
-    if not isinstance(y, Tensor):
-        raise TypeError(f"train_y must be a torch.Tensor of class indices, got {type(y).__name__}")
+    check_tensor(y, "train_y", "(n,) of class indices")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"train_y has dtype {y.dtype}; classification targets must be integer class indices "
                         "of shape (n,): convert one-hot targets with train_y.argmax(-1), labels with train_y.long()")
@@ -78,3 +142,32 @@ def check_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
         raise ValueError(f"labels must lie in [0, {num_classes}) for a network with {num_classes} outputs, got "
                          f"values in [{low}, {high}]: relabel the classes or give the network one logit per class")
     return y.long()
+
+
+def check_finite(t: Tensor, what: str, hint: str) -> Tensor:
+    """Raise a FloatingPointError saying that ``what`` has NaN/Inf entries, and ``hint``; return ``t``.
+
+    Skipped inside a torch.func transform (a data-dependent check cannot run there); the result is
+    checked once it leaves the transform.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is None and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise FloatingPointError(f"{what} is not finite ({bad} of {t.numel()} entries NaN or Inf); {hint}")
+    return t
+
+
+def check_prediction(x: Tensor, **parts: Tensor | None) -> None:
+    """Raise a FloatingPointError if a predictive quantity (name -> tensor) at inputs x is not finite."""
+    for name, t in parts.items():
+        if t is not None:
+            check_finite(t, f"the predictive {name} at x", f"the network's Jacobian at these inputs is too large for "
+                         f"{t.dtype} (|x| up to {float(x.abs().max()):.3g}): rescale or normalise the inputs")
+
+
+def check_finite_tensors(tensors: dict[str, Tensor], kind: str) -> None:
+    """Raise naming the first floating tensor of ``tensors`` (name -> tensor) with NaN or Inf entries."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"the network's {kind} {name!r} has {bad} NaN or Inf entries of {t.numel()}: the "
+                             "linearisation would be NaN everywhere; load finite weights (or reset that module)")

@@ -67,3 +67,17 @@ def test_laplace_and_svi_on_cuda_match_cpu():
     assert gpu.predict(xs.to(CUDA), link="mc", num_samples=5, generator=generator).device.type == "cuda"
     svi = SVI(model_gpu, "classification").fit(x.to(CUDA), y.to(CUDA), epochs=3, progress=False, generator=generator)
     assert svi.predict(xs.to(CUDA), num_samples=5, generator=generator).device.type == "cuda"
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_conversion_to_cuda_moves_the_snapshot(space):
+    """`.to(device)` on an NTKGP built on the CPU, and `.cuda()` on an operator, move the network snapshot too."""
+    model, x, _ = make_case("cnn_batchnorm")
+    y, xs = torch.randn(x.shape[0], 2), torch.randn(3, *x.shape[1:])
+    gp = NTKGP(model, x, y, space=space, noise=0.1, outputscale=0.5)
+    cpu = gp.predict(xs)
+    gpu = gp.to(CUDA).predict(xs.to(CUDA))
+    assert gp.network.device.type == "cuda" and gpu.mean.device.type == "cuda"
+    assert rel_err(gpu.mean.cpu(), cpu.mean) < 1e-8 and rel_err(gpu.variance.cpu(), cpu.variance) < 1e-8
+    op = ntk_operator(model, x)
+    assert rel_err(op.cuda().to_dense().cpu(), op.to_dense()) < 1e-10

@@ -116,7 +116,7 @@ def test_bad_fisher_input():
     with pytest.raises(ValueError, match="heteroscedastic Gaussian needs outputs .* even width"):
         fisher_operator(model, x, "heteroscedastic")
     for eps in (0.0, -1e-3):
-        with pytest.raises(ValueError, match="epsilon must be > 0"):
+        with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
             fisher_operator(model, x, epsilon=eps)
     with pytest.raises(ValueError, match="method must be one of"):
         fisher_operator(model, x, method="autograd")

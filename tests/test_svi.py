@@ -92,7 +92,7 @@ def test_svi_bad_input():
         SVI(model, "classification", num_classes=4).fit(x, y, epochs=1, progress=False)
     with pytest.raises(ValueError, match="give train_y"):
         SVI(model, "classification").fit(x, epochs=1, progress=False)
-    with pytest.raises(ValueError, match="epochs and num_samples must be >= 1"):
+    with pytest.raises(ValueError, match="(epochs|num_samples) must be an integer >= 1"):
         SVI(model, "classification").fit(x, y, epochs=0, progress=False)
     with pytest.raises(ValueError, match=r"train_y has shape \(6,\) but the network has 3 output"):
         SVI(model, "regression").fit(x, y.double(), epochs=1, progress=False)
