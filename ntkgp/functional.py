@@ -18,18 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from .validation import as_count, check_eval_mode, check_finite, check_finite_tensors, check_tensor
+from .validation import as_count, check_eval_mode, check_finite, check_finite_tensors, check_tensor, in_transform
 
-__all__ = ["FunctionalNetwork", "as_functional_network", "in_transform", "map_blocks", "select_parameters"]
+__all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "select_parameters"]
 
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
                             r"|derivative for (\S+) is not implemented", re.IGNORECASE)
 _NETWORK_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
-
-
-def in_transform() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp, …) is active: data-dependent checks cannot run there."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def select_parameters(module: nn.Module, params: Sequence[str] | str | None) -> list[str]:
@@ -154,8 +149,7 @@ class FunctionalNetwork:
         self.theta0 = fn(self.theta0)
         self.frozen = {n: fn(t) for n, t in self.frozen.items()}
         self.buffers = {n: fn(t) for n, t in self.buffers.items()}
-        if self._shared_versions is not None:  # converted copies are no longer shared with the module
-            self._shared_versions = None
+        self._shared_versions = None  # converted copies are no longer shared with the module
         self._reset_checks()
         return self
 
@@ -184,8 +178,7 @@ class FunctionalNetwork:
         return self.to("cpu")
 
     def cuda(self, device: int | str | torch.device | None = None) -> FunctionalNetwork:
-        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
-                       if isinstance(device, int) else device)
+        return self.to(f"cuda:{device}" if isinstance(device, int) else device or "cuda")
 
     def clone(self) -> FunctionalNetwork:
         """A copy with its own tensors."""
@@ -260,12 +253,16 @@ class FunctionalNetwork:
         if difference <= tol:
             self._verified.add(product)
             return out
+        self._disagrees(product, difference)
+        return torch.stack([fn(row) for row in batch.unbind(0)])
+
+    def _disagrees(self, product: str, difference: float) -> None:
+        """Record that the batched ``product`` disagreed with one-vector products, and say so."""
         self._unbatched.add(product)
-        warnings.warn(f"batched (vmap) {product} products of this network disagree with one-vector products (relative "
+        warnings.warn(f"batched (vmap) {product} of this network disagree with one-vector products (relative "
                       f"difference {difference:.2g}): an op in it has a wrong batching rule in torch "
                       f"{torch.__version__} (torch.cdist is one); computing them one vector at a time from now on "
-                      "(correct, slower)", RuntimeWarning, stacklevel=3)
-        return torch.stack([fn(row) for row in batch.unbind(0)])
+                      "(correct, slower)", RuntimeWarning, stacklevel=4)
 
     def _f(self, x: Tensor):
         return lambda theta: self(x, theta)
@@ -284,7 +281,7 @@ class FunctionalNetwork:
         self._check_vectors(cotangents, "cotangents", tuple(out.shape), "one (n, C) output-space vector each")
         if cotangents.shape[0] == 0:
             return cotangents.new_zeros(0, self.num_params)
-        result = self._map(lambda u: vjp_fn(u)[0], cotangents, "vector-Jacobian")
+        result = self._map(lambda u: vjp_fn(u)[0], cotangents, "vector-Jacobian products")
         return check_finite(result, "the vector-Jacobian product J(x)ᵀu", _OVERFLOW_HINT)
 
     def jvp(self, x: Tensor, tangents: Tensor) -> Tensor:
@@ -295,7 +292,7 @@ class FunctionalNetwork:
         if not self.use_double_vjp:
             f = self._f(x)
             try:
-                result = self._map(lambda v: jvp(f, (self.theta0,), (v,))[1], tangents, "Jacobian-vector")
+                result = self._map(lambda v: jvp(f, (self.theta0,), (v,))[1], tangents, "Jacobian-vector products")
                 return check_finite(result, "the Jacobian-vector product J(x)v", _OVERFLOW_HINT)
             except (RuntimeError, NotImplementedError) as err:
                 op = _missing_forward_rule(err)
@@ -309,7 +306,7 @@ class FunctionalNetwork:
         """J V as the VJP of the linear map u -> Jᵀ u (two reverse passes)."""
         out, vjp_fn = vjp(self._f(x), self.theta0)
         _, vjp_of_vjp = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
-        return self._map(lambda v: vjp_of_vjp(v)[0], tangents, "double-VJP Jacobian-vector")
+        return self._map(lambda v: vjp_of_vjp(v)[0], tangents, "double-VJP Jacobian-vector products")
 
     def _check_double_vjp(self, x: Tensor, op: str) -> None:
         """Adjoint test uᵀ(J v) = (Jᵀu)ᵀ v of the double-VJP; raise naming ``op`` if it fails or is wrong."""
@@ -359,7 +356,7 @@ class FunctionalNetwork:
         if not in_transform():
             eps, step = torch.finfo(self.dtype).eps, float((thetas - self.theta0).norm(dim=-1).min())
             tol = 10 * (eps**0.5 + eps * (1 + float(self.theta0.norm())) / max(step, eps))
-        grads = self._map(torch.func.grad(lambda theta: loss(self(x, theta))), thetas, "loss-gradient", tol)
+        grads = self._map(torch.func.grad(lambda theta: loss(self(x, theta))), thetas, "loss gradients", tol)
         return check_finite(grads, "the gradient ∇θ loss(f(x; θ))", _OVERFLOW_HINT)
 
     def jacobian_chunks(self, x: Tensor) -> Iterator[Tensor]:
@@ -373,11 +370,11 @@ class FunctionalNetwork:
         per_sample = vmap(jacrev(lambda theta, xi: self(xi.unsqueeze(0), theta)[0]), in_dims=(None, 0))
         for start in range(0, x.shape[0], b):
             chunk = x[start:start + b]
-            if "per-sample Jacobian" in self._unbatched:
+            if "per-sample Jacobians" in self._unbatched:
                 yield self._jacobian_rows(chunk, num_outputs)
                 continue
             jac = per_sample(self.theta0, chunk)
-            if "per-sample Jacobian" not in self._verified and not in_transform():
+            if "per-sample Jacobians" not in self._verified and not in_transform():
                 jac = self._check_jacobian(chunk, jac)
             yield check_finite(jac, "the per-sample Jacobian J(x)", _OVERFLOW_HINT)
 
@@ -393,13 +390,9 @@ class FunctionalNetwork:
         u = torch.randn(1, *jac.shape[:2], generator=generator, dtype=self.dtype, device=self.device)
         difference = _relative_difference(torch.einsum("bc,bcp->p", u[0], jac), self.vjp(x, u)[0])
         if difference <= 10 * torch.finfo(self.dtype).eps ** 0.5:
-            self._verified.add("per-sample Jacobian")
+            self._verified.add("per-sample Jacobians")
             return jac
-        self._unbatched.add("per-sample Jacobian")
-        warnings.warn(f"batched (vmap) per-sample Jacobians of this network disagree with a one-vector VJP (relative "
-                      f"difference {difference:.2g}): an op in it has a wrong batching rule in torch "
-                      f"{torch.__version__}; computing them from VJPs of unit vectors from now on (correct, slower)",
-                      RuntimeWarning, stacklevel=3)
+        self._disagrees("per-sample Jacobians", difference)
         return self._jacobian_rows(x, jac.shape[1])
 
 

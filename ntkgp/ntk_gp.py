@@ -30,7 +30,7 @@ from .kernel import NTKKernel
 from .mean import NetworkMean
 from .ntk_operator import NTKOperator
 from .parameter_space import (GramSpectrum, gram_spectrum, ntk_eigh, resolved, spectral_log_marginal_likelihood,
-                              spectral_solve, spectral_variance_reduction)
+                              spectral_solve, spectral_variance_reduction, spectral_weights)
 from .solver import Solver, as_solver
 from .validation import as_count, as_positive_float, check_choice, check_inputs, check_prediction, check_targets
 
@@ -360,9 +360,10 @@ class NTKGP(nn.Module):
         s2, noise = self.outputscale.detach(), self.noise.detach()
         c = (noise / s2).double()
         self._warn_unresolved(evals, floor, c)
-        keep = resolved(evals, c, floor)
-        weights, basis = 1.0 / (evals[keep] + c), evecs[:, keep]
-        a = basis @ (weights * (basis.mT @ self._residual.double()))
+        weights = spectral_weights(evals, c, floor)
+        keep = weights > 0
+        a = spectral_solve(evals, evecs, self._residual, c, floor)
+        weights, basis = weights[keep], evecs[:, keep]
         columns = torch.cat([a.unsqueeze(-1), basis], dim=-1).to(self.network.dtype)
         cross = NTKOperator(x, self.train_x, network=self.network, num_outputs=self.num_outputs) @ columns
         mean = self._prior_mean(x) + cross[:, 0].reshape(x.shape[0], -1)

@@ -33,7 +33,7 @@ from .ntk_operator import NTKOperator
 from .solver import Solver
 
 __all__ = ["GramSpectrum", "gram_spectrum", "lanczos_spectrum", "ntk_eigh", "resolved", "resolved_eigh",
-           "spectral_log_marginal_likelihood", "spectral_solve", "spectral_variance_reduction"]
+           "spectral_log_marginal_likelihood", "spectral_solve", "spectral_variance_reduction", "spectral_weights"]
 
 
 @dataclass
@@ -132,11 +132,16 @@ def resolved(eigenvalues: Tensor, c: Tensor, floor: float) -> Tensor:
     return (eigenvalues > floor) | (c >= floor)
 
 
+def spectral_weights(eigenvalues: Tensor, c: Tensor, floor: float) -> Tensor:
+    """w = 1/(λ + c) on the resolved directions (:func:`resolved`), 0 on the numerically zero ones: (r,)."""
+    c = c.to(eigenvalues.dtype).reshape(1)
+    return torch.where(resolved(eigenvalues, c, floor), 1.0 / (eigenvalues + c), 0.0)
+
+
 def spectral_solve(eigenvalues: Tensor, eigenvectors: Tensor, rhs: Tensor, c: Tensor, floor: float) -> Tensor:
     """(matrix + cI)⁻¹ rhs from all eigenpairs of a PSD matrix, numerically zero directions dropped
-    (:func:`resolved`): rhs (n,) -> (n,), in the eigenvectors' dtype."""
-    c = c.to(eigenvalues.dtype).reshape(1)
-    weights = torch.where(resolved(eigenvalues, c, floor), 1.0 / (eigenvalues + c), 0.0)
+    (:func:`spectral_weights`): rhs (n,) -> (n,), in the eigenvectors' dtype."""
+    weights = spectral_weights(eigenvalues, c, floor)
     return eigenvectors @ (weights * (eigenvectors.mT @ rhs.to(eigenvectors.dtype)))
 
 

@@ -144,13 +144,18 @@ def check_labels(y, n: int, num_classes: int) -> Tensor:
     return y.long()
 
 
+def in_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, …) is active: data-dependent checks cannot run there."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def check_finite(t: Tensor, what: str, hint: str) -> Tensor:
     """Raise a FloatingPointError saying that ``what`` has NaN/Inf entries, and ``hint``; return ``t``.
 
     Skipped inside a torch.func transform (a data-dependent check cannot run there); the result is
     checked once it leaves the transform.
     """
-    if torch._C._functorch.peek_interpreter_stack() is None and not bool(torch.isfinite(t).all()):
+    if not in_transform() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise FloatingPointError(f"{what} is not finite ({bad} of {t.numel()} entries NaN or Inf); {hint}")
     return t
