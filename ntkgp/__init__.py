@@ -7,17 +7,11 @@ with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprec
     import gpytorch  # noqa: F401
     import linear_operator  # noqa: F401
 
-from .fisher_operator import FisherOperator, fisher_operator
 from .functional import FunctionalNetwork
-from .gram_operator import GramOperator, gram_operator
-from .kernel import NTKKernel
-from .laplace import Laplace, PosteriorCovariance
-from .mean import NetworkMean
-from .ntk_gp import NTKGP, Prediction
-from .ntk_operator import NTKOperator, ntk_operator
-from .solver import Solver
-from .svi import SVI
+from .gp import NTKGP, JacobianKernel, NetworkMean, Prediction, Solver
+from .operators import FisherOperator, GramOperator, NTKOperator, fisher_operator, gram_operator, ntk_operator
+from .posteriors import SVI, Laplace, PosteriorCovariance
 
-__all__ = ["FisherOperator", "FunctionalNetwork", "GramOperator", "Laplace", "NTKGP", "NTKKernel", "NTKOperator",
+__all__ = ["FisherOperator", "FunctionalNetwork", "GramOperator", "JacobianKernel", "Laplace", "NTKGP", "NTKOperator",
            "NetworkMean", "PosteriorCovariance", "Prediction", "SVI", "Solver", "fisher_operator", "gram_operator",
            "ntk_operator"]

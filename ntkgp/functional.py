@@ -31,7 +31,9 @@ def select_parameters(module: nn.Module, params: Sequence[str] | str | None) -> 
     """Names of the parameters to linearise in.
 
     ``None`` selects every parameter with ``requires_grad``; otherwise each entry is a full parameter
-    name (``"fc.weight"``) or a module-name prefix (``"4."``, ``"fc."`` or ``"fc"``).
+    name (``"fc.weight"``) or a module-name prefix (``"4."``, ``"fc."`` or ``"fc"``). The names come in
+    ``module.named_parameters()`` order whatever the order of the entries, so the flat vector θ agrees
+    with :func:`torch.nn.utils.parameters_to_vector` over the same parameters.
     """
     named = dict(module.named_parameters())
     if params is None:
@@ -44,7 +46,7 @@ def select_parameters(module: nn.Module, params: Sequence[str] | str | None) -> 
     if not isinstance(params, Sequence) or not params:
         raise ValueError(f"params must be None (all trainable parameters) or a non-empty list of parameter names or "
                          f"module prefixes, got {params!r}")
-    names: list[str] = []
+    chosen: set[str] = set()
     for entry in params:
         if not isinstance(entry, str):
             raise TypeError(f"params entries must be strings (parameter names or module prefixes such as 'fc.'), got "
@@ -55,8 +57,8 @@ def select_parameters(module: nn.Module, params: Sequence[str] | str | None) -> 
             modules = sorted({n.rsplit(".", 1)[0] + "." for n in named if "." in n})
             raise ValueError(f"no parameter of the network matches {entry!r}; parameters are named like "
                              f"{list(named)[:6]} and module prefixes are {modules[:12]}")
-        names += [n for n in hits if n not in names]
-    return names
+        chosen.update(hits)
+    return [n for n in named if n in chosen]
 
 
 def _missing_forward_rule(err: Exception) -> str | None:

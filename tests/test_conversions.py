@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_case, rel_err
 
-from ntkgp import NTKGP, NTKKernel, fisher_operator, gram_operator, ntk_operator
+from ntkgp import NTKGP, JacobianKernel, fisher_operator, gram_operator, ntk_operator
 
 TOL = 1e-10
 
@@ -27,7 +27,7 @@ class _UserGP(gpytorch.models.ExactGP):
         likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=0, has_task_noise=False)
         super().__init__(x, y, likelihood)
         self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=2)
-        self.covar_module = gpytorch.kernels.ScaleKernel(NTKKernel(model, input_shape=input_shape))
+        self.covar_module = gpytorch.kernels.ScaleKernel(JacobianKernel(model, input_shape=input_shape))
 
     def forward(self, x):
         return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x),
@@ -66,8 +66,8 @@ def test_ntkgp(float32_case, space):
 
 def test_kernel_alone(float32_case):
     model32, model64, x, _, _ = float32_case
-    kernel = NTKKernel(model32, input_shape=x.shape[1:]).double()
-    want = NTKKernel(model64, input_shape=x.shape[1:])
+    kernel = JacobianKernel(model32, input_shape=x.shape[1:]).double()
+    want = JacobianKernel(model64, input_shape=x.shape[1:])
     flat = x.double().flatten(1)
     assert rel_err(kernel(flat).to_dense(), want(flat).to_dense()) < TOL
 

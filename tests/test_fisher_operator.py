@@ -134,3 +134,19 @@ def test_likelihood_pieces_are_consistent(name):
     u = torch.randn(3, 4)
     assert rel_err(lik.fisher(f, u).reshape(-1), hessian @ u.reshape(-1)) < 1e-10
     assert abs(float(lik.kl(f, f))) < 1e-12
+
+
+def test_jacobian_kernel_gives_the_fisher_of_its_network():
+    """One object for both: kernel.fisher(x) is the Fisher of the kernel's own network and parameter
+    selection, with the kernel's (n, d) input convention (reshaped to input_shape)."""
+    from ntkgp import JacobianKernel
+
+    model, x, _ = make_case("cnn_batchnorm")
+    kernel = JacobianKernel(model, params=["3.", "7."], input_shape=(1, 9, 9))
+    dense = dense_fisher(model, x, "categorical", ["3.", "7."])
+    v = torch.randn(dense.shape[0], 2)
+    flat = x.reshape(len(x), -1)
+    assert rel_err(kernel.fisher(flat, "categorical", method="exact") @ v, dense @ v) < 1e-10
+    assert rel_err(kernel.fisher(flat, "categorical") @ v, dense @ v) < 1e-5
+    with pytest.raises(ValueError, match="input_shape"):
+        kernel.fisher(flat[:, :-1])

@@ -14,7 +14,7 @@ from conftest import dense_jacobian, dense_output_fisher, make_case, rel_err
 from ntkgp import NTKGP, Laplace
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.lanczos import rademacher_probes
-from ntkgp.parameter_space import lanczos_spectrum
+from ntkgp.gp.parameter_space import lanczos_spectrum
 
 DELTA = 0.7
 

@@ -18,7 +18,7 @@ from conftest import make_case
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ntkgp import (SVI, FunctionalNetwork, Laplace, NTKGP, NTKKernel, NTKOperator, NetworkMean, Prediction, Solver,
+from ntkgp import (SVI, FunctionalNetwork, Laplace, NTKGP, JacobianKernel, NTKOperator, NetworkMean, Prediction, Solver,
                    fisher_operator, gram_operator, ntk_operator)
 
 
@@ -105,7 +105,7 @@ ENTRIES_ON_A_NETWORK = {
     "ntk_operator": lambda m: ntk_operator(m, XC),
     "gram_operator": lambda m: gram_operator(m, XC),
     "fisher_operator": lambda m: fisher_operator(m, XC, "categorical"),
-    "NTKKernel": lambda m: NTKKernel(m, input_shape=XC.shape[1:]),
+    "JacobianKernel": lambda m: JacobianKernel(m, input_shape=XC.shape[1:]),
     "FunctionalNetwork": lambda m: FunctionalNetwork(m),
     "NTKGP": lambda m: NTKGP(m, XC, torch.randn(7, 2)),
     "Laplace": lambda m: Laplace(m, "classification").fit(XC, LABELS % 2),
@@ -115,7 +115,7 @@ WITH_OWN_SETTINGS = {  # a FunctionalNetwork given together with a setting that 
     "ntk_operator": lambda: ntk_operator(NET, X, params=["0."]),
     "gram_operator": lambda: gram_operator(NET, X, chunk_size=4),
     "fisher_operator": lambda: fisher_operator(NET, X, params=["0."]),
-    "NTKKernel": lambda: NTKKernel(NET, chunk_size=4),
+    "JacobianKernel": lambda: JacobianKernel(NET, chunk_size=4),
     "FunctionalNetwork": lambda: ntk_operator(NET, X, chunk_size=2),
     "NTKGP": lambda: NTKGP(NET, X, Y, params="2."),
     "Laplace": lambda: Laplace(NET, params=["2."]),
@@ -124,7 +124,7 @@ WITHOUT_CHANNELS = {  # a CNN given inputs (n, 9, 9) instead of (n, 1, 9, 9)
     "ntk_operator": lambda: ntk_operator(CNN, XC[:, 0]),
     "gram_operator": lambda: gram_operator(CNN, XC[:, 0]),
     "fisher_operator": lambda: fisher_operator(CNN, XC[:, 0], "categorical"),
-    "NTKKernel": lambda: NTKKernel(CNN, input_shape=(9, 9))(XC.flatten(1)).to_dense(),
+    "JacobianKernel": lambda: JacobianKernel(CNN, input_shape=(9, 9))(XC.flatten(1)).to_dense(),
     "FunctionalNetwork": lambda: FunctionalNetwork(CNN).num_outputs(XC[:, 0]),
     "NTKGP": lambda: NTKGP(CNN, XC[:, 0], torch.randn(7, 2)),
     "Laplace": lambda: Laplace(CNN, "classification").fit(XC[:, 0], LABELS % 2),
@@ -140,7 +140,7 @@ for entry, build in ENTRIES_ON_A_NETWORK.items():
 # --- params -----------------------------------------------------------------------------------------------------
 USE = {  # something finite computed from what an entry point returns
     "ntk_operator": lambda op: op.to_dense(), "gram_operator": lambda op: op.diagonal(),
-    "fisher_operator": lambda op: op.diagonal(), "NTKKernel": lambda kernel: kernel(X).to_dense(),
+    "fisher_operator": lambda op: op.diagonal(), "JacobianKernel": lambda kernel: kernel(X).to_dense(),
     "NTKGP": lambda gp: gp.predict(XS).mean, "Laplace": lambda la: la.fit(X, Y).predict(XS).mean,
     "SVI": lambda svi: svi.predict(XS).mean, "FunctionalNetwork": lambda net: net.jvp(X, torch.ones(1, net.num_params))}
 PARAMS_BAD = {"[]": ([], ValueError, "non-empty list"), "[0]": ([0], TypeError, "params entries must be strings"),
@@ -149,7 +149,7 @@ PARAMS_BAD = {"[]": ([], ValueError, "non-empty list"), "[0]": ([0], TypeError, 
 for entry, build in {"ntk_operator": lambda p: ntk_operator(MLP, X, params=p),
                      "gram_operator": lambda p: gram_operator(MLP, X, params=p),
                      "fisher_operator": lambda p: fisher_operator(MLP, X, params=p),
-                     "NTKKernel": lambda p: NTKKernel(MLP, params=p), "NTKGP": lambda p: NTKGP(MLP, X, Y, params=p),
+                     "JacobianKernel": lambda p: JacobianKernel(MLP, params=p), "NTKGP": lambda p: NTKGP(MLP, X, Y, params=p),
                      "Laplace": lambda p: Laplace(MLP, params=p), "SVI": lambda p: SVI(MLP, params=p),
                      "FunctionalNetwork": lambda p: FunctionalNetwork(MLP, p)}.items():
     for what, (value, exc, pattern) in PARAMS_BAD.items():
@@ -166,7 +166,7 @@ NUMERIC = [  # (entry, argument, call(value), kind, None allowed, check of a goo
      (P,)),
     ("fisher_operator", "epsilon", lambda v: fisher_operator(MLP, X, "categorical", epsilon=v) @ torch.randn(P),
      "positive", True, (P,)),
-    ("NTKKernel", "chunk_size", lambda v: NTKKernel(MLP, chunk_size=v)(X).to_dense(), "count", True, (21, 21)),
+    ("JacobianKernel", "chunk_size", lambda v: JacobianKernel(MLP, chunk_size=v)(X).to_dense(), "count", True, (21, 21)),
     ("FunctionalNetwork", "chunk_size", lambda v: FunctionalNetwork(MLP, chunk_size=v).jvp(X, torch.randn(3, P)),
      "count", False, (3, 7, 3)),
     ("FunctionalNetwork", "jacobian_chunk_elements",
@@ -233,7 +233,7 @@ INPUTS = [  # (entry, argument name, call(x) with x standing for X)
     ("ntk_operator", "x2", lambda x: ntk_operator(MLP, X, x)),
     ("gram_operator", "x", lambda x: gram_operator(MLP, x)),
     ("fisher_operator", "x", lambda x: fisher_operator(MLP, x)),
-    ("NTKKernel", "x1", lambda x: NTKKernel(MLP)(x, X).to_dense()),
+    ("JacobianKernel", "x1", lambda x: JacobianKernel(MLP)(x, X).to_dense()),
     ("NTKGP", "train_x", lambda x: NTKGP(MLP, x, Y)),
     ("NTKGP.predict", "x", lambda x: GP.predict(x)),
     ("Laplace.fit", "train_x", lambda x: Laplace(MLP, "classification").fit(x, LABELS)),
@@ -246,7 +246,7 @@ for entry, arg, call in INPUTS:
     for what, value, exc, pattern in bad_inputs(X):
         if entry == "SVI.fit" and what == "on the meta device":
             continue  # SVI moves tensor data to the network's device (documented); meta tensors cannot be moved back
-        if entry == "NTKKernel" and what == "0-d":
+        if entry == "JacobianKernel" and what == "0-d":
             pattern = r"x1 must have shape \(n, d\)"
         if what in ("a list", "a NumPy array") and entry == "SVI.fit":
             pattern = "train_x must be a torch.Tensor"
@@ -374,17 +374,17 @@ for what, call, shape in [
 
 # --- kernels and input shapes ---------------------------------------------------------------------------------
 for what, call, exc, pattern in [
-        ("x1 with 3 features, x2 with 4", lambda: NTKKernel(MLP)(X, torch.randn(4, 4)).to_dense(), ValueError,
+        ("x1 with 3 features, x2 with 4", lambda: JacobianKernel(MLP)(X, torch.randn(4, 4)).to_dense(), ValueError,
          "x1 has 3 features per input but x2 has 4"),
-        ("input_shape (1, 3, 3) for 3 features", lambda: NTKKernel(MLP, input_shape=(1, 3, 3))(X).to_dense(),
+        ("input_shape (1, 3, 3) for 3 features", lambda: JacobianKernel(MLP, input_shape=(1, 3, 3))(X).to_dense(),
          ValueError, r"input_shape \(1, 3, 3\) holds 9"),
-        ("input_shape 'abc'", lambda: NTKKernel(MLP, input_shape="abc"), TypeError, "input_shape must be a sequence"),
-        ("input_shape (0,)", lambda: NTKKernel(MLP, input_shape=(0,)), ValueError, "input_shape entries"),
-        ("input_shape (2.5,)", lambda: NTKKernel(MLP, input_shape=(2.5,)), TypeError, "input_shape entries"),
-        ("batched inputs (2, 7, 3)", lambda: NTKKernel(MLP)(X.expand(2, 7, 3)).to_dense(), NotImplementedError,
+        ("input_shape 'abc'", lambda: JacobianKernel(MLP, input_shape="abc"), TypeError, "input_shape must be a sequence"),
+        ("input_shape (0,)", lambda: JacobianKernel(MLP, input_shape=(0,)), ValueError, "input_shape entries"),
+        ("input_shape (2.5,)", lambda: JacobianKernel(MLP, input_shape=(2.5,)), TypeError, "input_shape entries"),
+        ("batched inputs (2, 7, 3)", lambda: JacobianKernel(MLP)(X.expand(2, 7, 3)).to_dense(), NotImplementedError,
          "batched inputs")]:
-    case("NTKKernel", what, call, raises(exc, pattern))
-case("NTKKernel", "input_shape=3 (an int)", lambda: NTKKernel(MLP, input_shape=3)(X).to_dense(), finite((21, 21)))
+    case("JacobianKernel", what, call, raises(exc, pattern))
+case("JacobianKernel", "input_shape=3 (an int)", lambda: JacobianKernel(MLP, input_shape=3)(X).to_dense(), finite((21, 21)))
 
 # --- posteriors: state, grids, data loaders -------------------------------------------------------------------
 for what, call in [("mean", lambda: Laplace(MLP).mean), ("predict", lambda: Laplace(MLP).predict(XS)),
@@ -426,7 +426,7 @@ for entry, call, pattern in [
         ("SVI.predict", lambda: SVI(RELU32, "classification").predict(HUGE), "is not finite"),
         ("fisher_operator", lambda: fisher_operator(RELU32, HUGE * 1e-10, "categorical").to_dense(),
          "finite-difference Fisher product .* is not finite"),
-        ("NTKKernel", lambda: NTKKernel(RELU32)(HUGE).to_dense(), "is not finite")]:
+        ("JacobianKernel", lambda: JacobianKernel(RELU32)(HUGE).to_dense(), "is not finite")]:
     case(entry, "inputs of 1e30 into a float32 ReLU network", call, raises(FloatingPointError, pattern))
 SATURATED = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3)).float().eval()
 with torch.no_grad():

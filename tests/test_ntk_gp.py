@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import dense_jacobian, make_case, rel_err
 
-from ntkgp import NTKGP, NTKKernel, Solver
+from ntkgp import NTKGP, JacobianKernel, Solver
 
 S2, NOISE = 0.7, 0.3
 SOLVERS = {"cholesky": (Solver("cholesky"), 1e-6), "cg": (Solver("cg"), 1e-4)}
@@ -137,7 +137,7 @@ def test_solver_choice_is_independent_of_botorch_import():
 
 def test_kernel_under_scale_kernel_and_diag():
     model, x, _ = make_case("mlp_c3")
-    kernel = gpytorch.kernels.ScaleKernel(NTKKernel(model))
+    kernel = gpytorch.kernels.ScaleKernel(JacobianKernel(model))
     kernel.outputscale = S2
     x2 = torch.randn(4, 3)
     j1, j2 = dense_jacobian(model, x), dense_jacobian(model, x2)
@@ -149,7 +149,7 @@ def test_kernel_under_scale_kernel_and_diag():
 
 def test_kernel_with_image_inputs_reshapes():
     model, x, _ = make_case("cnn_batchnorm")
-    kernel = NTKKernel(model, input_shape=x.shape[1:])
+    kernel = JacobianKernel(model, input_shape=x.shape[1:])
     j = dense_jacobian(model, x)
     assert rel_err(kernel(x.reshape(x.shape[0], -1)).to_dense(), j @ j.T) < 1e-10
 

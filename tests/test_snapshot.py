@@ -4,6 +4,7 @@ parameters are shared and an in-place change raises. The module's mode is checke
 
 import pytest
 import torch
+from torch import nn
 from conftest import make_case
 
 from ntkgp import NTKGP, FunctionalNetwork, ntk_operator
@@ -96,3 +97,16 @@ def test_snapshot_memory_is_the_frozen_part_once():
         t.numel() for t in model.buffers())
     assert frozen == module
     assert all(t.data_ptr() != dict(model.named_parameters())[n].data_ptr() for n, t in net.frozen.items())
+
+
+def test_flat_vector_follows_named_parameters_order():
+    """θ is in model.named_parameters() order restricted to the selection, whatever the order of the
+    params entries: it equals torch.nn.utils.parameters_to_vector over the same parameters."""
+    from torch.nn.utils import parameters_to_vector
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    expected = parameters_to_vector([model[2].weight, model[4].weight, model[4].bias])
+    for params in (["4.", "2.weight"], ["2.weight", "4."], ["4.bias", "2.weight", "4.weight", "4"]):
+        net = FunctionalNetwork(model, params)
+        assert net.names == ["2.weight", "4.weight", "4.bias"], params
+        assert torch.equal(net.theta0, expected)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import gpytorch
 import linear_operator
 
-from .validation import as_count, as_positive_float, check_choice
+from ..validation import as_count, as_positive_float, check_choice
 
 __all__ = ["Solver", "as_solver"]
 

@@ -1,4 +1,5 @@
-"""The GPyTorch face of the finite NTK: a Kernel whose covariance is the lazy NTKOperator."""
+"""The GPyTorch face of the finite NTK: a Kernel whose covariance is the lazy NTKOperator, and which gives the
+Fisher operator of the same network for any inputs."""
 
 from __future__ import annotations
 
@@ -11,21 +12,23 @@ import torch
 from linear_operator.operators import DenseLinearOperator
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, as_functional_network
-from .ntk_operator import NTKOperator
-from .validation import as_count, check_inputs, check_tensor
+from ..functional import FunctionalNetwork, as_functional_network
+from ..operators.fisher_operator import FisherOperator, fisher_operator
+from ..operators.ntk_operator import NTKOperator
+from ..validation import as_count, check_inputs, check_tensor
 
-__all__ = ["NTKKernel"]
+__all__ = ["JacobianKernel"]
 
 
-class NTKKernel(gpytorch.kernels.Kernel):
+class JacobianKernel(gpytorch.kernels.Kernel):
     """k(x, x') = J(x) J(x')ᵀ of a network with C outputs, for use in any GPyTorch model.
 
     GPyTorch passes inputs as (n, d) matrices; ``input_shape`` (default ``(d,)``) is the per-example
     shape the network expects, and inputs are reshaped to (n, *input_shape) before the network sees
     them. With C > 1 outputs the covariance is (n·C × n'·C), interleaved as in
     :class:`~gpytorch.distributions.MultitaskMultivariateNormal` with ``interleaved=True``.
-    Wrap it in :class:`~gpytorch.kernels.ScaleKernel` for an output scale. The network is held as a
+    Wrap it in :class:`~gpytorch.kernels.ScaleKernel` for an output scale. :meth:`fisher` gives the
+    (p × p) Fisher JᵀHJ of the same network and parameters on any inputs. The network is held as a
     frozen snapshot, not as a submodule: ``.train()`` on the GP never touches it, while ``.to(...)``,
     ``.double()``, ``.float()`` on the kernel or on any model holding it convert the snapshot too.
 
@@ -66,7 +69,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
 
     def _inputs(self, x: Tensor, name: str = "x") -> Tensor:
         if x.dim() != 2:
-            raise NotImplementedError(f"NTKKernel takes inputs of shape (n, d); got {tuple(x.shape)} "
+            raise NotImplementedError(f"JacobianKernel takes inputs of shape (n, d); got {tuple(x.shape)} "
                                       "(batched inputs are not supported yet)")
         check_inputs(x, self.network.dtype, name, self.network.device)
         if self.input_shape is None:
@@ -88,7 +91,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         if last_dim_is_batch:
-            raise ValueError("NTKKernel does not support last_dim_is_batch=True (deprecated in GPyTorch)")
+            raise ValueError("JacobianKernel does not support last_dim_is_batch=True (deprecated in GPyTorch)")
         a = self._inputs(x1, "x1")
         if x2.dim() == 2 and x2.shape[-1] != x1.shape[-1]:
             raise ValueError(f"x1 has {x1.shape[-1]} features per input but x2 has {x2.shape[-1]}; they must match")
@@ -102,6 +105,16 @@ class NTKKernel(gpytorch.kernels.Kernel):
         if key not in self._memo:
             self._memo[key] = op.to_dense()
         return DenseLinearOperator(self._memo[key])
+
+    def fisher(self, x: Tensor, likelihood: str = "gaussian", method: str = "finite_difference",
+               epsilon: float | None = None, at: Tensor | None = None) -> FisherOperator:
+        """The (p × p) Fisher Σ_i J(x_i)ᵀ H_i J(x_i) of this kernel's network over inputs x (n, d), given as
+        the kernel takes them (reshaped to ``input_shape``); ``likelihood``, ``method``, ``epsilon`` and ``at``
+        as in :func:`~ntkgp.operators.fisher_operator.fisher_operator` (default: finite-difference products,
+        about one gradient each)."""
+        check_tensor(x, "x", "(n, d)")
+        return fisher_operator(self.network, self._inputs(x), likelihood=likelihood, method=method, epsilon=epsilon,
+                               at=at)
 
     @contextmanager
     def memoize(self) -> Iterator[None]:

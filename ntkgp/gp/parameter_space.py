@@ -26,10 +26,10 @@ from linear_operator.operators import LinearOperator
 from linear_operator.utils.lanczos import lanczos_tridiag
 from torch import Tensor
 
-from .functional import FunctionalNetwork
-from .gram_operator import GramOperator
-from .lanczos import reorthogonalisation_tolerance
-from .ntk_operator import NTKOperator
+from ..functional import FunctionalNetwork
+from ..operators.gram_operator import GramOperator
+from ..lanczos import reorthogonalisation_tolerance
+from ..operators.ntk_operator import NTKOperator
 from .solver import Solver
 
 __all__ = ["GramSpectrum", "gram_spectrum", "lanczos_spectrum", "ntk_eigh", "resolved", "resolved_eigh",

@@ -28,17 +28,17 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
-from .functional import FunctionalNetwork, as_functional_network, map_blocks
-from .network_operator import NetworkOperator
-from .lanczos import stochastic_lanczos_quadrature
-from .likelihoods import get_likelihood
+from ..operators.fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
+from ..functional import FunctionalNetwork, as_functional_network, map_blocks
+from ..operators.network_operator import NetworkOperator
+from ..lanczos import stochastic_lanczos_quadrature
+from ..likelihoods import get_likelihood
 from .linearised_model import (TASKS, check_task, log_likelihood, mc_class_probabilities,
                                prepare_data, randn)
-from .ntk_gp import Prediction
-from .ntk_operator import NTKOperator
-from .parameter_space import lanczos_spectrum
-from .validation import as_count, as_positive_float, check_choice, check_generator, check_inputs, check_prediction
+from ..gp.ntk_gp import Prediction
+from ..operators.ntk_operator import NTKOperator
+from ..gp.parameter_space import lanczos_spectrum
+from ..validation import as_count, as_positive_float, check_choice, check_generator, check_inputs, check_prediction
 
 __all__ = ["Laplace", "PosteriorCovariance"]
 
@@ -49,7 +49,7 @@ class PosteriorCovariance(NetworkOperator):
     """Σ = (I − J(x)ᵀ M J(x))/δ, shape (p, p): a product is one JVP and one VJP at x.
 
     Args: x (n, ...), middle M (n·C, n·C), delta δ (a 0-d tensor); keywords ``network`` and ``batch_shape``
-    (see :class:`~ntkgp.network_operator.NetworkOperator`). M was computed from the training inputs x, so
+    (see :class:`~ntkgp.operators.network_operator.NetworkOperator`). M was computed from the training inputs x, so
     the products are not differentiable in x (x is used detached); they are in M and δ.
     """
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import gpytorch
 from torch import Tensor
 
-from .functional import FunctionalNetwork
+from ..functional import FunctionalNetwork
 
 __all__ = ["NetworkMean"]
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, as_functional_network, map_blocks
+from ..functional import FunctionalNetwork, as_functional_network, map_blocks
 from .network_operator import NetworkOperator
-from .validation import check_inputs
+from ..validation import check_inputs
 
 __all__ = ["GramOperator", "gram_operator"]
 

@@ -3,10 +3,10 @@
 Prior f ~ GP(m, s² K) with K = J Jᵀ and m = f(·; θ0) (``mean="network"``) or 0 (``mean="zero"``),
 Gaussian noise σ² shared across outputs. Function space solves with s²K + σ²I (n·C × n·C): when the
 solver is dense, through the float64 eigendecomposition of K (the one the evidence uses) and one lazy
-cross-kernel product K(X*, X)[a, U]; beyond, GPyTorch's exact GP on the lazy :class:`NTKKernel` (CG,
-LOVE). Parameter space solves with JᵀJ + (σ²/s²)I (p × p) through :mod:`ntkgp.parameter_space`. Both
+cross-kernel product K(X*, X)[a, U]; beyond, GPyTorch's exact GP on the lazy :class:`JacobianKernel` (CG,
+LOVE). Parameter space solves with JᵀJ + (σ²/s²)I (p × p) through :mod:`ntkgp.gp.parameter_space`. Both
 give the same numbers; pick the smaller of n·C and p. Directions whose eigenvalue the network's dtype
-cannot resolve at the current σ²/s² are numerically zero in both (:func:`ntkgp.parameter_space.resolved`).
+cannot resolve at the current σ²/s² are numerically zero in both (:func:`ntkgp.gp.parameter_space.resolved`).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from linear_operator.operators import AddedDiagLinearOperator, ConstantDiagLinea
 from linear_operator.utils.errors import NotPSDError
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, as_functional_network
-from .gram_operator import GramOperator
-from .kernel import NTKKernel
+from ..functional import FunctionalNetwork, as_functional_network
+from ..operators.gram_operator import GramOperator
+from .jacobian_kernel import JacobianKernel
 from .mean import NetworkMean
-from .ntk_operator import NTKOperator
+from ..operators.ntk_operator import NTKOperator
 from .parameter_space import (GramSpectrum, gram_spectrum, ntk_eigh, resolved, spectral_log_marginal_likelihood,
                               spectral_solve, spectral_variance_reduction, spectral_weights)
 from .solver import Solver, as_solver
-from .validation import as_count, as_positive_float, check_choice, check_inputs, check_prediction, check_targets
+from ..validation import as_count, as_positive_float, check_choice, check_inputs, check_prediction, check_targets
 
 __all__ = ["NTKGP", "Prediction"]
 
@@ -115,7 +115,7 @@ class NTKGP(nn.Module):
         self.input_shape = tuple(train_x.shape[1:])
         self.learn_noise = noise is None
 
-        kernel = gpytorch.kernels.ScaleKernel(NTKKernel(self.network, input_shape=self.input_shape))
+        kernel = gpytorch.kernels.ScaleKernel(JacobianKernel(self.network, input_shape=self.input_shape))
         kernel.outputscale = outputscale
         floor = 1e-6 if noise is None else min(1e-6, noise / 2)
         self._noise_floor = floor
@@ -204,7 +204,7 @@ class NTKGP(nn.Module):
 
         From all eigenpairs of the smaller Gram in float64 whenever they are at hand (the NTK's as √λ·Uᵀr,
         no division by λ; G's as Qᵀ Jᵀr), with the floor below which eigenvalues are not resolved
-        (:mod:`ntkgp.parameter_space`); from the Lanczos Ritz pairs otherwise. (From Q = JᵀU/√λ and a
+        (:mod:`ntkgp.gp.parameter_space`); from the Lanczos Ritz pairs otherwise. (From Q = JᵀU/√λ and a
         float32 Jᵀr the evidence was 0.3 % off in float32.)
         """
         if self._terms is None:
@@ -374,7 +374,7 @@ class NTKGP(nn.Module):
 
     def _mean_tangent(self, spectrum: GramSpectrum, b: Tensor, c: Tensor) -> Tensor:
         """α = (JᵀJ + cI)⁻¹ Jᵀ r (p,), solved in float64 in the basis of the smaller Gram when it is dense
-        (:mod:`ntkgp.parameter_space`), by CG on the lazy Gram otherwise."""
+        (:mod:`ntkgp.gp.parameter_space`), by CG on the lazy Gram otherwise."""
         dtype = self.network.dtype
         if spectrum.ntk is not None:
             cotangent = spectral_solve(*spectrum.ntk, self._residual, c, spectrum.floor)

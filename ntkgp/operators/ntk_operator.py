@@ -12,9 +12,9 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
-from .functional import FunctionalNetwork, as_functional_network, map_blocks
+from ..functional import FunctionalNetwork, as_functional_network, map_blocks
 from .network_operator import NetworkOperator
-from .validation import check_inputs
+from ..validation import check_inputs
 
 __all__ = ["NTKOperator", "ntk_operator"]
 

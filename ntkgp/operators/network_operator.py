@@ -17,7 +17,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from .functional import FunctionalNetwork
+from ..functional import FunctionalNetwork
 
 __all__ = ["NetworkOperator"]
 

@@ -10,18 +10,19 @@ product with ∂Δ/∂(m, s) gives the gradient: no autograd through the network
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 from tqdm.auto import tqdm
 
-from .functional import FunctionalNetwork, as_functional_network
+from ..functional import FunctionalNetwork, as_functional_network
 from .linearised_model import (check_task, linearised_outputs, log_likelihood, mc_class_probabilities,
                                prepare_data, randn)
-from .ntk_gp import Prediction
-from .validation import as_count, as_positive_float, check_generator, check_inputs, check_prediction
+from ..gp.ntk_gp import Prediction
+from .minibatches import Minibatches
+from ..validation import as_count, as_positive_float, check_generator, check_inputs, check_prediction
 
 __all__ = ["SVI"]
 
@@ -69,41 +70,6 @@ class SVI:
         d, s = self.prior_precision, self.scale
         return 0.5 * (d * (s.square() + self.loc.square()) - 1 - torch.log(d * s.square())).sum()
 
-    def _batches(self, data, targets, batch_size, generator) -> tuple[int, Iterable]:
-        """(N, an iterable of (x, checked targets, f(x; θ0)) batches on the network's device, reshuffled per
-        pass). For tensors the targets are checked and f(x; θ0) computed once per fit, not once per step."""
-        net = self.network
-        if isinstance(data, torch.utils.data.DataLoader):
-            def checked():
-                for batch in data:
-                    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                        kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list))
-                                                       else "")
-                        raise TypeError(f"train_x is a DataLoader whose batches are {kind}; it must yield (x, y) "
-                                        "pairs (a TensorDataset(x, y), for example)")
-                    x, y = batch
-                    self._check_input_shape(x, "the DataLoader's x")
-                    x, y = x.to(net.device), y.to(net.device)
-                    targets = prepare_data(self.task, net, x, y, self.num_classes)[0]
-                    outputs = net.outputs(x, "train_x")
-                    yield x, targets, outputs  # outside no_grad: the caller's step needs autograd
-
-            return len(data.dataset), _Reiterable(checked)
-        data = data.to(net.device)
-        targets = targets.to(net.device) if isinstance(targets, Tensor) else targets
-        targets = prepare_data(self.task, net, data, targets, self.num_classes)[0]
-        outputs = net.outputs(data, "train_x")
-        n = data.shape[0]
-        size = n if batch_size is None else batch_size
-
-        def shuffled():
-            order = torch.randperm(n, generator=generator, device="cpu").to(data.device)
-            for i in range(0, n, size):
-                batch = order[i:i + size]
-                yield data[batch], targets[batch], outputs[batch]
-
-        return n, _Reiterable(shuffled)
-
     def fit(self, train_x, train_y: Tensor | None = None, epochs: int = 100, batch_size: int | None = None,
             lr: float = 1e-2, num_samples: int = 1, anneal: bool = True, progress: bool = True,
             generator: torch.Generator | None = None) -> SVI:
@@ -118,18 +84,12 @@ class SVI:
             generator: for the noise ε and the minibatch order (reproducible runs).
         Records the ELBO estimate of each epoch (the mean over its steps) in ``history``.
         """
-        if isinstance(train_x, Tensor) and train_y is None:
-            raise ValueError("give train_y with tensor inputs, or pass a DataLoader of (x, y) batches")
-        if not isinstance(train_x, (Tensor, torch.utils.data.DataLoader)):
-            raise TypeError(f"train_x must be a torch.Tensor (n, ...) or a DataLoader of (x, y) batches, got "
-                            f"{type(train_x).__name__}")
         epochs, num_samples = as_count(epochs, "epochs"), as_count(num_samples, "num_samples")
-        batch_size = None if batch_size is None else as_count(batch_size, "batch_size")
         lr, generator = as_positive_float(lr, "lr"), check_generator(generator)
         net = self.network
-        if isinstance(train_x, Tensor):
-            self._check_input_shape(train_x, "train_x")
-        num_data, batches = self._batches(train_x, train_y, batch_size, generator)
+        batches = Minibatches(net, self.task, train_x, train_y, batch_size, generator, self.num_classes,
+                              self.input_shape)
+        self.input_shape, num_data = batches.input_shape, batches.num_data
         optimizer = torch.optim.Adam([self.loc, self.raw_scale], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if anneal else None
         for epoch in tqdm(range(epochs), desc="SVI", disable=not progress):
@@ -155,17 +115,8 @@ class SVI:
             self.history.append(sum(values) / len(values))
             if schedule is not None:
                 schedule.step()
+        self.input_shape = batches.input_shape  # a DataLoader's first batch sets it
         return self
-
-    def _check_input_shape(self, x: Tensor, name: str) -> None:
-        """Record the per-input shape of the first training inputs; later inputs must share it."""
-        if not isinstance(x, Tensor):
-            return  # prepare_data names the type
-        if self.input_shape is None:
-            self.input_shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"{name} has per-input shape {tuple(x.shape[1:])} but the training inputs have "
-                             f"{self.input_shape}")
 
     def latent(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean f0 + J m (m, C) and covariance J diag(s²) Jᵀ (m, C, C) of the outputs at x under q."""
@@ -205,12 +156,3 @@ class SVI:
         var = cov.diagonal(dim1=-2, dim2=-1)
         return Prediction(mean.squeeze(-1), var.squeeze(-1)) if mean.shape[-1] == 1 else Prediction(mean, var)
 
-
-class _Reiterable:
-    """An iterable that calls ``make()`` afresh on each pass (a reshuffled epoch)."""
-
-    def __init__(self, make):
-        self.make = make
-
-    def __iter__(self):
-        return iter(self.make())

@@ -8,9 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from .functional import FunctionalNetwork
-from .likelihoods import get_likelihood
-from .validation import as_positive_float, check_choice, check_generator, check_inputs, check_labels, check_targets
+from ..functional import FunctionalNetwork
+from ..likelihoods import get_likelihood
+from ..validation import as_positive_float, check_choice, check_generator, check_inputs, check_labels, check_targets
 
 __all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "mc_class_probabilities",
            "prepare_data", "randn"]

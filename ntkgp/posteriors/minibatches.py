@@ -1,0 +1,89 @@
+"""Training data for the posteriors and trainers that take minibatches: checked (x, targets, f(x; θ0)) batches
+from tensors or a DataLoader, reshuffled on every pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from ..functional import FunctionalNetwork
+from ..validation import as_count, check_generator
+from .linearised_model import prepare_data
+
+__all__ = ["Minibatches"]
+
+
+class Minibatches:
+    """Minibatches (x (b, ...), targets, f(x; θ0) (b, C)) on the network's device, one pass per iteration.
+
+    Targets are checked for ``task`` (regression (b, C) floats, classification (b,) labels,
+    :func:`prepare_data`). With tensors x (n, ...) and y the targets are checked and f(x; θ0) computed
+    once, and every pass is a fresh permutation from ``generator`` in batches of ``batch_size`` (default
+    the full batch); a DataLoader is iterated as it is, each batch checked as it comes. ``input_shape``:
+    the per-input shape the inputs must have (default: that of the first inputs seen).
+    """
+
+    def __init__(self, network: FunctionalNetwork, task: str, x, y: Tensor | None = None,
+                 batch_size: int | None = None, generator: torch.Generator | None = None,
+                 num_classes: int | None = None, input_shape: tuple[int, ...] | None = None):
+        if isinstance(x, Tensor) and y is None:
+            raise ValueError("give train_y with tensor inputs, or pass a DataLoader of (x, y) batches")
+        if not isinstance(x, (Tensor, torch.utils.data.DataLoader)):
+            raise TypeError(f"train_x must be a torch.Tensor (n, ...) or a DataLoader of (x, y) batches, got "
+                            f"{type(x).__name__}")
+        if isinstance(x, torch.utils.data.DataLoader) and y is not None:
+            raise ValueError("train_y must be None when train_x is a DataLoader (its batches hold the targets)")
+        self.network, self.task, self.num_classes = network, task, num_classes
+        self.batch_size = None if batch_size is None else as_count(batch_size, "batch_size")
+        self.generator = check_generator(generator)
+        self.input_shape = input_shape
+        self.loader = x if isinstance(x, torch.utils.data.DataLoader) else None
+        if self.loader is None:
+            self._check_input_shape(x, "train_x")
+            x = x.to(network.device)
+            y = y.to(network.device) if isinstance(y, Tensor) else y
+            self.x, self.targets = x, prepare_data(task, network, x, y, num_classes)[0]
+            self.outputs = network.outputs(x, "train_x")
+            self.num_data = x.shape[0]
+        else:
+            self.num_data = len(self.loader.dataset)
+
+    def _check_input_shape(self, x, name: str) -> None:
+        """The first inputs fix the per-input shape; later ones must share it."""
+        if not isinstance(x, Tensor):
+            return  # prepare_data names the type
+        if self.input_shape is None:
+            self.input_shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{name} has per-input shape {tuple(x.shape[1:])} but the training inputs have "
+                             f"{self.input_shape}")
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        if self.loader is None:
+            n = self.num_data
+            size = n if self.batch_size is None else self.batch_size
+            order = torch.randperm(n, generator=self.generator, device="cpu").to(self.x.device)
+            for i in range(0, n, size):
+                batch = order[i:i + size]
+                yield self.x[batch], self.targets[batch], self.outputs[batch]
+            return
+        net = self.network
+        for batch in self.loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                raise TypeError(f"train_x is a DataLoader whose batches are {kind}; it must yield (x, y) pairs (a "
+                                "TensorDataset(x, y), for example)")
+            x, y = batch
+            self._check_input_shape(x, "the DataLoader's x")
+            x, y = x.to(net.device), y.to(net.device)
+            targets = prepare_data(self.task, net, x, y, self.num_classes)[0]
+            yield x, targets, net.outputs(x, "train_x")  # outside no_grad: a caller's step may need autograd
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All inputs (n, ...) and checked targets, concatenated (one pass over a DataLoader)."""
+        if self.loader is None:
+            return self.x, self.targets
+        xs, ys = zip(*((x, t) for x, t, _ in self))
+        return torch.cat(xs), torch.cat(ys)
