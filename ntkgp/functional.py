@@ -186,6 +186,19 @@ class FunctionalNetwork:
         """A copy with its own tensors."""
         return copy.copy(self)._apply(torch.clone)
 
+    def module_copy(self) -> nn.Module:
+        """A copy of the module holding the snapshot (θ0, frozen weights, buffers), in eval mode, with
+        ``requires_grad`` on the selected parameters only: for libraries that need a module (curvlinops)."""
+        self._check_state()
+        module = copy.deepcopy(self.module).to(device=self.device, dtype=self.dtype)
+        values = {**self.frozen, **self.buffers, **self.unflatten(self.theta0)}
+        with torch.no_grad():
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                tensor.copy_(values[name])
+        for name, param in module.named_parameters():
+            param.requires_grad_(name in self.names)
+        return module.eval()
+
     # --- the function ------------------------------------------------------------------------------
     def _check_state(self) -> None:
         """Raise if the module left eval mode or a shared frozen parameter changed since the snapshot."""

@@ -65,3 +65,46 @@ def stochastic_lanczos_quadrature(operator: LinearOperator, fn: Callable[[Tensor
         t = t.unsqueeze(0)
     evals, evecs = lanczos_tridiag_to_diag(t)
     return StochasticLQ(max_iter=steps, num_random_probes=probes).to_dense(operator.shape, evals, evecs, [fn])[0]
+
+
+def ritz_values(apply: Callable[[Tensor], Tensor], size: int, steps: int, dtype: torch.dtype,
+                device: torch.device | str | None = None, metric: Callable[[Tensor], Tensor] | None = None,
+                solve: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Ritz values (steps,) of a symmetric operator H (``apply``: (size,) -> (size,)), ascending, after ``steps``
+    Lanczos steps with full reorthogonalisation from a fixed pseudo-random start.
+
+    With ``metric`` M (SPD, v -> Mv) and ``solve`` (v -> M⁻¹v) they are the Ritz values of the preconditioned
+    M⁻¹H, self-adjoint in the M inner product (the eigenvalues of the pencil (H, M), those preconditioned
+    gradient descent sees). The extremes converge first: λ_max / λ_min of the Ritz values estimate the
+    condition number from inside.
+    """
+    steps = min(steps, size)
+    metric = metric or (lambda v: v)
+    solve = solve or (lambda v: v)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(size, generator=generator, dtype=dtype).to(device)
+    mq = metric(q)
+    scale = (q @ mq).sqrt()
+    basis, metric_basis = [q / scale], [mq / scale]
+    alphas, betas = [], []
+    for j in range(steps):
+        hq = apply(basis[j])
+        alphas.append(basis[j] @ hq)
+        if j == steps - 1:
+            break
+        w = solve(hq)
+        q_stack, mq_stack = torch.stack(basis), torch.stack(metric_basis)
+        for _ in range(2):  # full reorthogonalisation in the M inner product, twice is enough
+            w = w - q_stack.mT @ (mq_stack @ w)
+        mw = metric(w)
+        beta = (w @ mw).clamp_min(0).sqrt()
+        if float(beta) <= torch.finfo(dtype).eps ** 0.5 * float(torch.stack(alphas).abs().max()):
+            break  # an invariant subspace (to rounding): the Ritz values are exact
+        betas.append(beta)
+        basis.append(w / beta)
+        metric_basis.append(mw / beta)
+    t = torch.diag(torch.stack(alphas))
+    if betas:
+        off = torch.stack(betas[:len(alphas) - 1])
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigvalsh(t.double())

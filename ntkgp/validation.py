@@ -53,6 +53,14 @@ def as_positive_float(value, name: str, allow_none: bool = False) -> float | Non
     return v
 
 
+def as_nonnegative_float(value, name: str) -> float:
+    """``value`` as a finite float >= 0."""
+    v = float(_scalar(value, name, "a finite number >= 0"))
+    if not (v >= 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return v
+
+
 def as_count(value, name: str, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` (integral floats such as 4.0 are refused: they hide mistakes)."""
     v = _scalar(value, name, f"an integer >= {minimum}")

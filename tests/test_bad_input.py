@@ -125,3 +125,78 @@ def test_bad_options(mlp):
     gp = NTKGP(model, x, y, noise=0.1)
     with pytest.raises(ValueError, match="per-input shape"):
         gp.predict(torch.randn(3, 4))
+
+
+# --- LQF (issue 9, point 10) -------------------------------------------------------------------------------
+def lqf_case():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    return model, torch.randn(8, 3), torch.randint(0, 3, (8,))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"alpha": 0.0}, ValueError, "alpha must be a finite number > 0"),
+    ({"alpha": -15}, ValueError, "alpha must be a finite number > 0"),
+    ({"weight_decay": -1e-4}, ValueError, "weight_decay must be a finite number >= 0"),
+    ({"weight_decay": 0.0}, ValueError, "needs weight_decay λ > 0"),
+    ({"loss": "hinge"}, ValueError, "loss"),
+    ({"preconditioner": "shampoo"}, ValueError, "preconditioner"),
+    ({"task": "regression", "loss": "cross_entropy"}, ValueError, "classification loss"),
+    ({"task": "regression", "alpha": 15.0}, ValueError, "takes no alpha"),
+    ({"momentum": 1.0}, ValueError, r"momentum must lie in \[0, 1\)"),
+    ({"params": ["1."]}, ValueError, "no parameter of the network matches"),
+])
+def test_lqf_bad_settings(kwargs, error, match):
+    from ntkgp import LQF
+    model, _, _ = lqf_case()
+    with pytest.raises(error, match=match):
+        LQF(model, **kwargs)
+
+
+def test_lqf_kfac_needs_a_linear_or_conv2d_layer_in_scope():
+    from ntkgp import LQF
+    model = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
+    with pytest.raises(ValueError, match="needs parameters of Linear or Conv2d layers in scope"):
+        LQF(model, params=["1."])
+    LQF(model, params=["1."], preconditioner=None)  # plain SGD is fine there
+
+
+def test_lqf_bad_data_and_calls():
+    from ntkgp import LQF
+    model, x, y = lqf_case()
+    lqf = LQF(model)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        lqf.fit(x, y + 1, progress=False)
+    with pytest.raises(TypeError, match="classification takes integer labels"):
+        lqf.fit(x, y.double(), progress=False)
+    with pytest.raises(TypeError, match="task='regression'"):
+        lqf.fit(x, torch.randn(8, 3), progress=False)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        lqf.fit(x, y, lr=0.0, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        lqf.fit(x, y, batch_size=0, progress=False)
+    with pytest.raises(RuntimeError, match=r"leave_one_out\(\)|call fit"):
+        lqf.leave_one_out()
+    with pytest.raises(RuntimeError, match="call fit"):
+        lqf.predict(x)
+    lqf.fit(x, y, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"new_x has per-input shape \(4,\) but the training inputs have \(3,\)"):
+        lqf.update(torch.randn(2, 4), y[:2])
+    with pytest.raises(ValueError, match="solver"):
+        lqf.fit(x, y, solver="lbfgs", progress=False)
+    with pytest.raises(ValueError, match="closed form is the minimiser of the MSE loss"):
+        LQF(model, loss="cross_entropy").fit(x, y, solver="closed_form", progress=False)
+    regression = LQF(model, task="regression", preconditioner=None)
+    with pytest.raises(ValueError, match=r"predict_proba\(\) is for classification"):
+        regression.fit(x, torch.randn(8, 3), epochs=1, progress=False).predict_proba(x)
+
+
+def test_lqf_network_in_train_mode():
+    from ntkgp import LQF
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"train mode .* call model.eval\(\) first"):
+        LQF(model.train())
+    lqf = LQF(model.eval())
+    model.train()
+    with pytest.raises(ValueError, match=r"call model.eval\(\) first"):
+        lqf.fit(torch.randn(8, 3), torch.randint(0, 3, (8,)), progress=False)

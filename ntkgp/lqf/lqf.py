@@ -1,0 +1,412 @@
+"""LQF, linear quadratic fine-tuning (Achille et al., CVPR 2021), as the MAP of the NTK-GP.
+
+LQF trains the linearisation f_lin(x; θ) = f(x; θ0) + J(x)(θ − θ0) of a pretrained network on
+
+    L(θ) = Σ_i ‖α y_i − f_lin(x_i; θ)‖² + (λ/2)‖θ − θ0‖²        (paper eq. 3; y_i one-hot, α = 15)
+
+whose minimiser θ* − θ0 = (JᵀJ + (λ/2)I)⁻¹ Jᵀ(αY − f0(X)) = Jᵀ(K + (λ/2)I)⁻¹(αY − f0(X)) is the NTK-GP
+posterior mean for targets αY with σ²/s² = λ/2 (GUIDE §1): with σ² = ½ and s² = 1/λ, L/(2σ²) is the negative
+log posterior, and that GP's predictive variance is the one :meth:`LQF.predict` reports. Everything here runs
+on the functional layer and the operators: one JVP (f_lin on a batch) and one VJP (its gradient) per SGD
+step, the NTK operator for the closed form, the influence and leave-one-out; the network is never modified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from linear_operator.utils.linear_cg import linear_cg
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..functional import FunctionalNetwork, as_functional_network
+from ..gp.ntk_gp import NTKGP, Prediction
+from ..lanczos import ritz_values
+from ..operators.fisher_operator import FisherOperator
+from ..operators.gram_operator import GramOperator
+from ..operators.ntk_operator import NTKOperator
+from ..posteriors.minibatches import Minibatches
+from ..validation import (as_count, as_nonnegative_float, as_positive_float, check_choice, check_inputs,
+                          check_prediction)
+from .influence import kfac_influence
+from .kernel_system import KernelSystem
+from .kfac import KFACPreconditioner, kfac_layers
+
+__all__ = ["LQF"]
+
+LOSSES = ("mse", "cross_entropy")
+SOLVERS = ("sgd", "closed_form")
+
+
+class LQF:
+    """Linear quadratic fine-tuning of a pretrained network.
+
+    Args:
+        model: the pretrained network in eval mode (or a :class:`FunctionalNetwork`), inputs (n, ...) ->
+            outputs (n, C); not modified (snapshotted at θ0).
+        params: the parameters to fine-tune (names or module prefixes, e.g. ``["classifier."]``; default all
+            trainable), in ``named_parameters()`` order.
+        alpha: target scale α for classification with the MSE loss (default 15, the paper's). Regression
+            targets and the cross-entropy loss take no α: leave it None.
+        weight_decay: λ >= 0 of the penalty (λ/2)‖θ − θ0‖² (on the distance from θ0, not on θ).
+        loss: ``"mse"`` (LQF) or ``"cross_entropy"`` (softmax of f_lin, labels; the "GaF" ablation).
+        preconditioner: ``"kfac"`` ((K + λI)⁻¹, K the K-FAC of the loss curvature at θ0, computed once per fit:
+            :class:`~ntkgp.lqf.kfac.KFACPreconditioner`) or None (plain SGD).
+        task: ``"classification"`` (labels (n,), C = the network's outputs) or ``"regression"`` (targets (n, C)).
+        momentum: SGD momentum (0.9, the paper's).
+        chunk_size: vectors pushed through the network at once in the closed form and influence products.
+
+    After :meth:`fit`: ``delta`` θ − θ0 (p,), ``weights`` θ (p,), ``history`` (one dict per epoch: epoch, loss,
+    accuracy for classification, lr), ``lr`` (the learning rate used).
+    """
+
+    def __init__(self, model: nn.Module | FunctionalNetwork, params: Sequence[str] | str | None = None,
+                 alpha: float | None = None, weight_decay: float = 1e-4, loss: str = "mse",
+                 preconditioner: str | None = "kfac", task: str = "classification", momentum: float = 0.9,
+                 chunk_size: int | None = None):
+        self.task = check_choice(task, "task", ("classification", "regression"))
+        self.loss = check_choice(loss, "loss", LOSSES)
+        if preconditioner is not None:
+            check_choice(preconditioner, "preconditioner", ("kfac",))
+        if self.task == "regression" and self.loss == "cross_entropy":
+            raise ValueError("loss='cross_entropy' is a classification loss; regression uses loss='mse'")
+        if alpha is not None and (self.task == "regression" or self.loss == "cross_entropy"):
+            raise ValueError(f"alpha scales one-hot targets for the MSE loss; {self.task} with loss={self.loss!r} "
+                             "takes no alpha: leave it None")
+        self.alpha = 15.0 if alpha is None and self.task == "classification" else alpha
+        if self.alpha is not None:
+            self.alpha = as_positive_float(self.alpha, "alpha")
+        self.weight_decay = as_nonnegative_float(weight_decay, "weight_decay")
+        self.momentum = as_nonnegative_float(momentum, "momentum")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum:g}")
+        self.preconditioner = preconditioner
+        if preconditioner == "kfac" and self.weight_decay == 0:
+            raise ValueError("preconditioner='kfac' applies (K + λI)⁻¹ and needs weight_decay λ > 0 (K-FAC factors "
+                             "are singular); pass weight_decay > 0 or preconditioner=None")
+        self.network = as_functional_network(model, params, chunk_size)
+        if preconditioner == "kfac" and not kfac_layers(self.network.module, self.network.names)[0]:
+            raise ValueError(f"preconditioner='kfac' needs parameters of Linear or Conv2d layers in scope "
+                             f"(curvlinops supports only those); the scope {self.network.names[:4]} has none: add "
+                             "such a layer to params, or use preconditioner=None")
+        self.delta = torch.zeros(self.network.num_params, dtype=self.network.dtype, device=self.network.device)
+        self.history: list[dict] = []
+        self.lr: float | None = None
+        self.train_x: Tensor | None = None
+        self.train_targets: Tensor | None = None  # the regression targets, α·one-hot or labels (cross-entropy)
+        self.input_shape: tuple[int, ...] | None = None
+        self.num_outputs: int | None = None
+        self._kfac: KFACPreconditioner | None = None
+        self._system: KernelSystem | None = None
+        self._gp: NTKGP | None = None
+        self._fit_options: dict = {}
+
+    # --- data --------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> Tensor:
+        """θ = θ0 + δ (p,), in the order of the network's ``named_parameters()`` restricted to the scope."""
+        return self.network.theta0 + self.delta
+
+    def _minibatches(self, x, y, batch_size: int | None, generator: torch.Generator | None,
+                     input_shape: tuple[int, ...] | None) -> Minibatches:
+        if self.task == "classification" and isinstance(y, Tensor) and y.is_floating_point():
+            raise TypeError(f"train_y holds floats of shape {tuple(y.shape)}: classification takes integer labels "
+                            "(n,); for regression targets (n, C) use LQF(..., task='regression'), for one-hot "
+                            "targets pass train_y.argmax(-1)")
+        return Minibatches(self.network, self.task, x, y, batch_size, generator, input_shape=input_shape)
+
+    def _targets(self, targets: Tensor) -> Tensor:
+        """What the loss compares f_lin with: α·one-hot (n, C) for MSE classification, else the targets."""
+        if self.task == "classification" and self.loss == "mse":
+            return self.alpha * nn.functional.one_hot(targets, self.num_outputs).to(self.network.dtype)
+        return targets
+
+    def _store(self, x: Tensor, targets: Tensor) -> None:
+        self.input_shape, self.num_outputs = tuple(x.shape[1:]), self.network.num_outputs(x)
+        self.train_x, self.train_targets = x, self._targets(targets)
+        self._kfac = self._system = self._gp = None  # they describe the training data
+
+    def _require_fit(self, what: str) -> None:
+        if self.train_x is None:
+            raise RuntimeError(f"{what} needs a fitted LQF: call fit(train_x, train_y) first")
+
+    # --- the objective -------------------------------------------------------------------------------
+    def _data_loss(self, f: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(Σ over the batch of the loss, its gradient in f (b, C))."""
+        if self.loss == "mse":
+            residual = f - targets
+            return residual.square().sum(), 2 * residual
+        logp = torch.log_softmax(f, -1)
+        onehot = nn.functional.one_hot(targets, f.shape[-1]).to(f.dtype)
+        return -(logp * onehot).sum(), logp.exp() - onehot
+
+    def objective(self) -> float:
+        """L(θ) on the training data at the current δ (one JVP over the training inputs)."""
+        self._require_fit("objective()")
+        f = self._linearised(self.train_x)
+        return float(self._data_loss(f, self.train_targets)[0]) + 0.5 * self.weight_decay * float(self.delta @
+                                                                                                 self.delta)
+
+    def _linearised(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.network.outputs(x) + self.network.jvp(x, self.delta.unsqueeze(0))[0]
+
+    # --- fitting -------------------------------------------------------------------------------------
+    def fit(self, train_x, train_y: Tensor | None = None, epochs: int = 10, lr: float | None = None,
+            batch_size: int = 32, solver: str = "sgd", seed: int = 0, progress: bool = True,
+            callback: Callable[[LQF, dict], None] | None = None) -> LQF:
+        """Fit on inputs ``train_x`` (n, ...) with labels (n,) or regression targets (n, C) ``train_y``, or on a
+        DataLoader of (x, y) batches (its batches are the SGD steps; its data is gathered once for K-FAC and the
+        closed form). Starts from θ0.
+
+        Args:
+            epochs, batch_size: SGD passes over the data and the minibatch size for tensors.
+            lr: learning rate; default 0.1 with K-FAC (the paper's: the preconditioned Hessian has eigenvalues
+                near 1), and 1/λ_max of the Hessian (20 Lanczos steps) for plain SGD.
+            solver: ``"sgd"`` (minibatch SGD with momentum; each step one JVP and one VJP on the batch, the
+                gradient scaled to the whole data set: (N/b)·Σ_batch + λ(θ − θ0)) or ``"closed_form"`` (the exact
+                minimiser, MSE only: :meth:`solve`).
+            seed: for the minibatch order.
+            progress: a tqdm bar over the epochs.
+            callback: called as ``callback(lqf, record)`` after each epoch.
+        Returns self.
+        """
+        check_choice(solver, "solver", SOLVERS)
+        epochs, batch_size = as_count(epochs, "epochs"), as_count(batch_size, "batch_size")
+        lr = None if lr is None else as_positive_float(lr, "lr")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        generator = torch.Generator().manual_seed(as_count(seed, "seed", minimum=0))
+        data = self._minibatches(train_x, train_y, batch_size, generator, None)
+        self._store(*data.tensors())
+        self.delta = torch.zeros_like(self.delta)
+        self.history = []
+        self._fit_options = {"solver": solver, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                             "progress": progress}
+        if solver == "closed_form":
+            return self.solve()
+        return self._sgd(data, epochs, lr, progress, callback)
+
+    def _preconditioner(self) -> KFACPreconditioner | None:
+        if self.preconditioner == "kfac" and self._kfac is None:
+            self._kfac = KFACPreconditioner(self.network, self.train_x, self.weight_decay, self.loss)
+        return self._kfac if self.preconditioner == "kfac" else None
+
+    def _default_lr(self) -> float:
+        """0.1 with K-FAC; 1/λ_max of the Hessian at θ0 (20 Lanczos steps) for plain SGD."""
+        if self.preconditioner == "kfac":
+            return 0.1
+        largest = float(self.hessian_ritz_values(steps=20)[-1])
+        return 1.0 / largest
+
+    def _sgd(self, data: Minibatches, epochs: int, lr: float | None, progress: bool,
+             callback: Callable[[LQF, dict], None] | None) -> LQF:
+        net, decay = self.network, self.weight_decay
+        precondition = self._preconditioner()
+        self.lr = self._default_lr() if lr is None else as_positive_float(lr, "lr")
+        w = self.delta.clone().requires_grad_(True)
+        optimizer = torch.optim.SGD([w], lr=self.lr, momentum=self.momentum)
+        for epoch in tqdm(range(as_count(epochs, "epochs")), desc="LQF", disable=not progress):
+            total, correct = 0.0, 0
+            for x, targets, f0 in data:
+                with torch.no_grad():
+                    f = f0 + net.jvp(x, w.detach().unsqueeze(0))[0]
+                    value, grad_f = self._data_loss(f, self._targets(targets))
+                    gradient = (data.num_data / x.shape[0]) * net.vjp(x, grad_f.unsqueeze(0))[0] + decay * w
+                    w.grad = gradient if precondition is None else precondition @ gradient
+                optimizer.step()
+                total += float(value)
+                if self.task == "classification":
+                    correct += int((f.argmax(-1) == targets).sum())
+            self.delta = w.detach().clone()
+            loss = total + 0.5 * decay * float(self.delta @ self.delta)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"LQF diverged at epoch {epoch + 1} (loss {loss}): lower the learning rate "
+                                         f"(lr = {self.lr:g})")
+            record = {"epoch": epoch + 1, "loss": loss, "lr": self.lr}
+            if self.task == "classification":
+                record["accuracy"] = correct / data.num_data
+            self.history.append(record)
+            if callback is not None:
+                callback(self, record)
+        return self
+
+    def solve(self, space: str = "auto") -> LQF:
+        """Set δ to the exact minimiser (MSE loss): in function space, δ = Jᵀ(K + (λ/2)I)⁻¹r by a float64
+        Cholesky factor of the dense N × N NTK (N = n·C ≤ 4096 for ``"auto"``); in parameter space by CG on
+        JᵀJ + (λ/2)I (p × p, lazy Gram operator). Returns self."""
+        self._require_fit("solve()")
+        check_choice(space, "space", ("auto", "function", "parameter"))
+        if self.loss != "mse":
+            raise ValueError("the closed form is the minimiser of the MSE loss; loss='cross_entropy' is fitted by SGD")
+        size = self.train_x.shape[0] * self.num_outputs
+        if space == "function" or (space == "auto" and size <= 4096):
+            self._update_delta_from_system()
+            return self
+        if self.weight_decay == 0:
+            raise ValueError("the parameter-space closed form solves JᵀJ + (λ/2)I and needs weight_decay > 0")
+        net, n, k = self.network, self.train_x.shape[0], self.num_outputs
+        gram, c = GramOperator(self.train_x, network=net), self.weight_decay / 2
+        with torch.no_grad():
+            b = net.vjp(self.train_x, self._residual().reshape(1, n, k))[0]
+            # linear_cg clamps r·z at eps (default 1e-10), which stalls it near a relative residual of 1e-5
+            tiny = torch.finfo(net.dtype).tiny
+            self.delta = linear_cg(lambda v: gram._matmul(v) + c * v, b.unsqueeze(-1), max_iter=10 * b.numel(),
+                                   tolerance=max(1e-10, 10 * torch.finfo(net.dtype).eps), eps=tiny,
+                                   stop_updating_after=tiny).squeeze(-1)
+        return self
+
+    def _residual(self) -> Tensor:
+        """r = targets − f(X; θ0) (n, C)."""
+        return self.train_targets - self.network.outputs(self.train_x, "train_x")
+
+    def kernel_system(self) -> KernelSystem:
+        """The function-space system K(X, X) + (λ/2)I of the training data (built on first use: N products)."""
+        self._require_fit("the closed form, leave-one-out and influence")
+        if self.loss != "mse":
+            raise ValueError("leave-one-out, influence and the closed form are exact for the MSE loss only")
+        if self._system is None:
+            x, k = self.train_x, self.num_outputs
+            with torch.no_grad():
+                kernel = NTKOperator(x, x, network=self.network, num_outputs=k).to_dense()
+            self._system = KernelSystem(kernel, self._residual().reshape(-1), self.weight_decay / 2, k)
+        return self._system
+
+    def _update_delta_from_system(self) -> None:
+        system, n, k = self.kernel_system(), self.train_x.shape[0], self.num_outputs
+        cotangent = system.solution.to(self.network.dtype).reshape(1, n, k)
+        with torch.no_grad():
+            self.delta = self.network.vjp(self.train_x, cotangent)[0]
+
+    # --- prediction ----------------------------------------------------------------------------------
+    def predict(self, x: Tensor, variance: bool = False) -> Tensor | Prediction:
+        """f_lin(x) (m, C) at inputs x (m, ...); with ``variance=True`` a :class:`Prediction` whose mean is
+        f_lin(x) and whose variance (m, C) is the NTK-GP's of which the LQF minimiser is the mean (σ² = ½,
+        s² = 1/λ; :class:`~ntkgp.NTKGP`; MSE loss and λ > 0)."""
+        self._require_fit("predict()")
+        check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.input_shape)
+        mean = self._linearised(x)
+        if not variance:
+            check_prediction(x, mean=mean)
+            return mean
+        if self.loss != "mse" or self.weight_decay == 0:
+            raise ValueError("variance=True is the NTK-GP's, defined for the MSE loss with weight_decay > 0; for "
+                             "cross-entropy use ntkgp.Laplace(model, 'classification')")
+        if self._gp is None:
+            targets = self.train_targets.squeeze(-1) if self.num_outputs == 1 else self.train_targets
+            self._gp = NTKGP(self.network, self.train_x, targets, noise=0.5, outputscale=1 / self.weight_decay)
+        var = self._gp.predict(x).variance.reshape(mean.shape)
+        check_prediction(x, mean=mean, variance=var)
+        return Prediction(mean, var)
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """softmax(f_lin(x)) (m, C) (classification)."""
+        self._classification_only("predict_proba")
+        return torch.softmax(self.predict(x), -1)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """argmax_c f_lin(x)_c (m,) labels (classification)."""
+        self._classification_only("classify")
+        return self.predict(x).argmax(-1)
+
+    def _classification_only(self, name: str) -> None:
+        if self.task != "classification":
+            raise ValueError(f"{name}() is for classification; this LQF does regression: use predict()")
+
+    # --- online updates ------------------------------------------------------------------------------
+    def update(self, new_x: Tensor, new_y: Tensor, epochs: int | None = None, lr: float | None = None) -> LQF:
+        """Add inputs (m, ...) with labels/targets and re-solve as the last fit did: the closed form by bordering
+        the function-space Cholesky factor with the new rows (:class:`KernelSystem`; no refactorisation), SGD
+        warm-started from the current δ on the union (``epochs``, ``lr``: default those of the last fit; K-FAC
+        recomputed on the union). Returns self."""
+        self._require_fit("update()")
+        check_inputs(new_x, self.network.dtype, "new_x", self.network.device)
+        if tuple(new_x.shape[1:]) != self.input_shape:
+            raise ValueError(f"new_x has per-input shape {tuple(new_x.shape[1:])} but the training inputs have "
+                             f"{self.input_shape}")
+        data = self._minibatches(new_x, new_y, None, None, self.input_shape)
+        x_new, targets_new = data.tensors()
+        old_x, system = self.train_x, self._system
+        self.train_x = torch.cat([old_x, x_new])
+        self.train_targets = torch.cat([self.train_targets, self._targets(targets_new)])
+        self._kfac = self._gp = None
+        if self._fit_options["solver"] == "closed_form":
+            if system is not None:
+                k, net = self.num_outputs, self.network
+                with torch.no_grad():
+                    cross = NTKOperator(old_x, x_new, network=net, num_outputs=k).to_dense()
+                    corner = NTKOperator(x_new, x_new, network=net, num_outputs=k).to_dense()
+                    residual = (self.train_targets[old_x.shape[0]:] - net.outputs(x_new, "new_x")).reshape(-1)
+                system.add(cross, corner, residual)
+                self._system = system
+            self.solve()
+            return self
+        options = self._fit_options
+        generator = torch.Generator().manual_seed(len(self.history))
+        union = Minibatches(self.network, self.task, self.train_x, self._union_labels(), options["batch_size"],
+                            generator, input_shape=self.input_shape)
+        return self._sgd(union, options["epochs"] if epochs is None else epochs, options["lr"] if lr is None else lr,
+                         options["progress"], None)
+
+    def _union_labels(self) -> Tensor:
+        """The stored targets in the form the minibatches take (labels for classification)."""
+        if self.task == "classification" and self.loss == "mse":
+            return self.train_targets.argmax(-1)
+        return self.train_targets
+
+    # --- interpretability ----------------------------------------------------------------------------
+    def leave_one_out(self) -> Tensor:
+        """f_{−i}(x_i) (n, C): the prediction at every training input by the exact minimiser fitted without it,
+        in closed form from the C × C diagonal blocks of (K + (λ/2)I)⁻¹ (MSE loss; of the exact minimiser also
+        when the fit was by SGD)."""
+        system = self.kernel_system()
+        return self.train_targets - system.leave_one_out_residuals().to(self.network.dtype)
+
+    def influence(self, x_test: Tensor, method: str = "exact") -> Tensor:
+        """f(x_test) − f_{−i}(x_test) (m, n, C) for every training sample i.
+
+        ``"exact"``: the rank-C downdate of the function-space solve, K(x*, X) V (one NTK product with n
+        columns; :meth:`KernelSystem.downdate_directions`), for the exact minimiser. ``"kfac"``: the paper's
+        eq. (8) with K-FAC for the inverse curvature, at the current δ (:func:`~ntkgp.lqf.influence.kfac_influence`).
+        """
+        check_choice(method, "method", ("exact", "kfac"))
+        self._require_fit("influence()")
+        check_inputs(x_test, self.network.dtype, "x_test", self.network.device, input_shape=self.input_shape)
+        if method == "kfac":
+            precondition = self._kfac or KFACPreconditioner(self.network, self.train_x, self.weight_decay, "mse")
+            residual = self.train_targets - self._linearised(self.train_x)
+            return kfac_influence(self.network, self.train_x, x_test, residual, precondition)
+        system, k = self.kernel_system(), self.num_outputs
+        directions = system.downdate_directions().to(self.network.dtype)  # (N, n)
+        with torch.no_grad():
+            change = NTKOperator(x_test, self.train_x, network=self.network, num_outputs=k) @ directions
+        return change.reshape(x_test.shape[0], k, -1).permute(0, 2, 1)
+
+    def informativeness(self, x_val: Tensor, method: str = "exact") -> Tensor:
+        """F-SI (paper eq. 9) of every training sample (n,): the mean over x_val (m, ...) of
+        ‖f(x) − f_{−i}(x)‖², from :meth:`influence`."""
+        return self.influence(x_val, method).square().sum(-1).mean(0)
+
+    # --- conditioning --------------------------------------------------------------------------------
+    def hessian_ritz_values(self, steps: int = 50, preconditioned: bool = False) -> Tensor:
+        """Ritz values (ascending, float64) of the Hessian H of the objective at θ0 — 2(JᵀJ + (λ/2)I) for MSE,
+        Jᵀ(diag π − ππᵀ)J + λI for cross-entropy — or, ``preconditioned``, of P⁻¹H with P = K + λI the K-FAC
+        preconditioner (eigenvalues of the pencil (H, P)); ``steps`` Lanczos steps. H's condition number is
+        that of F + (λ/2)I (they differ by the factor 2)."""
+        self._require_fit("hessian_ritz_values()")
+        steps = as_count(steps, "steps")
+        net, x = self.network, self.train_x
+        likelihood, scale = ("gaussian", 2.0) if self.loss == "mse" else ("categorical", 1.0)
+        fisher = FisherOperator(x, network=net, likelihood=likelihood, method="exact", epsilon=1.0)
+
+        def apply(v: Tensor) -> Tensor:
+            with torch.no_grad():
+                return scale * (fisher @ v.unsqueeze(-1)).squeeze(-1) + self.weight_decay * v
+
+        if not preconditioned:
+            return ritz_values(apply, net.num_params, steps, net.dtype, net.device)
+        precondition = self._preconditioner() or KFACPreconditioner(net, x, self.weight_decay, self.loss)
+        return ritz_values(apply, net.num_params, steps, net.dtype, net.device, metric=precondition.curvature,
+                           solve=lambda v: precondition @ v)
