@@ -12,9 +12,6 @@ peak memory of each product / peak memory of the gradient. Writes ``results/benc
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -22,33 +19,7 @@ import torchvision
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fns: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
-    """name -> (median seconds, peak bytes above the baseline; 0 on CPU) of each ``fn()`` after one warm-up,
-    timed in interleaved rounds so that clock and load drift hit every function alike."""
-    for fn in fns.values():
-        fn()
-    sync(device)
-    times = {name: [] for name in fns}
-    peaks = dict.fromkeys(fns, 0.0)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) - base)
-    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
+from timing import device_name, measure, write_results
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size: int) -> dict:
@@ -104,8 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   args.chunk_size),
             bench("ResNet-18 32x32", resnet, torch.randn(args.n_resnet, 3, 32, 32, device=device), args.repeats,
                   args.chunk_size)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}, torch {torch.__version__}, float32, median of {args.repeats}")
+    print(f"device: {device_name(device)}, torch {torch.__version__}, float32, median of {args.repeats}")
     for r in rows:
         mem = f", memory ratio {r['memory_ratio']:.2f} ({r['ntk_mvm_peak_gib']:.2f} / {r['gradient_peak_gib']:.2f} GiB)" \
             if "memory_ratio" in r else ""
@@ -113,8 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  ratio {r['time_ratio']:.2f}{mem}  "
               f"FD-Fisher {r['fd_fisher_ms']:8.2f} ms  ratio {r['fd_fisher_ratio']:.2f}  "
               f"central {r['central_fisher_ms']:8.2f} ms  ratio {r['central_fisher_ratio']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+    write_results(args.out, device, rows)
     return rows
 
 

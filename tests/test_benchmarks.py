@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,21 +12,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name):
+    if str(ROOT / "benchmarks") not in sys.path:  # the scripts import their shared benchmarks/timing.py
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_ntk_mvm_benchmark_runs(tmp_path):
-    module = load("ntk_mvm")
+def run_in_float32(name, argv):
+    """``main(argv)`` of a benchmark script, with float32 as the default dtype (as a user runs it)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        rows = module.main(["--device", "cpu", "--n-mlp", "8", "--n-resnet", "2", "--repeats", "1",
-                            "--out", str(tmp_path / "ntk_mvm.json")])
+        return load(name).main(argv)
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_ntk_mvm_benchmark_runs(tmp_path):
+    rows = run_in_float32("ntk_mvm", ["--device", "cpu", "--n-mlp", "8", "--n-resnet", "2", "--repeats", "1",
+                                      "--out", str(tmp_path / "ntk_mvm.json")])
     assert [r["model"] for r in rows] == ["MLP 784-1024-1024-10", "ResNet-18 32x32"]
     assert all(math.isfinite(r[key]) and r[key] > 0 for r in rows
                for key in ("time_ratio", "fd_fisher_ratio", "central_fisher_ratio"))
@@ -43,3 +50,20 @@ def test_laplace_agrees_with_laplace_torch_and_benchmark_runs(tmp_path):
     assert all(value < 1e-10 for value in payload["agreement"].values()), payload["agreement"]
     assert {r["library"] for r in payload["rows"]} == {"ntkgp", "laplace-torch"}
     assert all(r["seconds"] > 0 and r["params"] == 330 for r in payload["rows"])
+
+
+def test_lqf_step_benchmark_runs(tmp_path):
+    rows = run_in_float32("lqf_step", ["--device", "cpu", "--batch", "2", "--kfac-n", "4", "--repeats", "1",
+                                       "--models", "mobilenet_v2", "--out", str(tmp_path / "lqf_step.json")])
+    assert [r["model"] for r in rows] == ["MobileNetV2 last block 64x64"] and rows[0]["params"] == 898890
+    assert all(math.isfinite(rows[0][key]) and rows[0][key] > 0
+               for key in ("step_ratio", "memory_ratio", "kfac_build_s", "kfac_apply_ratio"))
+    assert (tmp_path / "lqf_step.json").exists()
+
+
+def test_kfac_conditioning_benchmark_runs(tmp_path):
+    rows = run_in_float32("kfac_conditioning", ["--shots", "1", "--steps", "4", "--scopes", "last layer",
+                                                "--weight-decay", "1.0", "--out", str(tmp_path / "cond.json")])
+    row = rows[0]
+    assert row["params"] == 12810 and row["n"] == 10
+    assert 0 < row["hessian_min"] <= row["hessian_max"] and 0 < row["kfac_min"] <= row["kfac_max"]

@@ -200,3 +200,24 @@ def test_hessian_ritz_values_against_dense_eigenvalues():
     pencil = torch.linalg.eigvals(torch.linalg.solve(dense_p, h)).real.sort().values
     ritz = lqf.hessian_ritz_values(steps=j.shape[1], preconditioned=True)
     assert rel_err(ritz[[0, -1]], pencil[[0, -1]]) < 1e-6
+
+
+def test_kfac_products_equal_curvlinops_own():
+    """Our range-restricted eigenbasis products against curvlinops' KFACLinearOperator and its exactly damped
+    KFACInverseLinearOperator, on a CNN with a weight-only, a bias-only and joint weight-and-bias layers."""
+    from curvlinops import KFACInverseLinearOperator
+
+    from ntkgp.functional import FunctionalNetwork
+    from ntkgp.lqf.kfac import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, bias=False), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    x = torch.randn(6, 1, 6, 6)
+    net = FunctionalNetwork(model, ["0.", "2.weight", "4.bias", "6."])
+    pre = KFACPreconditioner(net, x, 0.3)
+    v = torch.randn(net.num_params, 2)
+    reference = pre.kfac @ v + 0.3 * v  # curvlinops takes θ in the order of the parameters it was given
+    assert rel_err(pre.curvature(v), reference) < 1e-12
+    inverse = KFACInverseLinearOperator(pre.kfac, damping=0.3, use_exact_damping=True)
+    assert rel_err(pre @ v, inverse @ v) < 1e-10

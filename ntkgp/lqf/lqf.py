@@ -203,7 +203,7 @@ class LQF:
 
     def _sgd(self, data: Minibatches, epochs: int, lr: float | None, progress: bool,
              callback: Callable[[LQF, dict], None] | None) -> LQF:
-        net, decay = self.network, self.weight_decay
+        decay = self.weight_decay
         precondition = self._preconditioner()
         self.lr = self._default_lr() if lr is None else as_positive_float(lr, "lr")
         w = self.delta.clone().requires_grad_(True)
@@ -211,12 +211,7 @@ class LQF:
         for epoch in tqdm(range(as_count(epochs, "epochs")), desc="LQF", disable=not progress):
             total, correct = 0.0, 0
             for x, targets, f0 in data:
-                with torch.no_grad():
-                    f = f0 + net.jvp(x, w.detach().unsqueeze(0))[0]
-                    value, grad_f = self._data_loss(f, self._targets(targets))
-                    gradient = (data.num_data / x.shape[0]) * net.vjp(x, grad_f.unsqueeze(0))[0] + decay * w
-                    w.grad = gradient if precondition is None else precondition @ gradient
-                optimizer.step()
+                value, f = self._step(w, optimizer, x, self._targets(targets), f0, data.num_data, precondition)
                 total += float(value)
                 if self.task == "classification":
                     correct += int((f.argmax(-1) == targets).sum())
@@ -232,6 +227,19 @@ class LQF:
             if callback is not None:
                 callback(self, record)
         return self
+
+    def _step(self, w: Tensor, optimizer: torch.optim.Optimizer, x: Tensor, targets: Tensor, f0: Tensor,
+              num_data: int, precondition: KFACPreconditioner | None) -> tuple[Tensor, Tensor]:
+        """One SGD step on a batch x (b, ...): f_lin = f0 + J δ (one JVP), the gradient of the objective scaled
+        to the data set, (N/b)·Jᵀ ∂ℓ/∂f + λδ (one VJP), preconditioned. Returns (Σ_batch ℓ, f_lin (b, C))."""
+        net = self.network
+        with torch.no_grad():
+            f = f0 + net.jvp(x, w.detach().unsqueeze(0))[0]
+            value, grad_f = self._data_loss(f, targets)
+            gradient = (num_data / x.shape[0]) * net.vjp(x, grad_f.unsqueeze(0))[0] + self.weight_decay * w
+            w.grad = gradient if precondition is None else precondition @ gradient
+        optimizer.step()
+        return value, f
 
     def solve(self, space: str = "auto") -> LQF:
         """Set δ to the exact minimiser (MSE loss): in function space, δ = Jᵀ(K + (λ/2)I)⁻¹r by a float64
