@@ -156,7 +156,7 @@ def test_lqf_bad_settings(kwargs, error, match):
 def test_lqf_kfac_needs_a_linear_or_conv2d_layer_in_scope():
     from ntkgp import LQF
     model = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
-    with pytest.raises(ValueError, match="needs parameters of Linear or Conv2d layers in scope"):
+    with pytest.raises(ValueError, match="needs parameters of Linear or ungrouped Conv2d layers in scope"):
         LQF(model, params=["1."])
     LQF(model, params=["1."], preconditioner=None)  # plain SGD is fine there
 

@@ -221,3 +221,13 @@ def test_kfac_products_equal_curvlinops_own():
     assert rel_err(pre.curvature(v), reference) < 1e-12
     inverse = KFACInverseLinearOperator(pre.kfac, damping=0.3, use_exact_damping=True)
     assert rel_err(pre @ v, inverse @ v) < 1e-10
+
+
+def test_grouped_convolutions_get_a_diagonal_block():
+    """curvlinops' K-FAC averages a grouped convolution's input covariance over its groups; those layers get the
+    exact diagonal instead, like BatchNorm."""
+    from ntkgp.lqf.kfac import kfac_layers
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))
+    names = [n for n, _ in model.named_parameters()]
+    assert kfac_layers(model, names) == (["0.weight", "0.bias"], ["1.weight", "1.bias", "2.weight", "2.bias"])

@@ -87,10 +87,8 @@ class LQF:
             raise ValueError("preconditioner='kfac' applies (K + λI)⁻¹ and needs weight_decay λ > 0 (K-FAC factors "
                              "are singular); pass weight_decay > 0 or preconditioner=None")
         self.network = as_functional_network(model, params, chunk_size)
-        if preconditioner == "kfac" and not kfac_layers(self.network.module, self.network.names)[0]:
-            raise ValueError(f"preconditioner='kfac' needs parameters of Linear or Conv2d layers in scope "
-                             f"(curvlinops supports only those); the scope {self.network.names[:4]} has none: add "
-                             "such a layer to params, or use preconditioner=None")
+        if preconditioner == "kfac":
+            kfac_layers(self.network.module, self.network.names)  # raises if K-FAC has nothing to cover
         self.delta = torch.zeros(self.network.num_params, dtype=self.network.dtype, device=self.network.device)
         self.history: list[dict] = []
         self.lr: float | None = None
@@ -186,6 +184,7 @@ class LQF:
         self._fit_options = {"solver": solver, "epochs": epochs, "lr": lr, "batch_size": batch_size,
                              "progress": progress}
         if solver == "closed_form":
+            self.lr = None
             return self.solve()
         return self._sgd(data, epochs, lr, progress, callback)
 
@@ -381,6 +380,9 @@ class LQF:
         """
         check_choice(method, "method", ("exact", "kfac"))
         self._require_fit("influence()")
+        if self.loss != "mse":
+            raise ValueError("influence and informativeness are those of the MSE (linear-quadratic) model; this LQF "
+                             "uses loss='cross_entropy'")
         check_inputs(x_test, self.network.dtype, "x_test", self.network.device, input_shape=self.input_shape)
         if method == "kfac":
             precondition = self._kfac or KFACPreconditioner(self.network, self.train_x, self.weight_decay, "mse")
