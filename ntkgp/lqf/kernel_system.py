@@ -57,17 +57,18 @@ class KernelSystem:
         n, k = self.size // self.num_outputs, self.num_outputs
         return matrix.reshape(n, k, n, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
-    def leave_one_out_residuals(self) -> Tensor:
+    def leave_one_out_residuals(self, inverse: Tensor | None = None) -> Tensor:
         """r_{−i} = B_i⁻¹ a_i (n, C): the residual at input i of the solution without i, B_i the C × C diagonal
-        block of A⁻¹ (Rasmussen & Williams §5.4.2, in block form)."""
+        block of A⁻¹ (Rasmussen & Williams §5.4.2, in block form). ``inverse``: A⁻¹ if already at hand."""
         a = self.solution.reshape(-1, self.num_outputs, 1)
-        return torch.linalg.solve(self.blocks(self.inverse()), a).squeeze(-1)
+        inverse = self.inverse() if inverse is None else inverse
+        return torch.linalg.solve(self.blocks(inverse), a).squeeze(-1)
 
     def downdate_directions(self) -> Tensor:
         """V (N × n) with column i = A⁻¹[:, block i] B_i⁻¹ a_i: removing input i changes a to a − V[:, i]
         (zero at block i), so a prediction K(x*, X) a changes by K(x*, X) V[:, i]."""
         inverse = self.inverse()
         n, k = self.size // self.num_outputs, self.num_outputs
-        coefficients = self.leave_one_out_residuals()  # (n, C) = B_i⁻¹ a_i
+        coefficients = self.leave_one_out_residuals(inverse)  # (n, C) = B_i⁻¹ a_i
         columns = inverse.reshape(self.size, n, k)  # [:, i, :] = A⁻¹[:, block i]
         return torch.einsum("Nik,ik->Ni", columns, coefficients)

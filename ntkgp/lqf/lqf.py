@@ -94,6 +94,7 @@ class LQF:
         self.lr: float | None = None
         self.train_x: Tensor | None = None
         self.train_targets: Tensor | None = None  # the regression targets, α·one-hot or labels (cross-entropy)
+        self.train_outputs: Tensor | None = None  # f(X; θ0) (n, C)
         self.input_shape: tuple[int, ...] | None = None
         self.num_outputs: int | None = None
         self._kfac: KFACPreconditioner | None = None
@@ -121,9 +122,10 @@ class LQF:
             return self.alpha * nn.functional.one_hot(targets, self.num_outputs).to(self.network.dtype)
         return targets
 
-    def _store(self, x: Tensor, targets: Tensor) -> None:
+    def _store(self, x: Tensor, targets: Tensor, outputs: Tensor) -> None:
+        """Keep the training data, the loss targets and f(X; θ0)."""
         self.input_shape, self.num_outputs = tuple(x.shape[1:]), self.network.num_outputs(x)
-        self.train_x, self.train_targets = x, self._targets(targets)
+        self.train_x, self.train_targets, self.train_outputs = x, self._targets(targets), outputs
         self._kfac = self._system = self._gp = None  # they describe the training data
 
     def _require_fit(self, what: str) -> None:
@@ -143,13 +145,18 @@ class LQF:
     def objective(self) -> float:
         """L(θ) on the training data at the current δ (one JVP over the training inputs)."""
         self._require_fit("objective()")
-        f = self._linearised(self.train_x)
+        f = self._train_linearised()
         return float(self._data_loss(f, self.train_targets)[0]) + 0.5 * self.weight_decay * float(self.delta @
                                                                                                  self.delta)
 
-    def _linearised(self, x: Tensor) -> Tensor:
+    def _linearised(self, x: Tensor, outputs: Tensor | None = None) -> Tensor:
+        """f_lin(x) = f(x; θ0) + J(x)δ (m, C); f(x; θ0) computed unless given."""
         with torch.no_grad():
-            return self.network.outputs(x) + self.network.jvp(x, self.delta.unsqueeze(0))[0]
+            outputs = self.network.outputs(x) if outputs is None else outputs
+            return outputs + self.network.jvp(x, self.delta.unsqueeze(0))[0]
+
+    def _train_linearised(self) -> Tensor:
+        return self._linearised(self.train_x, self.train_outputs)
 
     # --- fitting -------------------------------------------------------------------------------------
     def fit(self, train_x, train_y: Tensor | None = None, epochs: int = 10, lr: float | None = None,
@@ -267,7 +274,7 @@ class LQF:
 
     def _residual(self) -> Tensor:
         """r = targets − f(X; θ0) (n, C)."""
-        return self.train_targets - self.network.outputs(self.train_x, "train_x")
+        return self.train_targets - self.train_outputs
 
     def kernel_system(self) -> KernelSystem:
         """The function-space system K(X, X) + (λ/2)I of the training data (built on first use: N products)."""
@@ -334,10 +341,11 @@ class LQF:
             raise ValueError(f"new_x has per-input shape {tuple(new_x.shape[1:])} but the training inputs have "
                              f"{self.input_shape}")
         data = self._minibatches(new_x, new_y, None, None, self.input_shape)
-        x_new, targets_new = data.tensors()
+        x_new, targets_new, outputs_new = data.tensors()
         old_x, system = self.train_x, self._system
         self.train_x = torch.cat([old_x, x_new])
         self.train_targets = torch.cat([self.train_targets, self._targets(targets_new)])
+        self.train_outputs = torch.cat([self.train_outputs, outputs_new])
         self._kfac = self._gp = None
         if self._fit_options["solver"] == "closed_form":
             if system is not None:
@@ -345,7 +353,7 @@ class LQF:
                 with torch.no_grad():
                     cross = NTKOperator(old_x, x_new, network=net, num_outputs=k).to_dense()
                     corner = NTKOperator(x_new, x_new, network=net, num_outputs=k).to_dense()
-                    residual = (self.train_targets[old_x.shape[0]:] - net.outputs(x_new, "new_x")).reshape(-1)
+                    residual = (self.train_targets[old_x.shape[0]:] - outputs_new).reshape(-1)
                 system.add(cross, corner, residual)
                 self._system = system
             self.solve()
@@ -386,7 +394,7 @@ class LQF:
         check_inputs(x_test, self.network.dtype, "x_test", self.network.device, input_shape=self.input_shape)
         if method == "kfac":
             precondition = self._kfac or KFACPreconditioner(self.network, self.train_x, self.weight_decay, "mse")
-            residual = self.train_targets - self._linearised(self.train_x)
+            residual = self.train_targets - self._train_linearised()
             return kfac_influence(self.network, self.train_x, x_test, residual, precondition)
         system, k = self.kernel_system(), self.num_outputs
         directions = system.downdate_directions().to(self.network.dtype)  # (N, n)

@@ -81,9 +81,9 @@ class Minibatches:
             targets = prepare_data(self.task, net, x, y, self.num_classes)[0]
             yield x, targets, net.outputs(x, "train_x")  # outside no_grad: a caller's step may need autograd
 
-    def tensors(self) -> tuple[Tensor, Tensor]:
-        """All inputs (n, ...) and checked targets, concatenated (one pass over a DataLoader)."""
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All inputs (n, ...), checked targets and f(x; θ0) (n, C), concatenated (one pass over a DataLoader)."""
         if self.loader is None:
-            return self.x, self.targets
-        xs, ys = zip(*((x, t) for x, t, _ in self))
-        return torch.cat(xs), torch.cat(ys)
+            return self.x, self.targets, self.outputs
+        xs, ys, fs = zip(*self)
+        return torch.cat(xs), torch.cat(ys), torch.cat(fs)
