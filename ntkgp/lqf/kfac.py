@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from curvlinops import KFACLinearOperator
-from curvlinops.kfac import FisherType
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork
@@ -105,6 +103,12 @@ class KFACPreconditioner:
 
     def __init__(self, network: FunctionalNetwork, x: Tensor, damping: float, loss: str = "mse",
                  batch_size: int = 64):
+        try:  # imported here: `import ntkgp` stays light and works where curvlinops is not installed
+            from curvlinops import KFACLinearOperator
+            from curvlinops.kfac import FisherType
+        except ImportError as err:
+            raise ImportError("preconditioner='kfac' needs curvlinops-for-pytorch 3.0.x: pip install "
+                              "'curvlinops-for-pytorch>=3.0.1,<3.1' (or use preconditioner=None)") from err
         check_choice(loss, "loss", tuple(_LOSSES))
         self.damping = as_positive_float(damping, "damping (the weight decay λ, > 0 for K-FAC)")
         batch_size = as_count(batch_size, "batch_size")
