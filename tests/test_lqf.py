@@ -113,6 +113,8 @@ def test_kfac_preconditioner_against_dense_curvature():
 
 
 def test_leave_one_out_and_influence_against_refits(capsys):
+    from ntkgp import KFACPreconditioner
+
     model, x, y, xt = classification_case(n=16)
     lam = 0.4
     lqf = LQF(model, weight_decay=lam).fit(x, y, solver="closed_form", progress=False)
@@ -132,17 +134,22 @@ def test_leave_one_out_and_influence_against_refits(capsys):
     approximate = lqf.influence(xt, method="kfac")
     error = rel_err(approximate, refit_influence)
     rank = torch.corrcoef(torch.stack([lqf.informativeness(xt, "kfac"), fsi]))[0, 1]
-    # eq. (8) with the exact inverse instead of K-FAC's: what the formula itself costs
+    # eq. (8)'s error split: the exact inverse or K-FAC's (2(K + λI)⁻¹), with eq. (8)'s leverage factor, the
+    # exact removal factor (I − H_i)⁻¹, or none
     j, js, n = dense_jacobian(model, x).reshape(16, 3, -1), dense_jacobian(model, xt).reshape(5, 3, -1), len(x)
-    inverse = torch.linalg.inv(j.reshape(48, -1).T @ j.reshape(48, -1) + lam / 2 * torch.eye(j.shape[-1]))
-    residual = lqf.train_targets - lqf.predict(x)
-    leverage = j @ inverse @ j.mT  # (n, C, C)
-    factor = (n - 1) * torch.linalg.solve((n - 1) * torch.eye(3) + n * leverage, residual.unsqueeze(-1))
-    exact_inverse = torch.einsum("mcp,pq,idq,id->mic", js, inverse, j, factor.squeeze(-1))
-    formula = rel_err(exact_inverse, refit_influence)
+    exact = torch.linalg.inv(j.reshape(48, -1).T @ j.reshape(48, -1) + lam / 2 * torch.eye(j.shape[-1]))
+    kfac = 2 * ((lqf._kfac or KFACPreconditioner(lqf.network, x, lam)) @ torch.eye(j.shape[-1]))
+    residual = (lqf.train_targets - lqf.predict(x)).unsqueeze(-1)
+    errors = {}
+    for inverse_name, inverse in (("exact", exact), ("K-FAC", kfac)):
+        leverage, eye = j @ inverse @ j.mT, torch.eye(3)
+        for factor_name, factor in (("eq. 8", (n - 1) * torch.linalg.inv((n - 1) * eye + n * leverage)),
+                                    ("removal", torch.linalg.inv(eye - leverage)), ("none", eye)):
+            change = torch.einsum("mcp,pq,idq,id->mic", js, inverse, j, (factor @ residual).squeeze(-1))
+            errors[f"{inverse_name} inverse, {factor_name} factor"] = round(rel_err(change, refit_influence), 3)
     with capsys.disabled():
-        print(f"\neq. (8): relative error of the influence {error:.3f} with K-FAC, {formula:.3f} with the exact "
-              f"inverse; F-SI correlation with K-FAC {rank:.3f}")
+        print(f"\ninfluence by eq. (8) with K-FAC: relative error {error:.3f}, F-SI correlation {rank:.3f}; {errors}")
+    assert abs(errors["K-FAC inverse, eq. 8 factor"] - error) < 1e-3 and errors["exact inverse, removal factor"] == 0
     assert approximate.shape == influence.shape and error < 1
 
 

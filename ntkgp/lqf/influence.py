@@ -12,7 +12,7 @@ C × p Jacobian of sample i. Eq. (8) approximates it, for a loss averaged over t
 with Â⁻¹ = 2(K + λI)⁻¹ from the K-FAC preconditioner (K ≈ 2JᵀJ). The exact factor for removing i is
 (I − H_i)⁻¹ (Sherman–Morrison); eq. (8)'s, which tends to (I + Ĥ_i)⁻¹, damps where that amplifies. Measured on
 a tanh MLP, 16 inputs × 3 classes, against refits (tests/test_lqf.py prints it): eq. (8) is 0.59 off with
-K-FAC and 0.67 with the exact inverse; (I − H_i)⁻¹ with the exact inverse is exact (4e-14) but with K-FAC's
+K-FAC and 0.67 with the exact inverse; (I − H_i)⁻¹ with the exact inverse is exact (to rounding) but with K-FAC's
 it diverged (K-FAC leverages up to 1.94 > 1: 20× off); no factor at all was 0.38 (K-FAC) / 0.52 (exact).
 """
 
