@@ -52,10 +52,12 @@ def test_console_script_is_installed():
     assert "sinusoid" in result.stdout
 
 
-def test_readme_example_runs():
-    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
-    assert len(code.strip().splitlines()) <= 15
-    exec(compile(code, "README.md", "exec"), {})
+def test_readme_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 2  # the NTK-GP and the LQF example
+    for code in blocks:
+        assert len(code.strip().splitlines()) <= 15
+        exec(compile(code, "README.md", "exec"), {})
 
 
 @pytest.mark.slow
