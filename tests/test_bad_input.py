@@ -200,3 +200,14 @@ def test_lqf_network_in_train_mode():
     model.train()
     with pytest.raises(ValueError, match=r"call model.eval\(\) first"):
         lqf.fit(torch.randn(8, 3), torch.randint(0, 3, (8,)), progress=False)
+
+
+def test_lqf_update_that_makes_the_system_singular_changes_nothing():
+    from ntkgp import LQF
+    model, x, y = lqf_case()
+    lqf = LQF(model, weight_decay=1e-30, preconditioner=None).fit(x[:4], y[:4], solver="closed_form",
+                                                                  progress=False)
+    delta = lqf.delta.clone()
+    with pytest.raises(FloatingPointError, match="numerically singular"):
+        lqf.update(x[:1], y[:1])  # a repeated input with λ/2 = 5e-31
+    assert lqf.train_x.shape[0] == 4 and lqf.kernel_system().size == 12 and torch.equal(lqf.delta, delta)

@@ -342,26 +342,24 @@ class LQF:
                              f"{self.input_shape}")
         data = self._minibatches(new_x, new_y, None, None, self.input_shape)
         x_new, targets_new, outputs_new = data.tensors()
-        old_x, system = self.train_x, self._system
-        self.train_x = torch.cat([old_x, x_new])
-        self.train_targets = torch.cat([self.train_targets, self._targets(targets_new)])
+        targets_new = self._targets(targets_new)
+        closed_form = self._fit_options["solver"] == "closed_form"
+        if closed_form and self._system is not None:  # bordered first: a singular system changes nothing
+            k, net = self.num_outputs, self.network
+            with torch.no_grad():
+                cross = NTKOperator(self.train_x, x_new, network=net, num_outputs=k).to_dense()
+                corner = NTKOperator(x_new, x_new, network=net, num_outputs=k).to_dense()
+            self._system.add(cross, corner, (targets_new - outputs_new).reshape(-1))
+        self.train_x = torch.cat([self.train_x, x_new])
+        self.train_targets = torch.cat([self.train_targets, targets_new])
         self.train_outputs = torch.cat([self.train_outputs, outputs_new])
         self._kfac = self._gp = None
-        if self._fit_options["solver"] == "closed_form":
-            if system is not None:
-                k, net = self.num_outputs, self.network
-                with torch.no_grad():
-                    cross = NTKOperator(old_x, x_new, network=net, num_outputs=k).to_dense()
-                    corner = NTKOperator(x_new, x_new, network=net, num_outputs=k).to_dense()
-                    residual = (self.train_targets[old_x.shape[0]:] - outputs_new).reshape(-1)
-                system.add(cross, corner, residual)
-                self._system = system
-            self.solve()
-            return self
+        if closed_form:
+            return self.solve()
         options = self._fit_options
         generator = torch.Generator().manual_seed(len(self.history))
         union = Minibatches(self.network, self.task, self.train_x, self._union_labels(), options["batch_size"],
-                            generator, input_shape=self.input_shape)
+                            generator, input_shape=self.input_shape, outputs=self.train_outputs)
         return self._sgd(union, options["epochs"] if epochs is None else epochs, options["lr"] if lr is None else lr,
                          options["progress"], None)
 

@@ -22,12 +22,14 @@ class Minibatches:
     :func:`prepare_data`). With tensors x (n, ...) and y the targets are checked and f(x; θ0) computed
     once, and every pass is a fresh permutation from ``generator`` in batches of ``batch_size`` (default
     the full batch); a DataLoader is iterated as it is, each batch checked as it comes. ``input_shape``:
-    the per-input shape the inputs must have (default: that of the first inputs seen).
+    the per-input shape the inputs must have (default: that of the first inputs seen). ``outputs``: f(x; θ0)
+    (n, C) of tensor inputs when the caller has it already.
     """
 
     def __init__(self, network: FunctionalNetwork, task: str, x, y: Tensor | None = None,
                  batch_size: int | None = None, generator: torch.Generator | None = None,
-                 num_classes: int | None = None, input_shape: tuple[int, ...] | None = None):
+                 num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
+                 outputs: Tensor | None = None):
         if isinstance(x, Tensor) and y is None:
             raise ValueError("give train_y with tensor inputs, or pass a DataLoader of (x, y) batches")
         if not isinstance(x, (Tensor, torch.utils.data.DataLoader)):
@@ -45,7 +47,7 @@ class Minibatches:
             x = x.to(network.device)
             y = y.to(network.device) if isinstance(y, Tensor) else y
             self.x, self.targets = x, prepare_data(task, network, x, y, num_classes)[0]
-            self.outputs = network.outputs(x, "train_x")
+            self.outputs = network.outputs(x, "train_x") if outputs is None else outputs
             self.num_data = x.shape[0]
         else:
             self.num_data = len(self.loader.dataset)
