@@ -67,3 +67,15 @@ def test_kfac_conditioning_benchmark_runs(tmp_path):
     row = rows[0]
     assert row["params"] == 12810 and row["n"] == 10
     assert 0 < row["hessian_min"] <= row["hessian_max"] and 0 < row["kfac_min"] <= row["kfac_max"]
+
+
+def test_peers_benchmark_runs_and_agrees(tmp_path):
+    pytest.importorskip("laplace", reason="laplace-torch (the bench/test extra) is not installed")
+    rows = run_in_float32("peers", ["--device", "cpu", "--n-mlp", "4", "--n-resnet", "2", "--repeats", "1",
+                                    "--out", str(tmp_path / "peers.json")])
+    methods = {r["method"] for r in rows}
+    assert {"ours: GGN (JVP + VJP)", "curvlinops: GGNLinearOperator",
+            "laplace-torch: Jacobians, then JᵀHJ v"} <= methods
+    # the peers compute the same matrix as ours (float32)
+    assert all(r["relative_difference"] < 1e-4 for r in rows if "relative_difference" in r)
+    assert all(r["time_ratio"] > 0 for r in rows if "time_ratio" in r)
