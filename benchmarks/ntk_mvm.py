@@ -15,11 +15,10 @@ import argparse
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
-from timing import device_name, measure, write_results
+from timing import device_name, measure, mlp_and_resnet, write_results
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size: int) -> dict:
@@ -68,13 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ntk_mvm.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    resnet = torchvision.models.resnet18(num_classes=10)
-    rows = [bench("MLP 784-1024-1024-10", mlp, torch.randn(args.n_mlp, 784, device=device), args.repeats,
-                  args.chunk_size),
-            bench("ResNet-18 32x32", resnet, torch.randn(args.n_resnet, 3, 32, 32, device=device), args.repeats,
-                  args.chunk_size)]
+    rows = [bench(name, model, x, args.repeats, args.chunk_size)
+            for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)]
     print(f"device: {device_name(device)}, torch {torch.__version__}, float32, median of {args.repeats}")
     for r in rows:
         mem = f", memory ratio {r['memory_ratio']:.2f} ({r['ntk_mvm_peak_gib']:.2f} / {r['gradient_peak_gib']:.2f} GiB)" \

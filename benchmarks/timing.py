@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import torch
+import torchvision
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -57,3 +59,13 @@ def device_name(device: torch.device) -> str:
 def write_results(path: Path, device: torch.device, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": device_name(device), "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+def mlp_and_resnet(device: torch.device, n_mlp: int, n_resnet: int) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """(name, network, inputs) of the two reference networks (GUIDE §5), random weights (seed 0): the MLP
+    784-1024-1024-10 on n_mlp inputs and torchvision's ResNet-18 (10 outputs) on n_resnet 32 × 32 images."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    resnet = torchvision.models.resnet18(num_classes=10)
+    return [("MLP 784-1024-1024-10", mlp, torch.randn(n_mlp, 784, device=device)),
+            ("ResNet-18 32x32", resnet, torch.randn(n_resnet, 3, 32, 32, device=device))]
