@@ -26,7 +26,7 @@ import torchvision
 from torch import nn
 
 from ntkgp import LQF, KFACPreconditioner
-from timing import cpu_peak_bytes, device_name, measure, sync, write_results
+from timing import cpu_peak_bytes, header, measure, sync, write_results
 
 MOBILENET_SCOPE = ["features.17.", "features.18.", "classifier."]
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "resnet18" in args.models:
         rows.append(bench("ResNet-18 all 32x32", torchvision.models.resnet18(num_classes=10), None,
                           torch.randn(args.batch, 3, 32, 32, device=device), args.kfac_n, args.repeats))
-    print(f"device: {device_name(device)}, torch {torch.__version__}, float32, median of {args.repeats}")
+    print(header(device, args.repeats))
     for r in rows:
         print(f"{r['model']:30s} b={r['batch']:3d} p={r['params']:9d}  gradient {r['gradient_ms']:8.1f} ms  "
               f"LQF step {r['step_ms']:8.1f} ms  ratio {r['step_ratio']:.2f}  memory ratio {r['memory_ratio']:.2f} "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
-from timing import device_name, measure, mlp_and_resnet, write_results
+from timing import header, measure, mlp_and_resnet, write_results
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size: int) -> dict:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     rows = [bench(name, model, x, args.repeats, args.chunk_size)
             for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)]
-    print(f"device: {device_name(device)}, torch {torch.__version__}, float32, median of {args.repeats}")
+    print(header(device, args.repeats))
     for r in rows:
         mem = f", memory ratio {r['memory_ratio']:.2f} ({r['ntk_mvm_peak_gib']:.2f} / {r['gradient_peak_gib']:.2f} GiB)" \
             if "memory_ratio" in r else ""

@@ -26,7 +26,7 @@ from laplace.curvature import CurvlinopsGGN
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
-from timing import cpu_peak_bytes, device_name, measure, mlp_and_resnet, write_results
+from timing import cpu_peak_bytes, header, measure, mlp_and_resnet, write_results
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib: float) -> list[dict]:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     rows = [row for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)
             for row in bench(name, model, x, args.repeats, args.jacobian_budget_gib)]
-    print(f"device: {device_name(device)}, torch {torch.__version__}, float32, median of {args.repeats}")
+    print(header(device, args.repeats))
     for r in rows:
         if "skipped" in r:
             print(f"{r['model']:22s} n={r['n']:4d}  {r['method']:40s} skipped: {r['skipped']}")

@@ -56,6 +56,11 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def header(device: torch.device, repeats: int) -> str:
+    """The line every benchmark prints first: where and how it measured."""
+    return f"device: {device_name(device)}, torch {torch.__version__}, float32, median of {repeats}"
+
+
 def write_results(path: Path, device: torch.device, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": device_name(device), "torch": torch.__version__, "rows": rows}, indent=1))
