@@ -4,9 +4,10 @@ The 1000-way ImageNet head is replaced by a new 10-way linear head (seeded PyTor
 every method of a draw); images are resized to ``image_size`` and replicated to 3 channels with the
 ImageNet normalisation. The parameter ``scope`` decides what is adapted: ``last_layer`` (the head,
 12,810 parameters), ``last_block`` (the last inverted residual block, the final 1×1 convolution and the
-head) or ``all`` (every parameter; meant for the GPU). The frozen part of the network runs once per
-image and the methods see the adapted part alone, which is the same linearisation as ``params=`` on
-the whole network, since the frozen prefix has no parameters in scope.
+head: 898,890) or ``all`` (every parameter; meant for the GPU). Every method gets the whole network and
+``params=`` for the scope, through one :class:`ntkgp.FunctionalNetwork` per draw: the library finds the
+frozen prefix itself and runs it once per image tensor (``frozen_prefix=false`` runs the whole network in
+every product instead, to measure what that saves).
 
 Methods, on the same support draws and the same test images:
 - ``linearised MAP``: the MAP of the linearised network under the prior N(θ0, I/δ) (Newton, exact);
@@ -22,7 +23,6 @@ Metrics: accuracy, NLL, expected calibration error (15 bins); time per adaptatio
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from pathlib import Path
@@ -32,13 +32,13 @@ import torchvision
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ntkgp import NTKGP, SVI, Laplace
+from ntkgp import NTKGP, SVI, FunctionalNetwork, Laplace
 
 from .common import Experiment, format_table, mean_and_stderr, seed_everything, write_json_atomic
 from .datasets import data_root, load_fashion_mnist
 
 METHODS = ["linearised MAP", "Laplace (probit)", "SVI", "NTK-GP one-hot", "retrain last layer", "fine-tune"]
-SCOPES = {"last_layer": None, "last_block": 17, "all": 0}  # index of the first adapted feature block
+SCOPES = {"last_layer": ["classifier."], "last_block": ["features.17.", "features.18.", "classifier."], "all": None}
 NUM_CLASSES = 10
 
 
@@ -56,28 +56,16 @@ def preprocess(images: Tensor, size: int) -> Tensor:
     return (x.expand(-1, 3, -1, -1) - mean) / std
 
 
-def split(backbone: nn.Module, head: nn.Linear, scope: str) -> tuple[nn.Module, nn.Module]:
-    """(frozen prefix, adapted suffix) of MobileNetV2 with the new head, for a parameter scope."""
+def with_head(backbone: nn.Module, head: nn.Linear) -> nn.Module:
+    """The backbone with ``head`` as its last layer (classifier = dropout, head), in eval mode."""
+    backbone.classifier[-1] = head
+    return backbone.eval()
+
+
+def scope_params(scope: str) -> list[str] | None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
-    pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    features = backbone.features
-    if SCOPES[scope] is None:
-        return nn.Sequential(features, *pool).eval(), nn.Sequential(head).eval()
-    k = SCOPES[scope]
-    return nn.Sequential(*features[:k]).eval(), nn.Sequential(*features[k:], *pool, head).eval()
-
-
-@torch.no_grad()
-def batched(fn, inputs: Tensor, batch: int = 256) -> Tensor:
-    return torch.cat([fn(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
-
-
-def encode(prefix: nn.Module, suffix: nn.Module, images: Tensor, size: int) -> dict:
-    """The adapted part's inputs (the frozen prefix's outputs) and the pooled 1280-d features, which the
-    suffix without its head computes from them: each image goes through the backbone once."""
-    inputs = batched(lambda chunk: prefix(preprocess(chunk, size)), images)
-    return {"inputs": inputs, "pooled": batched(suffix[:-1], inputs)}
+    return SCOPES[scope]
 
 
 def support_indices(labels: Tensor, shots: int, generator: torch.Generator) -> Tensor:
@@ -110,28 +98,30 @@ def gp_class_probabilities(mean: Tensor, variance: Tensor, samples: int, generat
     return (counts + 1) / (samples + mean.shape[-1])
 
 
-def train_cross_entropy(module: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> nn.Module:
-    """Full-batch Adam on the cross-entropy of a copy of ``module`` (kept in eval mode: BatchNorm frozen)."""
-    module = copy.deepcopy(module).eval()
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+def train_cross_entropy(net: FunctionalNetwork, x: Tensor, y: Tensor, steps: int, lr: float) -> Tensor:
+    """Full-batch Adam on the cross-entropy of f(x; θ) from θ0, through the snapshot (BatchNorm frozen, the
+    frozen prefix run once): the trained θ (p,)."""
+    theta = net.theta0.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([theta], lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
-        nn.functional.cross_entropy(module(x), y).backward()
+        nn.functional.cross_entropy(net(x, theta), y).backward()
         optimizer.step()
-    return module.eval()
+    return theta.detach()
 
 
-def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test: dict, seed: int) -> dict:
+def adapt(config: dict, net: FunctionalNetwork, pooled_net: FunctionalNetwork, support: dict, test: dict,
+          seed: int) -> dict:
     """Run every method on one support draw: method -> (test probabilities, seconds); and the prior
     precision δ used by the MAP, Laplace and SVI: ``config["prior_precision"]`` if set, else the grid
     value of largest Laplace evidence."""
-    x, y, pooled = support["inputs"], support["labels"], support["pooled"]
+    x, y = support["inputs"], support["labels"]
     out, generator = {}, torch.Generator().manual_seed(seed)
     clock = time.perf_counter()
     chunk = config["chunk_size"]
     fixed = config["prior_precision"]
-    laplace = Laplace(suffix, "classification", prior_precision=1.0 if fixed is None else fixed,
-                      num_classes=NUM_CLASSES, chunk_size=chunk).fit(x, y)
+    laplace = Laplace(net, "classification", prior_precision=1.0 if fixed is None else fixed,
+                      num_classes=NUM_CLASSES).fit(x, y)
     if fixed is None:
         delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64),
                                                  progress=False)
@@ -143,27 +133,27 @@ def adapt(config: dict, suffix: nn.Module, head: nn.Linear, support: dict, test:
         probs = laplace.predict(test["inputs"], link=link, batch_size=config["predict_batch"])
         out[method] = (probs, shared + time.perf_counter() - clock)
     clock = time.perf_counter()
-    svi = SVI(suffix, "classification", prior_precision=delta, num_classes=NUM_CLASSES, chunk_size=chunk)
+    svi = SVI(net, "classification", prior_precision=delta, num_classes=NUM_CLASSES)
     svi.fit(x, y, epochs=config["svi_epochs"], lr=config["svi_lr"], num_samples=config["svi_samples"],
             progress=False, generator=generator)
     out["SVI"] = (svi.predict(test["inputs"], num_samples=config["predictive_samples"], generator=generator),
                   time.perf_counter() - clock)
     clock = time.perf_counter()
     onehot = nn.functional.one_hot(y, NUM_CLASSES).to(x.dtype)
-    gp = NTKGP(suffix, x, onehot, mean="zero", chunk_size=chunk)
+    gp = NTKGP(net, x, onehot, mean="zero")
     gp.fit()
     pred = gp.predict(test["inputs"])
     out["NTK-GP one-hot"] = (gp_class_probabilities(pred.mean.detach(), pred.variance.detach(),
                                                     config["predictive_samples"], generator),
                              time.perf_counter() - clock)
     clock = time.perf_counter()
-    classifier = train_cross_entropy(head, pooled, y, config["retrain_steps"], config["retrain_lr"])
+    head = train_cross_entropy(pooled_net, x, y, config["retrain_steps"], config["retrain_lr"])
     with torch.no_grad():
-        out["retrain last layer"] = (torch.softmax(classifier(test["pooled"]), -1), time.perf_counter() - clock)
+        out["retrain last layer"] = (torch.softmax(pooled_net(test["inputs"], head), -1), time.perf_counter() - clock)
     clock = time.perf_counter()
-    tuned = train_cross_entropy(suffix, x, y, config["finetune_steps"], config["finetune_lr"])
+    tuned = train_cross_entropy(net, x, y, config["finetune_steps"], config["finetune_lr"])
     with torch.no_grad():
-        probs = torch.cat([torch.softmax(tuned(chunk), -1) for chunk in test["inputs"].split(256)])
+        probs = torch.softmax(net(test["inputs"], tuned), -1)
     out["fine-tune"] = (probs, time.perf_counter() - clock)
     return {m: out[m] for m in config["methods"]}, delta
 
@@ -213,10 +203,10 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     test_images, test_labels = load_fashion_mnist(train=False)
     pick = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed))[:config["test_size"]]
     test_images, test_labels = test_images[pick].to(device), test_labels[pick].to(device)
-    backbone = load_mobilenet(device)
     head = nn.Linear(1280, NUM_CLASSES).to(device)
-    prefix, suffix = split(backbone, head, scope)
-    test = encode(prefix, suffix, test_images, size)
+    model = with_head(load_mobilenet(device), head)
+    params, split_prefix = scope_params(scope), config["frozen_prefix"]
+    test = {"inputs": preprocess(test_images, size)}
     rows, payload = [], {"config": config, "seed": seed, "device": device, "scope": scope}
     jobs = [(k, d) for k in config["shots"] for d in range(config["draws"])]
     for k, draw in tqdm(jobs, desc="fashion-fewshot"):
@@ -226,17 +216,19 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         head.reset_parameters()  # the new head, seeded per draw, shared by every method
         idx = support_indices(train_labels, k, generator)
         images = train_images[idx].to(device)
-        support = {**encode(prefix, suffix, images, size), "labels": train_labels[idx].to(device)}
-        results, delta = adapt(config, suffix, head, support, test, draw_seed)
+        support = {"inputs": preprocess(images, size), "labels": train_labels[idx].to(device)}
+        net = FunctionalNetwork(model, params, config["chunk_size"], frozen_prefix=split_prefix)
+        pooled_net = FunctionalNetwork(model, ["classifier."], frozen_prefix=split_prefix)
+        results, delta = adapt(config, net, pooled_net, support, test, draw_seed)
         for method, (probs, seconds) in results.items():
             rows.append({"shots": k, "draw": draw, "method": method, "seconds": seconds, "prior_precision": delta,
                          **metrics(probs, test_labels)})
-        payload.update(rows=rows, parameters=sum(p.numel() for p in suffix.parameters()),
+        payload.update(rows=rows, parameters=net.num_params, cut=net.split and net.split.cut,
                        seconds=time.perf_counter() - start)
         write_json_atomic(out_dir / "results.json", payload)
     plot(rows, config["shots"], config["methods"], out_dir / "fewshot.png")
-    print(f"scope {scope}: {payload['parameters']:,} adapted parameters, {len(test_labels)} test images, "
-          f"{size}×{size} inputs, device {device}")
+    print(f"scope {scope}: {payload['parameters']:,} adapted parameters (frozen prefix up to {payload['cut']}), "
+          f"{len(test_labels)} test images, {size}×{size} inputs, device {device}, {payload['seconds']:.0f} s")
     print(summarise(rows, config["shots"], config["methods"]))
     print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'fewshot.png'}")
     return {"rows": len(rows)}
@@ -246,7 +238,7 @@ DEFAULT = {"shots": [1, 5, 10, 20], "draws": 5, "test_size": 2000, "image_size":
            "methods": METHODS, "chunk_size": 32, "predict_batch": 256, "prior_precision": None,
            "prior_grid": [-4, 4, 33], "svi_epochs": 300, "svi_lr": 1e-2, "svi_samples": 4,
            "predictive_samples": 1000, "retrain_steps": 300, "retrain_lr": 1e-2, "finetune_steps": 100,
-           "finetune_lr": 1e-3}
+           "finetune_lr": 1e-3, "frozen_prefix": True}
 TINY = {**DEFAULT, "shots": [1, 2], "draws": 1, "test_size": 40, "image_size": 32, "scope": "last_block",
         "prior_grid": [-2, 2, 5],
         "svi_epochs": 5, "predictive_samples": 50, "retrain_steps": 5, "finetune_steps": 2}

@@ -12,12 +12,15 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from .frozen_prefix import NetworkSplit, split_network
 from .validation import as_count, check_eval_mode, check_finite, check_finite_tensors, check_tensor, in_transform
 
 __all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "select_parameters"]
@@ -73,6 +76,7 @@ def _missing_forward_rule(err: Exception) -> str | None:
 
 def _relative_difference(a: Tensor, b: Tensor) -> float:
     """‖a − b‖ / max(‖a‖, ‖b‖) (0 when both are zero)."""
+    a, b = a.detach(), b.detach()
     scale = max(float(a.norm()), float(b.norm()))
     return float((a - b).norm()) / scale if scale > 0 else 0.0
 
@@ -95,16 +99,25 @@ class FunctionalNetwork:
     (some ops have wrong batching rules: ``torch.cdist``'s backward on torch 2.13/2.14); a disagreement
     warns and switches that product to one vector at a time.
 
+    The frozen prefix — the largest first part of the network that depends on no selected parameter
+    (:mod:`ntkgp.frozen_prefix`) — is evaluated once per input tensor and its output h kept (up to
+    ``feature_cache_bytes``, least recently used first out); every product then runs through the rest only.
+    The split is checked against the whole network on the first inputs; ``split`` says where it cut (None:
+    no split). Inputs that require grad are never cached (gradients in x flow through the prefix).
+
     Args:
         module: the network; its output for x of shape (n, ...) is (n,) or (n, C, ...) (flattened to C).
         params: parameter names or module prefixes, see :func:`select_parameters`.
         chunk_size: tangents/cotangents pushed through the network at once (bounds memory).
         jacobian_chunk_elements: bound on b·C·p for per-sample Jacobian chunks.
         copy_frozen: copy the non-selected parameters (default) or share them with the module.
+        frozen_prefix: find and cache the frozen prefix (default True); False runs the whole network always.
+        feature_cache_bytes: memory for the prefix outputs of recent input tensors (default 1 GiB).
     """
 
     def __init__(self, module: nn.Module, params: Sequence[str] | str | None = None, chunk_size: int = 32,
-                 jacobian_chunk_elements: int = 2**24, copy_frozen: bool = True):
+                 jacobian_chunk_elements: int = 2**24, copy_frozen: bool = True, frozen_prefix: bool = True,
+                 feature_cache_bytes: int = 2**30):
         if not isinstance(module, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(module).__name__}")
         check_eval_mode(module)
@@ -124,11 +137,17 @@ class FunctionalNetwork:
         self.frozen = {n: t.clone() for n, t in frozen.items()} if copy_frozen else frozen
         self._shared_versions = None if copy_frozen else {n: t._version for n, t in frozen.items()}
         self.buffers = {n: t.detach().clone() for n, t in buffers.items()}
+        if not isinstance(frozen_prefix, bool):
+            raise TypeError(f"frozen_prefix must be True or False, got {frozen_prefix!r}")
+        self.feature_cache_bytes = as_count(feature_cache_bytes, "feature_cache_bytes", minimum=0)
+        self.split: NetworkSplit | None = split_network(module, self.names) if frozen_prefix else None
+        self._split_checked = False
         self._reset_checks()
 
     def _reset_checks(self) -> None:
         """Forget what was learnt about the products (after a conversion: other kernels may run)."""
         self.use_double_vjp = False
+        self._features: OrderedDict[int, tuple[weakref.ref, int, Tensor]] = OrderedDict()  # id(x) -> h
         self._verified: set[str] = set()  # products whose batched path agreed with one vector at a time
         self._unbatched: set[str] = set()  # products that disagreed: computed one vector at a time
 
@@ -147,10 +166,16 @@ class FunctionalNetwork:
 
     # --- conversions, as nn.Module and torch.Tensor do them ------------------------------------------
     def _apply(self, fn: Callable[[Tensor], Tensor]) -> FunctionalNetwork:
-        """Apply ``fn`` to every tensor of the snapshot, in place (what ``nn.Module.to`` does); returns self."""
-        self.theta0 = fn(self.theta0)
-        self.frozen = {n: fn(t) for n, t in self.frozen.items()}
-        self.buffers = {n: fn(t) for n, t in self.buffers.items()}
+        """Apply ``fn`` to every tensor of the snapshot, in place (what ``nn.Module.to`` does); returns self.
+
+        When ``fn`` returns every tensor itself (a conversion to what it already is) nothing is reset."""
+        theta0 = fn(self.theta0)
+        frozen = {n: fn(t) for n, t in self.frozen.items()}
+        buffers = {n: fn(t) for n, t in self.buffers.items()}
+        old = [self.theta0, *self.frozen.values(), *self.buffers.values()]
+        if all(a is b for a, b in zip(old, [theta0, *frozen.values(), *buffers.values()])):
+            return self
+        self.theta0, self.frozen, self.buffers = theta0, frozen, buffers
         self._shared_versions = None  # converted copies are no longer shared with the module
         self._reset_checks()
         return self
@@ -218,12 +243,99 @@ class FunctionalNetwork:
                              f"{tuple(theta.shape)}")
         return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.numels), self.shapes)}
 
+    def _values(self, part: nn.Module, theta: Tensor | None) -> dict[str, Tensor]:
+        """The snapshot's tensors that ``part`` (the module or a graph module of its split) holds, by name."""
+        values = {**self.frozen, **self.buffers, **({} if theta is None else self.unflatten(theta))}
+        if part is self.module:
+            return values
+        names = [n for n, _ in part.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in part.named_buffers(remove_duplicate=False)]
+        return {n: values[n] for n in names if n in values}
+
+    def features(self, x: Tensor) -> Tensor:
+        """The frozen prefix's output h for inputs x (n, ...): x itself without a split; computed once per input
+        tensor (while it is alive and unchanged) unless x requires grad or is inside a torch.func transform."""
+        if self.split is None:
+            return x
+        if not self._split_checked:
+            self._check_split(x)
+            if self.split is None:
+                return x
+        if torch._C._functorch.is_functorch_wrapped_tensor(x) or (x.requires_grad and torch.is_grad_enabled()):
+            return functional_call(self.split.prefix, self._values(self.split.prefix, None), (x,))
+        cached = self._cached_features(x)
+        if cached is not None:
+            return cached
+        with torch.no_grad():
+            h = functional_call(self.split.prefix, self._values(self.split.prefix, None), (x,))
+        self._remember(x, h)
+        return h
+
+    def take(self, x: Tensor, index: Tensor) -> Tensor:
+        """x[index] (rows of x, a new tensor), its frozen-prefix output taken from x's (computed once) rather than
+        recomputed: for minibatches gathered from one training set."""
+        rows = x[index]
+        if self.split is not None and not (x.requires_grad and torch.is_grad_enabled()) and not in_transform():
+            features = self.features(x)
+            if self.split is not None:  # (the first use checks the split, and may turn it off)
+                self._remember(rows, features[index])
+        return rows
+
+    def _cached_features(self, x: Tensor) -> Tensor | None:
+        """h for x if x is a cached input tensor or a block of its rows (x[a:b], a view of the same memory), at
+        the version it had when cached; else None."""
+        for key, (ref, version, h) in self._features.items():
+            t = ref()
+            if t is None or t._version != version or x._version != version or x.shape[1:] != t.shape[1:]:
+                continue
+            if t is x:
+                self._features.move_to_end(key)
+                return h
+            if x.device != t.device or x.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+                continue
+            if x.shape[0] == 0 or t.shape[0] == 0 or x.stride() != t.stride():
+                continue
+            offset = x.storage_offset() - t.storage_offset()
+            row, rest = divmod(offset, t.stride(0)) if t.stride(0) else (0, offset)
+            if rest == 0 and 0 <= row and row + x.shape[0] <= t.shape[0]:
+                self._features.move_to_end(key)
+                return h[row:row + x.shape[0]]
+        return None
+
+    def _remember(self, x: Tensor, h: Tensor) -> None:
+        """Keep h for x, dropping dead entries and then the least recently used until the budget holds."""
+        for key in [k for k, (ref, _, _) in self._features.items() if ref() is None]:
+            del self._features[key]
+        self._features[id(x)] = (weakref.ref(x), x._version, h)
+        while sum(e[2].numel() * e[2].element_size() for e in self._features.values()) > self.feature_cache_bytes:
+            self._features.popitem(last=False)
+
+    def _check_split(self, x: Tensor) -> None:
+        """Compare the split network with the whole one on x[:2] at θ0; on disagreement warn and do not split."""
+        with torch.no_grad():
+            whole = functional_call(self.module, self._values(self.module, self.theta0), (x[:2],))
+            h = functional_call(self.split.prefix, self._values(self.split.prefix, None), (x[:2],))
+            parts = functional_call(self.split.suffix, self._values(self.split.suffix, self.theta0), (h,))
+        same = isinstance(whole, Tensor) and isinstance(parts, Tensor) and whole.shape == parts.shape
+        difference = _relative_difference(whole, parts) if same else float("inf")
+        if difference > 10 * torch.finfo(self.dtype).eps ** 0.5:
+            warnings.warn(f"the network split at its frozen prefix ({self.split.cut}) disagrees with the whole network "
+                          f"(relative difference {difference:.2g}); running the whole network in every product",
+                          RuntimeWarning, stacklevel=3)
+            self.split = None
+        self._split_checked = True
+
     def __call__(self, x: Tensor, theta: Tensor | None = None) -> Tensor:
         """Network output (n, C) at ``theta`` (default theta0) for inputs x (n, ...)."""
         self._check_state()
         check_tensor(x, "x", "(n, ...)")
+        return self._head(self.features(x), x, theta)
+
+    def _head(self, h: Tensor, x: Tensor, theta: Tensor | None = None) -> Tensor:
+        """Output (n, C) for the frozen prefix's output h of inputs x (the rest of the network)."""
         theta = self.theta0 if theta is None else theta
-        out = functional_call(self.module, {**self.frozen, **self.buffers, **self.unflatten(theta)}, (x,))
+        part = self.module if self.split is None else self.split.suffix
+        out = functional_call(part, self._values(part, theta), (h,))
         if not isinstance(out, Tensor) or out.shape[:1] != x.shape[:1]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"the network must map inputs (n, ...) to a tensor (n, ...) ; "
@@ -243,7 +355,7 @@ class FunctionalNetwork:
         self._check_state()
         try:
             with torch.no_grad():
-                return self(x[:1]).shape[-1]
+                return self._head(self.features(x)[:1], x[:1]).shape[-1]
         except _NETWORK_ERRORS as err:
             raise ValueError(f"the network failed on inputs of shape {tuple(x.shape)} (is that the shape it expects, "
                              f"channels included?): {str(err).splitlines()[0]}") from err
@@ -280,7 +392,10 @@ class FunctionalNetwork:
                       "(correct, slower)", RuntimeWarning, stacklevel=4)
 
     def _f(self, x: Tensor):
-        return lambda theta: self(x, theta)
+        """θ -> f(x; θ) (n, C), the frozen prefix evaluated (or found cached) now, once."""
+        self._check_state()
+        h = self.features(x)
+        return lambda theta: self._head(h, x, theta)
 
     def _check_vectors(self, vectors: Tensor, name: str, shape: tuple[int, ...], described: str) -> None:
         check_tensor(vectors, name, f"(k, {', '.join(map(str, shape))})")
@@ -365,13 +480,14 @@ class FunctionalNetwork:
                 pass
             else:
                 with torch.enable_grad():
-                    (grad,) = torch.autograd.grad(loss(self(x, theta)), theta, create_graph=create_graph)
+                    (grad,) = torch.autograd.grad(loss(self._f(x)(theta)), theta, create_graph=create_graph)
                 return check_finite(grad.unsqueeze(0), "the gradient ∇θ loss(f(x; θ))", _OVERFLOW_HINT)
         tol = None
         if not in_transform():
             eps, step = torch.finfo(self.dtype).eps, float((thetas - self.theta0).norm(dim=-1).min())
             tol = 10 * (eps**0.5 + eps * (1 + float(self.theta0.norm())) / max(step, eps))
-        grads = self._map(torch.func.grad(lambda theta: loss(self(x, theta))), thetas, "loss gradients", tol)
+        f = self._f(x)
+        grads = self._map(torch.func.grad(lambda theta: loss(f(theta))), thetas, "loss gradients", tol)
         return check_finite(grads, "the gradient ∇θ loss(f(x; θ))", _OVERFLOW_HINT)
 
     def jacobian_chunks(self, x: Tensor) -> Iterator[Tensor]:
@@ -382,13 +498,16 @@ class FunctionalNetwork:
         """
         num_outputs = self.num_outputs(x)
         b = max(1, self.jacobian_chunk_elements // (num_outputs * self.num_params))
-        per_sample = vmap(jacrev(lambda theta, xi: self(xi.unsqueeze(0), theta)[0]), in_dims=(None, 0))
+        per_sample = vmap(jacrev(lambda theta, hi, xi: self._head(hi.unsqueeze(0), xi.unsqueeze(0), theta)[0]),
+                          in_dims=(None, 0, 0))
+        features = self.features(x)
         for start in range(0, x.shape[0], b):
-            chunk = x[start:start + b]
+            whole = b >= x.shape[0]  # x itself, whose prefix output is cached, rather than a new view
+            chunk, chunk_features = (x, features) if whole else (x[start:start + b], features[start:start + b])
             if "per-sample Jacobians" in self._unbatched:
                 yield self._jacobian_rows(chunk, num_outputs)
                 continue
-            jac = per_sample(self.theta0, chunk)
+            jac = per_sample(self.theta0, chunk_features, chunk)
             if "per-sample Jacobians" not in self._verified and not in_transform():
                 jac = self._check_jacobian(chunk, jac)
             yield check_finite(jac, "the per-sample Jacobian J(x)", _OVERFLOW_HINT)

@@ -174,7 +174,7 @@ def check_prediction(x: Tensor, **parts: Tensor | None) -> None:
     for name, t in parts.items():
         if t is not None:
             check_finite(t, f"the predictive {name} at x", f"the network's Jacobian at these inputs is too large for "
-                         f"{t.dtype} (|x| up to {float(x.abs().max()):.3g}): rescale or normalise the inputs")
+                         f"{t.dtype} (|x| up to {float(x.detach().abs().max()):.3g}): rescale or normalise the inputs")
 
 
 def check_finite_tensors(tensors: dict[str, Tensor], kind: str) -> None:

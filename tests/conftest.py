@@ -68,8 +68,8 @@ def make_case(name, n=7, seed=0):
 
 
 def dense_jacobian(model, x, params=None):
-    """J(x) of shape (n·C, p), rows interleaved, by torch.func.jacrev: the reference."""
-    net = FunctionalNetwork(model, params)
+    """J(x) of shape (n·C, p), rows interleaved, by torch.func.jacrev through the whole network: the reference."""
+    net = FunctionalNetwork(model, params, frozen_prefix=False)
     jac = torch.func.jacrev(lambda theta: net(x, theta))(net.theta0)
     return jac.reshape(-1, net.num_params)
 

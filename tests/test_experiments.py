@@ -119,7 +119,7 @@ def test_set_overrides_are_checked():
 
 
 def test_fewshot_pieces():
-    from experiments.fashion_fewshot import gp_class_probabilities, metrics, split
+    from experiments.fashion_fewshot import gp_class_probabilities, metrics, scope_params
 
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     result = metrics(probs, torch.tensor([0, 1, 1]))
@@ -131,4 +131,4 @@ def test_fewshot_pieces():
                                torch.Generator().manual_seed(0))
     assert torch.allclose(p, torch.tensor([[99 / 100, 1 / 100]]))
     with pytest.raises(ValueError, match="scope must be one of"):
-        split(None, None, "everything")
+        scope_params("everything")

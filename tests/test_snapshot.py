@@ -62,7 +62,8 @@ def test_changes_to_the_module_do_not_change_the_linearisation(change):
 
 def test_shared_frozen_parameters_are_guarded():
     """copy_frozen=False shares the frozen parameters with the module: an in-place change raises at the next use,
-    naming them; a write through .data bypasses version counters and is not seen (as docs/api.md says)."""
+    naming them; a write through .data bypasses version counters and is not seen (as docs/api.md says): it
+    changes the products of inputs whose frozen-prefix output was not cached yet."""
     model, x, _ = make_case("cnn_batchnorm")
     net = FunctionalNetwork(model, params=["7."], copy_frozen=False)
     assert net.frozen["0.weight"].data_ptr() == model[0].weight.data_ptr()
@@ -75,7 +76,8 @@ def test_shared_frozen_parameters_are_guarded():
     net = FunctionalNetwork(model, params=["7."], copy_frozen=False)
     kernel = ntk_operator(net, x).to_dense()
     model[0].weight.data.mul_(2.0)
-    assert not torch.equal(ntk_operator(net, x).to_dense(), kernel)
+    assert torch.equal(ntk_operator(net, x).to_dense(), kernel)  # x's prefix output was cached
+    assert not torch.equal(ntk_operator(net, x.clone()).to_dense(), kernel)
 
 
 def test_train_mode_after_building_is_caught_at_use():

@@ -69,7 +69,7 @@ class Minibatches:
             order = torch.randperm(n, generator=self.generator, device="cpu").to(self.x.device)
             for i in range(0, n, size):
                 batch = order[i:i + size]
-                yield self.x[batch], self.targets[batch], self.outputs[batch]
+                yield self.network.take(self.x, batch), self.targets[batch], self.outputs[batch]
             return
         net = self.network
         for batch in self.loader:
