@@ -15,10 +15,11 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, jacrev, jvp, linearize, vjp, vmap
 
 from .frozen_prefix import NetworkSplit, split_network
 from .validation import as_count, check_eval_mode, check_finite, check_finite_tensors, check_tensor, in_transform
@@ -148,6 +149,7 @@ class FunctionalNetwork:
         """Forget what was learnt about the products (after a conversion: other kernels may run)."""
         self.use_double_vjp = False
         self._features: OrderedDict[int, tuple[weakref.ref, int, Tensor]] = OrderedDict()  # id(x) -> h
+        self._linearisations: dict[int, tuple] = {}  # id(x) -> (x, vjp_fn, jvp_fn or None, output shape)
         self._verified: set[str] = set()  # products whose batched path agreed with one vector at a time
         self._unbatched: set[str] = set()  # products that disagreed: computed one vector at a time
 
@@ -360,6 +362,80 @@ class FunctionalNetwork:
             raise ValueError(f"the network failed on inputs of shape {tuple(x.shape)} (is that the shape it expects, "
                              f"channels included?): {str(err).splitlines()[0]}") from err
 
+    # --- cached linearisations ---------------------------------------------------------------------------
+    def saved_activation_bytes(self, x: Tensor) -> int:
+        """Estimated memory a linearisation at x (n, ...) holds: the tensors one forward pass saves for its
+        backward, measured on one and on two inputs (a part that grows with n, a part that does not), for n,
+        twice (the VJP's graph and the linearised JVP's)."""
+        def saved(count: int) -> int:
+            total = 0
+
+            def pack(t: Tensor) -> Tensor:
+                nonlocal total
+                total += t.numel() * t.element_size()
+                return t
+
+            theta = self.theta0.detach().requires_grad_(True)
+            rows = x[:count].detach()
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self._head(self.features(rows), rows, theta)
+            return total
+
+        one, two = saved(1), saved(min(2, x.shape[0]))
+        per_input = max(two - one, 0)
+        return 2 * (one - per_input + per_input * x.shape[0])
+
+    @contextmanager
+    def linearised(self, *inputs: Tensor, budget: float | None = None) -> Iterator[bool]:
+        """Within this context, VJPs and JVPs at these input tensors reuse one forward pass each: torch.func's
+        ``vjp_fn`` and ``linearize``'s ``jvp_fn``, built here (outside any autograd Function of
+        linear_operator) for inputs whose :meth:`saved_activation_bytes` fit ``budget`` (default half of the
+        device's available memory; 0 turns caching off). Yields whether every input was linearised. Meant for
+        iterative solvers (CG, Lanczos), whose inputs never change between products."""
+        from .memory import default_budget
+
+        budget = default_budget(self.device) if budget is None else budget
+        added = []
+        try:
+            for x in inputs:
+                if id(x) in self._linearisations or torch.is_grad_enabled() and x.requires_grad:
+                    continue
+                need = self.saved_activation_bytes(x)
+                if need > budget:
+                    continue
+                budget -= need
+                self._linearisations[id(x)] = (x, *self._linearise(x))
+                added.append(id(x))
+            yield all(id(x) in self._linearisations for x in inputs)
+        finally:
+            for key in added:
+                self._linearisations.pop(key, None)
+
+    def _linearise(self, x: Tensor) -> tuple[Callable, Callable | None, tuple[int, ...]]:
+        """(u -> Jᵀu, v -> J v or None where an op has no forward rule, the output shape (n, C)) from one forward
+        pass at x."""
+        f = self._f(x)
+        out, vjp_fn = vjp(f, self.theta0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch.fx const folding inside linearize
+                _, jvp_fn = linearize(f, self.theta0)
+        except (RuntimeError, NotImplementedError) as err:
+            if _missing_forward_rule(err) is None:
+                raise
+            jvp_fn = None
+        return vjp_fn, jvp_fn, tuple(out.shape)
+
+    def _cached(self, x: Tensor) -> tuple[Callable, Callable | None, tuple[int, ...]] | None:
+        """The linearisation at x, or at a tensor that views the same memory the same way (GPyTorch hands
+        kernels reshaped views of its training inputs), at the same version."""
+        for t, *functions in self._linearisations.values():
+            same = t is x or (t.device == x.device and t.shape == x.shape and t.stride() == x.stride()
+                              and t.data_ptr() == x.data_ptr() and t._version == x._version)
+            if same:
+                return tuple(functions)
+        return None
+
     # --- batched products ----------------------------------------------------------------------------
     def _map(self, fn: Callable[[Tensor], Tensor], batch: Tensor, product: str, tol: float | None = None) -> Tensor:
         """fn over the rows of batch (k, ...), vmapped in chunks.
@@ -406,9 +482,15 @@ class FunctionalNetwork:
             raise TypeError(f"{name} has dtype {vectors.dtype} but the network's parameters are {self.dtype}")
 
     def vjp(self, x: Tensor, cotangents: Tensor) -> Tensor:
-        """Jᵀ U: cotangents (k, n, C) -> (k, p); one forward pass, then k backward passes (vmapped)."""
-        out, vjp_fn = vjp(self._f(x), self.theta0)
-        self._check_vectors(cotangents, "cotangents", tuple(out.shape), "one (n, C) output-space vector each")
+        """Jᵀ U: cotangents (k, n, C) -> (k, p); one forward pass (none within :meth:`linearised`), then k backward
+        passes (vmapped)."""
+        cached = self._cached(x)
+        if cached is None:
+            out, vjp_fn = vjp(self._f(x), self.theta0)
+            shape = tuple(out.shape)
+        else:
+            vjp_fn, _, shape = cached
+        self._check_vectors(cotangents, "cotangents", shape, "one (n, C) output-space vector each")
         if cotangents.shape[0] == 0:
             return cotangents.new_zeros(0, self.num_params)
         result = self._map(lambda u: vjp_fn(u)[0], cotangents, "vector-Jacobian products")
@@ -419,6 +501,10 @@ class FunctionalNetwork:
         self._check_vectors(tangents, "tangents", (self.num_params,), "one parameter-space vector each")
         if tangents.shape[0] == 0:
             return tangents.new_zeros(0, x.shape[0], self.num_outputs(x))
+        cached = self._cached(x)
+        if cached is not None and cached[1] is not None:
+            result = self._map(cached[1], tangents, "Jacobian-vector products")
+            return check_finite(result, "the Jacobian-vector product J(x)v", _OVERFLOW_HINT)
         if not self.use_double_vjp:
             f = self._f(x)
             try:

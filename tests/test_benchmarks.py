@@ -35,7 +35,8 @@ def test_ntk_mvm_benchmark_runs(tmp_path):
                                       "--out", str(tmp_path / "ntk_mvm.json")])
     assert [r["model"] for r in rows] == ["MLP 784-1024-1024-10", "ResNet-18 32x32"]
     assert all(math.isfinite(r[key]) and r[key] > 0 for r in rows
-               for key in ("time_ratio", "fd_fisher_ratio", "central_fisher_ratio"))
+               for key in ("time_ratio", "cached_time_ratio", "fd_fisher_ratio", "central_fisher_ratio"))
+    assert all(r["cached_relative_difference"] < 1e-5 for r in rows)
     assert (tmp_path / "ntk_mvm.json").exists()
 
 

@@ -42,7 +42,7 @@ def test_mobilenet_last_block_is_cut_by_fx_and_its_prefix_runs_once_per_input():
     reference.train_targets.copy_(gp.train_targets)
     reference._clear_caches()
     slow = reference.predict(test)
-    assert calls[0] > 3 + 10  # the whole network in every product
+    assert calls[0] > 4 + 4  # the whole network in every Jacobian, output and flop count
     assert rel_err(fast.mean, slow.mean) < 1e-10 and rel_err(fast.variance, slow.variance) < 1e-10
 
 

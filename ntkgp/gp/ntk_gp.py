@@ -29,20 +29,28 @@ from ..operators.gram_operator import GramOperator
 from .jacobian_kernel import JacobianKernel
 from .mean import NetworkMean
 from ..operators.ntk_operator import NTKOperator
-from .parameter_space import (GramSpectrum, gram_spectrum, ntk_eigh, resolved, spectral_log_marginal_likelihood,
-                              spectral_solve, spectral_variance_reduction, spectral_weights)
+from .parameter_space import (GramSpectrum, gram_spectrum, kernel_of_rows, ntk_eigh, resolved, resolved_eigh,
+                              spectral_log_marginal_likelihood, spectral_solve, spectral_weights, train_jacobian)
 from .solver import Solver, as_solver
+from ..memory import default_budget
 from ..validation import as_count, as_positive_float, check_choice, check_inputs, check_prediction, check_targets
+from .test_projections import PATHS, choose_path, jacobian_projections
 
 __all__ = ["NTKGP", "Prediction"]
 
 
 @dataclass
 class Prediction:
-    """Predictive marginals: ``mean`` and ``variance`` of shape (m,) for C = 1, (m, C) otherwise."""
+    """Predictive marginals: ``mean`` and ``variance`` of shape (m,) for C = 1, (m, C) otherwise.
+
+    ``variance_error``: for a low-rank variance, its largest relative error against the exact variance on the
+    probe inputs (None when the variance is exact); ``rank``: the directions it used.
+    """
 
     mean: Tensor
     variance: Tensor
+    variance_error: float | None = None
+    rank: int | None = None
 
     @property
     def stddev(self) -> Tensor:
@@ -92,6 +100,9 @@ class NTKGP(nn.Module):
         solver: a :class:`Solver` or its method name (default ``"auto"``: Cholesky up to 2048 rows,
             preconditioned CG beyond).
         chunk_size: vectors pushed through the network at once (default 32).
+        memory_budget: bytes one step of a prediction or of the kernel's densification may hold (default half of
+            the device's available memory): the test-Jacobian path and K(X, X) from per-sample Jacobians are
+            used only within it (:mod:`ntkgp.gp.test_projections`).
 
     ``.to(dtype/device)``, ``.double()``, ``.float()`` convert the network snapshot with the GP.
     """
@@ -99,7 +110,7 @@ class NTKGP(nn.Module):
     def __init__(self, model: nn.Module | FunctionalNetwork, train_x: Tensor, train_y: Tensor,
                  params: Sequence[str] | str | None = None, space: str = "function", mean: str = "network",
                  noise: float | None = None, outputscale: float = 1.0, solver: Solver | str | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, memory_budget: int | None = None):
         super().__init__()
         check_choice(space, "space", ("function", "parameter"))
         check_choice(mean, "mean", ("network", "zero"))
@@ -107,6 +118,8 @@ class NTKGP(nn.Module):
         outputscale = as_positive_float(outputscale, "outputscale")
         self.solver = as_solver(solver)
         self.network = as_functional_network(model, params, chunk_size)
+        self.memory_budget = (default_budget(self.network.device) if memory_budget is None
+                              else as_count(memory_budget, "memory_budget"))
         check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
         self.num_outputs = self.network.num_outputs(train_x)
         targets = check_targets(train_y, train_x.shape[0], self.num_outputs, self.network.dtype)
@@ -142,6 +155,7 @@ class NTKGP(nn.Module):
     def _clear_caches(self) -> None:
         self._residual_cache: Tensor | None = None
         self._ntk: tuple[Tensor, Tensor, float] | None = None
+        self._jacobian: Tensor | None = None  # J(X) (N × p), kept when K(X, X) was formed from it
         self._spectrum: GramSpectrum | None = None
         self._gradient: Tensor | None = None
         self._terms: tuple[Tensor, Tensor, Tensor] | None = None
@@ -187,14 +201,19 @@ class NTKGP(nn.Module):
         """All eigenpairs of the dense NTK K(X, X) in float64 and the floor of the network's dtype."""
         if self._ntk is None:
             with torch.no_grad():
-                self._ntk = ntk_eigh(self.network, self.train_x, self.num_outputs)
+                self._jacobian = train_jacobian(self.network, self.train_x, self.num_outputs, self.memory_budget)
+                if self._jacobian is None:
+                    self._ntk = ntk_eigh(self.network, self.train_x, self.num_outputs)
+                else:
+                    self._ntk = resolved_eigh(kernel_of_rows(self._jacobian))
         return self._ntk
 
     def _parameter_cache(self) -> tuple[GramSpectrum, Tensor]:
         """(spectrum of JᵀJ, Jᵀ r (p,))."""
         if self._spectrum is None:
-            with torch.no_grad():
-                self._spectrum = gram_spectrum(self.network, self.train_x, self.num_outputs, self.solver)
+            with torch.no_grad(), self._linearised():
+                self._spectrum = gram_spectrum(self.network, self.train_x, self.num_outputs, self.solver,
+                                               budget=self.memory_budget)
                 n, c = self.train_x.shape[0], self.num_outputs
                 self._gradient = self.network.vjp(self.train_x, self._residual.reshape(1, n, c))[0]
         return self._spectrum, self._gradient
@@ -248,7 +267,8 @@ class NTKGP(nn.Module):
             return spectral_log_marginal_likelihood(*spectral, self._residual.double().square().sum(),
                                                     self._residual.numel(), self.outputscale, self.noise, floor)
         self.gp.train()
-        with self.solver.settings(), self.gp.covar_module.base_kernel.memoize(), self._explained_singularity():
+        with (self.solver.settings(), self.gp.covar_module.base_kernel.memoize(), self._explained_singularity(),
+              self._linearised()):
             prior = self.gp(*self.gp.train_inputs)
             return self.gp.likelihood(prior).log_prob(self.gp.train_targets).sum()
 
@@ -276,9 +296,15 @@ class NTKGP(nn.Module):
             loss.backward()
             return loss
 
-        with self.gp.covar_module.base_kernel.memoize():
+        with self.gp.covar_module.base_kernel.memoize(), self._linearised():
             optimizer.step(closure)
         return self
+
+    def _linearised(self):
+        """Within: products at the training inputs reuse one forward pass (FunctionalNetwork.linearised), when
+        iterative solvers will run (CG or Lanczos) and it fits the memory budget; a no-op otherwise."""
+        iterative = self.space == "parameter" or not self.solver.dense(self._residual.numel())
+        return self.network.linearised(self.train_x, budget=self.memory_budget if iterative else 0)
 
     def _non_finite_evidence_message(self) -> str:
         state = (f"at output scale s² = {float(self.outputscale):.3g} and noise σ² = {float(self.noise):.3g}"
@@ -328,49 +354,125 @@ class NTKGP(nn.Module):
                 self.gp.likelihood.noise = noises[best[1]].to(self.network.dtype)
 
     # --- prediction ------------------------------------------------------------------------------
-    def predict(self, x: Tensor, observation_noise: bool = False) -> Prediction:
+    def predict(self, x: Tensor, observation_noise: bool = False, variance: str = "exact", rank: int | None = None,
+                tolerance: float = 1e-2, variance_path: str = "auto") -> Prediction:
         """Posterior marginals of the latent function at x (m, ...) (plus σ² if ``observation_noise``).
 
+        ``variance``: ``"exact"``, or ``"low_rank"``: the variance reduction from the ``rank`` leading directions
+        of the training data only (eigenvectors of K(X, X), or of JᵀJ in parameter space, by eigenvalue) — the
+        approximation LOVE makes with Lanczos; an upper bound on the exact variance. Without ``rank``, the
+        smallest rank whose relative variance error is at most ``tolerance`` on up to 8 probe inputs (the first
+        of x, where it is computed exactly too); ``Prediction.variance_error`` reports that error and
+        ``Prediction.rank`` the rank. The mean is exact in both. ``variance_path``: ``"auto"`` (the cheaper exact
+        path by a count of flops and memory), ``"jacobians"`` or ``"tangents"`` (:mod:`ntkgp.gp.test_projections`).
         Differentiable with respect to x. Shapes (m,) for C = 1, (m, C) otherwise.
         """
         check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.input_shape)
         if not isinstance(observation_noise, bool):
             raise TypeError(f"observation_noise must be True or False, got {observation_noise!r}")
-        if self.space == "parameter":
-            mean, var = self._predict_parameter(x)
+        check_choice(variance, "variance", ("exact", "low_rank"))
+        check_choice(variance_path, "variance_path", PATHS)
+        rank = None if rank is None else as_count(rank, "rank")
+        tolerance = as_positive_float(tolerance, "tolerance")
+        if self.space == "function" and not self.solver.dense(self._residual.numel()):
+            mean, var, error, used = *self._predict_gpytorch(x), None, None
         else:
-            mean, var = self._predict_function(x)
+            setup = self._parameter_directions if self.space == "parameter" else self._function_directions
+            mean, var, error, used = self._predict_from_directions(x, *setup(), variance, rank, tolerance,
+                                                                   variance_path)
+        if self.num_outputs == 1:
+            mean, var = mean.squeeze(-1), var.squeeze(-1)
         if observation_noise:
             var = var + self.noise
         check_prediction(x, mean=mean, variance=var)
         if not x.requires_grad:
             mean, var = mean.detach(), var.detach()
-        return Prediction(mean, var)
+        return Prediction(mean, var, error, used)
 
-    def _predict_function(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Dense: from the eigenpairs (λ, U) of K in float64, with w = 1/(λ + c) on the resolved directions,
-        mean = m(X*) + K*X U (w ⊙ Uᵀr) and var = s²·diag K** − s² Σ_i w_i (K*X u_i)², one lazy cross-kernel
-        product with [a, U]. Otherwise GPyTorch's exact GP (CG, LOVE)."""
-        if not self.solver.dense(self._residual.numel()):
-            self.gp.eval()
-            with self.solver.settings(), self._explained_singularity():
-                posterior = self.gp(x.reshape(x.shape[0], -1))
-                return posterior.mean, posterior.variance
+    def _predict_gpytorch(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """GPyTorch's exact GP (CG for the mean, LOVE for the variance) beyond dense sizes: (m, C) each."""
+        self.gp.eval()
+        with self.solver.settings(), self._explained_singularity(), self._linearised():
+            posterior = self.gp(x.reshape(x.shape[0], -1))
+            return posterior.mean.reshape(x.shape[0], -1), posterior.variance.reshape(x.shape[0], -1)
+
+    def _function_directions(self) -> tuple[Tensor, Tensor, object]:
+        """Function space, dense: from the eigenpairs (λ, U) of K in float64, w = 1/(λ + c) on the resolved
+        directions, mean = m(X*) + K*X a with a = U (w ⊙ Uᵀr), variance = s²·diag K** − s² Σ_i w_i (K*X u_i)².
+        Returns the output-space columns [a, u_1, …] (N, 1 + r) by decreasing λ, the coefficients s²·w (r,),
+        and their parameter-space directions Jᵀ[a, u_i] (p, k) for the first k columns, made on demand."""
         evals, evecs, floor = self._ntk_eigenpairs()
         s2, noise = self.outputscale.detach(), self.noise.detach()
         c = (noise / s2).double()
         self._warn_unresolved(evals, floor, c)
         weights = spectral_weights(evals, c, floor)
-        keep = weights > 0
+        keep = torch.nonzero(weights > 0).squeeze(-1).flip(0)  # eigh's order is ascending
         a = spectral_solve(evals, evecs, self._residual, c, floor)
-        weights, basis = weights[keep], evecs[:, keep]
-        columns = torch.cat([a.unsqueeze(-1), basis], dim=-1).to(self.network.dtype)
-        cross = NTKOperator(x, self.train_x, network=self.network, num_outputs=self.num_outputs) @ columns
+        columns = torch.cat([a.unsqueeze(-1), evecs[:, keep]], dim=-1).to(self.network.dtype)
+        n, k = self.train_x.shape[0], self.num_outputs
+
+        def directions(count: int) -> Tensor:
+            if self._jacobian is not None:
+                return self._jacobian.mT @ columns[:, :count]
+            return self.network.vjp(self.train_x, columns[:, :count].mT.reshape(count, n, k)).mT
+
+        return columns, (s2 * weights[keep]).to(self.network.dtype), directions
+
+    def _parameter_directions(self) -> tuple[None, Tensor, object]:
+        """Parameter space: mean = m(X*) + J*α with α = (JᵀJ + cI)⁻¹Jᵀr, variance = s²·diag K** −
+        σ² Σ_k λ_k/(c(λ_k + c)) (J* q_k)² over the eigenpairs (λ_k, q_k) of JᵀJ, by decreasing λ."""
+        spectrum, b = self._parameter_cache()
+        s2, noise = self.outputscale.detach(), self.noise.detach()
+        c = noise / s2
+        with torch.no_grad():
+            alpha = self._mean_tangent(spectrum, b, c)
+        basis = spectrum.ntk or spectrum.gram
+        if basis is not None:
+            self._warn_unresolved(basis[0], spectrum.floor, c)
+        order = torch.argsort(spectrum.eigenvalues, descending=True)
+        evals = spectrum.eigenvalues[order]
+        tangents = torch.cat([alpha.unsqueeze(-1), spectrum.eigenvectors[:, order]], dim=-1)  # (p, 1 + r)
+        return None, noise * evals / (c * (evals + c)), lambda count: tangents[:, :count]
+
+    def _projections(self, x: Tensor, columns: Tensor | None, directions, count: int,
+                     path: str) -> tuple[Tensor, Tensor]:
+        """(J(x) D (m·C, count), diag K(x, x) (m·C,)) for the first ``count`` directions D, by ``path``."""
+        path = choose_path(self.network, x, self.num_outputs, count, path, self.memory_budget)
+        if path == "jacobians":
+            return jacobian_projections(self.network, x, directions(count))
+        op = NTKOperator(x, x, network=self.network, num_outputs=self.num_outputs)
+        if columns is None:
+            cross = self.network.jvp(x, directions(count).mT).reshape(count, -1).mT
+        else:
+            cross = NTKOperator(x, self.train_x, network=self.network, num_outputs=self.num_outputs)
+            cross = cross @ columns[:, :count]
+        return cross, op._diagonal()
+
+    def _predict_from_directions(self, x: Tensor, columns: Tensor | None, coefficients: Tensor, directions,
+                                 variance: str, rank: int | None, tolerance: float,
+                                 path: str) -> tuple[Tensor, Tensor, float | None, int | None]:
+        """Mean and variance (m, C) from the mean direction and the variance directions, all or the leading ones."""
+        s2, total = self.outputscale.detach(), coefficients.numel()
+        error, used = None, total
+        if variance == "low_rank":
+            probe = x[:8]
+            cross, prior = self._projections(probe, columns, directions, 1 + total, path)
+            terms = (cross[:, 1:].square() * coefficients).cumsum(-1)  # reductions of rank 1, …, r
+            reductions = torch.cat([torch.zeros_like(prior).unsqueeze(-1), terms], dim=-1)  # rank 0, …, r
+            exact = s2 * prior - reductions[:, -1]
+            scale = (exact.abs() + torch.finfo(exact.dtype).eps * s2 * prior).unsqueeze(-1)
+            errors = ((reductions[:, -1:] - reductions) / scale).amax(0).detach()  # relative errors of rank 0, …, r
+            if rank is None:
+                fits = torch.nonzero(errors <= tolerance).squeeze(-1)
+                used = int(fits[0]) if fits.numel() else total
+            else:
+                used = min(rank, total)
+            error = float(errors[used])
+        cross, prior = self._projections(x, columns, directions, 1 + used, path)
         mean = self._prior_mean(x) + cross[:, 0].reshape(x.shape[0], -1)
-        prior_var = NTKOperator(x, x, network=self.network, num_outputs=self.num_outputs)._diagonal()
-        reduction = (cross[:, 1:].square() * weights.to(cross.dtype)).sum(-1)
-        var = (s2 * (prior_var - reduction)).reshape(mean.shape)
-        return (mean.squeeze(-1), var.squeeze(-1)) if self.num_outputs == 1 else (mean, var)
+        reduction = (cross[:, 1:].square() * coefficients[:used]).sum(-1)
+        var = (s2 * prior - reduction).reshape(mean.shape)
+        return mean, var, error, (used if variance == "low_rank" else None)
 
     def _mean_tangent(self, spectrum: GramSpectrum, b: Tensor, c: Tensor) -> Tensor:
         """α = (JᵀJ + cI)⁻¹ Jᵀ r (p,), solved in float64 in the basis of the smaller Gram when it is dense
@@ -383,7 +485,7 @@ class NTKGP(nn.Module):
         if spectrum.gram is not None:
             return spectral_solve(*spectrum.gram, b, c, spectrum.floor).to(dtype)
         system = AddedDiagLinearOperator(self._gram(), ConstantDiagLinearOperator(c.reshape(1), b.shape[0]))
-        with self.solver.settings():
+        with self.solver.settings(), self._linearised():
             return system.solve(b.unsqueeze(-1)).squeeze(-1)
 
     def _warn_unresolved(self, eigenvalues: Tensor, floor: float, c: Tensor) -> None:
@@ -395,22 +497,3 @@ class NTKGP(nn.Module):
                           "data are treated as numerically zero, exact for repeated inputs; for nearly repeated inputs "
                           "use float64 or a larger noise", RuntimeWarning, stacklevel=4)
 
-    def _predict_parameter(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        spectrum, b = self._parameter_cache()
-        s2, noise = self.outputscale.detach(), self.noise.detach()
-        c = noise / s2
-        with torch.no_grad():
-            alpha = self._mean_tangent(spectrum, b, c)
-        basis = spectrum.ntk or spectrum.gram
-        if basis is not None:
-            self._warn_unresolved(basis[0], spectrum.floor, c)
-        tangents = torch.cat([alpha.unsqueeze(0), spectrum.eigenvectors.mT])
-        outputs = self.network.jvp(x, tangents)  # (1 + r, m, C)
-        mean = self._prior_mean(x) + outputs[0]
-        prior_var = s2 * NTKOperator(x, x, network=self.network, num_outputs=self.num_outputs)._diagonal()
-        reduction = spectral_variance_reduction(spectrum.eigenvalues, outputs[1:].reshape(len(tangents) - 1, -1), c)
-        var = prior_var - noise * reduction
-        var = var.reshape(mean.shape)
-        if self.num_outputs == 1:
-            mean, var = mean.squeeze(-1), var.squeeze(-1)
-        return mean, var

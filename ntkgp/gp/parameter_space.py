@@ -30,10 +30,12 @@ from ..functional import FunctionalNetwork
 from ..operators.gram_operator import GramOperator
 from ..lanczos import reorthogonalisation_tolerance
 from ..operators.ntk_operator import NTKOperator
+from ..validation import check_finite
 from .solver import Solver
+from .test_projections import choose_path
 
-__all__ = ["GramSpectrum", "gram_spectrum", "lanczos_spectrum", "ntk_eigh", "resolved", "resolved_eigh",
-           "spectral_log_marginal_likelihood", "spectral_solve", "spectral_variance_reduction", "spectral_weights"]
+__all__ = ["GramSpectrum", "dense_ntk", "gram_spectrum", "kernel_of_rows", "lanczos_spectrum", "ntk_eigh", "resolved",
+           "resolved_eigh", "spectral_log_marginal_likelihood", "spectral_solve", "spectral_weights", "train_jacobian"]
 
 
 @dataclass
@@ -73,13 +75,38 @@ def resolved_eigh(matrix: Tensor) -> tuple[Tensor, Tensor, float]:
     return evals.clamp_min(0), evecs, _rank_floor(evals, matrix.shape[-1], matrix.dtype)
 
 
-def ntk_eigh(network: FunctionalNetwork, x: Tensor, num_outputs: int) -> tuple[Tensor, Tensor, float]:
-    """:func:`resolved_eigh` of the dense NTK K(x, x) (N × N)."""
-    return resolved_eigh(NTKOperator(x, x, network=network, num_outputs=num_outputs).to_dense())
+def train_jacobian(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None) -> Tensor | None:
+    """J(x) (N × p) from per-sample Jacobians when it fits ``budget`` bytes and
+    :func:`~ntkgp.gp.test_projections.choose_path` finds that cheaper than N products; None otherwise."""
+    size = x.shape[0] * num_outputs
+    if budget is None or choose_path(network, x, num_outputs, size, "auto", budget) != "jacobians":
+        return None
+    return torch.cat(list(network.jacobian_chunks(x))).reshape(size, -1)
+
+
+def kernel_of_rows(jac: Tensor) -> Tensor:
+    """J Jᵀ (N × N) of Jacobian rows J (N × p), checked finite."""
+    return check_finite(jac @ jac.mT, "the NTK K(x, x) = J(x)J(x)ᵀ", "the network's Jacobian at these inputs is too "
+                        f"large for {jac.dtype}: rescale or normalise the inputs")
+
+
+def dense_ntk(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None = None) -> Tensor:
+    """K(x, x) (N × N) in the network's dtype: J Jᵀ from :func:`train_jacobian` where it applies, N VJPs and N
+    JVPs at x otherwise (and when ``budget`` is None)."""
+    jac = train_jacobian(network, x, num_outputs, budget)
+    if jac is not None:
+        return kernel_of_rows(jac)
+    return NTKOperator(x, x, network=network, num_outputs=num_outputs).to_dense()
+
+
+def ntk_eigh(network: FunctionalNetwork, x: Tensor, num_outputs: int,
+             budget: float | None = None) -> tuple[Tensor, Tensor, float]:
+    """:func:`resolved_eigh` of the dense NTK K(x, x) (N × N) (:func:`dense_ntk`)."""
+    return resolved_eigh(dense_ntk(network, x, num_outputs, budget))
 
 
 def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solver: Solver,
-                  max_dense_elements: int = 2**27) -> GramSpectrum:
+                  max_dense_elements: int = 2**27, budget: float | None = None) -> GramSpectrum:
     """Spectrum of G = J(x)ᵀ J(x) (p × p).
 
     Exact by ``eigh`` of G when p <= N and p is dense-sized; exact through the NTK's eigenpairs
@@ -94,7 +121,7 @@ def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solve
         return GramSpectrum(evals[keep].to(dtype), evecs[:, keep].to(dtype), floor=floor,
                             gram=(evals, evecs))
     if big_n < p and solver.dense(big_n) and big_n * p <= max_dense_elements:
-        evals, evecs, floor = ntk_eigh(network, x, num_outputs)
+        evals, evecs, floor = ntk_eigh(network, x, num_outputs, budget)
         keep = evals > floor
         cotangents = (evecs[:, keep] / evals[keep].sqrt()).mT.to(dtype).reshape(-1, x.shape[0], num_outputs)
         return GramSpectrum(evals[keep].to(dtype), network.vjp(x, cotangents).mT, floor=floor,
@@ -143,12 +170,6 @@ def spectral_solve(eigenvalues: Tensor, eigenvectors: Tensor, rhs: Tensor, c: Te
     (:func:`spectral_weights`): rhs (n,) -> (n,), in the eigenvectors' dtype."""
     weights = spectral_weights(eigenvalues, c, floor)
     return eigenvectors @ (weights * (eigenvectors.mT @ rhs.to(eigenvectors.dtype)))
-
-
-def spectral_variance_reduction(eigenvalues: Tensor, test_features: Tensor, c: Tensor) -> Tensor:
-    """Σ_k λ_k / (c (λ_k + c)) (J* q_k)²: test_features = (J* q_k)_k of shape (r, m) -> (m,)."""
-    weights = eigenvalues / (c * (eigenvalues + c))
-    return (weights.unsqueeze(-1) * test_features.square()).sum(0)
 
 
 def spectral_log_marginal_likelihood(eigenvalues: Tensor, projected: Tensor, b_sq: Tensor, r_sq: Tensor,

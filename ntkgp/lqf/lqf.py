@@ -263,7 +263,7 @@ class LQF:
             raise ValueError("the parameter-space closed form solves JᵀJ + (λ/2)I and needs weight_decay > 0")
         net, n, k = self.network, self.train_x.shape[0], self.num_outputs
         gram, c = GramOperator(self.train_x, network=net), self.weight_decay / 2
-        with torch.no_grad():
+        with torch.no_grad(), net.linearised(self.train_x):  # one forward pass for all the CG products
             b = net.vjp(self.train_x, self._residual().reshape(1, n, k))[0]
             # linear_cg clamps r·z at eps (default 1e-10), which stalls it near a relative residual of 1e-5
             tiny = torch.finfo(net.dtype).tiny
