@@ -150,6 +150,7 @@ class FunctionalNetwork:
         self.use_double_vjp = False
         self._features: OrderedDict[int, tuple[weakref.ref, int, Tensor]] = OrderedDict()  # id(x) -> h
         self._linearisations: dict[int, tuple] = {}  # id(x) -> (x, vjp_fn, jvp_fn or None, output shape)
+        self._shards: dict[int, tuple[weakref.ref, object]] = {}  # id(x) -> (x, process group)
         self._verified: set[str] = set()  # products whose batched path agreed with one vector at a time
         self._unbatched: set[str] = set()  # products that disagreed: computed one vector at a time
 
@@ -277,6 +278,9 @@ class FunctionalNetwork:
         """x[index] (rows of x, a new tensor), its frozen-prefix output taken from x's (computed once) rather than
         recomputed: for minibatches gathered from one training set."""
         rows = x[index]
+        sharded, group = self._shard_group(x)
+        if sharded:
+            self.shard(rows, group)
         if self.split is not None and not (x.requires_grad and torch.is_grad_enabled()) and not in_transform():
             features = self.features(x)
             if self.split is not None:  # (the first use checks the split, and may turn it off)
@@ -362,28 +366,67 @@ class FunctionalNetwork:
             raise ValueError(f"the network failed on inputs of shape {tuple(x.shape)} (is that the shape it expects, "
                              f"channels included?): {str(err).splitlines()[0]}") from err
 
+    # --- data parallelism ------------------------------------------------------------------------------------
+    def shard(self, x: Tensor, group=None) -> Tensor:
+        """Mark x (n_local, ...) as this rank's shard of the training inputs (``ntkgp.distributed``): products
+        at x (or at its row blocks and ``take`` minibatches) that sum over inputs are summed over the ranks of
+        ``group`` too. Returns x."""
+        self._shards[id(x)] = (weakref.ref(x), group)
+        return x
+
+    def _shard_group(self, x: Tensor):
+        """(True, group) if x is a marked shard or views its memory, else (False, None)."""
+        for ref, group in self._shards.values():
+            t = ref()
+            if t is not None and t.device == x.device and x.numel() and (
+                    t is x or t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+                return True, group
+        return False, None
+
+    def is_sharded(self, x: Tensor) -> bool:
+        """Whether x is a marked shard (:meth:`shard`) or views its memory."""
+        return self._shard_group(x)[0]
+
+    def sum_over_shards(self, x: Tensor, result: Tensor) -> Tensor:
+        """``result`` of a product that sums over the inputs x, summed over the ranks when x is a shard."""
+        sharded, group = self._shard_group(x)
+        if not sharded:
+            return result
+        from .distributed import all_reduce_sum
+
+        return all_reduce_sum(result, group)
+
     # --- cached linearisations ---------------------------------------------------------------------------
+    def _saved_tensor_bytes(self, x: Tensor, count: int) -> list[int]:
+        """Sizes of the tensors a forward pass over x[:count] saves for its backward (in θ)."""
+        sizes: list[int] = []
+
+        def pack(t: Tensor) -> Tensor:
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        theta = self.theta0.detach().requires_grad_(True)
+        rows = x[:count].detach()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._head(self.features(rows), rows, theta)
+        return sizes
+
+    def _scaled(self, x: Tensor, measure: Callable[[list[int]], int]) -> int:
+        """``measure`` of the saved tensors on one and on two inputs, extrapolated linearly to all of x."""
+        one, two = measure(self._saved_tensor_bytes(x, 1)), measure(self._saved_tensor_bytes(x, min(2, x.shape[0])))
+        per_input = max(two - one, 0)
+        return one - per_input + per_input * x.shape[0]
+
     def saved_activation_bytes(self, x: Tensor) -> int:
         """Estimated memory a linearisation at x (n, ...) holds: the tensors one forward pass saves for its
         backward, measured on one and on two inputs (a part that grows with n, a part that does not), for n,
         twice (the VJP's graph and the linearised JVP's)."""
-        def saved(count: int) -> int:
-            total = 0
+        return 2 * self._scaled(x, sum)
 
-            def pack(t: Tensor) -> Tensor:
-                nonlocal total
-                total += t.numel() * t.element_size()
-                return t
-
-            theta = self.theta0.detach().requires_grad_(True)
-            rows = x[:count].detach()
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                self._head(self.features(rows), rows, theta)
-            return total
-
-        one, two = saved(1), saved(min(2, x.shape[0]))
-        per_input = max(two - one, 0)
-        return 2 * (one - per_input + per_input * x.shape[0])
+    def largest_activation_bytes(self, x: Tensor) -> int:
+        """The largest tensor a forward pass over x (n, ...) saves, scaled to n as above: what one tangent's JVP
+        holds at its peak, about (forward mode frees the others as it goes)."""
+        return self._scaled(x, lambda sizes: max(sizes, default=0))
 
     @contextmanager
     def linearised(self, *inputs: Tensor, budget: float | None = None) -> Iterator[bool]:
@@ -482,6 +525,10 @@ class FunctionalNetwork:
             raise TypeError(f"{name} has dtype {vectors.dtype} but the network's parameters are {self.dtype}")
 
     def vjp(self, x: Tensor, cotangents: Tensor) -> Tensor:
+        """Jᵀ U: cotangents (k, n, C) -> (k, p), summed over the ranks when x is a shard (:meth:`shard`)."""
+        return self.sum_over_shards(x, self._local_vjp(x, cotangents))
+
+    def _local_vjp(self, x: Tensor, cotangents: Tensor) -> Tensor:
         """Jᵀ U: cotangents (k, n, C) -> (k, p); one forward pass (none within :meth:`linearised`), then k backward
         passes (vmapped)."""
         cached = self._cached(x)
@@ -537,7 +584,7 @@ class FunctionalNetwork:
         except (RuntimeError, NotImplementedError) as err:
             problem = str(err).splitlines()[0]
         if problem is None:
-            rhs = (self.vjp(x, u) * v).sum()
+            rhs = (self._local_vjp(x, u) * v).sum()
             tol = torch.finfo(self.dtype).eps ** 0.5 * max(1.0, float(rhs.abs()))
             if not float((lhs - rhs).abs()) <= tol:
                 problem = f"it is wrong for this network (adjoint test: {float(lhs):.6g} vs {float(rhs):.6g})"
@@ -567,13 +614,15 @@ class FunctionalNetwork:
             else:
                 with torch.enable_grad():
                     (grad,) = torch.autograd.grad(loss(self._f(x)(theta)), theta, create_graph=create_graph)
-                return check_finite(grad.unsqueeze(0), "the gradient ∇θ loss(f(x; θ))", _OVERFLOW_HINT)
+                return check_finite(self.sum_over_shards(x, grad.unsqueeze(0)), "the gradient ∇θ loss(f(x; θ))",
+                                    _OVERFLOW_HINT)
         tol = None
         if not in_transform():
             eps, step = torch.finfo(self.dtype).eps, float((thetas - self.theta0).norm(dim=-1).min())
             tol = 10 * (eps**0.5 + eps * (1 + float(self.theta0.norm())) / max(step, eps))
         f = self._f(x)
         grads = self._map(torch.func.grad(lambda theta: loss(f(theta))), thetas, "loss gradients", tol)
+        grads = self.sum_over_shards(x, grads)
         return check_finite(grads, "the gradient ∇θ loss(f(x; θ))", _OVERFLOW_HINT)
 
     def jacobian_chunks(self, x: Tensor) -> Iterator[Tensor]:
@@ -602,13 +651,13 @@ class FunctionalNetwork:
         """Per-sample Jacobians (b, C, p) from VJPs of the b·C unit cotangents."""
         size = x.shape[0] * num_outputs
         eye = torch.eye(size, dtype=self.dtype, device=self.device).reshape(size, x.shape[0], num_outputs)
-        return map_blocks(lambda u: self.vjp(x, u), eye, self.chunk_size).reshape(x.shape[0], num_outputs, -1)
+        return map_blocks(lambda u: self._local_vjp(x, u), eye, self.chunk_size).reshape(x.shape[0], num_outputs, -1)
 
     def _check_jacobian(self, x: Tensor, jac: Tensor) -> Tensor:
         """``jac`` if uᵀJ agrees with a one-vector VJP (10·√eps), else the rows from VJPs (and a warning)."""
         generator = torch.Generator(device=self.device).manual_seed(0)
         u = torch.randn(1, *jac.shape[:2], generator=generator, dtype=self.dtype, device=self.device)
-        difference = _relative_difference(torch.einsum("bc,bcp->p", u[0], jac), self.vjp(x, u)[0])
+        difference = _relative_difference(torch.einsum("bc,bcp->p", u[0], jac), self._local_vjp(x, u)[0])
         if difference <= 10 * torch.finfo(self.dtype).eps ** 0.5:
             self._verified.add("per-sample Jacobians")
             return jac

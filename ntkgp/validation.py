@@ -188,3 +188,11 @@ def check_finite_tensors(tensors: dict[str, Tensor], kind: str) -> None:
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"the network's {kind} {name!r} has {bad} NaN or Inf entries of {t.numel()}: the "
                              "linearisation would be NaN everywhere; load finite weights (or reset that module)")
+
+
+def check_not_sharded(network, x, what: str) -> None:
+    """Raise if x is a shard of inputs across processes (``network.shard``) for a method that needs them all."""
+    if isinstance(x, Tensor) and network.is_sharded(x):
+        raise NotImplementedError(f"{what} needs all its training inputs on one process, but train_x is a shard "
+                                  "(network.shard; docs/distributed.md): pass the whole training set, or use the "
+                                  "operators or LQF, which run on shards")

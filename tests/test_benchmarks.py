@@ -80,3 +80,15 @@ def test_peers_benchmark_runs_and_agrees(tmp_path):
     # the peers compute the same matrix as ours (float32)
     assert all(r["relative_difference"] < 1e-4 for r in rows if "relative_difference" in r)
     assert all(r["time_ratio"] > 0 for r in rows if "time_ratio" in r)
+
+
+def test_predict_variance_benchmark_runs(tmp_path):
+    """On the real MobileNetV2 (../shared/data), 1 shot and 6 test images at 32 × 32: the old path, the default and
+    the low-rank one give the same means, and the exact variances agree."""
+    rows = run_in_float32("predict_variance", ["--device", "cpu", "--shots", "1", "--tests", "6", "--size", "32",
+                                               "--before-up-to", "6", "--out", str(tmp_path / "pv.json")])
+    assert [r["variant"] for r in rows] == ["exact", "before", "low rank"]
+    assert rows[1]["max_error_vs_exact"] < 1e-3 and rows[1]["mean_difference"] < 1e-4  # the same numbers
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rows)
+    assert rows[2]["rank"] is not None and rows[2]["mean_difference"] < 1e-4
+    assert (tmp_path / "pv.json").exists()

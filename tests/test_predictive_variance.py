@@ -8,7 +8,7 @@ from test_ntk_gp import NOISE, S2, dense_posterior, targets
 
 from ntkgp import NTKGP, FunctionalNetwork
 from ntkgp.gp.parameter_space import dense_ntk
-from ntkgp.gp.test_projections import choose_path
+from ntkgp.gp.test_projections import choose_path, jacobian_projections
 
 
 @pytest.mark.parametrize("space", ["function", "parameter"])
@@ -98,3 +98,24 @@ def test_bad_prediction_options(bad, match):
     gp = NTKGP(model, x, targets(model, x), noise=NOISE)
     with pytest.raises((ValueError, TypeError), match=match):
         gp.predict(x, **bad)
+
+
+def test_memory_estimates_raise_before_the_work_naming_the_knob():
+    model, x, _ = make_case("cnn_batchnorm")
+    y, xs = targets(model, x), torch.randn(6, *x.shape[1:])
+    net = FunctionalNetwork(model)
+    gp = NTKGP(model, x, y, noise=NOISE, memory_budget=1000)
+    with pytest.raises(MemoryError, match=r"eigendecomposition of K\(X, X\) \(14 × 14\).*solver='cg'"):
+        gp.predict(xs)
+    gp = NTKGP(model, x, y, noise=NOISE, memory_budget=3 * 14**2 * 8 + 1)
+    with pytest.raises(MemoryError, match=r"Jacobian variance path \(230 parameters × 15 directions\)"):
+        gp.predict(xs, variance_path="jacobians")
+    with pytest.raises(MemoryError, match=r"per-sample Jacobian of one input \(2 outputs × 230 parameters\).*params="):
+        jacobian_projections(net, xs, torch.zeros(net.num_params, 0), budget=3000)  # one input: 3680 bytes
+    with pytest.raises(MemoryError, match="chunk of per-sample Jacobians.*lower jacobian_chunk_elements"):
+        jacobian_projections(net, xs, torch.zeros(net.num_params, 0), budget=10_000)  # one input 3680 B, six 22080
+    tangents = 3 * 32 * net.largest_activation_bytes(xs)
+    gp = NTKGP(model, x, y, noise=NOISE, memory_budget=int(tangents) - 1)
+    with pytest.raises(MemoryError, match="32 tangents at once over 6 inputs.*lower chunk_size"):
+        gp.predict(xs, variance_path="tangents")
+    assert torch.isfinite(gp.predict(xs, variance_path="jacobians").variance).all()

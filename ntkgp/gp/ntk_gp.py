@@ -32,9 +32,10 @@ from ..operators.ntk_operator import NTKOperator
 from .parameter_space import (GramSpectrum, gram_spectrum, kernel_of_rows, ntk_eigh, resolved, resolved_eigh,
                               spectral_log_marginal_likelihood, spectral_solve, spectral_weights, train_jacobian)
 from .solver import Solver, as_solver
-from ..memory import default_budget
-from ..validation import as_count, as_positive_float, check_choice, check_inputs, check_prediction, check_targets
-from .test_projections import PATHS, choose_path, jacobian_projections
+from ..memory import check_fits, default_budget
+from ..validation import (as_count, as_positive_float, check_choice, check_inputs, check_not_sharded, check_prediction,
+                          check_targets)
+from .test_projections import PATHS, choose_path, jacobian_projections, tangent_projections
 
 __all__ = ["NTKGP", "Prediction"]
 
@@ -102,7 +103,11 @@ class NTKGP(nn.Module):
         chunk_size: vectors pushed through the network at once (default 32).
         memory_budget: bytes one step of a prediction or of the kernel's densification may hold (default half of
             the device's available memory): the test-Jacobian path and K(X, X) from per-sample Jacobians are
-            used only within it (:mod:`ntkgp.gp.test_projections`).
+            used only within it (:mod:`ntkgp.gp.test_projections`); an operation estimated not to fit raises a
+            MemoryError saying which knob to turn.
+        progress: tqdm bars over the test inputs and tangents of a prediction (shown after 1 s).
+        cache_linearisation: inside CG and Lanczos, reuse one forward pass at the training inputs
+            (``FunctionalNetwork.linearised``) when it fits ``memory_budget`` (default True).
 
     ``.to(dtype/device)``, ``.double()``, ``.float()`` convert the network snapshot with the GP.
     """
@@ -110,7 +115,8 @@ class NTKGP(nn.Module):
     def __init__(self, model: nn.Module | FunctionalNetwork, train_x: Tensor, train_y: Tensor,
                  params: Sequence[str] | str | None = None, space: str = "function", mean: str = "network",
                  noise: float | None = None, outputscale: float = 1.0, solver: Solver | str | None = None,
-                 chunk_size: int | None = None, memory_budget: int | None = None):
+                 chunk_size: int | None = None, memory_budget: int | None = None, progress: bool = True,
+                 cache_linearisation: bool = True):
         super().__init__()
         check_choice(space, "space", ("function", "parameter"))
         check_choice(mean, "mean", ("network", "zero"))
@@ -120,7 +126,12 @@ class NTKGP(nn.Module):
         self.network = as_functional_network(model, params, chunk_size)
         self.memory_budget = (default_budget(self.network.device) if memory_budget is None
                               else as_count(memory_budget, "memory_budget"))
+        for name, flag in (("progress", progress), ("cache_linearisation", cache_linearisation)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self.progress, self.cache_linearisation = progress, cache_linearisation
         check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
+        check_not_sharded(self.network, train_x, "NTKGP")
         self.num_outputs = self.network.num_outputs(train_x)
         targets = check_targets(train_y, train_x.shape[0], self.num_outputs, self.network.dtype)
         self.space, self.mean_kind = space, mean
@@ -200,6 +211,10 @@ class NTKGP(nn.Module):
     def _ntk_eigenpairs(self) -> tuple[Tensor, Tensor, float]:
         """All eigenpairs of the dense NTK K(X, X) in float64 and the floor of the network's dtype."""
         if self._ntk is None:
+            size = self._residual.numel()
+            check_fits(3 * size**2 * 8, self.memory_budget, "the dense float64 eigendecomposition of K(X, X) "
+                       f"({size} × {size})", "pass solver='cg' (no N × N matrix), use fewer training points, or raise "
+                       "memory_budget")
             with torch.no_grad():
                 self._jacobian = train_jacobian(self.network, self.train_x, self.num_outputs, self.memory_budget)
                 if self._jacobian is None:
@@ -304,7 +319,8 @@ class NTKGP(nn.Module):
         """Within: products at the training inputs reuse one forward pass (FunctionalNetwork.linearised), when
         iterative solvers will run (CG or Lanczos) and it fits the memory budget; a no-op otherwise."""
         iterative = self.space == "parameter" or not self.solver.dense(self._residual.numel())
-        return self.network.linearised(self.train_x, budget=self.memory_budget if iterative else 0)
+        wanted = iterative and self.cache_linearisation
+        return self.network.linearised(self.train_x, budget=self.memory_budget if wanted else 0)
 
     def _non_finite_evidence_message(self) -> str:
         state = (f"at output scale s² = {float(self.outputscale):.3g} and noise σ² = {float(self.noise):.3g}"
@@ -439,14 +455,16 @@ class NTKGP(nn.Module):
         """(J(x) D (m·C, count), diag K(x, x) (m·C,)) for the first ``count`` directions D, by ``path``."""
         path = choose_path(self.network, x, self.num_outputs, count, path, self.memory_budget)
         if path == "jacobians":
-            return jacobian_projections(self.network, x, directions(count))
-        op = NTKOperator(x, x, network=self.network, num_outputs=self.num_outputs)
+            return jacobian_projections(self.network, x, directions(count), self.memory_budget, self.progress)
         if columns is None:
-            cross = self.network.jvp(x, directions(count).mT).reshape(count, -1).mT
+            def product(start: int, stop: int) -> Tensor:
+                return self.network.jvp(x, directions(stop)[:, start:].mT).reshape(stop - start, -1).mT
         else:
             cross = NTKOperator(x, self.train_x, network=self.network, num_outputs=self.num_outputs)
-            cross = cross @ columns[:, :count]
-        return cross, op._diagonal()
+
+            def product(start: int, stop: int) -> Tensor:
+                return cross @ columns[:, start:stop]
+        return tangent_projections(self.network, x, count, product, self.memory_budget, self.progress)
 
     def _predict_from_directions(self, x: Tensor, columns: Tensor | None, coefficients: Tensor, directions,
                                  variance: str, rank: int | None, tolerance: float,

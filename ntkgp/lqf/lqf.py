@@ -192,7 +192,7 @@ class LQF:
                              "progress": progress}
         if solver == "closed_form":
             self.lr = None
-            return self.solve()
+            return self.solve(progress=progress)
         return self._sgd(data, epochs, lr, progress, callback)
 
     def _preconditioner(self) -> KFACPreconditioner | None:
@@ -247,15 +247,21 @@ class LQF:
         optimizer.step()
         return value, f
 
-    def solve(self, space: str = "auto") -> LQF:
+    def solve(self, space: str = "auto", progress: bool = True) -> LQF:
         """Set δ to the exact minimiser (MSE loss): in function space, δ = Jᵀ(K + (λ/2)I)⁻¹r by a float64
         Cholesky factor of the dense N × N NTK (N = n·C ≤ 4096 for ``"auto"``); in parameter space by CG on
-        JᵀJ + (λ/2)I (p × p, lazy Gram operator). Returns self."""
+        JᵀJ + (λ/2)I (p × p, lazy Gram operator; the linearisation at X cached for its products when it fits,
+        a tqdm bar over them shown after 1 s). Returns self."""
         self._require_fit("solve()")
         check_choice(space, "space", ("auto", "function", "parameter"))
         if self.loss != "mse":
             raise ValueError("the closed form is the minimiser of the MSE loss; loss='cross_entropy' is fitted by SGD")
         size = self.train_x.shape[0] * self.num_outputs
+        if self.network.is_sharded(self.train_x):  # ntkgp.distributed: only p-vectors are shared by the ranks
+            if space == "function":
+                raise ValueError("the training inputs are sharded across processes (network.shard): the function-space "
+                                 "system needs them all on one process; use space='parameter' (CG on p-vectors)")
+            space = "parameter"
         if space == "function" or (space == "auto" and size <= 4096):
             self._update_delta_from_system()
             return self
@@ -267,9 +273,14 @@ class LQF:
             b = net.vjp(self.train_x, self._residual().reshape(1, n, k))[0]
             # linear_cg clamps r·z at eps (default 1e-10), which stalls it near a relative residual of 1e-5
             tiny = torch.finfo(net.dtype).tiny
-            self.delta = linear_cg(lambda v: gram._matmul(v) + c * v, b.unsqueeze(-1), max_iter=10 * b.numel(),
-                                   tolerance=max(1e-10, 10 * torch.finfo(net.dtype).eps), eps=tiny,
-                                   stop_updating_after=tiny).squeeze(-1)
+            with tqdm(desc="LQF closed form (CG products)", delay=1.0, disable=not progress) as bar:
+                def product(v: Tensor) -> Tensor:
+                    bar.update(1)
+                    return gram._matmul(v) + c * v
+
+                self.delta = linear_cg(product, b.unsqueeze(-1), max_iter=10 * b.numel(), eps=tiny,
+                                       tolerance=max(1e-10, 10 * torch.finfo(net.dtype).eps),
+                                       stop_updating_after=tiny).squeeze(-1)
         return self
 
     def _residual(self) -> Tensor:

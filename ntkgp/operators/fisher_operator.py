@@ -154,7 +154,7 @@ class FisherOperator(GramOperator):
             weighted = self.likelihood.fisher(f[start:start + len(jac)].unsqueeze(1), cols)
             diag = diag + (cols * weighted).sum((0, 2))
             start += len(jac)
-        return diag
+        return self.network.sum_over_shards(self.x, diag)  # over the ranks too when x is a shard
 
 
 def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood: str = "gaussian",

@@ -46,7 +46,7 @@ class GramOperator(NetworkOperator):
         diag = torch.zeros(self.network.num_params, dtype=self.dtype, device=self.device)
         for jac in self.network.jacobian_chunks(self.x):
             diag = diag + (jac * jac).sum((0, 1))
-        return diag
+        return self.network.sum_over_shards(self.x, diag)  # over the ranks too when x is a shard
 
 
 def gram_operator(model: nn.Module | FunctionalNetwork, x: Tensor, params: Sequence[str] | str | None = None,

@@ -38,7 +38,8 @@ from .linearised_model import (TASKS, check_task, log_likelihood, mc_class_proba
 from ..gp.ntk_gp import Prediction
 from ..operators.ntk_operator import NTKOperator
 from ..gp.parameter_space import lanczos_spectrum
-from ..validation import as_count, as_positive_float, check_choice, check_generator, check_inputs, check_prediction
+from ..validation import (as_count, as_positive_float, check_choice, check_generator, check_inputs, check_not_sharded,
+                          check_prediction)
 
 __all__ = ["Laplace", "PosteriorCovariance"]
 
@@ -131,6 +132,7 @@ class Laplace:
         ``find_map=False`` takes the network as the MAP already (θ_MAP = θ0, post-hoc Laplace of a
         trained network, as laplace-torch does); the posterior and evidence are then formed at θ0.
         """
+        check_not_sharded(self.network, train_x, "Laplace")
         targets, c = prepare_data(self.task, self.network, train_x, train_y, self.num_classes)
         max_iter = as_count(max_iter, "max_iter")
         if not isinstance(find_map, bool):

@@ -1,0 +1,91 @@
+"""Data-parallel products on torch.distributed: two CPU processes (gloo), each with half of the training inputs,
+give the products of one process over all of them (1e-10 in float64)."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from ntkgp import LQF, FunctionalNetwork, fisher_operator, gram_operator, ntk_operator
+
+WORLD = 2
+
+
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 3, (12,))
+    v = torch.randn(59, 2, dtype=torch.float64)  # p = 59
+    u = torch.randn(36, 1, dtype=torch.float64)  # N = 12 · 3
+    return model, x, y, v, u
+
+
+def products(net, x, y, v, u):
+    """Everything a sharded run must reproduce; on a shard, u is the shard's rows of the output-space vector."""
+    lqf = LQF(net, weight_decay=0.3, preconditioner=None).fit(x, y, solver="closed_form", progress=False)
+    return {"gram": gram_operator(net, x) @ v, "gram_diagonal": gram_operator(net, x).diagonal(),
+            "fisher_exact": fisher_operator(net, x, "categorical", method="exact") @ v,
+            "fisher_fd": fisher_operator(net, x, "categorical") @ v, "ntk": ntk_operator(net, x) @ u,
+            "gradient": net.vjp(x, torch.ones(1, x.shape[0], 3, dtype=x.dtype))[0],
+            "lqf_parameter_space": lqf.solve("parameter", progress=False).delta}
+
+
+def worker(rank: int, path: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)  # as conftest sets it in the parent: the same initial weights
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        model, x, y, v, u = problem()
+        rows = slice(rank * 6, (rank + 1) * 6)
+        net = FunctionalNetwork(model)
+        shard = net.shard(x[rows].clone())
+        torch.save(products(net, shard, y[rows], v, u[rank * 18:(rank + 1) * 18]), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_two_gloo_processes_equal_one():
+    model, x, y, v, u = problem()
+    single = products(FunctionalNetwork(model), x, y, v, u)
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(worker, args=(os.path.join(out, "rendezvous"), out), nprocs=WORLD, join=True)
+        ranks = [torch.load(f"{out}/{rank}.pt") for rank in range(WORLD)]
+    for name, expected in single.items():
+        if name == "ntk":  # rows of K v: each rank holds its own
+            got = torch.cat([r[name] for r in ranks])
+        else:  # replicated p-vectors: the same on every rank
+            assert torch.equal(ranks[0][name], ranks[1][name]), name
+            got = ranks[0][name]
+        assert float((got - expected).norm() / expected.norm()) < 1e-10, name
+
+
+def test_a_shard_without_a_process_group_says_so():
+    model, x, *_ = problem()
+    net = FunctionalNetwork(model)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        net.vjp(net.shard(x), torch.ones(1, 12, 3, dtype=x.dtype))
+
+
+def test_methods_that_need_every_input_refuse_a_shard():
+    from ntkgp import NTKGP, Laplace
+
+    model, x, y, *_ = problem()
+    net = FunctionalNetwork(model)
+    shard = net.shard(x[:6].clone())
+    with pytest.raises(NotImplementedError, match="NTKGP needs all its training inputs on one process.*shard"):
+        NTKGP(net, shard, torch.randn(6, 3))
+    with pytest.raises(NotImplementedError, match="Laplace needs all its training inputs"):
+        Laplace(net, "classification").fit(shard, y[:6])
+    with tempfile.TemporaryDirectory() as out:  # a process group of one, so that the shard's products run
+        dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=0, world_size=1)
+        try:
+            lqf = LQF(net, weight_decay=0.3, preconditioner=None).fit(shard, y[:6], epochs=1, progress=False)
+            with pytest.raises(ValueError, match="sharded across processes.*space='parameter'"):
+                lqf.solve("function")
+        finally:
+            dist.destroy_process_group()
