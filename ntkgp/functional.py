@@ -371,6 +371,8 @@ class FunctionalNetwork:
         """Mark x (n_local, ...) as this rank's shard of the training inputs (``ntkgp.distributed``): products
         at x (or at its row blocks and ``take`` minibatches) that sum over inputs are summed over the ranks of
         ``group`` too. Returns x."""
+        for key in [k for k, (ref, _) in self._shards.items() if ref() is None]:  # minibatches that are gone
+            del self._shards[key]
         self._shards[id(x)] = (weakref.ref(x), group)
         return x
 
