@@ -427,10 +427,15 @@ class NTKGP(nn.Module):
         columns = torch.cat([a.unsqueeze(-1), evecs[:, keep]], dim=-1).to(self.network.dtype)
         n, k = self.train_x.shape[0], self.num_outputs
 
+        made: list[Tensor] = []  # the widest direction matrix so far: a low-rank prediction asks twice
+
         def directions(count: int) -> Tensor:
-            if self._jacobian is not None:
-                return self._jacobian.mT @ columns[:, :count]
-            return self.network.vjp(self.train_x, columns[:, :count].mT.reshape(count, n, k)).mT
+            if not made or made[0].shape[-1] < count:
+                if self._jacobian is not None:
+                    made[:] = [self._jacobian.mT @ columns[:, :count]]
+                else:
+                    made[:] = [self.network.vjp(self.train_x, columns[:, :count].mT.reshape(count, n, k)).mT]
+            return made[0][:, :count]
 
         return columns, (s2 * weights[keep]).to(self.network.dtype), directions
 
