@@ -8,10 +8,16 @@ m test images, measured in the same run. Variants:
 
 - ``before``: what predict did before issue 10 — the whole network in every product (``frozen_prefix=False``),
   K(X, X) by N VJPs and N JVPs, the variance by N tangents over the test images (``variance_path="tangents"``);
-- ``exact``: the defaults — frozen prefix once per input tensor, K(X, X) and the variance by the path
-  :mod:`ntkgp.gp.test_projections` chooses;
+- ``exact``: the defaults — frozen prefix once per input tensor, K(X, X), K(x*, X) and diag K** from layer factors
+  (:mod:`ntkgp.operators.layer_kernel`) where that is cheaper, else the path :mod:`ntkgp.gp.test_projections`
+  chooses;
+- ``jacobians``: ``variance_path="jacobians"``, the first exact path of issue 10 — per-sample Jacobians of the test
+  images against the p × N directions J(X)ᵀ[a, U] (up to ``--jacobians-up-to`` test images);
 - ``low rank``: ``variance="low_rank", tolerance=1e-2``, with its rank, its probe error and its largest
   relative error against ``exact`` over all m test images.
+
+Up to ``--float64-up-to`` test images every variant's largest relative variance error against the defaults run in
+float64 is reported too (untimed).
 
 ``predict`` includes the first prediction's work (the eigendecomposition of K(X, X)); ``fit`` is not timed.
 Writes ``results/benchmarks/predict_variance.json`` after every row. Usage::
@@ -49,6 +55,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--tests", type=int, nargs="+", default=[200, 500, 2000])
     parser.add_argument("--before-up-to", type=int, default=200, help="largest m to time the old path at")
+    parser.add_argument("--jacobians-up-to", type=int, default=500,
+                        help="largest m to time the per-sample Jacobian path at (issue 10's first exact path)")
+    parser.add_argument("--float64-up-to", type=int, default=200,
+                        help="largest m at which every variant's float32 variance is compared with a float64 one")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/predict_variance.json"))
     args = parser.parse_args(argv)
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     test_images, _ = load_fashion_mnist(train=False)
     print(f"device: {device_name(device)}, torch {torch.__version__}, float32; MobileNetV2 last block + head")
     print(f"{'k':>3} {'m':>5}  {'variant':<9} {'seconds':>8} {'/ gradient':>10} {'rank':>5} {'probe err':>9} "
-          f"{'max err':>8}")
+          f"{'max err':>8} {'vs float64':>10}")
     rows: list[dict] = []
     for k in args.shots:
         idx = support_indices(train_labels, k, torch.Generator().manual_seed(k))
@@ -78,8 +88,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             variants = {"exact": ({}, {})}
             if m <= args.before_up_to:
                 variants["before"] = ({"frozen_prefix": False}, {"variance_path": "tangents"})
+            if m <= args.jacobians_up_to:
+                variants["jacobians"] = ({}, {"variance_path": "jacobians"})
             variants["low rank"] = ({}, {"variance": "low_rank", "tolerance": 1e-2})
-            exact = None
+            exact, reference = None, None
+            if m <= args.float64_up_to:  # the defaults in float64: the accuracy reference of every variant
+                gp64 = NTKGP(FunctionalNetwork(model.double(), params), x.double(), y.double(), mean="zero",
+                             noise=0.1, progress=False)
+                reference = gp64.predict(test.double()).variance
+                model.float()
             for name, (net_options, predict_options) in variants.items():
                 net = FunctionalNetwork(model, params, **net_options)
                 gp = NTKGP(net, x, y, mean="zero", noise=0.1)
@@ -98,12 +115,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if name != "exact" and exact is not None:
                     row["max_error_vs_exact"] = float(((pred.variance - exact.variance) / exact.variance).abs().max())
                     row["mean_difference"] = float((pred.mean - exact.mean).abs().max())
+                if reference is not None:
+                    error = (pred.variance.double() - reference) / reference
+                    row["max_error_vs_float64"] = float(error.abs().max())
                 rows.append(row)
                 write_results(args.out, device, rows)
-                err = row.get("max_error_vs_exact")
+                err, err64 = row.get("max_error_vs_exact"), row.get("max_error_vs_float64")
                 print(f"{k:>3} {m:>5}  {name:<9} {seconds:>8.1f} {row['ratio']:>10.1f} {pred.rank or '':>5} "
                       f"{'' if pred.variance_error is None else format(pred.variance_error, '.1e'):>9} "
-                      f"{'' if err is None else format(err, '.1e'):>8}", flush=True)
+                      f"{'' if err is None else format(err, '.1e'):>8} "
+                      f"{'' if err64 is None else format(err64, '.1e'):>10}", flush=True)
     return rows
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["data_root", "load_fashion_mnist"]
+__all__ = ["data_root", "load_fashion_mnist", "load_uci"]
 
 
 def data_root() -> Path:
@@ -39,3 +39,17 @@ def load_fashion_mnist(train: bool) -> tuple[Tensor, Tensor]:
     images = _read_idx(raw / f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
     labels = _read_idx(raw / f"{split}-labels-idx1-ubyte.gz", 8)
     return torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_uci(name: str, split: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """A UCI regression set from ``uci/<name>/data.csv.gz`` (last column the target): inputs (N, d) and targets (N,)
+    in float64, and the boolean test mask (N,) of split ``split`` (0-9) from ``test_mask.csv.gz``."""
+    folder = data_root() / "uci" / name
+    if not (folder / "data.csv.gz").exists():
+        raise FileNotFoundError(f"{folder / 'data.csv.gz'} is missing; NTKGP_DATA must hold uci/{name}/")
+    data = np.loadtxt(folder / "data.csv.gz", delimiter=",")
+    mask = np.loadtxt(folder / "test_mask.csv.gz", delimiter=",", ndmin=2)
+    if not 0 <= split < mask.shape[1]:
+        raise ValueError(f"split must be in 0..{mask.shape[1] - 1}, got {split}")
+    return (torch.from_numpy(data[:, :-1]), torch.from_numpy(data[:, -1]),
+            torch.from_numpy(mask[:, split].astype(bool)))

@@ -10,9 +10,11 @@ with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprec
 from .functional import FunctionalNetwork
 from .gp import NTKGP, JacobianKernel, NetworkMean, Prediction, Solver
 from .lqf import LQF, KFACPreconditioner, LeakyReLU6, SqrtCovariancePooling, leaky_relu
-from .operators import FisherOperator, GramOperator, NTKOperator, fisher_operator, gram_operator, ntk_operator
+from .operators import (FisherOperator, GramOperator, LayerKernel, NTKOperator, fisher_operator, gram_operator,
+                        ntk_operator)
 from .posteriors import SVI, Laplace, PosteriorCovariance
 
 __all__ = ["FisherOperator", "FunctionalNetwork", "GramOperator", "JacobianKernel", "KFACPreconditioner", "LQF",
-           "Laplace", "LeakyReLU6", "NTKGP", "NTKOperator", "NetworkMean", "PosteriorCovariance", "Prediction", "SVI",
-           "Solver", "SqrtCovariancePooling", "fisher_operator", "gram_operator", "leaky_relu", "ntk_operator"]
+           "Laplace", "LayerKernel", "LeakyReLU6", "NTKGP", "NTKOperator", "NetworkMean", "PosteriorCovariance",
+           "Prediction", "SVI", "Solver", "SqrtCovariancePooling", "fisher_operator", "gram_operator", "leaky_relu",
+           "ntk_operator"]

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "world_size"]
+__all__ = ["all_reduce_sum", "global_rows", "world_size"]
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -32,3 +32,11 @@ def all_reduce_sum(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     total = t.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total if not t.requires_grad else t + (total - t.detach())
+
+
+def global_rows(network, x: Tensor) -> int:
+    """The number of inputs in x, summed over the ranks when x is a shard (``FunctionalNetwork.shard``)."""
+    if not network.is_sharded(x):
+        return x.shape[0]
+    count = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
+    return int(network.sum_over_shards(x, count).item())

@@ -227,6 +227,18 @@ class FunctionalNetwork:
             param.requires_grad_(name in self.names)
         return module.eval()
 
+    def restricted(self, names: Sequence[str]) -> FunctionalNetwork:
+        """A FunctionalNetwork of some of the selected parameters (``names``) at the same weights, sharing this one's
+        frozen prefix and its cache of prefix outputs (a prefix free of all the selected parameters is free of these):
+        products in the subset never rerun the prefix."""
+        missing = [n for n in names if n not in self.names]
+        if missing:
+            raise ValueError(f"restricted takes selected parameters of this network; {missing[:3]} are not selected")
+        sub = FunctionalNetwork(self.module_copy(), list(names), self.chunk_size, self.jacobian_chunk_elements,
+                                frozen_prefix=False)
+        sub.split, sub._split_checked, sub._features = self.split, self._split_checked, self._features
+        return sub
+
     # --- the function ------------------------------------------------------------------------------
     def _check_state(self) -> None:
         """Raise if the module left eval mode or a shared frozen parameter changed since the snapshot."""

@@ -6,7 +6,8 @@ s Lanczos steps started at z_i/‖z_i‖ give Ritz values θ_ij and the first co
 eigenvectors of the tridiagonal matrix. Each run is the Gauss quadrature of z_iᵀ f(A) z_i (‖z_i‖² = p),
 exact once s reaches the number of distinct eigenvalues that z_i sees; the average over probes is
 Hutchinson's trace estimator. The m runs share one batched product with A per step. The Lanczos
-recurrence and the quadrature sum are linear_operator's.
+recurrence is linear_operator's (``lanczos_tridiag``); the nodes and weights are kept, so one run gives tr f(A) for
+many f.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from collections.abc import Callable
 import torch
 from linear_operator.operators import LinearOperator
 from linear_operator.utils.lanczos import lanczos_tridiag, lanczos_tridiag_to_diag
-from linear_operator.utils.stochastic_lq import StochasticLQ
 from torch import Tensor
 
 from .validation import check_generator
 
-__all__ = ["rademacher_probes", "reorthogonalisation_tolerance", "stochastic_lanczos_quadrature"]
+__all__ = ["lanczos_quadrature", "rademacher_probes", "reorthogonalisation_tolerance", "stochastic_lanczos_quadrature"]
 
 
 def reorthogonalisation_tolerance(dtype: torch.dtype) -> float:
@@ -42,17 +42,13 @@ def rademacher_probes(size: int, count: int, generator: torch.Generator | None =
     return (2 * bits - 1).to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
-def stochastic_lanczos_quadrature(operator: LinearOperator, fn: Callable[[Tensor], Tensor], steps: int,
-                                  probes: int, generator: torch.Generator | None = None) -> Tensor:
-    """Estimate tr f(A) for a symmetric positive semi-definite (p × p) operator A.
+def lanczos_quadrature(operator: LinearOperator, steps: int, probes: int,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Nodes θ (m, s) and weights (p/m)·τ² (m, s) of stochastic Lanczos quadrature of a symmetric PSD (p × p)
+    operator A: tr f(A) ≈ Σ weights · f(θ) for any f (nodes clamped at 0, so f may be a log of 1 + θ/δ).
 
-    Args:
-        fn: applied elementwise to Ritz values (≥ 0; negative round-off ones are dropped).
-        steps: Lanczos steps per probe (products with A, each batched over the probes).
-        probes: number m of Rademacher probes; the estimate's standard error falls as 1/√m.
-        generator: for the probes (reproducible estimates).
-
-    Returns a 0-dim tensor.
+    ``steps`` Lanczos steps per probe (products with A, batched over the ``probes`` Rademacher probes drawn from
+    ``generator``). The nodes do not depend on f: one run serves f_δ(θ) = log(1 + θ/δ) for every δ.
     """
     if steps < 1 or probes < 1:
         raise ValueError(f"steps and probes must be >= 1, got steps={steps}, probes={probes}")
@@ -64,7 +60,23 @@ def stochastic_lanczos_quadrature(operator: LinearOperator, fn: Callable[[Tensor
     if probes == 1:  # lanczos_tridiag drops the probe dimension for a single start vector
         t = t.unsqueeze(0)
     evals, evecs = lanczos_tridiag_to_diag(t)
-    return StochasticLQ(max_iter=steps, num_random_probes=probes).to_dense(operator.shape, evals, evecs, [fn])[0]
+    return evals.clamp_min(0), (p / probes) * evecs[..., 0, :].square()
+
+
+def stochastic_lanczos_quadrature(operator: LinearOperator, fn: Callable[[Tensor], Tensor], steps: int,
+                                  probes: int, generator: torch.Generator | None = None) -> Tensor:
+    """Estimate tr f(A) for a symmetric positive semi-definite (p × p) operator A (:func:`lanczos_quadrature`).
+
+    Args:
+        fn: applied elementwise to Ritz values (>= 0: negative round-off ones are clamped at 0).
+        steps: Lanczos steps per probe (products with A, each batched over the probes).
+        probes: number m of Rademacher probes; the estimate's standard error falls as 1/√m.
+        generator: for the probes (reproducible estimates).
+
+    Returns a 0-dim tensor.
+    """
+    nodes, weights = lanczos_quadrature(operator, steps, probes, generator)
+    return (weights * fn(nodes)).sum()
 
 
 def ritz_values(apply: Callable[[Tensor], Tensor], size: int, steps: int, dtype: torch.dtype,

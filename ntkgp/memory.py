@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["available_bytes", "check_fits", "default_budget", "format_bytes"]
+__all__ = ["LargestTensor", "available_bytes", "check_fits", "default_budget", "format_bytes", "peak_resident_bytes"]
 
 
 def available_bytes(device: torch.device) -> int:
@@ -39,3 +40,34 @@ def check_fits(needed: float, budget: float, what: str, knobs: str) -> None:
     if needed > budget:
         raise MemoryError(f"{what} would need about {format_bytes(needed)}, more than the memory budget of "
                           f"{format_bytes(budget)}; {knobs}")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Within ``with LargestTensor() as seen:``, ``seen.elements`` and ``seen.shape`` record the largest tensor any
+    torch operation produced (views included): a check that a computation never formed, say, an N × N matrix.
+    ``seen.op`` names the operation. Costs a Python call per operation."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements, self.shape, self.op = 0, (), None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.elements:
+                self.elements, self.shape, self.op = t.numel(), tuple(t.shape), str(func)
+        return out
+
+
+def peak_resident_bytes(reset: bool = False) -> int:
+    """The process's peak resident memory (Linux VmHWM) in bytes; ``reset`` starts a new peak at the current
+    size first (writes /proc/self/clear_refs). 0 where /proc is not there."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        with open("/proc/self/status") as handle:
+            line = next(row for row in handle if row.startswith("VmHWM"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0

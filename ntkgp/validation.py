@@ -194,5 +194,6 @@ def check_not_sharded(network, x, what: str) -> None:
     """Raise if x is a shard of inputs across processes (``network.shard``) for a method that needs them all."""
     if isinstance(x, Tensor) and network.is_sharded(x):
         raise NotImplementedError(f"{what} needs all its training inputs on one process, but train_x is a shard "
-                                  "(network.shard; docs/distributed.md): pass the whole training set, or use the "
-                                  "operators or LQF, which run on shards")
+                                  "(network.shard; docs/distributed.md): pass the whole training set, or use what "
+                                  "runs on shards: the operators, NTKGP(space='parameter'), Laplace (matrix-free) "
+                                  "and LQF")

@@ -83,12 +83,15 @@ def test_peers_benchmark_runs_and_agrees(tmp_path):
 
 
 def test_predict_variance_benchmark_runs(tmp_path):
-    """On the real MobileNetV2 (../shared/data), 1 shot and 6 test images at 32 × 32: the old path, the default and
-    the low-rank one give the same means, and the exact variances agree."""
+    """On the real MobileNetV2 (../shared/data), 1 shot and 6 test images at 32 × 32: the old path, the per-sample
+    Jacobian path, the default (layer factors) and the low-rank one give the same means, and the exact variances
+    agree, with each other and with the defaults in float64."""
     rows = run_in_float32("predict_variance", ["--device", "cpu", "--shots", "1", "--tests", "6", "--size", "32",
                                                "--before-up-to", "6", "--out", str(tmp_path / "pv.json")])
-    assert [r["variant"] for r in rows] == ["exact", "before", "low rank"]
-    assert rows[1]["max_error_vs_exact"] < 1e-3 and rows[1]["mean_difference"] < 1e-4  # the same numbers
+    assert [r["variant"] for r in rows] == ["exact", "before", "jacobians", "low rank"]
+    for row in rows[1:3]:
+        assert row["max_error_vs_exact"] < 1e-3 and row["mean_difference"] < 1e-4  # the same numbers
+    assert all(r["max_error_vs_float64"] < 1e-3 for r in rows)
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rows)
-    assert rows[2]["rank"] is not None and rows[2]["mean_difference"] < 1e-4
+    assert rows[3]["rank"] is not None and rows[3]["mean_difference"] < 1e-4
     assert (tmp_path / "pv.json").exists()

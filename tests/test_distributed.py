@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ntkgp import LQF, FunctionalNetwork, fisher_operator, gram_operator, ntk_operator
+from ntkgp import LQF, NTKGP, FunctionalNetwork, Laplace, Solver, fisher_operator, gram_operator, ntk_operator
 
 WORLD = 2
 
@@ -24,6 +24,13 @@ def problem():
     return model, x, y, v, u
 
 
+def shared_data():
+    """Regression targets (12, 3) for the training inputs and test inputs (5, 3), replicated on every rank."""
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(12, 3, dtype=torch.float64, generator=generator),
+            torch.randn(5, 3, dtype=torch.float64, generator=generator))
+
+
 def products(net, x, y, v, u):
     """Everything a sharded run must reproduce; on a shard, u is the shard's rows of the output-space vector."""
     lqf = LQF(net, weight_decay=0.3, preconditioner=None).fit(x, y, solver="closed_form", progress=False)
@@ -31,7 +38,31 @@ def products(net, x, y, v, u):
             "fisher_exact": fisher_operator(net, x, "categorical", method="exact") @ v,
             "fisher_fd": fisher_operator(net, x, "categorical") @ v, "ntk": ntk_operator(net, x) @ u,
             "gradient": net.vjp(x, torch.ones(1, x.shape[0], 3, dtype=x.dtype))[0],
-            "lqf_parameter_space": lqf.solve("parameter", progress=False).delta}
+            "lqf_parameter_space": lqf.solve("parameter", progress=False).delta, **methods(net, x, y)}
+
+
+def methods(net, x, y):
+    """Parameter-space NTKGP, the matrix-free Laplace and LQF's SGD (full batches: one process's batch is the
+    union of the ranks') on x: what they give on replicated test inputs."""
+    targets, x_test = shared_data()
+    rows = slice(6 * dist.get_rank(), 6 * (dist.get_rank() + 1)) if net.is_sharded(x) else slice(None)
+    gp = NTKGP(net, x, targets[rows], space="parameter", progress=False).fit(max_iter=5)
+    gp_prediction = gp.predict(x_test)
+    la = Laplace(net, "classification", prior_precision=0.5, progress=False,
+                 solver=Solver("cg", cg_tolerance=1e-12, lanczos_rank=59)).fit(x, y)
+    out = {"ntkgp_hyperparameters": torch.stack([gp.noise, gp.outputscale]).detach(),
+           "ntkgp_mean": gp_prediction.mean, "ntkgp_variance": gp_prediction.variance,
+           "laplace_map": la.mean, "laplace_probit": la.predict(x_test),
+           "laplace_evidence": la.log_marginal_likelihood(),
+           "laplace_samples": la.sample(3, generator=torch.Generator().manual_seed(2)),
+           "laplace_prior_precision": torch.tensor(la.optimize_prior_precision([0.1, 1.0, 10.0, 100.0, 1000.0],
+                                                                                 progress=False))}
+    for name, preconditioner in (("lqf_sgd", None), ("lqf_sgd_kfac", "kfac")):
+        lqf = LQF(net, weight_decay=0.3, preconditioner=preconditioner)
+        lqf.fit(x, y, epochs=3, lr=None if preconditioner else 0.05, batch_size=x.shape[0], progress=False)
+        out[name] = lqf.delta
+        out[name + "_loss"] = torch.tensor([record["loss"] for record in lqf.history])
+    return out
 
 
 def worker(rank: int, path: str, out: str) -> None:
@@ -77,10 +108,10 @@ def test_methods_that_need_every_input_refuse_a_shard():
     model, x, y, *_ = problem()
     net = FunctionalNetwork(model)
     shard = net.shard(x[:6].clone())
-    with pytest.raises(NotImplementedError, match="NTKGP needs all its training inputs on one process.*shard"):
+    with pytest.raises(NotImplementedError, match="NTKGP in function space.*needs all its training inputs on one"):
         NTKGP(net, shard, torch.randn(6, 3))
-    with pytest.raises(NotImplementedError, match="Laplace needs all its training inputs"):
-        Laplace(net, "classification").fit(shard, y[:6])
+    with pytest.raises(ValueError, match="solver='cholesky' needs every training input on one process"):
+        Laplace(net, "classification", solver="cholesky").fit(shard, y[:6])
     with tempfile.TemporaryDirectory() as out:  # a process group of one, so that the shard's products run
         dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=0, world_size=1)
         try:

@@ -1,6 +1,7 @@
 """Each experiment's tiny configuration runs end to end through the command line; the README example runs."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -132,3 +133,38 @@ def test_fewshot_pieces():
     assert torch.allclose(p, torch.tensor([[99 / 100, 1 / 100]]))
     with pytest.raises(ValueError, match="scope must be one of"):
         scope_params("everything")
+
+
+@pytest.mark.slow
+def test_uci_large_tiny_run_resumes_and_forms_no_n_by_n_matrix(tmp_path, capsys):
+    argv = ["run", "uci-large", "--config", "tiny", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = tmp_path / "uci-large"
+    payload = json.loads((out / "results.json").read_text())
+    from experiments.uci_large import METHODS
+
+    assert list(payload["methods"]) == METHODS
+    n = payload["gp_size"]
+    for method, record in payload["methods"].items():
+        assert record["rmse"] > 0 and math.isfinite(record["nll"]) and record["seconds"] >= 0, method
+    for method in ("NTK-GP (function space, CG + LOVE)", "Laplace (matrix-free)"):
+        assert math.prod(payload["methods"][method]["largest_tensor"]) < n * n  # checked inside the run too
+        agreement = payload["methods"][method]["against_parameter_space"]
+        assert agreement["mean"] < 1e-3 and agreement["variance_median"] < 1e-3, (method, agreement)
+    assert payload["methods"]["Laplace (matrix-free)"]["hyperparameters"] == {"dense": False}
+    assert (out / "uci_large.png").stat().st_size > 10_000
+    first = capsys.readouterr().out
+    assert "GPyTorch exact GP" in first
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    assert main(argv) == 0  # a rerun resumes: nothing is recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")} == stamp
+    assert "pretraining" not in capsys.readouterr().err
+
+
+def test_no_n_by_n_guard_fails_a_dense_kernel():
+    from experiments.uci_large import measured
+
+    with pytest.raises(AssertionError, match="no N × N matrix"):
+        measured(lambda: torch.zeros(30, 30), forbid_elements=900)
+    value, record = measured(lambda: torch.zeros(30, 29), forbid_elements=900)
+    assert record["largest_tensor"] == [30, 29]

@@ -186,6 +186,8 @@ NUMERIC = [  # (entry, argument, call(value), kind, None allowed, check of a goo
     ("Laplace", "noise", lambda v: Laplace(MLP, noise=v).fit(X, Y).predict(XS).mean, "positive", True, (4, 3)),
     ("Laplace", "chunk_size", lambda v: Laplace(MLP, chunk_size=v).fit(X, Y).predict(XS).mean, "count", True, (4, 3)),
     ("Laplace", "max_size", lambda v: Laplace(MLP, max_size=v).max_size, "count", False, ()),
+    ("Laplace", "memory_budget", lambda v: torch.tensor(float(Laplace(MLP, memory_budget=v).memory_budget)),
+     "count", True, ()),
     ("Laplace.fit", "max_iter", lambda v: Laplace(MLP, "classification").fit(X, LABELS, max_iter=v).mean, "count",
      False, (P,)),
     ("Laplace.predict", "num_samples", lambda v: LAPLACE.predict(XS, link="mc", num_samples=v), "count", False, (4, 3)),
@@ -297,8 +299,14 @@ for what, value in [("'cholesky'", "cholesky"), ("'cg'", "cg"), ("a Solver", Sol
          finite((4, 3)))
 for what, value, exc in [("'qr'", "qr", ValueError), ("an int", 3, TypeError), ("a dict", {"method": "cg"}, TypeError)]:
     case("NTKGP", f"solver={what}", lambda value=value: NTKGP(MLP, X, Y, solver=value), raises(exc, "solver"))
+for what, value in [("'cholesky'", "cholesky"), ("'cg'", "cg"), ("a Solver", Solver("cg", lanczos_rank=P))]:
+    case("Laplace", f"solver={what}", lambda value=value: Laplace(MLP, solver=value, progress=False).fit(X, Y)
+         .predict(XS).mean, finite((4, 3)))
+for what, value, exc in [("'qr'", "qr", ValueError), ("an int", 3, TypeError)]:
+    case("Laplace", f"solver={what}", lambda value=value: Laplace(MLP, solver=value), raises(exc, "solver"))
 for entry, call in [("NTKGP.predict", lambda: GP.predict(XS, observation_noise="yes")),
-                    ("Laplace.fit", lambda: Laplace(MLP).fit(X, Y, find_map="no"))]:
+                    ("Laplace.fit", lambda: Laplace(MLP).fit(X, Y, find_map="no")),
+                    ("Laplace", lambda: Laplace(MLP, progress="no"))]:
     case(entry, "a flag given as a string", call, raises(TypeError, "must be True or False"))
 for entry, call in [("Laplace.predict", lambda g: LAPLACE.predict(XS, link="mc", generator=g)),
                     ("Laplace.sample", lambda g: LAPLACE.sample(2, generator=g)),

@@ -11,9 +11,10 @@ from ntkgp.gp.parameter_space import dense_ntk
 from ntkgp.gp.test_projections import choose_path, jacobian_projections
 
 
-@pytest.mark.parametrize("space", ["function", "parameter"])
-@pytest.mark.parametrize("path", ["jacobians", "tangents"])
-def test_both_paths_match_the_dense_reference(case, space, path):
+@pytest.mark.parametrize(("space", "path"), [(space, path) for space in ("function", "parameter")
+                                             for path in ("jacobians", "tangents", "kernel", "auto")
+                                             if (space, path) != ("parameter", "kernel")])  # kernel: function space
+def test_every_path_matches_the_dense_reference(case, space, path):
     _, model, x, params = case
     y, xs = targets(model, x), torch.randn(6, *x.shape[1:])
     gp = NTKGP(model, x, y, params=params, space=space, noise=NOISE, outputscale=S2, solver="cholesky")
@@ -30,7 +31,7 @@ def test_paths_agree_in_float32_with_float64():
     reference = NTKGP(model, x, y, noise=NOISE, outputscale=S2).predict(xs)
     model32 = model.float()
     gp = NTKGP(model32, x.float(), y.float(), noise=NOISE, outputscale=S2)
-    for path in ("jacobians", "tangents"):
+    for path in ("jacobians", "tangents", "kernel"):
         pred = gp.predict(xs.float(), variance_path=path)
         assert rel_err(pred.mean.double(), reference.mean) < 1e-5
         assert rel_err(pred.variance.double(), reference.variance) < 1e-4
@@ -51,7 +52,7 @@ def test_low_rank_variance_is_an_upper_bound_with_the_reported_error(space):
         assert 0 < approx.rank < full.rank and approx.variance_error <= tolerance
         assert rel_err(approx.mean, exact.mean) < 1e-12  # the mean is exact
         assert (approx.variance >= exact.variance - 1e-12).all()  # fewer directions explain less
-        probe = ((approx.variance - exact.variance) / exact.variance)[:8].max()
+        probe = ((approx.variance - exact.variance) / exact.variance)[:NTKGP.PROBES].max()
         assert abs(float(probe) - approx.variance_error) < 1e-9  # the reported error is the probe's
     small = gp.predict(xs, variance="low_rank", rank=2)
     assert small.rank == 2 and small.variance_error > approx.variance_error

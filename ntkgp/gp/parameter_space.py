@@ -26,6 +26,7 @@ from linear_operator.operators import LinearOperator
 from linear_operator.utils.lanczos import lanczos_tridiag
 from torch import Tensor
 
+from ..distributed import global_rows
 from ..functional import FunctionalNetwork
 from ..operators.gram_operator import GramOperator
 from ..lanczos import reorthogonalisation_tolerance
@@ -34,7 +35,8 @@ from ..validation import check_finite
 from .solver import Solver
 from .test_projections import choose_path
 
-__all__ = ["GramSpectrum", "dense_ntk", "gram_spectrum", "kernel_of_rows", "lanczos_spectrum", "ntk_eigh", "resolved",
+__all__ = ["GramSpectrum", "dense_gram", "dense_ntk", "gram_spectrum", "kernel_of_rows", "lanczos_spectrum", "ntk_eigh",
+           "resolved",
            "resolved_eigh", "spectral_log_marginal_likelihood", "spectral_solve", "spectral_weights", "train_jacobian"]
 
 
@@ -84,6 +86,19 @@ def train_jacobian(network: FunctionalNetwork, x: Tensor, num_outputs: int, budg
     return torch.cat(list(network.jacobian_chunks(x))).reshape(size, -1)
 
 
+def dense_gram(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None = None) -> Tensor:
+    """G = J(x)ᵀ J(x) (p × p) in the network's dtype: Σ over chunks of per-sample Jacobians JcᵀJc where
+    :func:`~ntkgp.gp.test_projections.choose_path` finds them cheaper than p products and ``budget`` holds G beside
+    a chunk, p Gram products otherwise (and when ``budget`` is None); over the ranks when x is a shard."""
+    if budget is None or choose_path(network, x, num_outputs, network.num_params, "auto", budget) != "jacobians":
+        return GramOperator(x, network=network).to_dense()
+    gram = 0
+    for jac in network.jacobian_chunks(x):
+        rows = jac.reshape(-1, network.num_params)
+        gram = gram + rows.mT @ rows
+    return network.sum_over_shards(x, gram)
+
+
 def kernel_of_rows(jac: Tensor) -> Tensor:
     """J Jᵀ (N × N) of Jacobian rows J (N × p), checked finite."""
     return check_finite(jac @ jac.mT, "the NTK K(x, x) = J(x)J(x)ᵀ", "the network's Jacobian at these inputs is too "
@@ -111,22 +126,22 @@ def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solve
 
     Exact by ``eigh`` of G when p <= N and p is dense-sized; exact through the NTK's eigenpairs
     (Q = Jᵀ U / √λ, one batched VJP) when N < p, N is dense-sized and Q (p × N) fits in
-    ``max_dense_elements``; otherwise the top ``solver.lanczos_rank`` Ritz pairs of Lanczos on G.
+    ``max_dense_elements`` (and x is not a shard: the NTK needs every input); otherwise the top
+    ``solver.lanczos_rank`` Ritz pairs of Lanczos on G. N counts the inputs of every rank when x is a shard.
     """
-    p, big_n, dtype = network.num_params, x.shape[0] * num_outputs, network.dtype
-    gram = GramOperator(x, network=network)
+    p, big_n, dtype = network.num_params, global_rows(network, x) * num_outputs, network.dtype
     if p <= big_n and solver.dense(p):
-        evals, evecs, floor = resolved_eigh(gram.to_dense())
+        evals, evecs, floor = resolved_eigh(dense_gram(network, x, num_outputs, budget))
         keep = evals > floor
         return GramSpectrum(evals[keep].to(dtype), evecs[:, keep].to(dtype), floor=floor,
                             gram=(evals, evecs))
-    if big_n < p and solver.dense(big_n) and big_n * p <= max_dense_elements:
+    if big_n < p and solver.dense(big_n) and big_n * p <= max_dense_elements and not network.is_sharded(x):
         evals, evecs, floor = ntk_eigh(network, x, num_outputs, budget)
         keep = evals > floor
         cotangents = (evecs[:, keep] / evals[keep].sqrt()).mT.to(dtype).reshape(-1, x.shape[0], num_outputs)
         return GramSpectrum(evals[keep].to(dtype), network.vjp(x, cotangents).mT, floor=floor,
                             ntk=(evals, evecs))
-    return lanczos_spectrum(gram, solver.lanczos_rank)
+    return lanczos_spectrum(GramOperator(x, network=network), solver.lanczos_rank)
 
 
 def lanczos_spectrum(operator: LinearOperator, rank: int) -> GramSpectrum:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gpytorch
 import linear_operator
+import torch
+from linear_operator.utils.linear_cg import linear_cg
+from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..validation import as_count, as_positive_float, check_choice
 
-__all__ = ["Solver", "as_solver"]
+__all__ = ["Solver", "as_solver", "conjugate_gradients"]
 
 _METHODS = ("auto", "cholesky", "cg")
 
@@ -87,3 +91,25 @@ def as_solver(solver: Solver | str | None) -> Solver:
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a Solver or one of {_METHODS}, got {type(solver).__name__} {solver!r}")
     return solver
+
+
+def conjugate_gradients(product: Callable[[Tensor], Tensor], rhs: Tensor, tolerance: float, max_iter: int,
+                        start: Tensor | None = None, desc: str = "CG products", progress: bool = True) -> Tensor:
+    """x with A x = rhs for a symmetric positive definite A given by ``product`` ((p, k) -> (p, k)), rhs (p,) or
+    (p, k), by linear_operator's CG from ``start`` (default 0) to a relative residual ``tolerance`` or ``max_iter``
+    iterations; a tqdm bar over the products (shown after 1 s).
+
+    linear_cg clamps r·z at its eps (default 1e-10), which stalls it near a relative residual of 1e-5: it runs with
+    eps at the dtype's smallest normal number here, so tight tolerances are reached."""
+    column = rhs.dim() == 1
+    rhs = rhs.unsqueeze(-1) if column else rhs
+    tiny = torch.finfo(rhs.dtype).tiny
+    with tqdm(desc=desc, delay=1.0, disable=not progress) as bar:
+        def counted(v: Tensor) -> Tensor:
+            bar.update(1)
+            return product(v)
+
+        guess = None if start is None else (start.unsqueeze(-1) if column else start)
+        out = linear_cg(counted, rhs, max_iter=max_iter, tolerance=tolerance, eps=tiny, stop_updating_after=tiny,
+                        initial_guess=guess)
+    return out.squeeze(-1) if column else out

@@ -25,9 +25,9 @@ from ..memory import check_fits
 from ..validation import check_choice
 
 __all__ = ["NETWORK_FLOP_COST", "PATHS", "choose_path", "forward_flops", "jacobian_projections",
-           "tangent_projections"]
+           "parameter_projections", "tangent_projections"]
 
-PATHS = ("auto", "jacobians", "tangents")
+PATHS = ("auto", "jacobians", "tangents", "kernel")
 NETWORK_FLOP_COST = 2.5
 
 
@@ -45,8 +45,9 @@ def forward_flops(network: FunctionalNetwork, x: Tensor) -> int:
 def choose_path(network: FunctionalNetwork, x: Tensor, num_outputs: int, directions: int, path: str,
                 budget: float) -> str:
     """``path`` itself, checked, or for ``"auto"`` the cheaper exact path of those that fit ``budget`` bytes
-    (the jacobian path holds the p × ``directions`` matrix D)."""
-    check_choice(path, "variance_path", PATHS)
+    (the jacobian path holds the p × ``directions`` matrix D). (``"kernel"``, the layer-factor kernel of function
+    space, is NTKGP's to take before it asks here.)"""
+    check_choice(path, "variance_path", PATHS[:3])
     held = network.num_params * directions * network.theta0.element_size()
     if path == "jacobians":
         check_fits(held, budget, f"the Jacobian variance path ({network.num_params:,} parameters × {directions} "
@@ -110,3 +111,17 @@ def tangent_projections(network: FunctionalNetwork, x: Tensor, count: int, produ
               for start in tqdm(starts, desc="test tangents", delay=1.0, disable=not progress)]
     _, diagonal = jacobian_projections(network, x, network.theta0.new_zeros(network.num_params, 0), budget, progress)
     return torch.cat(blocks, dim=-1), diagonal
+
+
+def parameter_projections(network: FunctionalNetwork, x: Tensor, num_outputs: int, directions: Tensor, path: str,
+                          budget: float = float("inf"), progress: bool = True) -> tuple[Tensor, Tensor]:
+    """(J(x) D (m·C, k), diag J(x)J(x)ᵀ (m·C,)) for parameter-space directions D (p, k) held in memory, by ``path``
+    (:func:`choose_path`): per-sample Jacobians times D, or k JVPs along D's columns."""
+    count = directions.shape[-1]
+    if choose_path(network, x, num_outputs, count, path, budget) == "jacobians":
+        return jacobian_projections(network, x, directions, budget, progress)
+
+    def product(start: int, stop: int) -> Tensor:
+        return network.jvp(x, directions[:, start:stop].mT).reshape(stop - start, -1).mT
+
+    return tangent_projections(network, x, count, product, budget, progress)

@@ -24,6 +24,7 @@ import torch
 
 from torch import Tensor, nn
 
+from ..distributed import global_rows
 from ..functional import FunctionalNetwork
 from ..operators.fisher_operator import FisherOperator
 from ..validation import as_count, as_positive_float, check_choice
@@ -114,7 +115,7 @@ class KFACPreconditioner:
         batch_size = as_count(batch_size, "batch_size")
         num_outputs = network.num_outputs(x)
         module = network.module_copy().double()  # float64 factors (see above)
-        x = x.double()
+        source, num_data, x = x, global_rows(network, x), x.double()
         self.supported, self.diagonal_names = kfac_layers(module, network.names)
         if self.diagonal_names:
             modules = dict(module.named_modules())
@@ -137,6 +138,11 @@ class KFACPreconditioner:
                                        separate_weight_and_bias=False, num_data=x.shape[0])
         self.kfac.compute_kronecker_factors()  # now: the factors are lazy, and the weights must be θ0
         factors = self.kfac.state_dict()
+        if network.is_sharded(source):  # ntkgp.distributed: G = Σ g gᵀ, and A = Σ a aᵀ / n over this rank's n inputs
+            share = {"input_covariances": x.shape[0] / num_data, "gradient_covariances": 1.0}
+            for kind in ("input_covariances", "gradient_covariances"):
+                factors[kind] = {name: network.sum_over_shards(source, share[kind] * factor)
+                                 for name, factor in sorted(factors[kind].items())}
         mapping = self.kfac.compute_parameter_mapping([params[n] for n in self.supported], flat)
         self.blocks = [_block(network, [self.supported[i] for i in positions.values()],
                               factors["input_covariances"].get(name), factors["gradient_covariances"][name])
@@ -145,8 +151,8 @@ class KFACPreconditioner:
         if self.diagonal_names:
             rest = FunctionalNetwork(module, self.diagonal_names, network.chunk_size,
                                      network.jacobian_chunk_elements)
-            self.diagonal = scale * FisherOperator(x, network=rest, likelihood=likelihood, method="exact",
-                                                   epsilon=1.0)._diagonal()  # (no step: exact)
+            self.diagonal = scale * network.sum_over_shards(source, FisherOperator(
+                x, network=rest, likelihood=likelihood, method="exact", epsilon=1.0)._diagonal())  # (no step: exact)
         self.diagonal = self.diagonal.to(network.dtype)
 
     def _blockwise(self, v: Tensor, inverse: bool) -> Tensor:

@@ -17,12 +17,13 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from linear_operator.utils.linear_cg import linear_cg
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..distributed import global_rows
 from ..functional import FunctionalNetwork, as_functional_network
 from ..gp.ntk_gp import NTKGP, Prediction
+from ..gp.solver import conjugate_gradients
 from ..lanczos import ritz_values
 from ..operators.fisher_operator import FisherOperator
 from ..operators.gram_operator import GramOperator
@@ -210,6 +211,7 @@ class LQF:
     def _sgd(self, data: Minibatches, epochs: int, lr: float | None, progress: bool,
              callback: Callable[[LQF, dict], None] | None) -> LQF:
         decay = self.weight_decay
+        num_data = self._check_shard_batches(data)
         precondition = self._preconditioner()
         self.lr = self._default_lr() if lr is None else as_positive_float(lr, "lr")
         w = self.delta.clone().requires_grad_(True)
@@ -217,10 +219,14 @@ class LQF:
         for epoch in tqdm(range(as_count(epochs, "epochs")), desc="LQF", disable=not progress):
             total, correct = 0.0, 0
             for x, targets, f0 in data:
-                value, f = self._step(w, optimizer, x, self._targets(targets), f0, data.num_data, precondition)
+                value, f = self._step(w, optimizer, x, self._targets(targets), f0, num_data, precondition)
                 total += float(value)
                 if self.task == "classification":
                     correct += int((f.argmax(-1) == targets).sum())
+            if self.network.is_sharded(self.train_x):  # the epoch's loss and hits over every rank's shard
+                sums = self.network.sum_over_shards(self.train_x, torch.tensor([total, float(correct)],
+                                                                               dtype=torch.float64))
+                total, correct = float(sums[0]), int(sums[1])
             self.delta = w.detach().clone()
             loss = total + 0.5 * decay * float(self.delta @ self.delta)
             if not math.isfinite(loss):
@@ -228,21 +234,38 @@ class LQF:
                                          f"(lr = {self.lr:g})")
             record = {"epoch": epoch + 1, "loss": loss, "lr": self.lr}
             if self.task == "classification":
-                record["accuracy"] = correct / data.num_data
+                record["accuracy"] = correct / num_data
             self.history.append(record)
             if callback is not None:
                 callback(self, record)
         return self
 
+    def _check_shard_batches(self, data: Minibatches) -> int:
+        """N over every rank; on shards, a check that every rank takes the same number of minibatches per epoch
+        (each step's VJP is a collective: unequal counts would leave a rank waiting)."""
+        if not self.network.is_sharded(self.train_x):
+            return data.num_data
+        size = data.num_data if data.batch_size is None else data.batch_size
+        steps = float(math.ceil(data.num_data / size))
+        sums = self.network.sum_over_shards(self.train_x, torch.tensor([steps, steps**2, float(data.num_data), 1.0],
+                                                                       dtype=torch.float64))
+        if abs(float(sums[3] * sums[1] - sums[0] ** 2)) > 0.5:
+            raise ValueError(f"the shards give the ranks different numbers of minibatches per epoch (this rank "
+                             f"{int(steps)}): give every rank a shard of the same size, or a batch_size that divides "
+                             "them into as many batches")
+        return int(sums[2])
+
     def _step(self, w: Tensor, optimizer: torch.optim.Optimizer, x: Tensor, targets: Tensor, f0: Tensor,
               num_data: int, precondition: KFACPreconditioner | None) -> tuple[Tensor, Tensor]:
         """One SGD step on a batch x (b, ...): f_lin = f0 + J δ (one JVP), the gradient of the objective scaled
-        to the data set, (N/b)·Jᵀ ∂ℓ/∂f + λδ (one VJP), preconditioned. Returns (Σ_batch ℓ, f_lin (b, C))."""
+        to the data set, (N/b)·Jᵀ ∂ℓ/∂f + λδ (one VJP), preconditioned. Returns (Σ_batch ℓ, f_lin (b, C)).
+        On shards (``network.shard``) the VJP sums every rank's batch, and N and b count them all."""
         net = self.network
         with torch.no_grad():
             f = f0 + net.jvp(x, w.detach().unsqueeze(0))[0]
             value, grad_f = self._data_loss(f, targets)
-            gradient = (num_data / x.shape[0]) * net.vjp(x, grad_f.unsqueeze(0))[0] + self.weight_decay * w
+            batch = global_rows(net, x)
+            gradient = (num_data / batch) * net.vjp(x, grad_f.unsqueeze(0))[0] + self.weight_decay * w
             w.grad = gradient if precondition is None else precondition @ gradient
         optimizer.step()
         return value, f
@@ -271,16 +294,8 @@ class LQF:
         gram, c = GramOperator(self.train_x, network=net), self.weight_decay / 2
         with torch.no_grad(), net.linearised(self.train_x):  # one forward pass for all the CG products
             b = net.vjp(self.train_x, self._residual().reshape(1, n, k))[0]
-            # linear_cg clamps r·z at eps (default 1e-10), which stalls it near a relative residual of 1e-5
-            tiny = torch.finfo(net.dtype).tiny
-            with tqdm(desc="LQF closed form (CG products)", delay=1.0, disable=not progress) as bar:
-                def product(v: Tensor) -> Tensor:
-                    bar.update(1)
-                    return gram._matmul(v) + c * v
-
-                self.delta = linear_cg(product, b.unsqueeze(-1), max_iter=10 * b.numel(), eps=tiny,
-                                       tolerance=max(1e-10, 10 * torch.finfo(net.dtype).eps),
-                                       stop_updating_after=tiny).squeeze(-1)
+            self.delta = conjugate_gradients(lambda v: gram._matmul(v) + c * v, b, max(1e-10, 10 * torch.finfo(
+                net.dtype).eps), 10 * b.numel(), desc="LQF closed form (CG products)", progress=progress)
         return self
 
     def _residual(self) -> Tensor:

@@ -15,6 +15,15 @@ or categorical likelihood. With K = J Jᵀ at the training inputs X (N × N, N =
   tr F spread evenly over the orthogonal complement.
 
 All N × N algebra runs in float64 whatever the network's dtype.
+
+Matrix-free (``solver="cg"``, or ``"auto"`` beyond ``max_size`` or the memory budget, and on shards), nothing of
+size N × N is formed: the MAP by CG on (JᵀJ/σ² + δI)Δ = Jᵀr/σ² (regression) or Newton-CG on the objective in
+parameter space (classification: each step a CG solve with F(f) + δI by exact products, a line search along the
+step at the cost of one JVP); Σ from the top r = ``solver.lanczos_rank`` Lanczos Ritz pairs (λ, Q) of F with the rest
+of tr F (exact, from per-sample Jacobians) spread evenly over the other p − r directions,
+Σ ≈ Q diag(1/(λ + δ)) Qᵀ + (I − QQᵀ)/(δ + ρ), exact once r reaches the rank of F; the GLM variance at x* is then
+J* Q (r JVPs, or per-sample Jacobians times Q) and diag J*J*ᵀ; the evidence's log-determinant by stochastic
+Lanczos quadrature on F, whose nodes serve every δ of a grid.
 """
 
 from __future__ import annotations
@@ -24,22 +33,26 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from linear_operator.operators import LinearOperator
+from linear_operator.operators import LinearOperator, MatmulLinearOperator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..operators.fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
 from ..functional import FunctionalNetwork, as_functional_network, map_blocks
 from ..operators.network_operator import NetworkOperator
-from ..lanczos import stochastic_lanczos_quadrature
 from ..likelihoods import get_likelihood
 from .linearised_model import (TASKS, check_task, log_likelihood, mc_class_probabilities,
                                prepare_data, randn)
 from ..gp.ntk_gp import Prediction
-from ..operators.ntk_operator import NTKOperator
+from ..distributed import global_rows
 from ..gp.parameter_space import lanczos_spectrum
-from ..validation import (as_count, as_positive_float, check_choice, check_generator, check_inputs, check_not_sharded,
-                          check_prediction)
+from ..gp.solver import Solver, as_solver, conjugate_gradients
+from ..gp.test_projections import parameter_projections
+from ..lanczos import lanczos_quadrature
+from ..memory import default_budget
+from ..operators.gram_operator import GramOperator
+from ..operators.ntk_operator import NTKOperator
+from ..validation import as_count, as_positive_float, check_choice, check_generator, check_inputs, check_prediction
 
 __all__ = ["Laplace", "PosteriorCovariance"]
 
@@ -110,19 +123,36 @@ class Laplace:
         prior_precision: δ > 0 of the prior N(θ0, I/δ) centred at the pretrained weights.
         noise: σ² for regression; must be None for classification.
         num_classes: if given, must equal the network's output width C.
-        max_size: largest N = n·C accepted (the posterior is dense in N).
+        max_size: largest N = n·C solved densely (the dense posterior holds N × N matrices).
+        solver: ``"auto"`` (default: dense up to ``max_size`` while 3 N × N float64 matrices fit ``memory_budget``
+            and the inputs are not sharded, matrix-free beyond), ``"cholesky"`` (dense; refused beyond
+            ``max_size``) or ``"cg"`` (matrix-free: see the module's docstring), or a :class:`~ntkgp.Solver`
+            whose ``cg_tolerance``, ``max_cg_iterations`` and ``lanczos_rank`` (the rank r of the matrix-free
+            posterior) are used (its ``cholesky_max_size`` is not: ``max_size`` is).
+        memory_budget: bytes (default half of the available memory) for the dense choice and the test Jacobians.
+        progress: tqdm bars over CG products, test inputs and the prior-precision grid (after 1 s).
     """
+
+    #: Lanczos steps and probes of the matrix-free evidence's stochastic Lanczos quadrature.
+    SLQ_STEPS, SLQ_PROBES = 64, 16
 
     def __init__(self, model: nn.Module | FunctionalNetwork, likelihood: str = "regression",
                  params: Sequence[str] | str | None = None, hessian: str = "exact", prior_precision: float = 1.0,
                  noise: float | None = None, num_classes: int | None = None, chunk_size: int | None = None,
-                 max_size: int = 8192):
+                 max_size: int = 8192, solver: Solver | str | None = None, memory_budget: int | None = None,
+                 progress: bool = True):
         self.noise = check_task(likelihood, noise, prior_precision)
         self.task, self.hessian = likelihood, check_choice(hessian, "hessian", FISHER_METHODS)
         self.prior_precision = as_positive_float(prior_precision, "prior_precision")
         self.network = as_functional_network(model, params, chunk_size)
         self.num_classes = None if num_classes is None else as_count(num_classes, "num_classes", minimum=2)
         self.max_size = as_count(max_size, "max_size")
+        self.solver = as_solver(solver)
+        self.memory_budget = (default_budget(self.network.device) if memory_budget is None
+                              else as_count(memory_budget, "memory_budget"))
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        self.progress = progress
         self.train_x: Tensor | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -132,28 +162,54 @@ class Laplace:
         ``find_map=False`` takes the network as the MAP already (θ_MAP = θ0, post-hoc Laplace of a
         trained network, as laplace-torch does); the posterior and evidence are then formed at θ0.
         """
-        check_not_sharded(self.network, train_x, "Laplace")
         targets, c = prepare_data(self.task, self.network, train_x, train_y, self.num_classes)
         max_iter = as_count(max_iter, "max_iter")
         if not isinstance(find_map, bool):
             raise TypeError(f"find_map must be True or False, got {find_map!r}")
-        size = train_x.shape[0] * c
-        if size > self.max_size:
-            raise ValueError(f"n·C = {size} exceeds max_size = {self.max_size}: this Laplace posterior is exact "
-                             "and dense in n·C; use fewer training points, raise max_size, or use ntkgp.SVI")
+        self.dense = self._dense(train_x, c)
         self.train_x, self.targets, self.num_outputs, self.max_iter = train_x, targets, c, max_iter
         self.find_map = find_map
         self.f0 = self.network.outputs(train_x, "train_x")
-        kernel = NTKOperator(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
-        self.kernel = (0.5 * (kernel + kernel.mT)).double()
-        self._alpha = torch.zeros(size, dtype=torch.float64, device=kernel.device)
         self._jacobian = None
+        if self.dense:
+            kernel = NTKOperator(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
+            self.kernel = (0.5 * (kernel + kernel.mT)).double()
+            self._alpha = torch.zeros(kernel.shape[0], dtype=torch.float64, device=kernel.device)
+        else:
+            self.kernel = None
+            self._delta = torch.zeros_like(self.network.theta0)
+            self._nodes: tuple[Tensor, Tensor] | None = None
         self._update(self.prior_precision)
         return self
+
+    def _dense(self, x: Tensor, num_outputs: int) -> bool:
+        """Whether the posterior is dense in N = n·C (``solver`` and ``max_size``), or matrix-free."""
+        method, sharded = self.solver.method, self.network.is_sharded(x)
+        if method == "cg":
+            return False
+        if method == "cholesky" and sharded:
+            raise ValueError("solver='cholesky' needs every training input on one process, but train_x is a shard "
+                             "(network.shard): use solver='auto' or 'cg' (matrix-free, runs on shards)")
+        size = global_rows(self.network, x) * num_outputs
+        if method == "cholesky":
+            if size > self.max_size:
+                raise ValueError(f"n·C = {size} exceeds max_size = {self.max_size}: the dense Laplace posterior holds "
+                                 "N × N matrices; use solver='auto' or 'cg' (matrix-free), or raise max_size")
+            return True
+        return not sharded and size <= self.max_size and 3 * 8 * size**2 <= self.memory_budget
 
     def _update(self, delta: float) -> None:
         """MAP and posterior for prior precision δ (the NTK is reused: no network passes)."""
         self.prior_precision = delta
+        if not self.dense:
+            if self.find_map:
+                self._delta = self._map_step_matrix_free(delta, self._delta)
+                if self.task == "classification":
+                    self._nodes = None  # F is evaluated at the MAP, which moved
+            self._f_map = self._linearised_outputs(self._delta)
+            self._posterior: tuple[Tensor, Tensor, float] | None = None
+            self._trace: float | None = None
+            return
         if self.find_map:
             self._alpha = self._map_coefficients(delta, self._alpha)
         self._step = None
@@ -186,13 +242,22 @@ class Laplace:
         quadratic = alpha @ (f - self.f0.double()).reshape(-1)
         return -log_likelihood(self.task, f, self._targets64(), self.noise) + 0.5 * delta * quadratic
 
-    def _evidence(self, delta: float) -> tuple[float, Tensor]:
-        """(Laplace evidence, α) at δ through one Cholesky factor, without the eigendecomposition."""
+    def _evidence(self, delta: float) -> float:
+        """The Laplace evidence at δ; its MAP is kept as the warm start of the next δ. Dense: one Cholesky factor,
+        no eigendecomposition. Matrix-free: the log-determinant by quadrature (:meth:`_slq_logdet`)."""
+        if not self.dense:
+            if self.find_map:
+                self._delta = self._map_step_matrix_free(delta, self._delta)
+            f = self._linearised_outputs(self._delta)
+            moves = self.find_map and self.task == "classification"  # F is evaluated at the MAP
+            logdet = self._slq_logdet(delta, f if moves else self._f_map, self.SLQ_STEPS, self.SLQ_PROBES, None)
+            return float(self._data_fit(f, self._delta, delta) - 0.5 * logdet)
         alpha = self._map_coefficients(delta, self._alpha) if self.find_map else self._alpha
         g = self._whitened_kernel(_psd_sqrt(self._hessian_blocks(self._outputs(alpha))))
         chol = torch.linalg.cholesky(torch.eye(g.shape[0], dtype=g.dtype, device=g.device) + g / delta)
         logdet = 2 * chol.diagonal().log().sum()
-        return float(-self._objective(alpha, delta) - 0.5 * logdet), alpha
+        self._alpha = alpha
+        return float(-self._objective(alpha, delta) - 0.5 * logdet)
 
     def _targets64(self) -> Tensor:
         return self.targets.double() if self.task == "regression" else self.targets
@@ -233,6 +298,93 @@ class Laplace:
                 break
         return alpha
 
+    # ------------------------------------------------------------------ matrix-free
+    def _linearised_outputs(self, step: Tensor) -> Tensor:
+        """f0 + J(X) Δ at the training inputs (n, C), float64 (one JVP)."""
+        with torch.no_grad():
+            return self.f0.double() + self.network.jvp(self.train_x, step.unsqueeze(0))[0].double()
+
+    def _data_fit(self, f: Tensor, step: Tensor, delta: float) -> Tensor:
+        """log p(y | f) − δ/2 ‖Δ‖² (float64; the likelihood summed over the ranks when train_x is a shard)."""
+        value = log_likelihood(self.task, f, self._targets64(), self.noise).reshape(1)
+        value = self.network.sum_over_shards(self.train_x, value)[0]
+        return value - 0.5 * delta * step.double().square().sum()
+
+    def _cg(self, product, rhs: Tensor, start: Tensor | None = None) -> Tensor:
+        return conjugate_gradients(product, rhs, self.solver.cg_tolerance, self.solver.max_cg_iterations, start,
+                                   desc="Laplace MAP (CG products)", progress=self.progress)
+
+    def _map_step_matrix_free(self, delta: float, start: Tensor) -> Tensor:
+        """Δ_MAP (p,): CG on (JᵀJ + σ²δ I)Δ = Jᵀr for regression; Newton-CG from ``start`` for classification."""
+        net, x, n, c = self.network, self.train_x, *self.f0.shape
+        with torch.no_grad(), net.linearised(x, budget=self.memory_budget):
+            if self.task == "regression":
+                gram, shift = GramOperator(x, network=net), self.noise * delta
+                rhs = net.vjp(x, (self.targets - self.f0).unsqueeze(0))[0]
+                return self._cg(lambda v: gram._matmul(v) + shift * v, rhs, start)
+            onehot = torch.nn.functional.one_hot(self.targets, c).to(net.dtype)
+            step, f = start, self._linearised_outputs(start)
+            value = self._data_fit(f, step, delta)
+            for _ in range(self.max_iter):
+                gradient = net.vjp(x, (torch.softmax(f, -1).to(net.dtype) - onehot).unsqueeze(0))[0] + delta * step
+                hessian = self._fisher_at(f, "exact")
+                direction = self._cg(lambda v: hessian._matmul(v) + delta * v, -gradient)
+                moved = net.jvp(x, direction.unsqueeze(0))[0].double()  # the line search costs no more passes
+                t = 1.0
+                while True:
+                    candidate = self._data_fit(f + t * moved, step + t * direction, delta)
+                    if candidate >= value or t < 1e-6:
+                        break
+                    t /= 2
+                if not candidate > value:
+                    break
+                converged = candidate - value <= 1e-12 * max(1.0, abs(float(value)))
+                step, f, value = step + t * direction, f + t * moved, candidate
+                if converged:
+                    break
+            return step
+
+    def _fisher_at(self, f: Tensor, method: str | None = None) -> LinearOperator:
+        """F (p × p) at the training inputs with H at outputs f (n, C) (1/σ²-scaled for regression), products by
+        ``method`` (default ``hessian``)."""
+        method = self.hessian if method is None else method
+        op = FisherOperator(self.train_x, network=self.network, likelihood=TASKS[self.task], method=method,
+                            epsilon=default_epsilon(self.network.theta0, method), at=f.to(self.network.dtype))
+        return op if self.task == "classification" else op * (1.0 / self.noise)
+
+    def _fisher_trace(self) -> float:
+        """tr F: the eigenvalues' sum when dense, else exact from per-sample Jacobians (kept until δ changes)."""
+        if self.dense:
+            return float(self._evals.sum())
+        if self._trace is None:
+            self._trace = float(self.fisher().diagonal().sum())
+        return self._trace
+
+    def _low_rank(self) -> tuple[Tensor, Tensor, float]:
+        """The matrix-free posterior: (λ (r,), Q (p, r), ρ) from ``solver.lanczos_rank`` Lanczos steps on F."""
+        if self._posterior is None:
+            with torch.no_grad(), self.network.linearised(self.train_x, budget=self.memory_budget):
+                lam, q, rho, _ = self._lanczos(min(self.solver.lanczos_rank, self.network.num_params))
+            self._posterior = (lam, q, rho)
+        return self._posterior
+
+    def _slq_logdet(self, delta: float, f: Tensor, steps: int, probes: int,
+                    generator: torch.Generator | None) -> Tensor:
+        """log det(I + F/δ) by stochastic Lanczos quadrature on F at outputs f; the nodes of the defaults are kept
+        while F stays (regression, or classification until the MAP moves). Default probes: a generator seeded 0,
+        the same on every rank."""
+        generator = torch.Generator().manual_seed(0) if generator is None else generator
+        default = steps == self.SLQ_STEPS and probes == self.SLQ_PROBES and generator.initial_seed() == 0
+        nodes = self._nodes if default and not self.dense and f is self._f_map else None
+        if nodes is None:
+            with torch.no_grad(), self.network.linearised(self.train_x, budget=self.memory_budget):
+                nodes = lanczos_quadrature(self._fisher_at(f), min(steps, self.network.num_params), probes,
+                                           generator)
+            if default and not self.dense and f is self._f_map:
+                self._nodes = nodes
+        theta, weights = nodes
+        return (weights * torch.log1p(theta / delta)).sum().double()
+
     def _check_fitted(self) -> None:
         if self.train_x is None:
             raise RuntimeError("call .fit(train_x, train_y) first")
@@ -246,25 +398,29 @@ class Laplace:
     def _map_step(self) -> Tensor:
         """θ_MAP − θ0 = Jᵀα (p,): one VJP at the training inputs, kept until δ changes."""
         self._check_fitted()
+        if not self.dense:
+            return self._delta
         if self._step is None:
             alpha = self._alpha.to(self.network.dtype).reshape(1, *self.f0.shape)
             self._step = self.network.vjp(self.train_x, alpha)[0]
         return self._step
 
     @property
-    def covariance(self) -> PosteriorCovariance:
-        """Σ = (F + δI)⁻¹ as a lazy (p × p) operator."""
+    def covariance(self) -> LinearOperator:
+        """Σ = (F + δI)⁻¹ as a lazy (p × p) operator (matrix-free: its rank-r Lanczos form, module docstring)."""
         self._check_fitted()
+        if not self.dense:
+            lam, q, rho = self._low_rank()
+            delta, p = self.prior_precision, self.network.num_params
+            rest = torch.full((p,), 1.0 / (delta + rho), dtype=q.dtype, device=q.device)
+            return MatmulLinearOperator(q * (1.0 / (lam + delta) - 1.0 / (delta + rho)), q.mT).add_diagonal(rest)
         delta = torch.tensor(self.prior_precision, dtype=torch.float64, device=self.kernel.device)
         return PosteriorCovariance(self.train_x, self._middle, delta, network=self.network)
 
     def fisher(self) -> LinearOperator:
         """F (p × p) at the training inputs, H at the MAP outputs (1/σ²-scaled for regression)."""
         self._check_fitted()
-        op = FisherOperator(self.train_x, network=self.network, likelihood=TASKS[self.task], method=self.hessian,
-                            epsilon=default_epsilon(self.network.theta0, self.hessian),
-                            at=self._f_map.to(self.network.dtype))
-        return op if self.task == "classification" else op * (1.0 / self.noise)
+        return self._fisher_at(self._f_map)
 
     @property
     def precision(self) -> LinearOperator:
@@ -278,14 +434,16 @@ class Laplace:
         """Laplace evidence log p(y | f_MAP) − δ/2 ‖Δ_MAP‖² − ½ log det(I + F/δ) (exact for regression).
 
         The log-determinant:
-        - rank None: from the exact eigendecomposition (dense in N = n·C).
+        - rank None: from the exact eigendecomposition (dense in N = n·C); matrix-free, by stochastic Lanczos
+          quadrature as below with ``SLQ_STEPS`` steps and ``SLQ_PROBES`` probes.
         - rank r, probes None: from r Lanczos Ritz values of F (products by ``hessian``) and the rest of
           tr F spread evenly over the other p − r directions, Σ log(1 + λ/δ) + (p − r) log(1 + ρ/δ); by
           concavity of log an upper bound on it (a lower bound on the evidence), exact once r reaches
           the rank of F.
         - rank r, probes m: stochastic Lanczos quadrature of tr log(I + F/δ), r steps from each of m
-          Rademacher probes (:func:`ntkgp.lanczos.stochastic_lanczos_quadrature`); unbiased
-          once r exceeds the rank of F, standard error ∝ 1/√m. Needs no trace of F.
+          Rademacher probes (:func:`ntkgp.lanczos.lanczos_quadrature`) from ``generator`` (default: seeded 0, the
+          same probes on every call and every rank); unbiased once r exceeds the rank of F, standard error ∝ 1/√m.
+          Needs no trace of F.
         """
         self._check_fitted()
         delta = self.prior_precision
@@ -294,15 +452,18 @@ class Laplace:
             probes = as_count(probes, "probes")
             if rank is None:
                 raise ValueError("probes needs rank: the number of Lanczos steps per probe")
-            scaled = (self.fisher() * (1.0 / delta)).add_diagonal(torch.tensor(1.0, dtype=self.network.dtype,
-                                                                                device=self.network.device))
-            logdet = stochastic_lanczos_quadrature(scaled, torch.log, rank, probes, generator).double()
-        elif rank is None:
+            logdet = self._slq_logdet(delta, self._f_map, rank, probes, check_generator(generator))
+        elif rank is None and self.dense:
             logdet = torch.log1p(self._evals / delta).sum()
+        elif rank is None:
+            logdet = self._slq_logdet(delta, self._f_map, self.SLQ_STEPS, self.SLQ_PROBES, check_generator(generator))
         else:
-            lam, _, rho, rest = self._lanczos(rank)
+            with torch.no_grad(), self.network.linearised(self.train_x, budget=self.memory_budget):
+                lam, _, rho, rest = self._lanczos(rank)
             logdet = torch.log1p(lam / delta).sum().double() + rest * math.log1p(rho / delta)
-        return -self._objective(self._alpha, delta) - 0.5 * logdet
+        if self.dense:
+            return -self._objective(self._alpha, delta) - 0.5 * logdet
+        return self._data_fit(self._f_map, self._delta, delta) - 0.5 * logdet
 
     def _lanczos(self, rank: int) -> tuple[Tensor, Tensor, float, int]:
         """Top Ritz pairs (λ (r,), Q (p, r)) of F after ``rank`` Lanczos steps, the mean ρ of the rest of
@@ -311,13 +472,15 @@ class Laplace:
         spectrum = lanczos_spectrum(self.fisher(), rank)
         lam, q = spectrum.eigenvalues, spectrum.eigenvectors
         rest = self.network.num_params - lam.numel()
-        rho = max(0.0, float(self._evals.sum() - lam.sum())) / rest if rest > 0 else 0.0
+        rho = max(0.0, self._fisher_trace() - float(lam.sum())) / rest if rest > 0 else 0.0
         return lam, q, rho, rest
 
     def optimize_prior_precision(self, grid: Tensor | None = None, progress: bool = True) -> float:
         """Set δ to the grid value (default 10^-4 … 10^4, 33 points) of largest evidence; return it.
 
-        Each grid value costs the MAP (Newton, warm-started) and one Cholesky factor of the N × N matrix
+        Each grid value costs the MAP (Newton, warm-started) and one Cholesky factor of the N × N matrix, or
+        matrix-free the MAP (CG or Newton-CG, warm-started) and the quadrature of the log-determinant, whose nodes
+        are computed once when F does not move with δ (regression, or ``find_map=False``) and at each MAP otherwise
         (a progress bar over the grid unless ``progress`` is False). Warns when the best value is an
         end of the grid (the optimum may lie beyond it).
         """
@@ -325,7 +488,7 @@ class Laplace:
         grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else _as_grid(grid)
         best, best_value = None, -math.inf
         for delta in tqdm(grid.tolist(), desc="prior precision", disable=not progress):
-            value, self._alpha = self._evidence(delta)  # warm start for the next grid value
+            value = self._evidence(delta)
             if value > best_value:
                 best, best_value = delta, value
         if grid.numel() > 1 and best in (float(grid.min()), float(grid.max())):
@@ -340,9 +503,10 @@ class Laplace:
         """Mean (m, C) of f_lin at θ_MAP and, for ``spread`` "diag" / "full" / "none", its variance
         (m, C), its covariance blocks (m, C, C) or None."""
         net, c, delta = self.network, self.num_outputs, self.prior_precision
-        if spread == "none":  # the mean alone is one JVP along θ_MAP − θ0; K(x, X) is for the spread
+        if spread == "none" or not self.dense:  # the mean: one JVP along θ_MAP − θ0
             with torch.no_grad():
-                return (net(x) + net.jvp(x, self._map_step().unsqueeze(0))[0]).double(), None
+                mean = (net(x) + net.jvp(x, self._map_step().unsqueeze(0))[0]).double()
+            return mean, (None if spread == "none" else self._spread_matrix_free(x, spread))
         cross = self._cross_kernel(x)
         with torch.no_grad():
             mean = net(x).double() + (cross @ self._alpha).reshape(-1, c)
@@ -354,6 +518,22 @@ class Laplace:
         prior = torch.cat([j @ j.mT for j in net.jacobian_chunks(x)]).detach().double()
         cov = (prior - reduced @ cross.mT) / delta
         return mean, 0.5 * (cov + cov.mT)
+
+    def _spread_matrix_free(self, x: Tensor, spread: str) -> Tensor:
+        """J(x) Σ J(x)ᵀ of the rank-r posterior: variances (m, C) or blocks (m, C, C), from J(x)Q and the prior
+        J(x)J(x)ᵀ (per-sample Jacobians times Q, or r JVPs: :func:`~ntkgp.gp.test_projections.choose_path`)."""
+        net, c, delta = self.network, self.num_outputs, self.prior_precision
+        lam, q, rho = self._low_rank()
+        coef = (1.0 / (lam + delta) - 1.0 / (delta + rho)).double()
+        with torch.no_grad():
+            cross, diagonal = parameter_projections(net, x, c, q, "auto", self.memory_budget, self.progress)
+        cross = cross.double().reshape(x.shape[0], c, -1)
+        if spread == "diag":
+            prior = diagonal.double().reshape(-1, c)
+            return ((cross.square() * coef).sum(-1) + prior / (delta + rho)).clamp_min(0)
+        prior = torch.cat([j @ j.mT for j in net.jacobian_chunks(x)]).detach().double()
+        cov = (cross * coef) @ cross.mT + prior / (delta + rho)
+        return 0.5 * (cov + cov.mT)
 
     def _cross_kernel(self, x: Tensor) -> Tensor:
         """K(x, X) (m·C, N), float64. J(X) (N × p) is kept after the first call when N·p is at most
@@ -399,20 +579,25 @@ class Laplace:
         """k parameter vectors θ ~ N(θ_MAP, Σ): (k, p).
 
         rank None: exact, through the dense eigendecomposition (one JVP and one VJP at the training
-        inputs). rank r: Lanczos on F (products by ``hessian``) for its top r Ritz pairs; the remaining
-        mass tr F − Σλ is spread evenly over the p − r other directions (precision δ + ρ there).
+        inputs); matrix-free, the rank-``solver.lanczos_rank`` posterior. rank r: Lanczos on F (products by
+        ``hessian``) for its top r Ritz pairs; the remaining mass tr F − Σλ is spread evenly over the p − r other
+        directions (precision δ + ρ there).
         """
         self._check_fitted()
         k, generator = as_count(k, "k"), check_generator(generator)
         net, delta = self.network, self.prior_precision
         z = randn(k, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
-        if rank is None:
+        if rank is None and self.dense:
             bz = _blockwise(self._sqrt_h, net.jvp(self.train_x, z).reshape(k, -1).double())
             root = self._evals + delta
             coef = 1.0 / (root.sqrt() * (root.sqrt() + math.sqrt(delta)))
             w = _blockwise(self._sqrt_h, ((bz @ self._evecs) * coef) @ self._evecs.mT)
             correction = net.vjp(self.train_x, w.to(net.dtype).reshape(k, *self.f0.shape))
             return self.mean + (z - correction) / math.sqrt(delta)
-        lam, q, rho, _ = self._lanczos(rank)
+        if rank is None:
+            lam, q, rho = self._low_rank()
+        else:
+            with torch.no_grad(), net.linearised(self.train_x, budget=self.memory_budget):
+                lam, q, rho, _ = self._lanczos(rank)
         scale = (lam + delta).rsqrt() - (delta + rho) ** -0.5
         return self.mean + z * (delta + rho) ** -0.5 + ((z @ q) * scale) @ q.mT
