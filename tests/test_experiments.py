@@ -168,3 +168,28 @@ def test_no_n_by_n_guard_fails_a_dense_kernel():
         measured(lambda: torch.zeros(30, 30), forbid_elements=900)
     value, record = measured(lambda: torch.zeros(30, 29), forbid_elements=900)
     assert record["largest_tensor"] == [30, 29]
+
+
+@pytest.mark.slow
+def test_lqf_conditioning_tiny_run_and_resume(tmp_path, capsys):
+    argv = ["run", "lqf-conditioning", "--config", "tiny", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = tmp_path / "lqf-conditioning"
+    payload = json.loads((out / "results.json").read_text())
+    from experiments.lqf_conditioning import SPECTRA
+
+    assert list(payload["spectra"]) == SPECTRA
+    for name, spectrum in payload["spectra"].items():
+        values = spectrum["ritz_values"]
+        assert values == sorted(values) and values[0] >= 0.1 * (1 - 1e-9), name  # all ≥ λ = 0.1 (GGN, 2JᵀJ ≥ 0)
+        assert spectrum["condition"] == pytest.approx(values[-1] / values[0])
+    # the last layer with its bias in one K-FAC block: P = H exactly, every Ritz value of P⁻¹H is 1
+    assert payload["spectra"]["LQF, K-FAC preconditioned"]["condition"] == pytest.approx(1.0, abs=1e-8)
+    assert set(payload["curves"]) == {f"{p} lr={lr}" for p in ("kfac", "plain") for lr in ("auto", 0.1, 0.0001)}
+    assert payload["curves"]["kfac lr=auto"]["lr_used"] == 0.1 and payload["best"]["kfac"] is not None
+    assert (out / "conditioning.png").stat().st_size > 10_000
+    capsys.readouterr()
+    stamp = (out / "results.json").read_text()
+    assert main(argv) == 0  # resumes: nothing left to measure, the same results
+    assert json.loads((out / "results.json").read_text())["spectra"] == json.loads(stamp)["spectra"]
+    assert "NLFT" not in capsys.readouterr().err  # NLFT did not run again
