@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_calibration_error
 from tqdm import tqdm
 
 from ntkgp import NTKGP, SVI, FunctionalNetwork, Laplace
@@ -75,19 +76,14 @@ def support_indices(labels: Tensor, shots: int, generator: torch.Generator) -> T
 
 
 def metrics(probs: Tensor, labels: Tensor, bins: int = 15) -> dict:
-    """Accuracy, NLL and expected calibration error of class probabilities (m, C)."""
+    """Accuracy, NLL and expected calibration error (torchmetrics' top-label L1 ECE, ``bins`` equal-width bins)
+    of class probabilities (m, C)."""
     probs = probs.double().cpu()
     labels = labels.cpu()
-    confidence, prediction = probs.max(-1)
-    correct = (prediction == labels).double()
+    correct = (probs.argmax(-1) == labels).double()
     nll = -torch.log(probs.gather(-1, labels[:, None]).clamp_min(1e-12)).mean()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (confidence > lo) & (confidence <= hi)
-        if inside.any():
-            ece += float(inside.double().mean() * (confidence[inside].mean() - correct[inside].mean()).abs())
-    return {"accuracy": float(correct.mean()), "nll": float(nll), "ece": ece}
+    ece = multiclass_calibration_error(probs, labels, num_classes=probs.shape[-1], n_bins=bins, norm="l1")
+    return {"accuracy": float(correct.mean()), "nll": float(nll), "ece": float(ece)}
 
 
 def gp_class_probabilities(mean: Tensor, variance: Tensor, samples: int, generator: torch.Generator) -> Tensor:
