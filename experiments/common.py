@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Experiment", "format_table", "mean_and_stderr", "seed_everything", "write_json_atomic"]
+__all__ = ["Experiment", "format_table", "mean_and_stderr", "resumed", "save_figure_atomic", "seed_everything",
+           "write_json_atomic"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,27 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
         json.dump(payload, handle, indent=1)
         tmp = handle.name
+    os.replace(tmp, path)
+
+
+def resumed(path: Path, fresh: dict) -> dict:
+    """The results at ``path`` when they were written for the same ``config`` and ``seed`` as ``fresh`` (a rerun
+    keeps what was finished), else ``fresh``."""
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("config") == fresh["config"] and previous.get("seed") == fresh["seed"]:
+            return previous
+    return fresh
+
+
+def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out, write through a temporary file and a rename, and close a matplotlib figure."""
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    import matplotlib.pyplot as plt  # here: importing experiments.common stays light
+
+    plt.close(fig)
     os.replace(tmp, path)
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ntkgp import NTKGP, SVI, FunctionalNetwork, Laplace
 
-from .common import Experiment, format_table, mean_and_stderr, seed_everything, write_json_atomic
+from .common import Experiment, format_table, mean_and_stderr, save_figure_atomic, seed_everything, write_json_atomic
 from .datasets import data_root, load_fashion_mnist
 
 METHODS = ["linearised MAP", "Laplace (probit)", "SVI", "NTK-GP one-hot", "retrain last layer", "fine-tune"]
@@ -186,9 +186,7 @@ def plot(rows: list[dict], shots: list[int], methods: list[str], path: Path) -> 
         ax.set_xlabel("shots per class")
         ax.set_title(label)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:

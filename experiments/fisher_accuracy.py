@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ntkgp import fisher_operator
 
-from .common import Experiment, format_table, seed_everything, write_json_atomic
+from .common import Experiment, format_table, save_figure_atomic, seed_everything, write_json_atomic
 from .datasets import load_fashion_mnist
 
 
@@ -95,11 +95,7 @@ def plot(rows: list[dict], path: Path, activation: str) -> None:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"finite-difference Fisher-vector products vs exact, {activation} CNN (★ = default ε)",
                  fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:

@@ -24,7 +24,6 @@ after every item and a rerun resumes; figure ``conditioning.png`` (Ritz-value hi
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 from ntkgp import LQF, FisherOperator, FunctionalNetwork
 from ntkgp.lanczos import ritz_values
 
-from .common import Experiment, format_table, seed_everything, write_json_atomic
+from .common import Experiment, format_table, resumed, save_figure_atomic, seed_everything, write_json_atomic
 from .datasets import load_fashion_mnist
 from .fashion_fewshot import NUM_CLASSES, load_mobilenet, preprocess, scope_params, support_indices, with_head
 
@@ -129,9 +128,7 @@ def plot(payload: dict, path: Path) -> None:
     right.set_xlabel("epoch")
     right.set_ylabel("LQF objective")
     right.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
@@ -149,11 +146,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     model = with_head(load_mobilenet(device), nn.Linear(1280, NUM_CLASSES).to(device)).to(dtype).eval()
     params = scope_params(config["scope"])
     path = out_dir / "results.json"
-    payload = {"config": config, "seed": seed, "device": device, "spectra": {}, "curves": {}}
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous.get("config") == config and previous.get("seed") == seed:
-            payload = previous  # resume: what was measured is kept
+    payload = resumed(path, {"config": config, "seed": seed, "device": device, "spectra": {}, "curves": {}})
     net = FunctionalNetwork(model, params)
     payload["parameters"], lam, steps = net.num_params, config["weight_decay"], config["steps"]
 

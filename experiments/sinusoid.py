@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ntkgp import NTKGP
 
-from .common import Experiment, format_table, mean_and_stderr, seed_everything, write_json_atomic
+from .common import Experiment, format_table, mean_and_stderr, save_figure_atomic, seed_everything, write_json_atomic
 
 Z95 = 1.959964
 
@@ -196,11 +196,7 @@ def plot_bands(examples: list[dict], path: Path) -> None:
             ax.set_ylim(-6, 6)
             ax.set_title(f"{label}\n{example['shots']}-shot", fontsize=8)
     axes[0, 0].legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def adapt_all(adapt, model, x: Tensor, y: Tensor, xs: Tensor, fixed_noise: float) -> tuple[Tensor, Tensor, list]:

@@ -27,7 +27,6 @@ rerun resumes (the pretrained MLP is saved too). Default: about 4 minutes on 2 C
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 from ntkgp import NTKGP, Laplace, Solver
 from ntkgp.memory import LargestTensor, format_bytes, peak_resident_bytes
 
-from .common import Experiment, format_table, seed_everything, write_json_atomic
+from .common import Experiment, format_table, resumed, save_figure_atomic, seed_everything, write_json_atomic
 from .datasets import load_uci
 
 matplotlib.use("Agg")
@@ -188,9 +187,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.barh(range(len(rows)), [r[key] for r in rows], color="tab:blue")
         ax.set_yticks(range(len(rows)), names if ax is axes[0] else [""] * len(rows), fontsize=8)
         ax.set_xlabel(label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
@@ -201,10 +198,8 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     path, weights = out_dir / "results.json", out_dir / "mlp.pt"
     payload = {"config": config, "seed": seed, "device": device, "gp_size": n,
                "pretrain_size": data["pretrain_x"].shape[0], "test_size": data["test_x"].shape[0], "methods": {}}
-    if path.exists() and weights.exists():
-        previous = json.loads(path.read_text())
-        if previous.get("config") == config and previous.get("seed") == seed:
-            payload = previous  # resume: finished methods are kept
+    if weights.exists():
+        payload = resumed(path, payload)  # finished methods are kept
     model = make_mlp(data["gp_x"].shape[1], config["hidden"], config["depth"]).to(device=device, dtype=dtype)
     if weights.exists() and payload["methods"]:
         model.load_state_dict(torch.load(weights, map_location=device))
