@@ -135,12 +135,17 @@ def test_fewshot_pieces():
         scope_params("everything")
 
 
+def run_tiny(name: str, tmp_path: Path) -> tuple[list[str], Path, dict]:
+    """Run experiment ``name``'s tiny configuration: (its command line, its results folder, its results.json)."""
+    argv = ["run", name, "--config", "tiny", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = tmp_path / name
+    return argv, out, json.loads((out / "results.json").read_text())
+
+
 @pytest.mark.slow
 def test_uci_large_tiny_run_resumes_and_forms_no_n_by_n_matrix(tmp_path, capsys):
-    argv = ["run", "uci-large", "--config", "tiny", "--out", str(tmp_path)]
-    assert main(argv) == 0
-    out = tmp_path / "uci-large"
-    payload = json.loads((out / "results.json").read_text())
+    argv, out, payload = run_tiny("uci-large", tmp_path)
     from experiments.uci_large import METHODS
 
     assert list(payload["methods"]) == METHODS
@@ -172,10 +177,7 @@ def test_no_n_by_n_guard_fails_a_dense_kernel():
 
 @pytest.mark.slow
 def test_lqf_conditioning_tiny_run_and_resume(tmp_path, capsys):
-    argv = ["run", "lqf-conditioning", "--config", "tiny", "--out", str(tmp_path)]
-    assert main(argv) == 0
-    out = tmp_path / "lqf-conditioning"
-    payload = json.loads((out / "results.json").read_text())
+    argv, out, payload = run_tiny("lqf-conditioning", tmp_path)
     from experiments.lqf_conditioning import SPECTRA
 
     assert list(payload["spectra"]) == SPECTRA
