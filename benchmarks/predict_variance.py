@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from experiments.datasets import load_fashion_mnist
-from experiments.fashion_fewshot import SCOPES, load_mobilenet, preprocess, support_indices, with_head
+from experiments.datasets import load_fashion_mnist, support_indices
+from experiments.fashion_fewshot import SCOPES, load_mobilenet, preprocess, with_head
 from ntkgp import NTKGP, FunctionalNetwork
 from ntkgp.gp.parameter_space import ntk_eigh
 from timing import device_name, sync, write_results

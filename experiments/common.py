@@ -7,6 +7,7 @@ import math
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Experiment", "format_table", "mean_and_stderr", "resumed", "save_figure_atomic", "seed_everything",
+__all__ = ["Experiment", "begin", "format_table", "mean_and_stderr", "resumed", "save_figure_atomic", "seed_everything",
            "write_json_atomic"]
 
 
@@ -58,9 +59,19 @@ def resumed(path: Path, fresh: dict) -> dict:
     return fresh
 
 
+def begin(config: dict, out_dir: Path, device: str, seed: int, **empty) -> tuple[Path, dict, float]:
+    """Seed everything and open the run's results: (``out_dir/results.json``, its payload — what a previous run of
+    the same config and seed finished, else a fresh one with ``empty`` fields —, the start time)."""
+    seed_everything(seed)
+    start = time.perf_counter()
+    path = out_dir / "results.json"
+    return path, resumed(path, {"config": config, "seed": seed, "device": device, **empty}), start
+
+
 def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
     """Lay out, write through a temporary file and a rename, and close a matplotlib figure."""
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=dpi)
     import matplotlib.pyplot as plt  # here: importing experiments.common stays light

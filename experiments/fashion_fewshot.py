@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ntkgp import NTKGP, SVI, FunctionalNetwork, Laplace
 
 from .common import Experiment, format_table, mean_and_stderr, save_figure_atomic, seed_everything, write_json_atomic
-from .datasets import data_root, load_fashion_mnist
+from .datasets import data_root, load_fashion_mnist, support_indices
 
 METHODS = ["linearised MAP", "Laplace (probit)", "SVI", "NTK-GP one-hot", "retrain last layer", "fine-tune"]
 SCOPES = {"last_layer": ["classifier."], "last_block": ["features.17.", "features.18.", "classifier."], "all": None}
@@ -67,12 +67,6 @@ def scope_params(scope: str) -> list[str] | None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
     return SCOPES[scope]
-
-
-def support_indices(labels: Tensor, shots: int, generator: torch.Generator) -> Tensor:
-    """``shots`` random indices of every class."""
-    picks = [torch.nonzero(labels == c).squeeze(-1) for c in range(NUM_CLASSES)]
-    return torch.cat([p[torch.randperm(len(p), generator=generator)[:shots]] for p in picks])
 
 
 def metrics(probs: Tensor, labels: Tensor, bins: int = 15) -> dict:
@@ -114,7 +108,6 @@ def adapt(config: dict, net: FunctionalNetwork, pooled_net: FunctionalNetwork, s
     x, y = support["inputs"], support["labels"]
     out, generator = {}, torch.Generator().manual_seed(seed)
     clock = time.perf_counter()
-    chunk = config["chunk_size"]
     fixed = config["prior_precision"]
     laplace = Laplace(net, "classification", prior_precision=1.0 if fixed is None else fixed,
                       num_classes=NUM_CLASSES).fit(x, y)

@@ -39,8 +39,9 @@ from ntkgp import LQF, FisherOperator, FunctionalNetwork
 from ntkgp.lanczos import ritz_values
 
 from .common import Experiment, format_table, resumed, save_figure_atomic, seed_everything, write_json_atomic
-from .datasets import load_fashion_mnist
-from .fashion_fewshot import NUM_CLASSES, load_mobilenet, preprocess, scope_params, support_indices, with_head
+from .datasets import load_fashion_mnist, support_indices
+from .fashion_fewshot import NUM_CLASSES, load_mobilenet, preprocess, scope_params, with_head
+from .lqf_methods import sgd_cross_entropy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,15 +63,8 @@ def ggn_ritz_values(network: FunctionalNetwork, x: Tensor, weight_decay: float, 
 def nlft(network: FunctionalNetwork, x: Tensor, y: Tensor, config: dict, seed: int) -> Tensor:
     """Non-linear fine-tuning: SGD (momentum 0.9, the usual weight decay towards 0) on the cross-entropy,
     minibatches; θ (p,)."""
-    theta = network.theta0.clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([theta], lr=config["nlft_lr"], momentum=0.9, weight_decay=config["nlft_weight_decay"])
-    generator = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(config["nlft_epochs"]), desc="NLFT", unit="epoch"):
-        for rows in torch.randperm(len(x), generator=generator).split(config["batch_size"]):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(network(network.take(x, rows), theta), y[rows]).backward()
-            optimizer.step()
-    return theta.detach()
+    return sgd_cross_entropy(network, x, y, config["nlft_lr"], config["nlft_weight_decay"], config["nlft_epochs"],
+                             config["batch_size"], seed, desc="NLFT")[0]
 
 
 def at_weights(network: FunctionalNetwork, theta: Tensor) -> FunctionalNetwork:

@@ -44,13 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the experiments")
     run = sub.add_parser("run", help="run an experiment")
     run.add_argument("name")
-    run.add_argument("--config", default="default", help="named configuration (default, tiny)")
+    run.add_argument("--config", default="default", help="named configuration (default, tiny, paper, ...)")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default ./results)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override one configuration setting; VALUE is read as JSON, else as a string "
                           "(e.g. --set scope=all --set shots=[1,5])")
+    run.add_argument("--fresh", action="store_true",
+                     help="start over: discard OUT/NAME/results.json (by default a rerun with the same configuration "
+                          "and seed resumes where the last one stopped)")
     args = parser.parse_args(argv)
     experiments = discover_experiments()
     if args.command == "list":
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             config[key] = json.loads(value)
         except json.JSONDecodeError:
             config[key] = value
+    if args.fresh:
+        (args.out / args.name / "results.json").unlink(missing_ok=True)
     experiment.run(config, args.out / args.name, args.device, args.seed)
     return 0
 

@@ -247,3 +247,27 @@ def test_grouped_convolutions_get_a_diagonal_block():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))
     names = [n for n, _ in model.named_parameters()]
     assert kfac_layers(model, names) == (["0.weight", "0.bias"], ["1.weight", "1.bias", "2.weight", "2.bias"])
+
+
+def test_kernel_matrix_from_layer_factors_equals_ntk_products():
+    from ntkgp import NTKOperator
+    from ntkgp.operators import LayerKernel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 64, 3), nn.BatchNorm2d(64), nn.Tanh(), nn.Conv2d(64, 32, 1), nn.Flatten(),
+                          nn.Linear(32 * 2 * 2, 3)).double().eval()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    xt = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    lqf = LQF(model, params=["1.", "3.", "5."], weight_decay=0.5).fit(x, y, solver="closed_form", progress=False)
+    assert isinstance(lqf._layer_kernel, LayerKernel)  # factored: 1 × 1 conv and Linear; BatchNorm by Jacobians
+    for a, b in ((x, None), (xt, x), (x, xt)):
+        dense = NTKOperator(a, a if b is None else b, network=lqf.network, num_outputs=3).to_dense()
+        assert rel_err(lqf.kernel_matrix(a, b), dense) < 1e-10
+    reference = dense_minimiser(model, x, 15 * nn.functional.one_hot(y, 3).double(), 0.5, ["1.", "3.", "5."])
+    assert rel_err(lqf.delta, reference) < 1e-8
+    # a first convolution over many pixels costs more than its Jacobian: NTK products then
+    costly = LQF(model, params=["0."], weight_decay=0.5).fit(x, y, solver="closed_form", progress=False)
+    assert costly._layer_kernel is False
+    dense = NTKOperator(xt, x, network=costly.network, num_outputs=3).to_dense()
+    assert rel_err(costly.kernel_matrix(xt, x), dense) < 1e-12

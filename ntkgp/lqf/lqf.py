@@ -27,6 +27,7 @@ from ..gp.solver import conjugate_gradients
 from ..lanczos import ritz_values
 from ..operators.fisher_operator import FisherOperator
 from ..operators.gram_operator import GramOperator
+from ..operators.layer_kernel import LayerKernel
 from ..operators.ntk_operator import NTKOperator
 from ..posteriors.minibatches import Minibatches
 from ..validation import (as_count, as_nonnegative_float, as_positive_float, check_choice, check_inputs,
@@ -101,6 +102,7 @@ class LQF:
         self._kfac: KFACPreconditioner | None = None
         self._system: KernelSystem | None = None
         self._gp: NTKGP | None = None
+        self._layer_kernel: LayerKernel | bool | None = None  # None: not yet decided; False: NTK products
         self._fit_options: dict = {}
 
     # --- data --------------------------------------------------------------------------------------
@@ -310,11 +312,36 @@ class LQF:
         if self.loss != "mse":
             raise ValueError("leave-one-out, influence and the closed form are exact for the MSE loss only")
         if self._system is None:
-            x, k = self.train_x, self.num_outputs
-            with torch.no_grad():
-                kernel = NTKOperator(x, x, network=self.network, num_outputs=k).to_dense()
-            self._system = KernelSystem(kernel, self._residual().reshape(-1), self.weight_decay / 2, k)
+            kernel = self.kernel_matrix(self.train_x)
+            self._system = KernelSystem(kernel, self._residual().reshape(-1), self.weight_decay / 2, self.num_outputs)
         return self._system
+
+    def kernel_matrix(self, x1: Tensor, x2: Tensor | None = None) -> Tensor:
+        """The NTK K(x1, x2) of the network at θ0 (n1·C × n2·C, rows interleaved: i·C + c) as a dense matrix, x2
+        defaulting to x1: from per-layer factors (:class:`~ntkgp.operators.LayerKernel`: one forward and C
+        backward passes per input) when they cost at most half of p per pair of rows, else n2·C NTK products."""
+        self._require_fit("kernel_matrix()")
+        x2 = x1 if x2 is None else x2
+        for x, name in ((x1, "x1"), (x2, "x2")):
+            check_inputs(x, self.network.dtype, name, self.network.device, input_shape=self.input_shape)
+        kernel = self._factored()
+        with torch.no_grad():
+            if kernel is None:
+                return NTKOperator(x1, x2, network=self.network, num_outputs=self.num_outputs).to_dense()
+            second = kernel.factors(x2)
+            first = second if x1 is x2 else kernel.factors(x1)
+            return kernel.kernel(first, second)
+
+    def _factored(self) -> LayerKernel | None:
+        """The layer-factor kernel when it costs at most half of p per pair of rows (decided once), else None."""
+        if self._layer_kernel is None:
+            kernel = LayerKernel(self.network)
+            try:
+                cheap = bool(kernel.layers) and kernel.cost(self.train_x) <= 0.5
+            except NotImplementedError:  # a layer called twice per forward pass
+                cheap = False
+            self._layer_kernel = kernel if cheap else False
+        return self._layer_kernel or None
 
     def _update_delta_from_system(self) -> None:
         system, n, k = self.kernel_system(), self.train_x.shape[0], self.num_outputs
@@ -373,10 +400,7 @@ class LQF:
         targets_new = self._targets(targets_new)
         closed_form = self._fit_options["solver"] == "closed_form"
         if closed_form and self._system is not None:  # bordered first: a singular system changes nothing
-            k, net = self.num_outputs, self.network
-            with torch.no_grad():
-                cross = NTKOperator(self.train_x, x_new, network=net, num_outputs=k).to_dense()
-                corner = NTKOperator(x_new, x_new, network=net, num_outputs=k).to_dense()
+            cross, corner = self.kernel_matrix(self.train_x, x_new), self.kernel_matrix(x_new)
             self._system.add(cross, corner, (targets_new - outputs_new).reshape(-1))
         self.train_x = torch.cat([self.train_x, x_new])
         self.train_targets = torch.cat([self.train_targets, targets_new])
@@ -409,7 +433,8 @@ class LQF:
         """f(x_test) − f_{−i}(x_test) (m, n, C) for every training sample i.
 
         ``"exact"``: the rank-C downdate of the function-space solve, K(x*, X) V (one NTK product with n
-        columns; :meth:`KernelSystem.downdate_directions`), for the exact minimiser. ``"kfac"``: the paper's
+        columns, or K(x*, X) from layer factors when they are cheaper: :meth:`kernel_matrix`;
+        :meth:`KernelSystem.downdate_directions`), for the exact minimiser. ``"kfac"``: the paper's
         eq. (8) with K-FAC for the inverse curvature, at the current δ (:func:`~ntkgp.lqf.influence.kfac_influence`).
         """
         check_choice(method, "method", ("exact", "kfac"))
@@ -424,8 +449,11 @@ class LQF:
             return kfac_influence(self.network, self.train_x, x_test, residual, precondition)
         system, k = self.kernel_system(), self.num_outputs
         directions = system.downdate_directions().to(self.network.dtype)  # (N, n)
-        with torch.no_grad():
-            change = NTKOperator(x_test, self.train_x, network=self.network, num_outputs=k) @ directions
+        if self._factored() is not None:  # K(x*, X) from layer factors, then n columns of it
+            change = self.kernel_matrix(x_test, self.train_x) @ directions
+        else:
+            with torch.no_grad():
+                change = NTKOperator(x_test, self.train_x, network=self.network, num_outputs=k) @ directions
         return change.reshape(x_test.shape[0], k, -1).permute(0, 2, 1)
 
     def informativeness(self, x_val: Tensor, method: str = "exact") -> Tensor:
