@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ntkgp import LQF, FisherOperator, FunctionalNetwork
 from ntkgp.lanczos import ritz_values
 
-from .common import Experiment, format_table, resumed, save_figure_atomic, seed_everything, write_json_atomic
+from .common import Experiment, begin, format_table, save_figure_atomic, write_json_atomic
 from .datasets import load_fashion_mnist, support_indices
 from .fashion_fewshot import NUM_CLASSES, load_mobilenet, preprocess, scope_params, with_head
 from .lqf_methods import sgd_cross_entropy
@@ -126,8 +126,7 @@ def plot(payload: dict, path: Path) -> None:
 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
-    seed_everything(seed)
-    start = time.perf_counter()
+    path, payload, start = begin(config, out_dir, device, seed, spectra={}, curves={})
     dtype = getattr(torch, config["dtype"])
     images, labels = load_fashion_mnist(train=True)
     idx = support_indices(labels, config["shots"], torch.Generator().manual_seed(seed))
@@ -139,8 +138,6 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     torch.manual_seed(seed)
     model = with_head(load_mobilenet(device), nn.Linear(1280, NUM_CLASSES).to(device)).to(dtype).eval()
     params = scope_params(config["scope"])
-    path = out_dir / "results.json"
-    payload = resumed(path, {"config": config, "seed": seed, "device": device, "spectra": {}, "curves": {}})
     net = FunctionalNetwork(model, params)
     payload["parameters"], lam, steps = net.num_params, config["weight_decay"], config["steps"]
 
