@@ -214,11 +214,14 @@ class FunctionalNetwork:
         """A copy with its own tensors."""
         return copy.copy(self)._apply(torch.clone)
 
-    def module_copy(self) -> nn.Module:
+    def module_copy(self, suffix: bool = False) -> nn.Module:
         """A copy of the module holding the snapshot (θ0, frozen weights, buffers), in eval mode, with
-        ``requires_grad`` on the selected parameters only: for libraries that need a module (curvlinops)."""
+        ``requires_grad`` on the selected parameters only: for libraries that need a module (curvlinops).
+        ``suffix``: only the part after the frozen prefix, whose inputs are :meth:`features` (the whole module
+        when there is no split); its parameters keep the module's names."""
         self._check_state()
-        module = copy.deepcopy(self.module).to(device=self.device, dtype=self.dtype)
+        source = self.split.suffix if suffix and self.split is not None else self.module
+        module = copy.deepcopy(source).to(device=self.device, dtype=self.dtype)
         values = {**self.frozen, **self.buffers, **self.unflatten(self.theta0)}
         with torch.no_grad():
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:

@@ -239,6 +239,30 @@ def test_kfac_products_equal_curvlinops_own():
     assert rel_err(pre @ v, inverse @ v) < 1e-10
 
 
+def test_kfac_runs_on_the_frozen_prefix_output():
+    """With a frozen prefix (two frozen convolutions before the scope) K-FAC is computed on the rest of the network
+    from the cached prefix outputs: the same operator (K-FAC blocks and the BatchNorm diagonal) as on the whole
+    network, and the prefix is evaluated once for the factors, the diagonal and the training products."""
+    from ntkgp.functional import FunctionalNetwork
+    from ntkgp.lqf.kfac import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Conv2d(4, 3, 3),
+                          nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).eval()
+    model[5].running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(7, 1, 8, 8)
+    scope = ["4.", "5.", "8."]
+    split, whole = FunctionalNetwork(model, scope), FunctionalNetwork(model, scope, frozen_prefix=False)
+    calls = []
+    split.split.prefix.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(RuntimeWarning, match="BatchNorm2d"):
+        a, b = KFACPreconditioner(split, x, 0.2), KFACPreconditioner(whole, x, 0.2)
+    assert split.split is not None and len(calls) == 2  # the split check on x[:2], then x once
+    v = torch.randn(split.num_params, 3)
+    assert a.diagonal.numel() == 6 and rel_err(a.diagonal, b.diagonal) < 1e-12
+    assert rel_err(a.curvature(v), b.curvature(v)) < 1e-12 and rel_err(a @ v, b @ v) < 1e-10
+
+
 def test_grouped_convolutions_get_a_diagonal_block():
     """curvlinops' K-FAC averages a grouped convolution's input covariance over its groups; those layers get the
     exact diagonal instead, like BatchNorm."""

@@ -114,8 +114,9 @@ class KFACPreconditioner:
         self.damping = as_positive_float(damping, "damping (the weight decay λ, > 0 for K-FAC)")
         batch_size = as_count(batch_size, "batch_size")
         num_outputs = network.num_outputs(x)
-        module = network.module_copy().double()  # float64 factors (see above)
-        source, num_data, x = x, global_rows(network, x), x.double()
+        source, num_data = x, global_rows(network, x)
+        x = network.features(x).double()  # the frozen prefix's output (computed once, or cached): the rest only
+        module = network.module_copy(suffix=True).double()  # float64 factors (see above)
         self.supported, self.diagonal_names = kfac_layers(module, network.names)
         if self.diagonal_names:
             modules = dict(module.named_modules())
@@ -149,10 +150,9 @@ class KFACPreconditioner:
                        for name, positions in mapping.items()]
         self.diagonal = x.new_zeros(0)
         if self.diagonal_names:
-            rest = FunctionalNetwork(module, self.diagonal_names, network.chunk_size,
-                                     network.jacobian_chunk_elements)
+            rest = network.restricted(self.diagonal_names)  # shares the prefix outputs of ``source``
             self.diagonal = scale * network.sum_over_shards(source, FisherOperator(
-                x, network=rest, likelihood=likelihood, method="exact", epsilon=1.0)._diagonal())  # (no step: exact)
+                source, network=rest, likelihood=likelihood, method="exact", epsilon=1.0)._diagonal())  # (exact)
         self.diagonal = self.diagonal.to(network.dtype)
 
     def _blockwise(self, v: Tensor, inverse: bool) -> Tensor:
