@@ -9,12 +9,15 @@ with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprec
 
 from .functional import FunctionalNetwork
 from .gp import NTKGP, JacobianKernel, NetworkMean, Prediction, Solver
+from .iterative import (DampedGaussNewton, FixedPeriod, IterativeLinearisation, KernelDistanceThreshold, LossPlateau,
+                        Relinearisation, gauss_newton_step, kernel_distance)
 from .lqf import LQF, KFACPreconditioner, LeakyReLU6, SqrtCovariancePooling, leaky_relu
 from .operators import (FisherOperator, GramOperator, LayerKernel, NTKOperator, fisher_operator, gram_operator,
                         ntk_operator)
 from .posteriors import SVI, Laplace, PosteriorCovariance
 
-__all__ = ["FisherOperator", "FunctionalNetwork", "GramOperator", "JacobianKernel", "KFACPreconditioner", "LQF",
-           "Laplace", "LayerKernel", "LeakyReLU6", "NTKGP", "NTKOperator", "NetworkMean", "PosteriorCovariance",
-           "Prediction", "SVI", "Solver", "SqrtCovariancePooling", "fisher_operator", "gram_operator", "leaky_relu",
-           "ntk_operator"]
+__all__ = ["DampedGaussNewton", "FisherOperator", "FixedPeriod", "FunctionalNetwork", "GramOperator",
+           "IterativeLinearisation", "JacobianKernel", "KFACPreconditioner", "KernelDistanceThreshold", "LQF",
+           "Laplace", "LayerKernel", "LeakyReLU6", "LossPlateau", "NTKGP", "NTKOperator", "NetworkMean",
+           "PosteriorCovariance", "Prediction", "Relinearisation", "SVI", "Solver", "SqrtCovariancePooling",
+           "fisher_operator", "gauss_newton_step", "gram_operator", "kernel_distance", "leaky_relu", "ntk_operator"]

@@ -230,6 +230,19 @@ class FunctionalNetwork:
             param.requires_grad_(name in self.names)
         return module.eval()
 
+    def at(self, theta: Tensor) -> FunctionalNetwork:
+        """The same network linearised at ``theta`` (p,) instead of θ0 (a copy of it): frozen parameters, buffers,
+        the split and the cache of prefix outputs are shared (the prefix depends on no selected parameter),
+        linearisations at inputs are not. Re-linearising costs no copy of the module."""
+        check_tensor(theta, "theta", f"({self.num_params},)")
+        if theta.shape != self.theta0.shape or theta.dtype != self.dtype or theta.device != self.device:
+            raise ValueError(f"theta must be a ({self.num_params},) {self.dtype} tensor on {self.device} (the selected "
+                             f"parameters, flat), got {tuple(theta.shape)} {theta.dtype} on {theta.device}")
+        moved = copy.copy(self)
+        moved.theta0 = check_finite(theta.detach().clone(), "theta", "the weights diverged: lower the learning rate")
+        moved._linearisations = {}
+        return moved
+
     def restricted(self, names: Sequence[str]) -> FunctionalNetwork:
         """A FunctionalNetwork of some of the selected parameters (``names``) at the same weights, sharing this one's
         frozen prefix and its cache of prefix outputs (a prefix free of all the selected parameters is free of these):
@@ -581,6 +594,20 @@ class FunctionalNetwork:
                 self._check_double_vjp(x, op)
                 self.use_double_vjp = True
         return check_finite(self._jvp_double_vjp(x, tangents), "the Jacobian-vector product J(x)v", _OVERFLOW_HINT)
+
+    def linearised_outputs(self, x: Tensor, delta: Tensor) -> Tensor:
+        """f(x; θ0) + J(x; θ0) δ (n, C) for δ (p,): the first-order Taylor expansion at θ0, in one forward-mode pass
+        (the primal and the tangent of one JVP); two passes where an op has no forward rule."""
+        self._check_vectors(delta.unsqueeze(0), "delta", (self.num_params,), "a parameter-space vector")
+        if not self.use_double_vjp:
+            try:
+                out, tangent = jvp(self._f(x), (self.theta0,), (delta,))
+                return check_finite(out + tangent, "the linearised outputs f(x) + J(x)δ", _OVERFLOW_HINT)
+            except (RuntimeError, NotImplementedError) as err:
+                if _missing_forward_rule(err) is None:
+                    raise
+        return check_finite(self.outputs(x) + self.jvp(x, delta.unsqueeze(0))[0], "the linearised outputs "
+                            "f(x) + J(x)δ", _OVERFLOW_HINT)
 
     def _jvp_double_vjp(self, x: Tensor, tangents: Tensor) -> Tensor:
         """J V as the VJP of the linear map u -> Jᵀ u (two reverse passes)."""

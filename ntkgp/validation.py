@@ -19,15 +19,14 @@ from torch import Tensor, nn
 _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-def check_eval_mode(module: nn.Module) -> None:
-    """Raise if a module whose output depends on train/eval mode (BatchNorm, Dropout) is in train mode."""
+def check_eval_mode(module: nn.Module, why: str = "the NTK is defined for the network in eval mode") -> None:
+    """Raise if a module whose output depends on train/eval mode (BatchNorm, Dropout) is in train mode; ``why``
+    says in the message why eval mode is needed."""
     bad = [name or type(module).__name__ for name, m in module.named_modules()
            if m.training and isinstance(m, _TRAIN_SENSITIVE)]
     if bad:
-        raise ValueError(
-            f"the network has BatchNorm/Dropout modules in train mode ({', '.join(bad[:5])}); "
-            "the NTK is defined for the network in eval mode: call model.eval() first"
-        )
+        raise ValueError(f"the network has BatchNorm/Dropout modules in train mode ({', '.join(bad[:5])}); {why}: "
+                         "call model.eval() first")
 
 
 def _scalar(value, name: str, kind: str):

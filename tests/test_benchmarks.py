@@ -95,3 +95,13 @@ def test_predict_variance_benchmark_runs(tmp_path):
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rows)
     assert rows[3]["rank"] is not None and rows[3]["mean_difference"] < 1e-4
     assert (tmp_path / "pv.json").exists()
+
+
+def test_iterative_step_benchmark_runs(tmp_path):
+    rows = run_in_float32("iterative_step", ["--device", "cpu", "--batch", "4", "--gn-batch", "2", "--newton", "1",
+                                             "--cg", "2", "--repeats", "1", "--models", "lenet",
+                                             "--out", str(tmp_path / "iterative_step.json")])
+    assert [r["model"] for r in rows] == ["LeNet-50 32x32"]
+    assert all(math.isfinite(r[key]) and r[key] > 0 for r in rows
+               for key in ("proxy_step_ratio", "gn_cross_entropy_ratio", "gn_mse_function_ratio"))
+    assert (tmp_path / "iterative_step.json").exists()

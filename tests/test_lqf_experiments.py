@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments.datasets import load_digits, load_mnist, load_olivetti, support_indices
-from experiments.lqf_hyperparameters import best_runs, effective_lr
+from experiments.lqf_hyperparameters import best_runs, effective_lr, shared_setting
 from experiments import lqf_methods
 from experiments.lqf_online import increments
 from experiments.lqf_tasks import draw_task, load_pool
@@ -56,6 +56,9 @@ def test_small_formulas():
     assert lqf_methods.test_error(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 0])) == 50.0
     rows = [{"method": "LQF", "scope": "s", "dataset": "d", "error": e, "elr": r} for e, r in ((5, 1), (3, 2), (4, 3))]
     assert best_runs(rows)["LQF", "s", "d"]["elr"] == 2
+    grid = [{"method": "M", "scope": "s", "dataset": d, "lr": lr, "batch_size": 8, "error": e}
+            for d, lr, e in (("a", 1, 10), ("a", 2, 12), ("b", 1, 30), ("b", 2, 20))]  # lr 2: mean 16 < 20
+    assert shared_setting(grid, "M", "s", ["a", "b"], best_runs(grid)) == ((2, 8), 2)
 
 
 @pytest.mark.slow

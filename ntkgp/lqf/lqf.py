@@ -27,7 +27,7 @@ from ..gp.solver import conjugate_gradients
 from ..lanczos import ritz_values
 from ..operators.fisher_operator import FisherOperator
 from ..operators.gram_operator import GramOperator
-from ..operators.layer_kernel import LayerKernel
+from ..operators.layer_kernel import LayerKernel, cheap_layer_kernel, dense_ntk
 from ..operators.ntk_operator import NTKOperator
 from ..posteriors.minibatches import Minibatches
 from ..validation import (as_count, as_nonnegative_float, as_positive_float, check_choice, check_inputs,
@@ -324,23 +324,12 @@ class LQF:
         x2 = x1 if x2 is None else x2
         for x, name in ((x1, "x1"), (x2, "x2")):
             check_inputs(x, self.network.dtype, name, self.network.device, input_shape=self.input_shape)
-        kernel = self._factored()
-        with torch.no_grad():
-            if kernel is None:
-                return NTKOperator(x1, x2, network=self.network, num_outputs=self.num_outputs).to_dense()
-            second = kernel.factors(x2)
-            first = second if x1 is x2 else kernel.factors(x1)
-            return kernel.kernel(first, second)
+        return dense_ntk(self.network, x1, x2, self._factored() or False)
 
     def _factored(self) -> LayerKernel | None:
         """The layer-factor kernel when it costs at most half of p per pair of rows (decided once), else None."""
         if self._layer_kernel is None:
-            kernel = LayerKernel(self.network)
-            try:
-                cheap = bool(kernel.layers) and kernel.cost(self.train_x) <= 0.5
-            except NotImplementedError:  # a layer called twice per forward pass
-                cheap = False
-            self._layer_kernel = kernel if cheap else False
+            self._layer_kernel = cheap_layer_kernel(self.network, self.train_x) or False
         return self._layer_kernel or None
 
     def _update_delta_from_system(self) -> None:

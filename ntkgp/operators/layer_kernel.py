@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork
+from .ntk_operator import NTKOperator
 
-__all__ = ["LayerFactors", "LayerKernel"]
+__all__ = ["LayerFactors", "LayerKernel", "cheap_layer_kernel", "dense_ntk"]
 
 
 @dataclass
@@ -187,3 +188,29 @@ class LayerKernel:
 
 def _rows(factors: LayerFactors) -> int:
     return factors.inputs[0].shape[0] if factors.inputs else factors.rest.shape[0]
+
+
+def cheap_layer_kernel(network: FunctionalNetwork, x: Tensor) -> LayerKernel | None:
+    """A :class:`LayerKernel` of ``network`` when its cost on x is at most half of p per pair of rows (the factors
+    are then clearly cheaper than NTK products), else None (no factorable layer, a layer called twice, or dearer)."""
+    kernel = LayerKernel(network)
+    try:
+        return kernel if kernel.layers and kernel.cost(x) <= 0.5 else None
+    except NotImplementedError:  # a layer called twice per forward pass
+        return None
+
+
+def dense_ntk(network: FunctionalNetwork, x1: Tensor, x2: Tensor | None = None,
+              kernel: LayerKernel | None | bool = True) -> Tensor:
+    """The NTK K(x1, x2) (n1·C × n2·C, rows i·C + c; x2 defaults to x1) at θ0 as a dense matrix: from the layer
+    factors of ``kernel`` (True: :func:`cheap_layer_kernel` decides; None or False: never), else from n2·C NTK
+    products (:class:`~ntkgp.operators.NTKOperator`)."""
+    x2 = x1 if x2 is None else x2
+    if kernel is True:
+        kernel = cheap_layer_kernel(network, x2)
+    with torch.no_grad():
+        if not kernel:
+            return NTKOperator(x1, x2, network=network, num_outputs=network.num_outputs(x1)).to_dense()
+        second = kernel.factors(x2)
+        first = second if x1 is x2 else kernel.factors(x1)
+        return kernel.kernel(first, second)
