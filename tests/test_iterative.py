@@ -264,3 +264,20 @@ def test_bad_input():
         DampedGaussNewton(model, damping=-0.1)
     with pytest.raises(ValueError, match="probe"):
         IterativeLinearisation(model, opt).kernel_distance()
+
+
+def test_parameter_subset_with_momentum_equals_plain_training_of_that_subset():
+    """params=["4."] (the last layer): K = 3 trains only it; on the last layer the network is linear in θ, so every
+    K equals plain training (to rounding), and the other layers never move."""
+    x, y = data(10)
+    plain, ours = mlp(), mlp()
+    plain_opt = torch.optim.SGD(plain[4].parameters(), lr=0.2, momentum=0.9)
+    trainer = IterativeLinearisation(ours, torch.optim.SGD(ours[4].parameters(), lr=0.2, momentum=0.9), period=3,
+                                     params=["4."])
+    for _ in range(12):
+        plain_opt.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        plain_opt.step()
+        trainer.step(x, y)
+    assert (flat(plain) - flat(ours)).abs().max() < 1e-10 and trainer.feature_updates == 4
+    assert torch.equal(flat(ours[:4]), flat(mlp()[:4]))

@@ -23,7 +23,7 @@ def test_pieces():
 @pytest.mark.slow
 def test_gauss_newton_damping_tiny_run_and_resume(tmp_path):
     argv, out, payload = run_tiny("gauss-newton-damping", tmp_path)
-    rows = payload["rows"]
+    rows = list(payload["rows"])
     assert sorted((r["damping"], r["seed"]) for r in rows) == [(0.01, 0), (0.01, 1), (1.0, 0), (1.0, 1)]
     assert all(r["train_rmse"] >= 0 and len(r["curve"]) in (0, 10) for r in rows)
     assert (out / "damping.png").stat().st_size > 10_000
@@ -39,7 +39,7 @@ def test_iterative_linearisation_tiny_run(tmp_path):
     argv, out, payload = run_tiny("iterative-linearisation", tmp_path)
     from experiments.iterative_linearisation import TINY
 
-    runs = payload["runs"]
+    runs = dict(payload["runs"])
     assert set(runs) == set(specs(TINY))
     assert runs["periods/full/K=1"]["feature_updates"] == 6 and runs["periods/full/K=inf"]["feature_updates"] == 0
     assert runs["periods/mini/K=1"]["steps"] == 12 and runs["periods/mini/K=1"]["feature_updates"] == 6

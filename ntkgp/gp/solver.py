@@ -110,6 +110,6 @@ def conjugate_gradients(product: Callable[[Tensor], Tensor], rhs: Tensor, tolera
             return product(v)
 
         guess = None if start is None else (start.unsqueeze(-1) if column else start)
-        out = linear_cg(counted, rhs, max_iter=max_iter, tolerance=tolerance, eps=tiny, stop_updating_after=tiny,
-                        initial_guess=guess)
+        out = linear_cg(counted, rhs, max_iter=max_iter, max_tridiag_iter=0, tolerance=tolerance, eps=tiny,
+                        stop_updating_after=tiny, initial_guess=guess)  # (no tridiagonal matrix: any max_iter)
     return out.squeeze(-1) if column else out
