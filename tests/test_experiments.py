@@ -55,7 +55,7 @@ def test_console_script_is_installed():
 
 def test_readme_examples_run():
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) == 2  # the NTK-GP and the LQF example
+    assert len(blocks) == 3  # the NTK-GP, the LQF and the iterative-linearisation examples
     for code in blocks:
         assert len(code.strip().splitlines()) <= 15
         exec(compile(code, "README.md", "exec"), {})

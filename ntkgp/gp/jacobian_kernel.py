@@ -25,7 +25,10 @@ class JacobianKernel(gpytorch.kernels.Kernel):
 
     GPyTorch passes inputs as (n, d) matrices; ``input_shape`` (default ``(d,)``) is the per-example
     shape the network expects, and inputs are reshaped to (n, *input_shape) before the network sees
-    them. With C > 1 outputs the covariance is (n·C × n'·C), interleaved as in
+    them. Batched inputs (..., n, d) — BoTorch's (b × q × d) candidates, batched multi-output models —
+    give a dense (..., n·C, m·C) kernel from per-sample Jacobians (differentiable in the inputs); the
+    Jacobians of the last unbatched input (the training inputs, which GPyTorch puts first in every batch of
+    a prediction) are kept and reused, not recomputed per batch member. With C > 1 outputs the covariance is (n·C × n'·C), interleaved as in
     :class:`~gpytorch.distributions.MultitaskMultivariateNormal` with ``interleaved=True``.
     Wrap it in :class:`~gpytorch.kernels.ScaleKernel` for an output scale. :meth:`fisher` gives the
     (p × p) Fisher JᵀHJ of the same network and parameters on any inputs. The network is held as a
@@ -48,6 +51,8 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         self.input_shape = _as_shape(input_shape)
         self._num_outputs: int | None = None
         self._memo: dict | None = None
+        self._train_inputs: Tensor | None = None  # the last unbatched x1 (GPyTorch's training inputs)
+        self._train_jacobians: Tensor | None = None  # its per-sample Jacobians, computed on first batched use
 
     def __call__(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False,
                  **params):
@@ -68,9 +73,6 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         return super()._apply(fn, *args, **kwargs)
 
     def _inputs(self, x: Tensor, name: str = "x") -> Tensor:
-        if x.dim() != 2:
-            raise NotImplementedError(f"JacobianKernel takes inputs of shape (n, d); got {tuple(x.shape)} "
-                                      "(batched inputs are not supported yet)")
         check_inputs(x, self.network.dtype, name, self.network.device)
         if self.input_shape is None:
             return x
@@ -83,15 +85,50 @@ class JacobianKernel(gpytorch.kernels.Kernel):
     def num_outputs(self, x: Tensor) -> int:
         """C, the network's output width (one forward pass on first use)."""
         if self._num_outputs is None:
-            self._num_outputs = self.network.num_outputs(self._inputs(x))
+            self._num_outputs = self.network.num_outputs(self._inputs(x.reshape(-1, x.shape[-1])))
         return self._num_outputs
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         return self.num_outputs(x1)
 
+    def _jacobians(self, x: Tensor, name: str) -> Tensor:
+        """Per-sample Jacobians (..., n, C, p) of batched inputs x (..., n, d), differentiable in x. Leading rows that
+        equal the last unbatched x1 the kernel saw (GPyTorch puts the training inputs first in every batch of a
+        prediction) take its Jacobians, computed once, instead of recomputing them for each batch member."""
+        train = self._train_inputs
+        n = 0 if train is None else train.shape[0]
+        if n and x.shape[-2] >= n and torch.equal(x[..., :n, :].detach(), train.expand(*x.shape[:-2], *train.shape)):
+            if self._train_jacobians is None:
+                self._train_jacobians = self._jacobian_rows(train, name).detach()
+            known = self._train_jacobians.expand(*x.shape[:-2], *self._train_jacobians.shape)
+            rest = self._jacobian_rows(x[..., n:, :].reshape(-1, x.shape[-1]), name)
+            return torch.cat([known, rest.reshape(*x.shape[:-2], x.shape[-2] - n, *known.shape[-2:])], -3)
+        jac = self._jacobian_rows(x.reshape(-1, x.shape[-1]), name)
+        return jac.reshape(*x.shape[:-1], *jac.shape[1:])
+
+    def _jacobian_rows(self, rows: Tensor, name: str) -> Tensor:
+        """(N, C, p) per-sample Jacobians of inputs (N, d)."""
+        if rows.shape[0] == 0:
+            return rows.new_zeros(0, self._num_outputs or 1, self.network.num_params)
+        return torch.cat(list(self.network.jacobian_chunks(self._inputs(rows, name))))
+
+    def _batched(self, x1: Tensor, x2: Tensor, diag: bool) -> Tensor | DenseLinearOperator:
+        """The kernel of batched inputs (..., n, d) as a dense (..., n·C, m·C) matrix from per-sample Jacobians."""
+        j1 = self._jacobians(x1, "x1")
+        if diag:
+            return (j1 * j1).sum(-1).reshape(*j1.shape[:-3], -1)
+        j2 = j1 if x2 is x1 else self._jacobians(x2, "x2")
+        kernel = torch.einsum("...ncp,...mdp->...ncmd", j1, j2)
+        return DenseLinearOperator(kernel.reshape(*kernel.shape[:-4], kernel.shape[-4] * kernel.shape[-3], -1))
+
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         if last_dim_is_batch:
             raise ValueError("JacobianKernel does not support last_dim_is_batch=True (deprecated in GPyTorch)")
+        if x1.dim() > 2 or x2.dim() > 2:
+            return self._batched(x1, x2, diag)
+        if self._train_inputs is None or self._train_inputs.shape != x1.shape or not torch.equal(self._train_inputs,
+                                                                                                   x1.detach()):
+            self._train_inputs, self._train_jacobians = x1.detach().clone(), None  # Jacobians on first batched use
         a = self._inputs(x1, "x1")
         if x2.dim() == 2 and x2.shape[-1] != x1.shape[-1]:
             raise ValueError(f"x1 has {x1.shape[-1]} features per input but x2 has {x2.shape[-1]}; they must match")
