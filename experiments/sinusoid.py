@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ntkgp import NTKGP
+from ntkgp import NTKGP, LayerScaledNTKGP
 
 from .common import Experiment, format_table, mean_and_stderr, save_figure_atomic, seed_everything, write_json_atomic
 
@@ -101,6 +101,13 @@ def ntk_method(mean: str, space: str, learn: bool):
     return adapt
 
 
+def layer_scaled(model, x, y, xs, fixed_noise):
+    """NTK-GP with one kernel scale per layer and the noise, all by the exact marginal likelihood."""
+    gp = LayerScaledNTKGP(model, x, y, mean="network").fit()
+    pred = gp.predict(xs, observation_noise=True)
+    return pred.mean, pred.variance
+
+
 def bayesian_last_layer(model, x, y, xs, fixed_noise):
     last = [name for name, _ in model.named_children()][-1]
     gp = NTKGP(model, x, y, params=[last], space="parameter", mean="zero").fit()
@@ -149,6 +156,7 @@ def methods(config: dict) -> dict:
             for space in ("function", "parameter"):
                 label = f"NTK-GP {mean} mean, {'ML' if learn else 'fixed'}, {space[:5]}."
                 table[label] = ntk_method(mean, space, learn)
+    table["NTK-GP network mean, layer-wise scales (ML)"] = layer_scaled
     table["Bayesian last layer (ML)"] = bayesian_last_layer
     for steps in config["finetune_steps"]:
         table[f"fine-tune all, {steps} steps"] = point_method(steps, False, config["finetune_lr"])

@@ -8,7 +8,7 @@ with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprec
     import linear_operator  # noqa: F401
 
 from .functional import FunctionalNetwork
-from .gp import NTKGP, JacobianKernel, NetworkMean, Prediction, Solver
+from .gp import NTKGP, JacobianKernel, LayerScaledNTKGP, NetworkMean, Prediction, Solver
 from .iterative import (DampedGaussNewton, FixedPeriod, IterativeLinearisation, KernelDistanceThreshold, LossPlateau,
                         Relinearisation, gauss_newton_step, kernel_distance)
 from .lqf import LQF, KFACPreconditioner, LeakyReLU6, SqrtCovariancePooling, leaky_relu
@@ -18,6 +18,7 @@ from .posteriors import SVI, Laplace, PosteriorCovariance
 
 __all__ = ["DampedGaussNewton", "FisherOperator", "FixedPeriod", "FunctionalNetwork", "GramOperator",
            "IterativeLinearisation", "JacobianKernel", "KFACPreconditioner", "KernelDistanceThreshold", "LQF",
-           "Laplace", "LayerKernel", "LeakyReLU6", "LossPlateau", "NTKGP", "NTKOperator", "NetworkMean",
-           "PosteriorCovariance", "Prediction", "Relinearisation", "SVI", "Solver", "SqrtCovariancePooling",
-           "fisher_operator", "gauss_newton_step", "gram_operator", "kernel_distance", "leaky_relu", "ntk_operator"]
+           "Laplace", "LayerKernel", "LayerScaledNTKGP", "LeakyReLU6", "LossPlateau", "NTKGP", "NTKOperator",
+           "NetworkMean", "PosteriorCovariance", "Prediction", "Relinearisation", "SVI", "Solver",
+           "SqrtCovariancePooling", "fisher_operator", "gauss_newton_step", "gram_operator", "kernel_distance",
+           "leaky_relu", "ntk_operator"]

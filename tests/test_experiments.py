@@ -31,7 +31,7 @@ def test_sinusoid_tiny_run_writes_results_and_figure(tmp_path, capsys):
 
     tiny = discover_experiments()["sinusoid"].configs["tiny"]
     expected = set(method_table(tiny))
-    assert {row["method"] for row in payload["rows"]} == expected and len(expected) == 11
+    assert {row["method"] for row in payload["rows"]} == expected and len(expected) == 12
     assert len(payload["rows"]) == len(expected) * tiny["tasks"] * len(tiny["shots"])
     for row in payload["rows"]:
         assert row["mse"] >= 0 and 0 <= row["coverage"] <= 1 and row["time"] > 0

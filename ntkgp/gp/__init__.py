@@ -2,8 +2,9 @@
 inference in function or parameter space."""
 
 from .jacobian_kernel import JacobianKernel
+from .layer_scaled import LayerScaledNTKGP
 from .mean import NetworkMean
 from .ntk_gp import NTKGP, Prediction
 from .solver import Solver
 
-__all__ = ["JacobianKernel", "NTKGP", "NetworkMean", "Prediction", "Solver"]
+__all__ = ["JacobianKernel", "LayerScaledNTKGP", "NTKGP", "NetworkMean", "Prediction", "Solver"]

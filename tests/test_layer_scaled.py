@@ -1,0 +1,106 @@
+"""LayerScaledNTKGP (one kernel scale per parameter group) against dense float64 formulas and NTKGP."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from ntkgp import NTKGP, LayerScaledNTKGP
+
+
+def mlp(outputs=1):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, outputs)).eval()
+
+
+def group_jacobians(model, x):
+    """{layer: J_layer (n·C, p_layer)} by jacrev, and f(x) (n·C,)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p):
+        return functional_call(model, p, (x,)).reshape(-1)
+
+    jac = jacrev(f)(params)
+    layers = {}
+    for name, j in jac.items():
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(j.reshape(j.shape[0], -1))
+    return {k: torch.cat(v, 1) for k, v in layers.items()}, f(params)
+
+
+def dense_evidence(log_scales, log_noise, jacs, r):
+    k = sum(s.exp() * j @ j.T for s, j in zip(log_scales, jacs))
+    c = k + log_noise.exp() * torch.eye(len(r), dtype=r.dtype)
+    return torch.distributions.MultivariateNormal(torch.zeros_like(r), c).log_prob(r)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_against_dense_mean_variance_evidence_and_gradient(outputs):
+    model = mlp(outputs)
+    x = torch.linspace(-2, 2, 9).unsqueeze(-1)
+    y = torch.sin(2 * x).expand(9, outputs).clone() + 0.1 * torch.arange(outputs)
+    scales = [0.5, 2.0, 0.1]
+    gp = LayerScaledNTKGP(model, x, y.squeeze(-1) if outputs == 1 else y, outputscales=scales, noise=0.03)
+    assert gp.group_names == ["0", "2", "4"]
+    jacs, f = group_jacobians(model, x)
+    jacs = [jacs[g] for g in gp.group_names]
+    r = y.reshape(-1) - f
+    log_scales = torch.tensor(scales, dtype=torch.float64).log().requires_grad_(True)
+    log_noise = torch.tensor(math.log(0.03), dtype=torch.float64)
+    ref = dense_evidence(log_scales, log_noise, jacs, r)
+    (ref_grad,) = torch.autograd.grad(ref, log_scales)
+    ours = gp.log_marginal_likelihood()
+    ours.backward()
+    assert abs(float(ours) - float(ref)) < 1e-8
+    assert (gp.raw_log_scales.grad - ref_grad).abs().max() < 1e-8
+    xs = torch.linspace(-3, 3, 7).unsqueeze(-1)
+    js, fs = group_jacobians(model, xs)
+    js = [js[g] for g in gp.group_names]
+    k = sum(s * a @ a.T for s, a in zip(scales, jacs)) + 0.03 * torch.eye(len(r))
+    cross = sum(s * b @ a.T for s, a, b in zip(scales, jacs, js))
+    prior = sum(s * (b * b).sum(1) for s, b in zip(scales, js))
+    mean = fs + cross @ torch.linalg.solve(k, r)
+    var = prior - (cross * torch.linalg.solve(k, cross.T).T).sum(1)
+    pred = gp.predict(xs)
+    assert (pred.mean.reshape(-1) - mean).abs().max() < 1e-8
+    assert (pred.variance.reshape(-1) - var).abs().max() < 1e-8
+
+
+def test_one_group_is_ntkgp():
+    model = mlp()
+    x = torch.linspace(-2, 2, 10).unsqueeze(-1)
+    y = torch.sin(2 * x[:, 0])
+    one = LayerScaledNTKGP(model, x, y, groups={"all": ["0.", "2.", "4."]}, outputscales=0.7, noise=0.05)
+    ref = NTKGP(model, x, y, outputscale=0.7, noise=0.05, progress=False)
+    assert abs(float(one.log_marginal_likelihood()) - float(ref.log_marginal_likelihood())) < 1e-8
+    xs = torch.linspace(-3, 3, 6).unsqueeze(-1)
+    a, b = one.predict(xs), ref.predict(xs)
+    assert (a.mean - b.mean).abs().max() < 1e-8 and (a.variance - b.variance).abs().max() < 1e-8
+    fitted = LayerScaledNTKGP(model, x, y, groups={"all": ["0.", "2.", "4."]}).fit()
+    ntk = NTKGP(model, x, y, progress=False).fit()
+    assert float(fitted.log_marginal_likelihood()) >= float(ntk.log_marginal_likelihood()) - 1e-5
+    assert float(fitted.outputscales[0]) == pytest.approx(float(ntk.outputscale), rel=1e-2)
+
+
+def test_fit_raises_the_evidence_above_one_shared_scale():
+    model = mlp()
+    x = torch.linspace(-2, 2, 12).unsqueeze(-1)
+    y = torch.sin(2 * x[:, 0])
+    layered = LayerScaledNTKGP(model, x, y).fit()
+    shared = NTKGP(model, x, y, progress=False).fit()
+    assert float(layered.log_marginal_likelihood()) >= float(shared.log_marginal_likelihood()) - 1e-6
+    assert layered.outputscales.shape == (3,)
+
+
+def test_bad_groups():
+    model = mlp()
+    x, y = torch.zeros(3, 1), torch.zeros(3)
+    with pytest.raises(ValueError, match="exactly once"):
+        LayerScaledNTKGP(model, x, y, groups={"a": ["0."], "b": ["2."]})
+    with pytest.raises(ValueError, match="exactly once"):
+        LayerScaledNTKGP(model, x, y, groups={"a": ["0.", "2.", "4."], "b": ["4."]})
+    with pytest.raises(TypeError, match="groups must be"):
+        LayerScaledNTKGP(model, x, y, groups=["0."])
+    with pytest.raises(ValueError, match="outputscales"):
+        LayerScaledNTKGP(model, x, y, outputscales=-1.0)
