@@ -1,7 +1,8 @@
 """Jacobian spectra across tasks (the Fast Adaptation supplement's Appendix E.1, Figure A.2), on our library.
 
-Stand-ins: MNIST1 and MNIST2 are the two halves of the 10,000-image MNIST set we have (split by the seed, 5,000
-each; the paper's are halves of MNIST's training set); Fashion-MNIST's first ``fashion_size`` training images. Inputs
+Stand-ins: MNIST1 and MNIST2 are the two halves of the 10,000-image MNIST set we have (split by the seed: 5,000 and
+4,000 images, the last ``test_size`` of the second half held out for testing; the paper's are halves of MNIST's
+training set); Fashion-MNIST's first ``fashion_size`` training images. Inputs
 zero-padded to 32 × 32. LeNet-5 (conv 5 × 5 with 6 and 16 channels, ReLU, 2 × 2 max pooling, dense 120 – 84 – 10;
 61,706 parameters) trained with Adam (lr 2e-3, batches of 256, ``epochs`` epochs) on MNIST1, on MNIST2, and on
 Fashion-MNIST — the last then with its final layer retrained on MNIST1 (1,000 Adam steps at lr 0.01, batches of
@@ -9,7 +10,7 @@ Fashion-MNIST — the last then with its final layer retrained on MNIST1 (1,000 
 its Jacobian J (10 outputs, all parameters) on ``spectrum_images`` MNIST1 images, without forming J: ``lanczos_steps``
 Lanczos steps with full reorthogonalisation on the NTK operator J Jᵀ (:func:`ntkgp.ntk_operator`, one JVP and one
 VJP per step), singular values the square roots of the top Ritz values (the extremes converge first). Reported: the
-test accuracy of each model on MNIST2's last 1,000 images, σ_1, σ_10, σ_k / σ_1 at ``report`` indices, and the mean
+test accuracy of each model on the held-out MNIST images, σ_1, σ_10, σ_k / σ_1 at ``report`` indices, and the mean
 absolute difference of log-spectra between models of the same and of different sources. Models and spectra are
 written as they finish; figure ``spectra.png``.
 """
@@ -45,15 +46,17 @@ def lenet5() -> nn.Sequential:
 
 
 def load(config: dict, seed: int) -> dict:
-    """MNIST1, MNIST2 (halves of the 10,000 MNIST images by the seed) and Fashion-MNIST, padded to 32 × 32."""
+    """MNIST1, MNIST2 (halves of the 10,000 MNIST images by the seed, the last ``test_size`` of MNIST2's half held out
+    as a test set no model trains on) and Fashion-MNIST, padded to 32 × 32."""
     images, labels = load_mnist()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     fashion, fashion_labels = load_fashion_mnist(train=True)
     prep = lambda x: nn.functional.pad((x - 0.5) / 0.5, (2, 2, 2, 2)).to(torch.get_default_dtype())  # noqa: E731
-    half = len(images) // 2
+    half, test = len(images) // 2, len(images) - config["test_size"]
     return {"MNIST1": (prep(images[order[:half]]), labels[order[:half]]),
-            "MNIST2": (prep(images[order[half:]]), labels[order[half:]]),
-            "Fashion-MNIST": (prep(fashion[:config["fashion_size"]]), fashion_labels[:config["fashion_size"]])}
+            "MNIST2": (prep(images[order[half:test]]), labels[order[half:test]]),
+            "Fashion-MNIST": (prep(fashion[:config["fashion_size"]]), fashion_labels[:config["fashion_size"]]),
+            "test": (prep(images[order[test:]]), labels[order[test:]])}
 
 
 def adam_epochs(model: nn.Module, params, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int, steps: int,
@@ -101,7 +104,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     path, payload, start = begin(config, out_dir, device, seed, models=[])
     data = load(config, seed)
     probe = data["MNIST1"][0][:config["spectrum_images"]]
-    test_x, test_y = data["MNIST2"][0][-1000:], data["MNIST2"][1][-1000:]
+    test_x, test_y = data["test"]
     done = {(m["source"], m["index"]) for m in payload["models"]}
     todo = [(s, i) for s in SOURCES for i in range(config["models"]) if (s, i) not in done]
     for source, index in tqdm(todo, desc="jacobian-spectra"):
@@ -127,7 +130,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
                        for k in config["report"]])
     print(f"LeNet-5, J on {config['spectrum_images']} MNIST1 images (10 outputs), {config['lanczos_steps']} Lanczos "
           "steps on J Jᵀ; accuracy on 1,000 MNIST2 images; mean ± s.e. over models")
-    print(format_table(["trained on", "models", "MNIST2 accuracy", "σ_1"] + [f"σ_{k}/σ_1" for k in config["report"]],
+    print(format_table(["trained on", "models", "MNIST test accuracy", "σ_1"] + [f"σ_{k}/σ_1" for k in config["report"]],
                        body))
     pairs = []
     for a, b in itertools.combinations_with_replacement(SOURCES, 2):
@@ -158,9 +161,9 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
 
 
 DEFAULT = {"models": 4, "epochs": 20, "batch_size": 256, "fashion_size": 5000, "retrain_steps": 1000,
-           "spectrum_images": 200, "lanczos_steps": 60, "top": 30, "report": [2, 10, 30]}
+           "test_size": 1000, "spectrum_images": 200, "lanczos_steps": 60, "top": 30, "report": [2, 10, 30]}
 TINY = {**DEFAULT, "models": 2, "epochs": 1, "fashion_size": 256, "retrain_steps": 2, "spectrum_images": 4,
-        "lanczos_steps": 8, "top": 4, "report": [2, 4]}
+        "test_size": 50, "lanczos_steps": 8, "top": 4, "report": [2, 4]}
 
 EXPERIMENT = Experiment(
     name="jacobian-spectra",
