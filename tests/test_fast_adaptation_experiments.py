@@ -1,6 +1,7 @@
 """The Fast Adaptation supplement's remaining experiments (issue 13): tiny configurations end to end."""
 
 import json
+import math
 
 import pytest
 
@@ -46,3 +47,20 @@ def test_jacobian_spectra_tiny_run_against_a_dense_spectrum(tmp_path):
                       .unsqueeze(0) for i in range(4) for c in range(10)])
     dense = torch.linalg.svdvals(rows)
     assert (torch.tensor(spectrum(model, x, 40))[:10] - dense[:10]).abs().max() < 1e-6 * float(dense[0])
+
+
+@pytest.mark.slow
+def test_transfer_bo_tiny_run(tmp_path):
+    from experiments.transfer_bo import METHODS, branin, task_minimum
+    import torch
+
+    argv, out, payload = run_tiny("transfer-bo", tmp_path)
+    assert sorted({r["method"] for r in payload["runs"]}) == sorted(METHODS) and len(payload["runs"]) == 10
+    for r in payload["runs"]:
+        assert len(r["regret"]) == 3 and min(r["regret"]) >= -1e-9
+        assert all(a >= b for a, b in zip(r["regret"], r["regret"][1:]))  # the best so far only improves
+    assert (out / "regret.png").stat().st_size > 10_000
+    # Branin's known minimum 0.397887 on its domain, found by the grid + L-BFGS minimiser
+    assert task_minimum({"shift": [0.0, 0.0], "scale": 1.0, "offset": 0.0}) == pytest.approx(0.397887, abs=1e-5)
+    assert float(branin(torch.tensor([(math.pi + 5) / 15, 2.275 / 15], dtype=torch.float64))) == pytest.approx(
+        0.397887, abs=1e-5)
