@@ -148,15 +148,17 @@ class IterativeLinearisation:
             self._kernels[which] = probe_kernel(network, self._require_probe())
         return self._kernels[which]
 
+    def _kernel_now(self) -> Tensor:
+        """The probe batch's NTK at the current θ."""
+        return probe_kernel(self.network0.at(self.theta().detach()), self._require_probe())
+
     def distance_from_linearisation(self) -> float:
         """Kernel distance between the network now and θ_s on the probe batch (how stale the proxy's features are)."""
-        now = probe_kernel(self.network0.at(self.theta().detach()), self._require_probe())
-        return kernel_distance(now, self._probe_kernel("s"))
+        return kernel_distance(self._kernel_now(), self._probe_kernel("s"))
 
     def kernel_distance(self) -> float:
         """Kernel distance between the NTK at θ now and at θ0 on the probe batch."""
-        now = probe_kernel(self.network0.at(self.theta().detach()), self._require_probe())
-        return kernel_distance(now, self._probe_kernel("0"))
+        return kernel_distance(self._kernel_now(), self._probe_kernel("0"))
 
     def _require_probe(self) -> Tensor:
         if self.probe is None:
