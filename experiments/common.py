@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Experiment", "begin", "format_table", "mean_and_stderr", "resumed", "save_figure_atomic", "seed_everything",
+__all__ = ["Experiment", "adam_epochs", "begin", "format_table", "mean_and_stderr", "resumed", "save_figure_atomic", "seed_everything",
            "write_json_atomic"]
 
 
@@ -94,3 +94,20 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def adam_epochs(model: torch.nn.Module, params, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int, steps: int,
+                seed: int, loss: Callable = torch.nn.functional.cross_entropy) -> None:
+    """``steps`` Adam steps (learning rate ``lr``) on ``params``, minimising ``loss(model(x_b), y_b)`` over
+    minibatches of ``batch`` rows drawn without replacement in epochs shuffled by ``seed``."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        for rows in torch.randperm(len(x), generator=generator).split(batch):
+            optimizer.zero_grad()
+            loss(model(x[rows]), y[rows]).backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                return

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ntkgp import ntk_operator
 from ntkgp.lanczos import ritz_values
 
-from .common import Experiment, begin, format_table, mean_and_stderr, save_figure_atomic, write_json_atomic
+from .common import Experiment, adam_epochs, begin, format_table, mean_and_stderr, save_figure_atomic, write_json_atomic
 from .datasets import load_fashion_mnist, load_mnist
 
 matplotlib.use("Agg")
@@ -57,22 +57,6 @@ def load(config: dict, seed: int) -> dict:
             "MNIST2": (prep(images[order[half:test]]), labels[order[half:test]]),
             "Fashion-MNIST": (prep(fashion[:config["fashion_size"]]), fashion_labels[:config["fashion_size"]]),
             "test": (prep(images[order[test:]]), labels[order[test:]])}
-
-
-def adam_epochs(model: nn.Module, params, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int, steps: int,
-                seed: int) -> None:
-    """``steps`` Adam steps on minibatches of ``batch`` drawn without replacement in seeded epochs."""
-    optimizer = torch.optim.Adam(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    done = 0
-    while done < steps:
-        for rows in torch.randperm(len(x), generator=generator).split(batch):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                return
 
 
 def train_model(source: str, index: int, data: dict, config: dict, seed: int) -> nn.Module:

@@ -64,3 +64,76 @@ def test_transfer_bo_tiny_run(tmp_path):
     assert task_minimum({"shift": [0.0, 0.0], "scale": 1.0, "offset": 0.0}) == pytest.approx(0.397887, abs=1e-5)
     assert float(branin(torch.tensor([(math.pi + 5) / 15, 2.275 / 15], dtype=torch.float64))) == pytest.approx(
         0.397887, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_olivetti_rotation_tiny_run_and_resume(tmp_path):
+    from experiments.olivetti_rotation import METHODS
+
+    argv, out, payload = run_tiny("olivetti-rotation", tmp_path)
+    rows = list(payload["rows"])
+    assert [r["method"] for r in rows] == list(METHODS) and all(r["shots"] == 10 for r in rows)
+    for r in rows:
+        assert 0 < r["rmse"] < 180 and math.isfinite(r["nll"]) and r["seconds"] > 0
+    assert payload["pretraining"]["noise"] > 0 and (out / "pretrained.pt").exists()
+    assert (out / "olivetti.png").stat().st_size > 10_000
+    stamp = (out / "pretrained.pt").stat().st_mtime_ns
+    payload["rows"].pop()
+    (out / "results.json").write_text(json.dumps(payload))
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert (out / "pretrained.pt").stat().st_mtime_ns == stamp  # resumed: not pretrained again
+    assert again["rows"][:-1] == rows[:-1] and again["rows"][-1]["method"] == METHODS[-1]
+    assert again["rows"][-1]["rmse"] == pytest.approx(rows[-1]["rmse"], rel=1e-5)  # seeded fine-tuning
+
+
+def test_olivetti_rotations_are_exact_on_the_pixel_grid():
+    import torch
+
+    from experiments.olivetti_rotation import rotate_and_crop
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, 64, 64, dtype=torch.float64)
+    upright = rotate_and_crop(image, torch.tensor([0.0]))
+    # the 45 central pixel centres of 64 fall half-way between pixels: bilinear sampling averages four crops
+    crops = [image[..., 9 + i:54 + i, 9 + j:54 + j] for i in (0, 1) for j in (0, 1)]
+    assert upright.shape == (1, 1, 45, 45)
+    assert torch.allclose(upright, sum(crops) / 4, atol=1e-12)
+    quarter = rotate_and_crop(image, torch.tensor([90.0]))  # anticlockwise, as torchvision's rotate
+    assert torch.allclose(quarter, torch.rot90(upright, 1, dims=(-2, -1)), atol=1e-12)
+    both = rotate_and_crop(image.expand(2, -1, -1, -1), torch.tensor([90.0, -90.0]))
+    assert torch.allclose(both[1], torch.rot90(upright[0], -1, dims=(-2, -1)), atol=1e-12)
+
+
+def test_olivetti_splits_keep_photographs_apart_and_grow_by_prefix():
+    import torch
+
+    from experiments.olivetti_rotation import rotated_faces, split
+
+    data = rotated_faces(3, 0, torch.float32)
+    assert data["images"].shape == (1200, 1, 45, 45) and data["angles"].abs().max() <= 90
+    config = {"test_images": 50}
+    small, test = split(data, 10, config, seed=4)
+    large, test_again = split(data, 40, config, seed=4)
+    assert torch.equal(large[:10], small) and torch.equal(test, test_again) and len(test) == 50
+    assert set(data["photo"][large].tolist()).isdisjoint(data["photo"][test].tolist())
+    assert data["person"][large].min() >= 20 and data["person"][test].min() >= 20
+    assert not torch.equal(split(data, 10, config, seed=5)[0], small)
+
+
+def test_olivetti_losses_and_scores_in_degrees():
+    import torch
+
+    from experiments.olivetti_rotation import heteroscedastic_loss, scores
+
+    outputs = torch.tensor([[0.1, -1.0], [2.0, 0.5]], dtype=torch.float64)
+    y = torch.tensor([0.3, 1.0], dtype=torch.float64)
+    var = torch.log1p(outputs[:, 1].exp()) + 1e-5
+    expected = (0.5 * torch.log(2 * math.pi * var) + (y - outputs[:, 0]) ** 2 / (2 * var)).mean()
+    assert float(heteroscedastic_loss(outputs, y)) == pytest.approx(float(expected), rel=1e-12)
+    # standardised predictions scored in degrees equal the Gaussian scores of the predictions mapped to degrees
+    got = scores(outputs[:, 0], var, y, angle_std=50.0)
+    mean_deg, var_deg, y_deg = 50 * outputs[:, 0], 2500 * var, 50 * y
+    nll = (0.5 * torch.log(2 * math.pi * var_deg) + (y_deg - mean_deg) ** 2 / (2 * var_deg)).mean()
+    assert got["nll"] == pytest.approx(float(nll), rel=1e-12)
+    assert got["rmse"] == pytest.approx(float((y_deg - mean_deg).square().mean().sqrt()), rel=1e-12)
