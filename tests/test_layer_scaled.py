@@ -129,11 +129,11 @@ def test_cg_and_slq_against_the_dense_solution(space):
     y = torch.cat([torch.sin(2 * x), torch.cos(x)], -1)
     settings = dict(outputscales=[0.5, 2.0, 0.1], noise=0.03, space=space)
     dense = LayerScaledNTKGP(model, x, y, solver="cholesky", **settings)
-    iterative = LayerScaledNTKGP(model, x, y, solver="cg", trace_samples=256, **settings)
+    iterative = LayerScaledNTKGP(model, x, y, solver="cg", trace_samples=128, **settings)
     exact, estimate = dense.log_marginal_likelihood(), iterative.log_marginal_likelihood()
     exact.backward()
     estimate.backward()
-    assert abs(float(estimate - exact)) < 1e-3 * abs(float(exact))  # measured 2.5e-5 (256 probes)
+    assert abs(float(estimate - exact)) < 1e-3 * abs(float(exact))  # measured 2.5e-5 with 256 probes
     assert float(estimate) == float(iterative.log_marginal_likelihood())  # fixed probes: deterministic
     grad_exact, grad_estimate = dense.raw_log_scales.grad, iterative.raw_log_scales.grad
     assert (grad_estimate - grad_exact).norm() < 1e-2 * grad_exact.norm()  # measured 4e-5
@@ -176,7 +176,7 @@ def test_cg_fit_reaches_the_dense_optimum():
     model = mlp(2)
     x = torch.linspace(-2, 2, 15).unsqueeze(-1)
     y = torch.cat([torch.sin(2 * x), torch.cos(x)], -1)
-    fitted = LayerScaledNTKGP(model, x, y, solver="cg").fit()
+    fitted = LayerScaledNTKGP(model, x, y, solver="cg").fit(max_iter=20)
     best = float(LayerScaledNTKGP(model, x, y, solver="cholesky").fit().log_marginal_likelihood())
     exact = LayerScaledNTKGP(model, x, y, solver="cholesky", outputscales=fitted.outputscales.tolist(),
                              noise=float(fitted.noise))
