@@ -116,9 +116,7 @@ def pretrain(data: dict, config: dict, seed: int, dtype: torch.dtype) -> tuple[n
     start = time.perf_counter()
     adam_epochs(model, model.parameters(), x, y, config["lr"], config["batch_size"], steps, seed,
                 loss=heteroscedastic_loss)
-    model.eval()
-    with torch.no_grad():
-        mean, var = mean_and_variance(torch.cat([model(chunk) for chunk in x.split(500)]))
+    mean, var = predict_network(model.eval(), x)
     stats.update(noise=float(var.mean()), train_rmse_deg=float((mean - y).square().mean().sqrt()) * stats["angle_std"],
                  seconds=time.perf_counter() - start, steps=steps)
     return model, stats
@@ -144,6 +142,7 @@ def split(data: dict, shots: int, config: dict, seed: int) -> tuple[Tensor, Tens
 
 
 def predict_network(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The network's own predictive mean and variance (len(x),) each, in chunks of 500 images."""
     with torch.no_grad():
         return mean_and_variance(torch.cat([model(chunk) for chunk in x.split(500)]))
 
