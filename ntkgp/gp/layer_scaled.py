@@ -168,11 +168,13 @@ class LayerScaledNTKGP(nn.Module):
 
     @property
     def outputscales(self) -> Tensor:
-        return self.raw_log_scales.detach().exp()
+        """s_g² (G,), detached."""
+        return self._hyperparameters()[0].detach()
 
     @property
     def noise(self) -> Tensor:
-        return self._noise_floor + self.raw_log_noise.detach().exp()
+        """σ² (scalar), detached."""
+        return self._hyperparameters()[1].detach()
 
     def _mean(self, x: Tensor) -> Tensor:
         if self.mean_kind == "zero":
