@@ -12,13 +12,20 @@ so that log det C = log det M + N log σ² (N = n·C) and a stochastic estimate 
 directions (SLQ on C itself, or on JᵀJ + σ²D⁻¹, also sees log σ² or log(σ²/d) on every other direction: its
 estimate was 1.2 nats off at a fitted point in parameter space):
 
-- Function space (N rows): M = I + Σ_g (s_g²/σ²) K_g, rᵀC⁻¹r = rᵀM⁻¹r/σ². Dense (Cholesky of M) with the group
-  kernels K_g(X, X) formed once by :func:`ntkgp.operators.layer_kernel.dense_ntk` on each group's restriction of the
-  network (layer factors or NTK products, never a Jacobian of the data set); iterative with each K_g a lazy
+- Function space (N rows): M = I + Σ_g (s_g²/σ²) K_g, rᵀC⁻¹r = rᵀM⁻¹r/σ². Dense with the group kernels K_g(X, X)
+  formed once by :func:`ntkgp.operators.layer_kernel.dense_ntk` on each group's restriction of the network (layer
+  factors or NTK products, never a Jacobian of the data set); iterative with each K_g a lazy
   :class:`~ntkgp.operators.NTKOperator` (CG for the solves, stochastic Lanczos quadrature for log det M).
 - Parameter space (p rows), by Woodbury with S = D^½: M = I + S JᵀJ S/σ², rᵀC⁻¹r = (‖r‖² − b̃ᵀM⁻¹b̃/σ²)/σ²
   with b̃ = S Jᵀr. Dense (JᵀJ formed once) or iterative (S, the lazy :class:`~ntkgp.operators.GramOperator` and S
   again). Posterior over the parameters: mean S M⁻¹ b̃/σ², covariance S M⁻¹ S.
+
+Dense M is positive definite by construction wherever the optimiser goes (:mod:`ntkgp.gp.identity_plus_gram`):
+each K_g (or JᵀJ) is replaced once by its resolved positive semi-definite part with a root L_g (eigenvalues under
+the network dtype's rounding floor dropped: a float32 kernel's are slightly negative), and M = I + WWᵀ, W = [√c_g
+L_g], is factored by Cholesky while that is accurate and by the QR of [I; Wᵀ] beyond (a line search of the
+sinusoid's fit tried s² = 1e13 against σ² = 2.6e-6, where the formed M had an eigenvalue of −7e3). The log scales
+and the log noise are kept within ±:data:`LOG_BOUND`.
 
 ``solver`` chooses as in NTKGP (dense up to 2048 rows of the space's system). SLQ runs with fixed probe vectors
 (``trace_samples`` of them) so that the objective L-BFGS sees is deterministic; its log determinant is an estimate
@@ -47,11 +54,16 @@ from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import dense_ntk
 from ..operators.ntk_operator import NTKOperator
 from ..validation import as_count, as_positive_float, check_choice, check_inputs, check_targets
+from .identity_plus_gram import identity_plus_factor, log_determinant, psd_root
 from .ntk_gp import Prediction
 from .parameter_space import dense_gram
 from .solver import Solver, as_solver
 
-__all__ = ["LayerScaledNTKGP", "parameter_groups"]
+__all__ = ["LOG_BOUND", "LayerScaledNTKGP", "parameter_groups"]
+
+#: The log scales and the log noise are clamped to ±LOG_BOUND (1e±30): a line search that steps further sees a flat
+#: evidence there instead of an overflow.
+LOG_BOUND = 69.0
 
 
 def parameter_groups(network: FunctionalNetwork, groups: Mapping[str, Sequence[str] | str] | None = None
@@ -136,18 +148,16 @@ class LayerScaledNTKGP(nn.Module):
         self._group_of = torch.repeat_interleave(torch.arange(len(self.groups), device=self.network.device),
                                                  self._group_sizes.long())  # (p,): the group of each parameter
         self._dense = self.solver.dense(self._residual.numel() if space == "function" else self.network.num_params)
-        self._kernels = self._gram = self._gradient = None
+        self._parts = self._gradient = None  # dense: the PSD parts of the group kernels, or of JᵀJ
         with torch.no_grad():
             if space == "function" and self._dense:
-                kernels = torch.stack([dense_ntk(net, train_x).double() for net in self._nets])  # (G, N, N)
-                self._kernels = 0.5 * (kernels + kernels.mT)
+                self._parts = [psd_root(dense_ntk(net, train_x)) for net in self._nets]  # K_g (N × N) each
             elif space == "parameter":
                 n, c = train_x.shape[0], self.num_outputs
                 residual = self._residual.to(self.network.dtype).reshape(1, n, c)
                 self._gradient = self.network.vjp(train_x, residual)[0].double()  # Jᵀr (p,)
                 if self._dense:
-                    gram = dense_gram(self.network, train_x, c, default_budget(self.network.device)).double()
-                    self._gram = 0.5 * (gram + gram.mT)
+                    self._parts = [psd_root(dense_gram(self.network, train_x, c, default_budget(self.network.device)))]
         scales = torch.as_tensor(outputscales, dtype=torch.float64).reshape(-1).expand(len(self.groups))
         for s in scales.tolist():
             as_positive_float(s, "outputscales")
@@ -183,26 +193,32 @@ class LayerScaledNTKGP(nn.Module):
 
     def _hyperparameters(self) -> tuple[Tensor, Tensor]:
         """(s_g² (G,), σ²), differentiable in the raw parameters."""
-        return self.raw_log_scales.exp(), self._noise_floor + self.raw_log_noise.exp()
+        bound = lambda raw: raw.clamp(-LOG_BOUND, LOG_BOUND).exp()  # noqa: E731
+        return bound(self.raw_log_scales), self._noise_floor + bound(self.raw_log_noise)
 
     def _system(self) -> Tensor | LinearOperator:
         """M at the current hyperparameters (differentiable in them): I + Σ_g (s_g²/σ²) K_g in function space,
-        I + S JᵀJ S/σ² in parameter space; a float64 tensor when dense, a LinearOperator in the network's dtype
-        otherwise."""
+        I + S JᵀJ S/σ² in parameter space; when dense its triangular factor L (M = L Lᵀ, float64,
+        :func:`~ntkgp.gp.identity_plus_gram.identity_plus_factor`), else a LinearOperator in the network's dtype."""
         scales, noise = self._hyperparameters()
         dtype, x = self.network.dtype, self.train_x
         if self.space == "function":
             if self._dense:
-                kernel = ((scales / noise)[:, None, None] * self._kernels).sum(0)
-                return kernel + torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
+                weights = scales / noise  # c_g (G,)
+                gram = sum(w * part.matrix for w, part in zip(weights, self._parts))
+                norm = sum(float(w.detach()) * part.top for w, part in zip(weights, self._parts))
+                return identity_plus_factor(gram, lambda: torch.cat(
+                    [w.sqrt() * part.root for w, part in zip(weights, self._parts)], -1), norm)
             ops = [NTKOperator(x, x, network=net, num_outputs=self.num_outputs) * (s / noise).to(dtype)
                    for s, net in zip(scales, self._nets)]
             total = ops[0] if len(ops) == 1 else SumLinearOperator(*ops)
         else:
             weights = (scales / noise).sqrt()[self._group_of]  # S/σ (p,)
             if self._dense:
-                gram = weights[:, None] * self._gram * weights[None, :]
-                return gram + torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+                (part,) = self._parts
+                gram = weights[:, None] * part.matrix * weights[None, :]
+                norm = float(weights.detach().max()) ** 2 * part.top
+                return identity_plus_factor(gram, lambda: weights[:, None] * part.root, norm)
             scaling = DiagLinearOperator(weights.to(dtype))
             total = scaling @ GramOperator(x, network=self.network) @ scaling
         return _System(total, ConstantDiagLinearOperator(torch.ones(1, dtype=dtype, device=x.device),
@@ -223,11 +239,10 @@ class LayerScaledNTKGP(nn.Module):
             yield
 
     def _inv_quad_logdet(self, system: Tensor | LinearOperator, rhs: Tensor) -> tuple[Tensor, Tensor]:
-        """(rhsᵀ M⁻¹ rhs, log det M) for the system M and rhs (rows,), in float64."""
+        """(rhsᵀ M⁻¹ rhs, log det M) for the system M (its factor when dense) and rhs (rows,), in float64."""
         if isinstance(system, Tensor):
-            factor = torch.linalg.cholesky(system)
-            solved = torch.cholesky_solve(rhs.unsqueeze(-1), factor)[:, 0]
-            return rhs @ solved, 2 * factor.diagonal().log().sum()
+            solved = torch.cholesky_solve(rhs.unsqueeze(-1), system)[:, 0]
+            return rhs @ solved, log_determinant(system)
         with self._iterative():
             quad, logdet = system.inv_quad_logdet(rhs.to(self.network.dtype).unsqueeze(-1), logdet=True)
         return quad.double(), logdet.double()
@@ -235,7 +250,7 @@ class LayerScaledNTKGP(nn.Module):
     def _solve(self, system: Tensor | LinearOperator, rhs: Tensor) -> Tensor:
         """M⁻¹ rhs (rows, k) in float64."""
         if isinstance(system, Tensor):
-            return torch.cholesky_solve(rhs, torch.linalg.cholesky(system))
+            return torch.cholesky_solve(rhs, system)
         with self._iterative():
             return system.solve(rhs.to(self.network.dtype)).double()
 
@@ -251,19 +266,33 @@ class LayerScaledNTKGP(nn.Module):
         return -0.5 * fit - 0.5 * (logdet + r.numel() * noise.log()) - 0.5 * r.numel() * math.log(2 * math.pi)
 
     def fit(self, max_iter: int = 100) -> LayerScaledNTKGP:
-        """Maximise the evidence over the log scales (and the log noise when learned) by L-BFGS. Returns self."""
+        """Maximise the evidence over the log scales (and the log noise when learned) by L-BFGS. Returns self.
+
+        The dense evidence is finite at every point the line search may try (module docstring); an iterative one that
+        is not raises a FloatingPointError naming the hyperparameters, never a raw linear-algebra error."""
         max_iter = as_count(max_iter, "max_iter")
         params = [self.raw_log_scales] + ([self.raw_log_noise] if self.learn_noise else [])
         optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def closure():
             optimizer.zero_grad()
-            loss = -self.log_marginal_likelihood()
+            try:
+                loss = -self.log_marginal_likelihood()
+            except torch.linalg.LinAlgError as err:
+                raise FloatingPointError(self._failure(str(err).splitlines()[0])) from err
+            if not torch.isfinite(loss):
+                raise FloatingPointError(self._failure("the evidence is not finite"))
             loss.backward()
             return loss
 
         optimizer.step(closure)
         return self
+
+    def _failure(self, what: str) -> str:
+        scales, noise = (t.detach() for t in self._hyperparameters())
+        return (f"LayerScaledNTKGP.fit: {what} at outputscales {[f'{s:.3g}' for s in scales.tolist()]}, noise "
+                f"{float(noise):.3g} ({self.solver.method} solver): use solver='cholesky' (exact and finite "
+                "everywhere), a fixed noise, or float64")
 
     def predict(self, x: Tensor, observation_noise: bool = False) -> Prediction:
         """Predictive mean and variance at x (m, ...): (m,) for one output, (m, C) otherwise."""
