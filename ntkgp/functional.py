@@ -24,7 +24,7 @@ from torch.func import functional_call, jacrev, jvp, linearize, vjp, vmap
 from .frozen_prefix import NetworkSplit, split_network
 from .validation import as_count, check_eval_mode, check_finite, check_finite_tensors, check_tensor, in_transform
 
-__all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "select_parameters"]
+__all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "relative_difference", "select_parameters"]
 
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
                             r"|derivative for (\S+) is not implemented", re.IGNORECASE)
@@ -75,7 +75,7 @@ def _missing_forward_rule(err: Exception) -> str | None:
     return None
 
 
-def _relative_difference(a: Tensor, b: Tensor) -> float:
+def relative_difference(a: Tensor, b: Tensor) -> float:
     """‖a − b‖ / max(‖a‖, ‖b‖) (0 when both are zero)."""
     a, b = a.detach(), b.detach()
     scale = max(float(a.norm()), float(b.norm()))
@@ -153,6 +153,8 @@ class FunctionalNetwork:
         self._shards: dict[int, tuple[weakref.ref, object]] = {}  # id(x) -> (x, process group)
         self._verified: set[str] = set()  # products whose batched path agreed with one vector at a time
         self._unbatched: set[str] = set()  # products that disagreed: computed one vector at a time
+        #: shortcut name -> whether it agreed with the plain products when first checked (the layer-factor kernel)
+        self.shortcut_checks: dict[str, bool] = {}
 
     @property
     def num_params(self) -> int:
@@ -351,7 +353,7 @@ class FunctionalNetwork:
             h = functional_call(self.split.prefix, self._values(self.split.prefix, None), (x[:2],))
             parts = functional_call(self.split.suffix, self._values(self.split.suffix, self.theta0), (h,))
         same = isinstance(whole, Tensor) and isinstance(parts, Tensor) and whole.shape == parts.shape
-        difference = _relative_difference(whole, parts) if same else float("inf")
+        difference = relative_difference(whole, parts) if same else float("inf")
         if difference > 10 * torch.finfo(self.dtype).eps ** 0.5:
             warnings.warn(f"the network split at its frozen prefix ({self.split.cut}) disagrees with the whole network "
                           f"(relative difference {difference:.2g}); running the whole network in every product",
@@ -525,7 +527,7 @@ class FunctionalNetwork:
             return out
         tol = 10 * torch.finfo(self.dtype).eps ** 0.5 if tol is None else tol
         single = torch.stack([fn(row) for row in batch[:2].unbind(0)])
-        difference = _relative_difference(out[:2], single)
+        difference = relative_difference(out[:2], single)
         if difference <= tol:
             self._verified.add(product)
             return out
@@ -701,7 +703,7 @@ class FunctionalNetwork:
         """``jac`` if uᵀJ agrees with a one-vector VJP (10·√eps), else the rows from VJPs (and a warning)."""
         generator = torch.Generator(device=self.device).manual_seed(0)
         u = torch.randn(1, *jac.shape[:2], generator=generator, dtype=self.dtype, device=self.device)
-        difference = _relative_difference(torch.einsum("bc,bcp->p", u[0], jac), self._local_vjp(x, u)[0])
+        difference = relative_difference(torch.einsum("bc,bcp->p", u[0], jac), self._local_vjp(x, u)[0])
         if difference <= 10 * torch.finfo(self.dtype).eps ** 0.5:
             self._verified.add("per-sample Jacobians")
             return jac

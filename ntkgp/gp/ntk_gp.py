@@ -260,13 +260,15 @@ class NTKGP(nn.Module):
             usable = kernel is not None and bool(kernel.layers)
             try:
                 cost = kernel.cost(self.train_x) if usable else float("inf")
+                usable = usable and kernel.agrees(self.train_x)
             except NotImplementedError:  # a shared layer
                 usable, cost = False, float("inf")
             self._layer_kernel = (kernel if usable else False, cost)
         kernel, cost = self._layer_kernel
         if required and kernel is False:
-            raise ValueError("variance_path='kernel' needs function space and a Linear or ungrouped Conv2d layer in "
-                             "scope that runs once per forward pass; use variance_path='jacobians' or 'tangents'")
+            raise ValueError("variance_path='kernel' needs function space and a stock Linear or ungrouped Conv2d layer "
+                             "in scope that runs once per forward pass and agrees with NTK products; use "
+                             "variance_path='jacobians' or 'tangents'")
         if kernel is False or (cost > 0.5 and not required):
             return None
         if self._factors is None:

@@ -13,16 +13,24 @@ and Linear layers; more for early convolutions with many pixels: :func:`kernel_c
 input batch cost one forward pass (forward hooks keep a and add a zero ε to each layer's output) and C backward
 passes (g = ∂f_c/∂ε). Every other selected parameter (normalisation weights, grouped convolutions, ...) adds
 J_f(x1) J_f(x2)ᵀ from its per-sample Jacobians. Layers called more than once per forward pass are not factored.
+
+Only modules whose computation is provably conv(a, W) + b with their own raw weight are factored: the stock
+``nn.Linear`` / ``nn.Conv2d`` forward (a subclass that overrides it, as timm's weight-standardising ``StdConv2d``
+does, is not), no forward hooks, no parametrization, weights held by no other module. What the structure cannot show
+(a weight used outside its module's call) is caught by :meth:`LayerKernel.agrees`: the first layer-factor kernel of a
+network is checked against NTK products on two inputs, and a disagreement warns once and falls back to NTK products.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from ..functional import FunctionalNetwork
+from ..functional import FunctionalNetwork, relative_difference
 from .ntk_operator import NTKOperator
 
 __all__ = ["LayerFactors", "LayerKernel", "cheap_layer_kernel", "dense_ntk"]
@@ -47,10 +55,20 @@ class _Layer:
 
 
 def _factorable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    """Whether ``module`` computes conv(a, W) + b (or a Wᵀ + b) with its raw weight, by torch's own code."""
+    stock = next((kind for kind in (nn.Linear, nn.Conv2d) if isinstance(module, kind)), None)
+    if stock is None or "forward" in vars(module) or type(module).forward is not stock.forward:
+        return False
+    if module._forward_hooks or module._forward_pre_hooks or parametrize.is_parametrized(module):
+        return False
+    if stock is nn.Linear:
         return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+    return (type(module)._conv_forward is nn.Conv2d._conv_forward and module.groups == 1
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
+#: ``FunctionalNetwork.shortcut_checks`` key of the layer-factor kernel's check against NTK products.
+CHECK = "layer-factor kernel"
 
 
 class LayerKernel:
@@ -64,9 +82,13 @@ class LayerKernel:
         self.network = network
         part = network.module if network.split is None else network.split.suffix
         selected = set(network.names)
+        holders: dict[int, int] = {}  # id(parameter) -> how many modules hold it
+        for _, module in part.named_modules(remove_duplicate=False):
+            for param in module.parameters(recurse=False):
+                holders[id(param)] = holders.get(id(param), 0) + 1
         self.layers = []
         for name, module in part.named_modules():
-            if not _factorable(module):
+            if not _factorable(module) or any(holders[id(t)] > 1 for t in module.parameters(recurse=False)):
                 continue
             prefix = f"{name}." if name else ""
             weight = f"{prefix}weight" in selected
@@ -99,6 +121,25 @@ class LayerKernel:
             total += s * s * (g.shape[-1] + (a.shape[-1] if layer.weight else 0) / c**2 + 1)
         rest = 0 if self.rest is None else self.rest.num_params
         return (total + rest) / self.network.num_params
+
+    def agrees(self, x: Tensor) -> bool:
+        """Whether this network's layer-factor kernel equals NTK products on x[:2] (relative 10·√eps), checked once
+        per network (``FunctionalNetwork.shortcut_checks``); on a disagreement warns once, and is False from then on."""
+        checks = self.network.shortcut_checks
+        if CHECK not in checks:
+            rows = x[:2]
+            with torch.no_grad():
+                first = self.factors(rows)
+                ours = self.kernel(first, first)
+                reference = NTKOperator(rows, rows, network=self.network, num_outputs=ours.shape[0] // rows.shape[0])
+                difference = relative_difference(ours, reference.to_dense())
+            checks[CHECK] = difference <= 10 * torch.finfo(self.network.dtype).eps ** 0.5
+            if not checks[CHECK]:
+                warnings.warn(f"the layer-factor kernel of this network disagrees with NTK products (relative difference "
+                              f"{difference:.2g}): a factored Linear / Conv2d does not compute its output from its own "
+                              "weight alone (a weight used elsewhere too?); using NTK products or per-sample Jacobians "
+                              "instead (correct, slower)", RuntimeWarning, stacklevel=3)
+        return checks[CHECK]
 
     def factors(self, x: Tensor) -> LayerFactors:
         """:class:`LayerFactors` of inputs x (b, ...): one forward pass and C backward passes."""
@@ -192,10 +233,11 @@ def _rows(factors: LayerFactors) -> int:
 
 def cheap_layer_kernel(network: FunctionalNetwork, x: Tensor) -> LayerKernel | None:
     """A :class:`LayerKernel` of ``network`` when its cost on x is at most half of p per pair of rows (the factors
-    are then clearly cheaper than NTK products), else None (no factorable layer, a layer called twice, or dearer)."""
+    are then clearly cheaper than NTK products) and it :meth:`~LayerKernel.agrees` with NTK products, else None (no
+    factorable layer, a layer called twice, dearer, or wrong)."""
     kernel = LayerKernel(network)
     try:
-        return kernel if kernel.layers and kernel.cost(x) <= 0.5 else None
+        return kernel if kernel.layers and kernel.cost(x) <= 0.5 and kernel.agrees(x) else None
     except NotImplementedError:  # a layer called twice per forward pass
         return None
 
