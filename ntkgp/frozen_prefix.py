@@ -8,10 +8,16 @@ the same dictionaries). Two tracings are tried: modules that hold no selected pa
 cut; the code of modules that hold selected parameters must be traceable), then every module but an
 ``nn.Sequential`` is a leaf (the cut by module structure; only Sequential containers are traced). When
 neither tracing works, or the cut leaves nothing frozen, there is no split.
+
+A graph does not say what a node's value is: a cut found here may carry a tuple (ShuffleNet V2 cuts at a stride-1
+block's ``x.chunk(2, dim=1)``) or a tensor whose first dimension is not the batch. The first use of the split
+(``FunctionalNetwork``) runs the prefix and, where its output is not one tensor of the inputs' rows, asks for the
+next cut with that node ``refused``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -23,12 +29,14 @@ __all__ = ["NetworkSplit", "split_network"]
 @dataclass
 class NetworkSplit:
     """``prefix(x) -> h`` (no selected parameter) and ``suffix(h) -> output``; ``cut``: the graph node whose
-    output is h (a module name, or an operation); ``how``: ``"fx"`` or ``"structure"``."""
+    output is h (a module name, or an operation); ``how``: ``"fx"`` or ``"structure"``; ``node``: that node's name in
+    the graph (what :func:`split_network` takes in ``refused``)."""
 
     prefix: fx.GraphModule
     suffix: fx.GraphModule
     cut: str
     how: str
+    node: str
 
 
 def _holds_selected(qualified: str, selected: list[str]) -> bool:
@@ -56,24 +64,26 @@ def _depends_on_selected(graph: fx.Graph, selected: list[str]) -> set[fx.Node]:
     return dependent
 
 
-def _cut(nodes: list[fx.Node], dependent: set[fx.Node]) -> int | None:
-    """The largest j such that nodes[:j] are frozen and exactly one of them is used from nodes[j:] (h);
-    None when the only such cut is at the input itself."""
+def _cut(nodes: list[fx.Node], dependent: set[fx.Node], refused: Set[str]) -> int | None:
+    """The largest j such that nodes[:j] are frozen and exactly one of them, not named in ``refused``, is used from
+    nodes[j:] (h); None when the only such cut is at the input itself."""
     first = next((i for i, node in enumerate(nodes) if node in dependent or node.op == "output"), len(nodes))
     for j in range(first, 1, -1):
         later = set(nodes[j:])
         frontier = {node for node in nodes[:j] if any(user in later for user in node.users)}
-        if len(frontier) == 1 and next(iter(frontier)).op != "placeholder":
-            return j
+        if len(frontier) == 1:
+            (h,) = frontier
+            if h.op != "placeholder" and h.name not in refused:
+                return j
     return None
 
 
-def _split_graph(root: nn.Module, graph: fx.Graph, selected: list[str]) -> tuple[fx.GraphModule, fx.GraphModule,
-                                                                                 str] | None:
+def _split_graph(root: nn.Module, graph: fx.Graph, selected: list[str], refused: Set[str]
+                 ) -> tuple[fx.GraphModule, fx.GraphModule, str, str] | None:
     nodes = list(graph.nodes)
     if sum(node.op == "placeholder" for node in nodes) != 1:
         return None
-    j = _cut(nodes, _depends_on_selected(graph, selected))
+    j = _cut(nodes, _depends_on_selected(graph, selected), refused)
     if j is None:
         return None
     later = set(nodes[j:])
@@ -87,17 +97,19 @@ def _split_graph(root: nn.Module, graph: fx.Graph, selected: list[str]) -> tuple
     for node in nodes[j:]:
         env[node] = suffix_graph.node_copy(node, lambda n: env[n])
     cut = str(h.target) if h.op == "call_module" else h.name
-    return fx.GraphModule(root, prefix_graph), fx.GraphModule(root, suffix_graph), cut
+    return fx.GraphModule(root, prefix_graph), fx.GraphModule(root, suffix_graph), cut, h.name
 
 
-def split_network(module: nn.Module, selected: list[str]) -> NetworkSplit | None:
-    """Split ``module`` at the end of its largest prefix free of the ``selected`` parameter names, or None."""
+def split_network(module: nn.Module, selected: list[str], refused: Set[str] = frozenset()) -> NetworkSplit | None:
+    """Split ``module`` at the end of its largest prefix free of the ``selected`` parameter names, never at a node
+    named in ``refused``; or None."""
     for how, structure in (("fx", False), ("structure", True)):
         try:
             graph = _Tracer(selected, structure).trace(module)
         except Exception:  # noqa: BLE001 — any tracing failure (control flow on values, unsupported ops) means no fx
             continue
-        parts = _split_graph(module, graph, selected)
+        parts = _split_graph(module, graph, selected, refused)
         if parts is not None:
-            return NetworkSplit(*parts, how=how)
+            prefix, suffix, cut, node = parts
+            return NetworkSplit(prefix, suffix, cut, how, node)
     return None

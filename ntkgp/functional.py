@@ -347,10 +347,21 @@ class FunctionalNetwork:
             self._features.popitem(last=False)
 
     def _check_split(self, x: Tensor) -> None:
-        """Compare the split network with the whole one on x[:2] at θ0; on disagreement warn and do not split."""
+        """Compare the split network with the whole one on x[:2] at θ0; on disagreement warn and do not split. A cut
+        whose value is not one tensor with x's rows first (a tuple: ShuffleNet's ``chunk``) is refused and the next
+        cut taken (:func:`~ntkgp.frozen_prefix.split_network`)."""
+        refused: set[str] = set()
         with torch.no_grad():
+            while self.split is not None:
+                h = functional_call(self.split.prefix, self._values(self.split.prefix, None), (x[:2],))
+                if isinstance(h, Tensor) and h.dim() > 0 and h.shape[0] == x[:2].shape[0]:
+                    break
+                refused.add(self.split.node)
+                self.split = split_network(self.module, self.names, refused)
+            if self.split is None:
+                self._split_checked = True
+                return
             whole = functional_call(self.module, self._values(self.module, self.theta0), (x[:2],))
-            h = functional_call(self.split.prefix, self._values(self.split.prefix, None), (x[:2],))
             parts = functional_call(self.split.suffix, self._values(self.split.suffix, self.theta0), (h,))
         same = isinstance(whole, Tensor) and isinstance(parts, Tensor) and whole.shape == parts.shape
         difference = relative_difference(whole, parts) if same else float("inf")

@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import ResidualBlock, make_case, rel_err
+from conftest import ResidualBlock, dense_jacobian, make_case, rel_err
 from ntkgp import NTKGP, FunctionalNetwork, ntk_operator
 
 
@@ -162,3 +162,43 @@ def test_minibatches_take_their_prefix_outputs_from_the_training_set():
     reference = SVI(FunctionalNetwork(model, ["2."], frozen_prefix=False), "regression", noise=0.1)
     reference.fit(x, y, epochs=4, batch_size=5, progress=False, generator=torch.Generator().manual_seed(0))
     assert rel_err(svi.loc, reference.loc) < 1e-12
+
+
+class SeqFirst(nn.Module):
+    """A frozen prefix that ends in a transpose to (T, b, d): a cut there would not have the batch first."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Linear(2, 3), nn.Linear(3, 3)
+
+    def forward(self, x):  # x (b, T, 2)
+        h = self.embed(x).transpose(0, 1)  # (T, b, 3): frozen
+        return self.mix(torch.tanh(h)).transpose(0, 1).flatten(1)
+
+
+@pytest.mark.parametrize("block", ["stage2.1.", "stage3.1.", "stage4.1."])
+def test_shufflenet_is_never_cut_where_the_value_is_a_tuple(block):
+    """A subset starting at a ShuffleNet V2 stride-1 block put the cut at its ``x.chunk(2, dim=1)``, a tuple
+    (AttributeError: 'tuple' object has no attribute 'numel'). The cut moves to the block before; the kernel is exact."""
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=3).double().eval()
+    x = torch.randn(3, 3, 32, 32)
+    params = [block, "fc."]
+    net = FunctionalNetwork(model, params)
+    kernel = ntk_operator(net, x, x)
+    assert net.split is not None and net.split.cut == block[:-2] + "0"
+    reference = dense_jacobian(model, x, params)
+    assert rel_err(kernel.to_dense(), reference @ reference.T) < 1e-10
+    assert rel_err(kernel.diagonal(), (reference * reference).sum(1)) < 1e-10
+
+
+def test_a_cut_without_the_batch_first_is_refused():
+    """The prefix cache serves row blocks x[a:b] as rows of x's prefix output: a cut after a transpose to (T, b, d)
+    would hand them the wrong rows."""
+    torch.manual_seed(0)
+    model, x = SeqFirst().eval(), torch.randn(4, 5, 2)
+    net = FunctionalNetwork(model, ["mix."])
+    assert rel_err(ntk_operator(net, x, x).to_dense(), (lambda j: j @ j.T)(dense_jacobian(model, x, ["mix."]))) < 1e-12
+    block, rows = ntk_operator(net, x[1:3], x[1:3]).to_dense(), dense_jacobian(model, x[1:3], ["mix."])
+    assert rel_err(block, rows @ rows.T) < 1e-12
+    assert net.split is None or net.split.prefix(x[:2]).shape[0] == 2
