@@ -29,6 +29,8 @@ __all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "relative
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
                             r"|derivative for (\S+) is not implemented", re.IGNORECASE)
 _NETWORK_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+#: what a vmapped product raises where an op has no (working) batching rule
+_BATCHING_ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError)
 
 
 def select_parameters(module: nn.Module, params: Sequence[str] | str | None) -> list[str]:
@@ -248,13 +250,14 @@ class FunctionalNetwork:
     def restricted(self, names: Sequence[str]) -> FunctionalNetwork:
         """A FunctionalNetwork of some of the selected parameters (``names``) at the same weights, sharing this one's
         frozen prefix and its cache of prefix outputs (a prefix free of all the selected parameters is free of these):
-        products in the subset never rerun the prefix."""
+        products in the subset never rerun the prefix; and what was found about batched products."""
         missing = [n for n in names if n not in self.names]
         if missing:
             raise ValueError(f"restricted takes selected parameters of this network; {missing[:3]} are not selected")
         sub = FunctionalNetwork(self.module_copy(), list(names), self.chunk_size, self.jacobian_chunk_elements,
                                 frozen_prefix=False)
         sub.split, sub._split_checked, sub._features = self.split, self._split_checked, self._features
+        sub._unbatched = self._unbatched  # an op without a (right) batching rule lacks it in every subset
         return sub
 
     # --- the function ------------------------------------------------------------------------------
@@ -533,7 +536,12 @@ class FunctionalNetwork:
         """
         if batch.shape[0] == 1 or product in self._unbatched:
             return torch.stack([fn(row) for row in batch.unbind(0)])
-        out = vmap(fn, chunk_size=self.chunk_size)(batch)
+        try:
+            out = vmap(fn, chunk_size=self.chunk_size)(batch)
+        except _BATCHING_ERRORS as err:
+            first = fn(batch[0])  # the product itself fails too: its own error
+            self._unbatchable(product, err)
+            return torch.stack([first, *(fn(row) for row in batch[1:].unbind(0))])
         if product in self._verified or in_transform():
             return out
         tol = 10 * torch.finfo(self.dtype).eps ** 0.5 if tol is None else tol
@@ -551,6 +559,14 @@ class FunctionalNetwork:
         warnings.warn(f"batched (vmap) {product} of this network disagree with one-vector products (relative "
                       f"difference {difference:.2g}): an op in it has a wrong batching rule in torch "
                       f"{torch.__version__} (torch.cdist is one); computing them one vector at a time from now on "
+                      "(correct, slower)", RuntimeWarning, stacklevel=4)
+
+    def _unbatchable(self, product: str, err: Exception) -> None:
+        """Record that the batched ``product`` raised where one-vector products work, and say so."""
+        self._unbatched.add(product)
+        warnings.warn(f"batched (vmap) {product} of this network fail in torch {torch.__version__} ({type(err).__name__}:"
+                      f" {str(err).splitlines()[0][:160]}) while one-vector products work: an op in it has no batching "
+                      "rule (aten::lstm and GRU are such ops); computing them one vector at a time from now on "
                       "(correct, slower)", RuntimeWarning, stacklevel=4)
 
     def _f(self, x: Tensor):
@@ -699,7 +715,13 @@ class FunctionalNetwork:
             if "per-sample Jacobians" in self._unbatched:
                 yield self._jacobian_rows(chunk, num_outputs)
                 continue
-            jac = per_sample(self.theta0, chunk_features, chunk)
+            try:
+                jac = per_sample(self.theta0, chunk_features, chunk)
+            except _BATCHING_ERRORS as err:  # no batching rule over inputs (aten::lstm): rows from VJPs
+                rows = self._jacobian_rows(chunk, num_outputs)  # the product itself fails too: its own error
+                self._unbatchable("per-sample Jacobians", err)
+                yield rows
+                continue
             if "per-sample Jacobians" not in self._verified and not in_transform():
                 jac = self._check_jacobian(chunk, jac)
             yield check_finite(jac, "the per-sample Jacobian J(x)", _OVERFLOW_HINT)
