@@ -9,6 +9,7 @@ computed from the dense matrix; float32 against float64 at 1e-3.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -152,3 +153,44 @@ def test_matrix_free_refuses_cholesky_on_shards_and_beyond_max_size():
     y = labels(model, x)
     with pytest.raises(ValueError, match="exceeds max_size.*solver='auto' or 'cg'"):
         Laplace(model, "classification", max_size=10, solver="cholesky").fit(x, y)
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_a_low_rank_posterior_warns_and_reports_its_error(task):
+    """Beyond max_size the posterior was silently rank-r (probit probabilities 0.54 from exact on a 10-way head at
+    N = 10,000, no warning). Now fit warns, and predict's error estimate (exact GLM variances of the first PROBES
+    test inputs by CG) equals the true error of those inputs against the dense posterior (1e-5)."""
+    model, x, _ = make_case("mlp_c3", n=20)
+    y = labels(model, x) if task == "classification" else torch.sin(2 * x[:, :3])
+    noise = None if task == "classification" else 0.2
+    dense = Laplace(model, task, prior_precision=DELTA, noise=noise, solver="cholesky").fit(x, y)
+    rank = Solver("cg", cg_tolerance=1e-12, lanczos_rank=4)
+    with pytest.warns(RuntimeWarning, match="rank-4 Lanczos approximation"):
+        low = Laplace(model, task, prior_precision=DELTA, noise=noise, solver=rank, progress=False).fit(x, y)
+    x_test = torch.randn(12, *x.shape[1:])
+    with pytest.warns(RuntimeWarning, match="low-rank posterior's error on 8 probe inputs"):
+        ours = low.predict(x_test)
+    probes = slice(0, Laplace.PROBES)
+    if task == "regression":
+        truth, approximate = dense.predict(x_test).variance[probes], ours.variance[probes]
+        assert ours.variance_error == low.variance_error
+    else:
+        mean, truth = dense._latent(x_test[probes], "diag")
+        approximate = low._latent(x_test[probes], "diag")[1]
+        probit = lambda var: torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)  # noqa: E731
+        assert low.probability_error == pytest.approx(float((probit(approximate) - probit(truth)).abs().max()),
+                                                      rel=1e-4, abs=1e-9)
+        assert low.probability_error > 1e-2
+    expected = float((approximate - truth).abs().max() / truth.abs().max())
+    assert low.variance_error == pytest.approx(expected, rel=1e-5)
+    assert low.variance_error > 1e-2
+
+
+def test_an_exact_rank_neither_warns_nor_estimates():
+    model, x, _ = make_case("mlp_c3", n=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        free = Laplace(model, "regression", prior_precision=DELTA, noise=0.2, solver=exact(60),
+                       progress=False).fit(x, torch.sin(2 * x[:, :3]))
+        pred = free.predict(torch.randn(5, 3))
+    assert free.variance_error is None and pred.variance_error is None
