@@ -7,6 +7,7 @@ import gpytorch
 import pytest
 import torch
 from conftest import dense_jacobian, make_case, rel_err
+from torch import nn
 
 from ntkgp import NTKGP, JacobianKernel, Solver
 
@@ -226,3 +227,20 @@ def test_float32_spaces_agree(noise):
     p = NTKGP(model, x, y, noise=noise, space="parameter").predict(xs)
     assert rel_err(p.mean.double(), f.mean.double()) < 1e-4
     assert rel_err(p.variance.double(), f.variance.double()) < 1e-4
+
+
+@pytest.mark.parametrize("outputscale, noise", [(1.0, 0.1), (2.0, 0.3)])
+def test_hyperparameters_are_held_in_the_networks_dtype(outputscale, noise):
+    """Under torch's usual default dtype (float32) a float64 network's NTKGP held s² = 1 − 4.5e-10, σ² = 0.1 + 1.5e-9
+    (set while the kernel was float32): now exactly what was given."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1)).double().eval()
+        x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+        gp = NTKGP(model, x, y, outputscale=outputscale, noise=noise)
+    finally:
+        torch.set_default_dtype(previous)
+    assert gp.outputscale.dtype == torch.float64
+    assert float(gp.outputscale) == outputscale and float(gp.noise) == noise

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import gpytorch
 import torch
@@ -146,8 +147,12 @@ class NTKGP(nn.Module):
         self.input_shape = tuple(train_x.shape[1:])
         self.learn_noise = noise is None
 
+        # converted before any value is set: GPyTorch's setters go through a tensor of the module's dtype (and a float
+        # through torch's default dtype), which held s² = 1 − 4.5e-10 and σ² = 0.1 + 1.5e-9 for a float64 network
+        as_network_tensor = partial(torch.tensor, dtype=self.network.dtype, device=self.network.device)
         kernel = gpytorch.kernels.ScaleKernel(JacobianKernel(self.network, input_shape=self.input_shape))
-        kernel.outputscale = outputscale
+        kernel = kernel.to(device=self.network.device, dtype=self.network.dtype)
+        kernel.outputscale = as_network_tensor(outputscale)
         floor = 1e-6 if noise is None else min(1e-6, noise / 2)
         self._noise_floor = floor
         if self.num_outputs == 1:
@@ -157,15 +162,15 @@ class NTKGP(nn.Module):
                 num_tasks=self.num_outputs, rank=0, has_task_noise=False, noise_constraint=GreaterThan(floor))
         likelihood = likelihood.to(device=self.network.device, dtype=self.network.dtype)
         if noise is None:
-            likelihood.noise = max(1e-2 * self._variance_of(targets), 2 * floor)
+            likelihood.noise = as_network_tensor(max(1e-2 * self._variance_of(targets), 2 * floor))
         else:
-            likelihood.noise = noise
+            likelihood.noise = as_network_tensor(noise)
             likelihood.raw_noise.requires_grad_(False)
         mean_module = (NetworkMean(self.network, self.input_shape) if mean == "network"
                        else _ZeroMean(self.num_outputs))
         y = targets.squeeze(-1) if self.num_outputs == 1 else targets
-        self.gp = _ExactNTKModel(train_x.reshape(train_x.shape[0], -1), y, likelihood, mean_module,
-                                 kernel.to(device=self.network.device, dtype=self.network.dtype), self.num_outputs)
+        self.gp = _ExactNTKModel(train_x.reshape(train_x.shape[0], -1), y, likelihood, mean_module, kernel,
+                                 self.num_outputs)
         self.register_buffer("train_targets", targets, persistent=False)  # (n, C)
         self._clear_caches()
         self._residual  # checks the network's outputs at train_x now, not at the first prediction
