@@ -20,6 +20,10 @@ default; here that would put the targets and the network's predictions in differ
 ``outcome_transform`` (e.g. ``Standardize(m=1)``) is applied to the targets *and* to the network mean, so the GP
 models the transformed outcome with the transformed network as its mean, and posteriors are untransformed back; an
 ``input_transform`` is applied to X before the network sees it (train and test alike).
+
+Dtypes: the model works in the dtype of ``train_X`` (BoTorch runs in float64): a network snapshot of another floating
+dtype is converted to it (a copy: the module passed is untouched), so a float32 network gives float64 posteriors to
+float64 BoTorch code. ``train_Y`` and every later X and Y must then have that dtype (a TypeError otherwise).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class NTKGPModel(Model, FantasizeMixin):
         outputscale, noise: s² and σ²; None (default) learns them by the exact marginal likelihood
             (:meth:`ntkgp.NTKGP.fit`); numbers fix them.
         outcome_transform, input_transform: BoTorch transforms, none by default (module docstring).
+
+    The network snapshot is converted to ``train_X``'s dtype (module docstring).
     """
 
     def __init__(self, model: nn.Module | FunctionalNetwork, train_X: Tensor, train_Y: Tensor,
@@ -75,14 +81,18 @@ class NTKGPModel(Model, FantasizeMixin):
         if not isinstance(train_Y, Tensor) or train_Y.shape != (train_X.shape[0], 1):
             raise ValueError(f"train_Y must have shape ({train_X.shape[0]}, 1) (one output), got "
                              f"{tuple(getattr(train_Y, 'shape', ()))}")
-        if self.network.num_outputs(train_X[:1].to(self.network.dtype)) != 1:
+        if not train_X.is_floating_point():
+            raise TypeError(f"train_X has dtype {train_X.dtype}; BoTorch inputs must be floating (float64)")
+        self.network = self.network.to(train_X.dtype)  # the model's dtype is train_X's (module docstring)
+        self._check_dtype(train_Y, "train_Y")
+        if self.network.num_outputs(train_X[:1]) != 1:
             raise ValueError("NTKGPModel is for networks with one output; build one model per output")
         if input_transform is not None:
             self.input_transform = input_transform
         if outcome_transform is not None:
             self.outcome_transform = outcome_transform
         x = self._network_inputs(train_X, train=True)
-        y = train_Y.to(self.network.dtype)
+        y = train_Y
         if outcome_transform is not None:
             y, _ = outcome_transform(y, X=train_X)
         residual = y[:, 0] - self._prior_mean(x)
@@ -111,8 +121,14 @@ class NTKGPModel(Model, FantasizeMixin):
         self._w = s2 * (jacobian.mT @ alpha).squeeze(-1)  # (batch, p)
         self._b = torch.linalg.solve_triangular(factor, jacobian, upper=False)  # (batch, n, p)
 
+    def _check_dtype(self, t: Tensor, name: str) -> None:
+        if t.dtype != self.network.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but this model works in {self.network.dtype} (train_X's "
+                            f"dtype): convert with {name}.to({self.network.dtype})")
+
     def _network_inputs(self, X: Tensor, train: bool = False) -> Tensor:
-        x = X.to(self.network.dtype)
+        self._check_dtype(X, "X")
+        x = X
         if hasattr(self, "input_transform"):
             x = self.input_transform.preprocess_transform(x) if train else self.input_transform(x)
         return x
@@ -175,7 +191,8 @@ class NTKGPModel(Model, FantasizeMixin):
         if Y.shape[-1] != 1 or X.shape[-2] != Y.shape[-2]:
             raise ValueError(f"Y must have shape (..., {X.shape[-2]}, 1) for X of shape {tuple(X.shape)}")
         x = self._network_inputs(X)
-        y = Y.to(self.network.dtype)
+        self._check_dtype(Y, "Y")
+        y = Y
         if hasattr(self, "outcome_transform"):
             y, _ = self._transform_mean(y)
         residual = y[..., 0] - self._prior_mean(x)

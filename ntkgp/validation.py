@@ -121,6 +121,9 @@ def check_targets(y, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
     check_tensor(y, "train_y", "(n,) or (n, C)")
     if not y.is_floating_point():
         raise TypeError(f"train_y has dtype {y.dtype}; regression targets must be floating: use train_y.to({dtype})")
+    if y.dtype != dtype:
+        raise TypeError(f"train_y has dtype {y.dtype} but the network's parameters are {dtype}: convert with "
+                        f"train_y.to({dtype}) (and the inputs), or the network with .to({y.dtype})")
     expected = "(n,) or (n, 1)" if num_outputs == 1 else f"(n, {num_outputs})"
     if y.dim() == 1 and num_outputs == 1:
         y = y.unsqueeze(-1)
@@ -131,7 +134,7 @@ def check_targets(y, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
         raise ValueError(f"train_x has {n} inputs but train_y has {y.shape[0]} rows; they must match")
     if not torch.isfinite(y).all():
         raise ValueError("train_y contains NaN or Inf values; remove those examples first")
-    return y.to(dtype)
+    return y
 
 
 def check_labels(y, n: int, num_classes: int) -> Tensor:

@@ -1,5 +1,6 @@
 """ntkgp.botorch.NTKGPModel against NTKGP and dense float64 formulas, and inside BoTorch's acquisition machinery."""
 
+import copy
 import subprocess
 import sys
 
@@ -201,3 +202,30 @@ def test_jacobian_kernel_in_singletaskgp_batched_and_with_optimize_acqf():
                        covar_module=ScaleKernel(JacobianKernel(model), batch_shape=torch.Size([2])))
     fit_gpytorch_mll(ExactMarginalLogLikelihood(two.likelihood, two))
     assert two.posterior(xs).mean.shape == (3, 4, 2)
+
+
+def test_a_float32_network_works_in_botorchs_float64():
+    """BoTorch runs in float64: a float32 network's snapshot is converted to train_X's dtype, so posteriors are
+    float64 and equal those of the network in float64 (it used to cast X down and return float32). X or Y of another
+    dtype later is a TypeError."""
+    x, y = data()
+    single = net().float()
+    m = NTKGPModel(single, x, y, outputscale=0.7, noise=0.05)
+    assert next(single.parameters()).dtype == torch.float32  # the module is untouched
+    xs = torch.rand(2, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    post = m.posterior(xs)
+    reference = NTKGPModel(copy.deepcopy(single).double(), x, y, outputscale=0.7, noise=0.05).posterior(xs)
+    assert post.mean.dtype == torch.float64
+    assert torch.allclose(post.mean, reference.mean, rtol=0, atol=1e-12)
+    assert torch.allclose(post.variance, reference.variance, rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="X has dtype torch.float32 but this model works in torch.float64"):
+        m.posterior(xs.float())
+    with pytest.raises(TypeError, match="train_Y has dtype torch.float32"):
+        NTKGPModel(net(), x, y.float(), outputscale=0.7, noise=0.05)
+
+
+def test_ntkgp_refuses_targets_of_another_floating_dtype():
+    x, y = data()
+    with pytest.raises(TypeError, match="train_y has dtype torch.float64 but the network's parameters are "
+                                        "torch.float32"):
+        NTKGP(net().float(), x.float(), y[:, 0], noise=0.1)
