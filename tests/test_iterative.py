@@ -281,3 +281,29 @@ def test_parameter_subset_with_momentum_equals_plain_training_of_that_subset():
         trainer.step(x, y)
     assert (flat(plain) - flat(ours)).abs().max() < 1e-10 and trainer.feature_updates == 4
     assert torch.equal(flat(ours[:4]), flat(mlp()[:4]))
+
+
+def test_closure_optimizers_such_as_lbfgs():
+    """torch.optim.LBFGS needs a closure (it raised "step() missing 1 required positional argument: 'closure'"): with
+    K = ∞ five LBFGS steps equal LBFGS on the dense f0 + J0(θ − θ0) to 1e-8."""
+    x, y = data(10)
+    model = mlp()
+    theta0 = flat(model)
+    jac, f0 = dense_jacobian(model, x, theta0)
+    theta = theta0.clone().requires_grad_(True)
+    reference = torch.optim.LBFGS([theta], lr=0.5, max_iter=4)
+
+    def closure():
+        reference.zero_grad()
+        loss = nn.functional.cross_entropy(f0 + (jac @ (theta - theta0)).reshape(f0.shape), y)
+        loss.backward()
+        return loss
+
+    trainer = IterativeLinearisation(model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4),
+                                     period=math.inf)
+    losses = []
+    for _ in range(5):
+        reference.step(closure)
+        losses.append(trainer.step(x, y))
+    assert (flat(model) - theta.detach()).abs().max() < 1e-8
+    assert losses[-1] < losses[0]

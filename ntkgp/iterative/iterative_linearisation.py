@@ -117,13 +117,25 @@ class IterativeLinearisation:
 
     def step(self, x: Tensor, targets: Tensor) -> float:
         """One optimizer step on the proxy's loss at the batch (x (b, ...), targets); re-linearises afterwards if
-        the policy says so. Returns the proxy's loss before the step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.proxy(x)
-        value = check_loss_value(self.loss(out, targets), out)
-        value.backward()
-        self.optimizer.step()
-        loss = float(value.detach())
+        the policy says so. Returns the proxy's loss before the step.
+
+        The step is ``optimizer.step(closure)``, so optimizers that evaluate the loss several times per step
+        (``torch.optim.LBFGS``) work as well as those that use the gradient once."""
+        values: list[Tensor] = []
+
+        def closure() -> Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.proxy(x)
+            value = check_loss_value(self.loss(out, targets), out)
+            value.backward()
+            values.append(value.detach())
+            return value
+
+        self.optimizer.step(closure)
+        if not values:
+            raise RuntimeError(f"{type(self.optimizer).__name__}.step(closure) did not call the closure: the trainer "
+                               "needs an optimizer that evaluates the loss through it (every torch.optim optimizer does)")
+        loss = float(values[0])
         self.steps += 1
         self.since += 1
         self.history.proxy_loss.append(loss)
