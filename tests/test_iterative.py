@@ -307,3 +307,20 @@ def test_closure_optimizers_such_as_lbfgs():
         losses.append(trainer.step(x, y))
     assert (flat(model) - theta.detach()).abs().max() < 1e-8
     assert losses[-1] < losses[0]
+
+
+def test_undamped_gauss_newton_with_more_outputs_than_parameters():
+    """n·C > p (JᵀJ full rank): the default space picked parameter space and then raised claiming p > n·C. The
+    undamped step is now taken there: the least-squares step −(JᵀJ)⁻¹Jᵀ(f − y), to 1e-8."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).eval()  # p = 17
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(1))  # n·C = 40
+    y = torch.randn(20, 2, generator=torch.Generator().manual_seed(2))
+    jac, f = dense_jacobian(model, x, flat(model))
+    exact = torch.linalg.lstsq(jac, (y - f).reshape(-1, 1)).solution[:, 0]
+    for space in ("auto", "parameter", "function"):
+        step = gauss_newton_step(model, x, y, "mse", damping=0.0, space=space)
+        assert (step - exact).abs().max() < 1e-8 * max(1.0, float(exact.abs().max()))
+    few = x[:3]  # n·C = 6 < p = 17: JᵀJ singular
+    with pytest.raises(ValueError, match=r"damping = 0 with p = 17 > n·C = 6: JᵀJ \(p × p\) is singular"):
+        gauss_newton_step(model, few, y[:3], "mse", damping=0.0, space="parameter")

@@ -112,7 +112,8 @@ def gauss_newton_step(model: nn.Module | FunctionalNetwork, x: Tensor, targets: 
         damping: λ >= 0 (> 0 for cross-entropy).
         params: the parameters stepped (names or module prefixes; default all). Ignored for a FunctionalNetwork.
         space: MSE only — ``"function"`` (dense NTK, n·C small), ``"parameter"`` (CG, matrix-free) or ``"auto"``
-            (function space when n·C ≤ min(p, 4096)).
+            (function space when n·C ≤ min(p, 4096); with λ = 0 the space of the smaller Gram, n·C ≤ p: the one
+            in which the undamped step is well posed).
         tolerance: CG's relative residual (default 10·eps of the dtype, at least 1e-10) and Newton's gradient
             reduction; max_iter: CG iterations per solve (default 10·p); newton_steps: Newton iterations at most.
     """
@@ -133,11 +134,13 @@ def gauss_newton_step(model: nn.Module | FunctionalNetwork, x: Tensor, targets: 
                 raise ValueError("damping must be > 0 for loss='cross_entropy': the linearised cross-entropy of "
                                  "separable data has no minimiser without it")
             return _cross_entropy_step(net, x, f0, targets, damping, tolerance, max_iter, newton_steps, progress)
-        if space == "auto":
-            space = "function" if f0.numel() <= min(net.num_params, 4096) else "parameter"
-        if space == "parameter" and damping == 0:
-            raise ValueError("damping = 0 needs space='function' (the minimum-norm step through the NTK): JᵀJ is "
-                             "singular in parameter space when p > n·C")
+        size, p = f0.numel(), net.num_params
+        if space == "auto":  # λ = 0: the space of the smaller Gram, the one that is nonsingular
+            space = "function" if size <= (p if damping == 0 else min(p, 4096)) else "parameter"
+        if space == "parameter" and damping == 0 and p > size:
+            raise ValueError(f"damping = 0 with p = {p} > n·C = {size}: JᵀJ (p × p) is singular, so the undamped step "
+                             "is not defined in parameter space; use space='function' or 'auto' (the minimum-norm step "
+                             "through the n·C × n·C NTK), or damping > 0")
         return _mse_step(net, x, f0 - targets, damping, space, tolerance, max_iter, progress)
 
 
