@@ -22,13 +22,18 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, linearize, vjp, vmap
 
 from .frozen_prefix import NetworkSplit, split_network
-from .validation import as_count, check_eval_mode, check_finite, check_finite_tensors, check_tensor, in_transform
+from .validation import (as_count, check_eval_mode, check_finite, check_finite_tensors, check_precision, check_tensor,
+                         in_transform)
 
 __all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "relative_difference", "select_parameters"]
 
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
                             r"|derivative for (\S+) is not implemented", re.IGNORECASE)
 _NETWORK_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+class IntegerOutputsError(TypeError):
+    """The network's outputs are not floating (raised as it is, not as a failure on the inputs' shape)."""
+
+
 #: what a vmapped product raises where an op has no (working) batching rule
 _BATCHING_ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError)
 
@@ -133,6 +138,7 @@ class FunctionalNetwork:
         check_finite_tensors({n: named[n] for n in self.names}, "parameter")
         check_finite_tensors({n: t for n, t in named.items() if n not in self.names}, "frozen parameter")
         check_finite_tensors(buffers, "buffer")
+        check_precision(named[self.names[0]].dtype, "the network's parameters")
         self.shapes = [named[n].shape for n in self.names]
         self.numels = [named[n].numel() for n in self.names]
         self.theta0 = torch.cat([named[n].detach().reshape(-1) for n in self.names])
@@ -191,6 +197,8 @@ class FunctionalNetwork:
         """A converted copy, like ``Tensor.to`` / ``nn.Module.to``: floating tensors to the dtype, all to the
         device; self when nothing changes."""
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            check_precision(dtype, "dtype")
         if (device is None or torch.device(device) == self.device) and (dtype is None or dtype == self.dtype):
             return self
 
@@ -204,9 +212,6 @@ class FunctionalNetwork:
 
     def float(self) -> FunctionalNetwork:
         return self.to(torch.float32)
-
-    def half(self) -> FunctionalNetwork:
-        return self.to(torch.float16)
 
     def cpu(self) -> FunctionalNetwork:
         return self.to("cpu")
@@ -390,6 +395,10 @@ class FunctionalNetwork:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"the network must map inputs (n, ...) to a tensor (n, ...) ; "
                              f"for inputs {tuple(x.shape)} it returned {shape}")
+        if not out.is_floating_point():
+            raise IntegerOutputsError(f"the network returned {out.dtype} outputs: ntkgp linearises floating outputs (logits, "
+                            "regression values), which an integer output (argmax, labels) has no derivative of; "
+                            "return the floating outputs")
         return out.reshape(x.shape[0], -1)
 
     def outputs(self, x: Tensor, name: str = "x") -> Tensor:
@@ -406,6 +415,8 @@ class FunctionalNetwork:
         try:
             with torch.no_grad():
                 return self._head(self.features(x)[:1], x[:1]).shape[-1]
+        except IntegerOutputsError:
+            raise
         except _NETWORK_ERRORS as err:
             raise ValueError(f"the network failed on inputs of shape {tuple(x.shape)} (is that the shape it expects, "
                              f"channels included?): {str(err).splitlines()[0]}") from err

@@ -85,6 +85,14 @@ def check_generator(generator) -> torch.Generator | None:
     return generator
 
 
+def check_precision(dtype: torch.dtype, name: str) -> None:
+    """Raise a TypeError for half precision (float16, bfloat16): its 3 significant digits cannot resolve a kernel's
+    spectrum or its evidence (a float16 fit ended in a non-finite evidence)."""
+    if dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
+        raise TypeError(f"{name} are {dtype}: half precision is not supported (its 3 significant digits cannot resolve "
+                        "the kernel or the evidence); convert the network and the data with .float() or .double()")
+
+
 def check_tensor(value, name: str, shape: str) -> Tensor:
     """Raise a TypeError naming ``name`` unless ``value`` is a tensor (lists and arrays are not converted:
     the dtype would be a guess)."""

@@ -135,7 +135,7 @@ for entry, build in ENTRIES_ON_A_NETWORK.items():
     case(entry, "model: a FunctionalNetwork with params= or chunk_size=", WITH_OWN_SETTINGS[entry],
          raises(ValueError, "cannot be combined with a FunctionalNetwork"))
     case(entry, "inputs without the channel dimension", WITHOUT_CHANNELS[entry],
-         raises(ValueError, r"network failed on inputs of shape \(7, 9, 9\)"))
+         raises(ValueError, r"network failed on inputs of shape \((7|1), 9, 9\)"))
 
 # --- params -----------------------------------------------------------------------------------------------------
 USE = {  # something finite computed from what an entry point returns
@@ -451,6 +451,35 @@ for space in ("function", "parameter"):
          finite((4, 3)))
 case("NTKGP.fit", "targets all equal", lambda: NTKGP(MLP, X, torch.ones(7, 3)).fit().predict(XS).mean, finite((4, 3)))
 case("NTKGP", "a single training input", lambda: NTKGP(MLP, X[:1], Y[:1]).fit().predict(XS).mean, finite((4, 3)))
+
+# --- half precision, integer outputs, an input_shape the network refuses --------------------------------------
+HALF = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).half().eval()
+for entry, call in [("NTKGP.fit", lambda: NTKGP(HALF, X.half(), Y[:, 0].half()).fit()),
+                    ("Laplace", lambda: Laplace(HALF).fit(X.half(), Y[:, :1].half())),
+                    ("ntk_operator", lambda: ntk_operator(HALF, X.half()).diagonal()),
+                    ("FunctionalNetwork.to", lambda: FunctionalNetwork(MLP).to(torch.bfloat16))]:
+    case(entry, "a half-precision network", call, raises(TypeError, "half precision is not supported"))
+
+
+class _Argmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.layer(x).argmax(-1, keepdim=True)
+
+
+for entry, call in [("NTKGP", lambda: NTKGP(_Argmax().eval(), X, Y[:, 0], noise=0.1).predict(XS)),
+                    ("ntk_operator", lambda: ntk_operator(_Argmax().eval(), X).diagonal()),
+                    ("Laplace", lambda: Laplace(_Argmax().eval()).fit(X, Y[:, :1]))]:
+    case(entry, "a network returning integer outputs (argmax)", call,
+         raises(TypeError, "the network returned torch.int64 outputs: ntkgp linearises floating outputs"))
+CNN = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 1)).eval()
+case("JacobianKernel", "input_shape=64 for a CNN", lambda: JacobianKernel(CNN, input_shape=64),
+     raises(ValueError, r"input_shape \(64,\) does not fit the network.*conv2d"))
+case("JacobianKernel", "input_shape=(1, 8, 8) for a CNN",
+     lambda: JacobianKernel(CNN, input_shape=(1, 8, 8))(torch.randn(3, 64)).to_dense(), finite((3, 3)))
 
 
 def _train_after_build():

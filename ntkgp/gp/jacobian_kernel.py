@@ -49,6 +49,13 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         super().__init__(**kwargs)
         self.network = as_functional_network(model, params, chunk_size)
         self.input_shape = _as_shape(input_shape)
+        if self.input_shape is not None:  # one forward pass on a zero input: a shape the network refuses fails here
+            probe = torch.zeros(1, *self.input_shape, dtype=self.network.dtype, device=self.network.device)
+            try:
+                self.network.num_outputs(probe)
+            except ValueError as err:
+                raise ValueError(f"input_shape {self.input_shape} does not fit the network: {err}. Pass the "
+                                 "per-example shape it expects, e.g. (channels, height, width) for a CNN") from None
         self._num_outputs: int | None = None
         self._memo: dict | None = None
         self._train_inputs: Tensor | None = None  # the last unbatched x1 (GPyTorch's training inputs)
