@@ -6,16 +6,16 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["Experiment", "adam_epochs", "begin", "format_table", "mean_and_stderr", "resumed", "save_figure_atomic", "seed_everything",
+__all__ = ["Experiment", "adam_epochs", "atomic_path", "begin", "format_table", "mean_and_stderr", "resumed", "save_figure_atomic", "seed_everything",
            "write_json_atomic"]
 
 
@@ -40,13 +40,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends without an error, so a
+    crash never leaves half a file. The file is created as any file the user makes (mode 0666 less the umask:
+    0644 usually, not the 0600 of ``tempfile``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to ``path`` (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
         json.dump(payload, handle, indent=1)
-        tmp = handle.name
-    os.replace(tmp, path)
 
 
 def resumed(path: Path, fresh: dict) -> dict:
@@ -71,13 +82,11 @@ def begin(config: dict, out_dir: Path, device: str, seed: int, **empty) -> tuple
 def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
     """Lay out, write through a temporary file and a rename, and close a matplotlib figure."""
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     import matplotlib.pyplot as plt  # here: importing experiments.common stays light
 
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def mean_and_stderr(values: Iterable[float]) -> tuple[float, float]:

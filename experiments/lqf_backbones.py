@@ -18,7 +18,6 @@ layer and the head) or ``all``.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ntkgp import SqrtCovariancePooling, leaky_relu
 
+from .common import atomic_path
 from .datasets import load_fashion_mnist
 from .fashion_fewshot import SCOPES as MOBILENET_SCOPES
 from .fashion_fewshot import load_mobilenet, preprocess
@@ -82,10 +82,8 @@ def pretrain_cnn(activation: str, path: Path, seed: int, training: dict) -> tupl
         predicted = model(((test_images - FASHION_MEAN) / FASHION_STD).to(x.dtype)).argmax(-1)
     record = {"fashion_test_accuracy": float((predicted == test_labels).double().mean()),
               "seconds": time.perf_counter() - start, "training": training, "seed": seed}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state": model.state_dict(), "record": record}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"state": model.state_dict(), "record": record}, tmp)
     return model, record
 
 

@@ -30,7 +30,6 @@ in ``pretrained.pt``, so a rerun resumes without pretraining again.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from tqdm.auto import tqdm
 
 from ntkgp import NTKGP
 
-from .common import Experiment, adam_epochs, begin, format_table, mean_and_stderr, save_figure_atomic, write_json_atomic
+from .common import (Experiment, adam_epochs, atomic_path, begin, format_table, mean_and_stderr, save_figure_atomic,
+                     write_json_atomic)
 from .datasets import load_olivetti
 
 matplotlib.use("Agg")
@@ -178,10 +178,8 @@ def scores(mean: Tensor, var: Tensor, y: Tensor, angle_std: float) -> dict[str, 
 
 
 def save_model_atomic(model: nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
 
 
 def summary_table(rows: list[dict], shots: list[int], methods: list[str], metric: str) -> list[list[str]]:

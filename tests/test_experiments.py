@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +13,9 @@ import pytest
 import torch
 
 from ntkgp.cli import discover_experiments, main
+
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +44,24 @@ def test_sinusoid_tiny_run_writes_results_and_figure(tmp_path, capsys):
     assert abs(function["mse"] - parameter["mse"]) <= 1e-6 * function["mse"]
     assert (out / "bands.png").stat().st_size > 10_000
     assert "test NLL" in capsys.readouterr().out
+    for name in ("results.json", "bands.png"):  # not tempfile's 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~UMASK
+    assert sorted(p.name for p in out.iterdir()) == ["bands.png", "results.json"]  # no temporary file left
+
+
+def test_atomic_files_are_made_as_the_user_makes_files_and_a_failure_leaves_nothing(tmp_path):
+    from experiments.common import atomic_path, write_json_atomic
+
+    previous = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
 
 
 def test_unknown_experiment_is_an_error():
