@@ -21,7 +21,16 @@ from torch import nn
 from ntkgp import Laplace, fisher_operator, gram_operator, ntk_operator
 
 
-class _Case(LinearOperatorTestCase):
+class _NoHalf:
+    """Half precision is not supported (docs/api.md, Errors): ``.half()`` raises a clear TypeError instead of
+    linear_operator's conversion (which left the network snapshot in float64 behind a float16 operator)."""
+
+    def test_half(self):
+        with self.assertRaisesRegex(TypeError, "half precision is not supported"):
+            self.create_linear_op().half()
+
+
+class _Case(_NoHalf, LinearOperatorTestCase):
     """The suite for square operators (concrete cases add unittest.TestCase), with fast computations on."""
 
     seed = 0
@@ -61,7 +70,7 @@ class TestNTKOperator(_Case, unittest.TestCase):
         return dense_jacobian(self.model, linear_op.x1) @ dense_jacobian(self.model, linear_op.x2).T
 
 
-class TestNTKCrossOperator(RectangularLinearOperatorTestCase, unittest.TestCase):
+class TestNTKCrossOperator(_NoHalf, RectangularLinearOperatorTestCase, unittest.TestCase):
     seed = 0
 
     def create_linear_op(self):

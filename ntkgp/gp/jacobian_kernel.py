@@ -49,7 +49,9 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         super().__init__(**kwargs)
         self.network = as_functional_network(model, params, chunk_size)
         self.input_shape = _as_shape(input_shape)
-        if self.input_shape is not None:  # one forward pass on a zero input: a shape the network refuses fails here
+        if self.input_shape is not None and not isinstance(model, FunctionalNetwork):
+            # one forward pass on a zero input: a shape the network refuses fails here, not at the first call (a
+            # FunctionalNetwork comes from NTKGP and the like, which check their inputs themselves)
             probe = torch.zeros(1, *self.input_shape, dtype=self.network.dtype, device=self.network.device)
             try:
                 self.network.num_outputs(probe)

@@ -18,6 +18,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
+from ..validation import check_precision
 
 __all__ = ["NetworkOperator"]
 
@@ -97,9 +98,14 @@ class NetworkOperator(LinearOperator):
         return converted._rebuild(**{name: None for name in self._derived}) if self._derived else converted
 
     def to(self, *args, **kwargs) -> NetworkOperator:
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if dtype is not None:
+            check_precision(dtype, "dtype")
         return self._recompute_derived(super().to(*args, **kwargs))
 
     def type(self, dtype: torch.dtype) -> NetworkOperator:
+        """Conversion to ``dtype`` (``.half()`` comes here: half precision raises a TypeError)."""
+        check_precision(dtype, "dtype")
         return self._recompute_derived(super().type(dtype))
 
     def cpu(self) -> NetworkOperator:
