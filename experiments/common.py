@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Experiment", "adam_epochs", "atomic_path", "begin", "format_table", "mean_and_stderr", "resumed", "save_figure_atomic", "seed_everything",
-           "write_json_atomic"]
+__all__ = ["Experiment", "adam_epochs", "atomic_path", "begin", "format_table", "mean_and_stderr", "resumed",
+           "save_figure_atomic", "seed_everything", "write_json_atomic"]
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ __all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "relative
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
                             r"|derivative for (\S+) is not implemented", re.IGNORECASE)
 _NETWORK_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+
+
 class IntegerOutputsError(TypeError):
     """The network's outputs are not floating (raised as it is, not as a failure on the inputs' shape)."""
 
@@ -396,9 +398,9 @@ class FunctionalNetwork:
             raise ValueError(f"the network must map inputs (n, ...) to a tensor (n, ...) ; "
                              f"for inputs {tuple(x.shape)} it returned {shape}")
         if not out.is_floating_point():
-            raise IntegerOutputsError(f"the network returned {out.dtype} outputs: ntkgp linearises floating outputs (logits, "
-                            "regression values), which an integer output (argmax, labels) has no derivative of; "
-                            "return the floating outputs")
+            raise IntegerOutputsError(f"the network returned {out.dtype} outputs: ntkgp linearises floating outputs "
+                                      "(logits, regression values), which an integer output (argmax, labels) has no "
+                                      "derivative of; return the floating outputs")
         return out.reshape(x.shape[0], -1)
 
     def outputs(self, x: Tensor, name: str = "x") -> Tensor:
@@ -575,8 +577,9 @@ class FunctionalNetwork:
     def _unbatchable(self, product: str, err: Exception) -> None:
         """Record that the batched ``product`` raised where one-vector products work, and say so."""
         self._unbatched.add(product)
-        warnings.warn(f"batched (vmap) {product} of this network fail in torch {torch.__version__} ({type(err).__name__}:"
-                      f" {str(err).splitlines()[0][:160]}) while one-vector products work: an op in it has no batching "
+        warnings.warn(f"batched (vmap) {product} of this network fail in torch {torch.__version__} "
+                      f"({type(err).__name__}: {str(err).splitlines()[0][:160]}) while one-vector products work: an op "
+                      "in it has no batching "
                       "rule (aten::lstm and GRU are such ops); computing them one vector at a time from now on "
                       "(correct, slower)", RuntimeWarning, stacklevel=4)
 

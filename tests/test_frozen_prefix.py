@@ -179,7 +179,8 @@ class SeqFirst(nn.Module):
 @pytest.mark.parametrize("block", ["stage2.1.", "stage3.1.", "stage4.1."])
 def test_shufflenet_is_never_cut_where_the_value_is_a_tuple(block):
     """A subset starting at a ShuffleNet V2 stride-1 block put the cut at its ``x.chunk(2, dim=1)``, a tuple
-    (AttributeError: 'tuple' object has no attribute 'numel'). The cut moves to the block before; the kernel is exact."""
+    (AttributeError: 'tuple' object has no attribute 'numel'). The cut moves to the block before; the kernel is
+    exact."""
     torch.manual_seed(0)
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=3).double().eval()
     x = torch.randn(3, 3, 32, 32)

@@ -134,7 +134,7 @@ class IterativeLinearisation:
         self.optimizer.step(closure)
         if not values:
             raise RuntimeError(f"{type(self.optimizer).__name__}.step(closure) did not call the closure: the trainer "
-                               "needs an optimizer that evaluates the loss through it (every torch.optim optimizer does)")
+                               "needs an optimizer that evaluates the loss through it (as torch.optim's all do)")
         loss = float(values[0])
         self.steps += 1
         self.since += 1

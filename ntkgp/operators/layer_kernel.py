@@ -135,8 +135,8 @@ class LayerKernel:
                 difference = relative_difference(ours, reference.to_dense())
             checks[CHECK] = difference <= 10 * torch.finfo(self.network.dtype).eps ** 0.5
             if not checks[CHECK]:
-                warnings.warn(f"the layer-factor kernel of this network disagrees with NTK products (relative difference "
-                              f"{difference:.2g}): a factored Linear / Conv2d does not compute its output from its own "
+                warnings.warn(f"the layer-factor kernel of this network disagrees with NTK products (relative "
+                              f"difference {difference:.2g}): a factored Linear / Conv2d does not compute its output from its own "
                               "weight alone (a weight used elsewhere too?); using NTK products or per-sample Jacobians "
                               "instead (correct, slower)", RuntimeWarning, stacklevel=3)
         return checks[CHECK]
