@@ -144,7 +144,8 @@ def laplace(model: nn.Module, x: Tensor, y: Tensor, test_x: Tensor, config: dict
                                lanczos_rank=config["laplace_rank"]))
     la.fit(x, y.unsqueeze(-1))
     prediction = la.predict(test_x)
-    return prediction.mean, prediction.variance + hyper["noise"], {"dense": la.dense}
+    extra = {"dense": la.dense, "variance_error": la.variance_error}  # the low-rank posterior's estimated error
+    return prediction.mean, prediction.variance + hyper["noise"], extra
 
 
 def measured(fn, forbid_elements: int | None = None) -> tuple[object, dict]:

@@ -94,10 +94,12 @@ def as_solver(solver: Solver | str | None) -> Solver:
 
 
 def conjugate_gradients(product: Callable[[Tensor], Tensor], rhs: Tensor, tolerance: float, max_iter: int,
-                        start: Tensor | None = None, desc: str = "CG products", progress: bool = True) -> Tensor:
+                        start: Tensor | None = None, desc: str = "CG products", progress: bool = True,
+                        preconditioner: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """x with A x = rhs for a symmetric positive definite A given by ``product`` ((p, k) -> (p, k)), rhs (p,) or
     (p, k), by linear_operator's CG from ``start`` (default 0) to a relative residual ``tolerance`` or ``max_iter``
-    iterations; a tqdm bar over the products (shown after 1 s).
+    iterations, preconditioned by ``preconditioner`` (an approximation of A⁻¹, (p, k) -> (p, k)) when given; a tqdm
+    bar over the products (shown after 1 s).
 
     linear_cg clamps r·z at its eps (default 1e-10), which stalls it near a relative residual of 1e-5: it runs with
     eps at the dtype's smallest normal number here, so tight tolerances are reached."""
@@ -111,5 +113,6 @@ def conjugate_gradients(product: Callable[[Tensor], Tensor], rhs: Tensor, tolera
 
         guess = None if start is None else (start.unsqueeze(-1) if column else start)
         out = linear_cg(counted, rhs, max_iter=max_iter, max_tridiag_iter=0, tolerance=tolerance, eps=tiny,
-                        stop_updating_after=tiny, initial_guess=guess)  # (no tridiagonal matrix: any max_iter)
+                        stop_updating_after=tiny, initial_guess=guess,
+                        preconditioner=preconditioner)  # (no tridiagonal matrix: any max_iter)
     return out.squeeze(-1) if column else out
