@@ -178,7 +178,9 @@ def test_uci_large_tiny_run_resumes_and_forms_no_n_by_n_matrix(tmp_path, capsys)
         assert math.prod(payload["methods"][method]["largest_tensor"]) < n * n  # checked inside the run too
         agreement = payload["methods"][method]["against_parameter_space"]
         assert agreement["mean"] < 1e-3 and agreement["variance_median"] < 1e-3, (method, agreement)
-    assert payload["methods"]["Laplace (matrix-free)"]["hyperparameters"] == {"dense": False}
+    laplace = payload["methods"]["Laplace (matrix-free)"]["hyperparameters"]
+    assert laplace["dense"] is False  # rank 64 of a Fisher of larger rank: the estimated error is recorded
+    assert 0 <= laplace["variance_error"] < math.inf
     assert (out / "uci_large.png").stat().st_size > 10_000
     first = capsys.readouterr().out
     assert "GPyTorch exact GP" in first
