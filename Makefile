@@ -18,7 +18,7 @@ run: $(VENV)/.installed
 	$(BIN)/ntkgp run sinusoid
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/ntk_mvm.py

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from experiments.datasets import load_fashion_mnist
-from experiments.fashion_fewshot import load_mobilenet, preprocess
+from ntkgp_experiments.datasets import load_fashion_mnist
+from ntkgp_experiments.fashion_fewshot import load_mobilenet, preprocess
 from ntkgp import LQF
 from timing import write_results
 

@@ -6,12 +6,12 @@ last block in scope (features.17–18 and the head: 898,890 parameters), 10-way 
 a ratio to one gradient of the whole network (forward + backward of the summed squared outputs) over the same
 m test images, measured in the same run. Variants:
 
-- ``before``: what predict did before issue 10 — the whole network in every product (``frozen_prefix=False``),
+- ``before``: what predict did before the frozen prefix and the projection paths — the whole network in every product (``frozen_prefix=False``),
   K(X, X) by N VJPs and N JVPs, the variance by N tangents over the test images (``variance_path="tangents"``);
 - ``exact``: the defaults — frozen prefix once per input tensor, K(X, X), K(x*, X) and diag K** from layer factors
-  (:mod:`ntkgp.operators.layer_kernel`) where that is cheaper, else the path :mod:`ntkgp.gp.test_projections`
+  (:mod:`ntkgp.operators.layer_kernel`) where that is cheaper, else the path :mod:`ntkgp.gp.variance_projections`
   chooses;
-- ``jacobians``: ``variance_path="jacobians"``, the first exact path of issue 10 — per-sample Jacobians of the test
+- ``jacobians``: ``variance_path="jacobians"``, the first exact fast path — per-sample Jacobians of the test
   images against the p × N directions J(X)ᵀ[a, U] (up to ``--jacobians-up-to`` test images);
 - ``low rank``: ``variance="low_rank", tolerance=1e-2``, with its rank, its probe error and its largest
   relative error against ``exact`` over all m test images.
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from experiments.datasets import load_fashion_mnist, support_indices
-from experiments.fashion_fewshot import SCOPES, load_mobilenet, preprocess, with_head
+from ntkgp_experiments.datasets import load_fashion_mnist, support_indices
+from ntkgp_experiments.fashion_fewshot import SCOPES, load_mobilenet, preprocess, with_head
 from ntkgp import NTKGP, FunctionalNetwork
 from ntkgp.gp.parameter_space import ntk_eigh
 from timing import device_name, sync, write_results
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tests", type=int, nargs="+", default=[200, 500, 2000])
     parser.add_argument("--before-up-to", type=int, default=200, help="largest m to time the old path at")
     parser.add_argument("--jacobians-up-to", type=int, default=500,
-                        help="largest m to time the per-sample Jacobian path at (issue 10's first exact path)")
+                        help="largest m to time the per-sample Jacobian path at (the first exact fast path)")
     parser.add_argument("--float64-up-to", type=int, default=200,
                         help="largest m at which every variant's float32 variance is compared with a float64 one")
     parser.add_argument("--size", type=int, default=64)

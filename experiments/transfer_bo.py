@@ -1,4 +1,4 @@
-"""Transfer Bayesian optimisation with the NTK-GP of a network pretrained on related tasks (issue 13; BoTorch).
+"""Transfer Bayesian optimisation with the NTK-GP of a network pretrained on related tasks (BoTorch).
 
 The family (our choice): Branin on [0, 1]² (mapped to [−5, 10] × [0, 15]) with task parameters — an input shift
 δ ~ U(−0.1, 0.1)² (of the unit square), an output scale a ~ U(0.5, 1.5) and an offset b ~ U(−10, 10):

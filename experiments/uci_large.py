@@ -1,4 +1,4 @@
-"""Large-N regression with bounded memory (issue 10, point 4a): the NTK-GP of a pretrained MLP on N = 20,000 rows of
+"""Large-N regression with bounded memory: the NTK-GP of a pretrained MLP on N = 20,000 rows of
 the UCI ``protein`` set, next to GPyTorch's exact GP with a Matérn-5/2 ARD kernel and the network alone.
 
 The 41,157 training rows of split 0 are shuffled: the first ``gp_size`` condition the GPs, the rest (up to

@@ -1,6 +1,12 @@
 """ntkgp: Gaussian processes from pretrained PyTorch networks through their finite neural tangent kernel."""
 
 import warnings
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the one version is pyproject.toml's
+    __version__ = version("ntkgp")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
 
 with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprecated in torch 2.14
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)

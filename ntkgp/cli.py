@@ -1,7 +1,8 @@
 """The ``ntkgp`` command: ``ntkgp list`` and ``ntkgp run NAME [--config tiny] [--device cpu] [--seed 0] [--out results]``.
 
-Experiments are found through the ``ntkgp.experiments`` entry-point group (an installed package), and
-in a clone through the top-level ``experiments`` package. The library itself never imports them.
+Experiments are found through the ``ntkgp.experiments`` entry-point group, and through the package
+``ntkgp_experiments`` (the folder ``experiments/`` of the repository, installed under that name) if importable. The
+library itself never imports them.
 """
 
 from __future__ import annotations
@@ -14,21 +15,23 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from . import __version__
+
 __all__ = ["discover_experiments", "main"]
 
 
 def discover_experiments() -> dict:
-    """name -> Experiment, from entry points, then from the ``experiments`` package if importable."""
+    """name -> Experiment, from entry points, then from the ``ntkgp_experiments`` package if importable."""
     found = {}
     for entry in entry_points(group="ntkgp.experiments"):
         found[entry.name] = entry
     try:
-        package = importlib.import_module("experiments")
+        package = importlib.import_module("ntkgp_experiments")
     except ImportError:
         package = None
     if package is not None:
         for info in pkgutil.iter_modules(package.__path__):
-            found.setdefault(info.name, f"experiments.{info.name}")
+            found.setdefault(info.name, f"ntkgp_experiments.{info.name}")
     experiments = {}
     for source in found.values():
         loaded = source.load() if hasattr(source, "load") else importlib.import_module(source)
@@ -40,6 +43,7 @@ def discover_experiments() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ntkgp", description="NTK Gaussian processes: experiments")
+    parser.add_argument("--version", action="version", version=f"ntkgp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the experiments")
     run = sub.add_parser("run", help="run an experiment")

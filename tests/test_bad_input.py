@@ -127,7 +127,7 @@ def test_bad_options(mlp):
         gp.predict(torch.randn(3, 4))
 
 
-# --- LQF (issue 9, point 10) -------------------------------------------------------------------------------
+# --- LQF -------------------------------------------------------------------------------------------------
 def lqf_case():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).eval()

@@ -1,5 +1,6 @@
 """Each experiment's tiny configuration runs end to end through the command line; the README example runs."""
 
+import importlib.metadata
 import json
 import math
 import os
@@ -31,7 +32,7 @@ def test_sinusoid_tiny_run_writes_results_and_figure(tmp_path, capsys):
     assert main(["run", "sinusoid", "--config", "tiny", "--out", str(tmp_path), "--seed", "3"]) == 0
     out = tmp_path / "sinusoid"
     payload = json.loads((out / "results.json").read_text())
-    from experiments.sinusoid import methods as method_table
+    from ntkgp_experiments.sinusoid import methods as method_table
 
     tiny = discover_experiments()["sinusoid"].configs["tiny"]
     expected = set(method_table(tiny))
@@ -50,7 +51,7 @@ def test_sinusoid_tiny_run_writes_results_and_figure(tmp_path, capsys):
 
 
 def test_atomic_files_are_made_as_the_user_makes_files_and_a_failure_leaves_nothing(tmp_path):
-    from experiments.common import atomic_path, write_json_atomic
+    from ntkgp_experiments.common import atomic_path, write_json_atomic
 
     previous = os.umask(0o022)
     try:
@@ -62,6 +63,27 @@ def test_atomic_files_are_made_as_the_user_makes_files_and_a_failure_leaves_noth
     finally:
         os.umask(previous)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_version_is_pyproject_s_and_the_packages_are_all_installed(capsys):
+    """One version, in pyproject.toml; every subpackage of ntkgp/ in its package list; the experiments installed as
+    ntkgp_experiments (not as a generic top-level ``experiments``)."""
+    tomllib = pytest.importorskip("tomllib")
+    import ntkgp
+    import ntkgp_experiments
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert ntkgp.__version__ == project["project"]["version"]
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"ntkgp {ntkgp.__version__}"
+    listed = set(project["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "ntkgp").rglob("__init__.py")}
+    assert found <= listed and "ntkgp_experiments" in listed
+    assert Path(ntkgp_experiments.__file__).parent == root / "experiments"
+    assert all(entry.value.startswith("ntkgp_experiments.")
+               for entry in importlib.metadata.entry_points(group="ntkgp.experiments"))
 
 
 def test_unknown_experiment_is_an_error():
@@ -105,7 +127,7 @@ def test_fashion_fewshot_tiny_run(tmp_path, capsys):
     argv = ["run", "fashion-fewshot", "--config", "tiny", "--out", str(tmp_path), "--set", "shots=[1]"]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "fashion-fewshot" / "results.json").read_text())
-    from experiments.fashion_fewshot import METHODS
+    from ntkgp_experiments.fashion_fewshot import METHODS
 
     assert payload["config"]["shots"] == [1] and payload["scope"] == "last_block"
     assert [r["method"] for r in payload["rows"]] == METHODS
@@ -125,7 +147,7 @@ def test_fashion_fewshot_fixed_prior_precision(tmp_path):
 
 
 def test_fisher_accuracy_networks():
-    from experiments.fisher_accuracy import make_cnn
+    from ntkgp_experiments.fisher_accuracy import make_cnn
 
     x = torch.randn(2, 1, 28, 28)
     for activation in ("relu", "silu"):
@@ -142,7 +164,7 @@ def test_set_overrides_are_checked():
 
 
 def test_fewshot_pieces():
-    from experiments.fashion_fewshot import gp_class_probabilities, metrics, scope_params
+    from ntkgp_experiments.fashion_fewshot import gp_class_probabilities, metrics, scope_params
 
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     result = metrics(probs, torch.tensor([0, 1, 1]))
@@ -168,7 +190,7 @@ def run_tiny(name: str, tmp_path: Path) -> tuple[list[str], Path, dict]:
 @pytest.mark.slow
 def test_uci_large_tiny_run_resumes_and_forms_no_n_by_n_matrix(tmp_path, capsys):
     argv, out, payload = run_tiny("uci-large", tmp_path)
-    from experiments.uci_large import METHODS
+    from ntkgp_experiments.uci_large import METHODS
 
     assert list(payload["methods"]) == METHODS
     n = payload["gp_size"]
@@ -191,7 +213,7 @@ def test_uci_large_tiny_run_resumes_and_forms_no_n_by_n_matrix(tmp_path, capsys)
 
 
 def test_no_n_by_n_guard_fails_a_dense_kernel():
-    from experiments.uci_large import measured
+    from ntkgp_experiments.uci_large import measured
 
     with pytest.raises(AssertionError, match="no N × N matrix"):
         measured(lambda: torch.zeros(30, 30), forbid_elements=900)
@@ -202,7 +224,7 @@ def test_no_n_by_n_guard_fails_a_dense_kernel():
 @pytest.mark.slow
 def test_lqf_conditioning_tiny_run_and_resume(tmp_path, capsys):
     argv, out, payload = run_tiny("lqf-conditioning", tmp_path)
-    from experiments.lqf_conditioning import SPECTRA
+    from ntkgp_experiments.lqf_conditioning import SPECTRA
 
     assert list(payload["spectra"]) == SPECTRA
     for name, spectrum in payload["spectra"].items():

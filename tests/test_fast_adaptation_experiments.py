@@ -1,4 +1,4 @@
-"""The Fast Adaptation supplement's remaining experiments (issue 13): tiny configurations end to end."""
+"""The Fast Adaptation supplement's remaining experiments: tiny configurations end to end."""
 
 import json
 import math
@@ -32,7 +32,7 @@ def test_qualitative_regression_tiny_run_and_resume(tmp_path):
 def test_jacobian_spectra_tiny_run_against_a_dense_spectrum(tmp_path):
     import torch
 
-    from experiments.jacobian_spectra import SOURCES, lenet5, spectrum
+    from ntkgp_experiments.jacobian_spectra import SOURCES, lenet5, spectrum
 
     argv, out, payload = run_tiny("jacobian-spectra", tmp_path)
     assert sorted((m["source"], m["index"]) for m in payload["models"]) == sorted((s, i) for s in SOURCES
@@ -51,7 +51,7 @@ def test_jacobian_spectra_tiny_run_against_a_dense_spectrum(tmp_path):
 
 @pytest.mark.slow
 def test_transfer_bo_tiny_run(tmp_path):
-    from experiments.transfer_bo import METHODS, branin, task_minimum
+    from ntkgp_experiments.transfer_bo import METHODS, branin, task_minimum
     import torch
 
     argv, out, payload = run_tiny("transfer-bo", tmp_path)
@@ -68,7 +68,7 @@ def test_transfer_bo_tiny_run(tmp_path):
 
 @pytest.mark.slow
 def test_olivetti_rotation_tiny_run_and_resume(tmp_path):
-    from experiments.olivetti_rotation import METHODS
+    from ntkgp_experiments.olivetti_rotation import METHODS
 
     argv, out, payload = run_tiny("olivetti-rotation", tmp_path)
     rows = list(payload["rows"])
@@ -90,7 +90,7 @@ def test_olivetti_rotation_tiny_run_and_resume(tmp_path):
 def test_olivetti_rotations_are_exact_on_the_pixel_grid():
     import torch
 
-    from experiments.olivetti_rotation import rotate_and_crop
+    from ntkgp_experiments.olivetti_rotation import rotate_and_crop
 
     torch.manual_seed(0)
     image = torch.rand(1, 1, 64, 64, dtype=torch.float64)
@@ -108,7 +108,7 @@ def test_olivetti_rotations_are_exact_on_the_pixel_grid():
 def test_olivetti_splits_keep_photographs_apart_and_grow_by_prefix():
     import torch
 
-    from experiments.olivetti_rotation import rotated_faces, split
+    from ntkgp_experiments.olivetti_rotation import rotated_faces, split
 
     data = rotated_faces(3, 0, torch.float32)
     assert data["images"].shape == (1200, 1, 45, 45) and data["angles"].abs().max() <= 90
@@ -124,7 +124,7 @@ def test_olivetti_splits_keep_photographs_apart_and_grow_by_prefix():
 def test_olivetti_losses_and_scores_in_degrees():
     import torch
 
-    from experiments.olivetti_rotation import heteroscedastic_loss, scores
+    from ntkgp_experiments.olivetti_rotation import heteroscedastic_loss, scores
 
     outputs = torch.tensor([[0.1, -1.0], [2.0, 0.5]], dtype=torch.float64)
     y = torch.tensor([0.3, 1.0], dtype=torch.float64)

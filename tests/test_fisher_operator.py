@@ -94,7 +94,7 @@ def test_truncation_error_orders(likelihood):
 
 
 def test_finite_difference_accuracy_in_float32():
-    """Target of the issue: relative error < 1e-2 for ε in [1e-4, 1e-2] in float32 (here a random CNN)."""
+    """The target: relative error < 1e-2 for ε in [1e-4, 1e-2] in float32 (here a random CNN)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.Tanh(), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 10)).float().eval()

@@ -1,12 +1,12 @@
-"""The iterative-linearisation paper's experiments (issue 12): each tiny configuration end to end, and a resume."""
+"""The iterative-linearisation paper's experiments: each tiny configuration end to end, and a resume."""
 
 import json
 
 import pytest
 import torch
 
-from experiments.gauss_newton_damping import quintic, relu_mlp
-from experiments.iterative_linearisation import lenet, specs, updates_to_reach
+from ntkgp_experiments.gauss_newton_damping import quintic, relu_mlp
+from ntkgp_experiments.iterative_linearisation import lenet, specs, updates_to_reach
 from ntkgp.cli import main
 from test_experiments import run_tiny
 
@@ -37,7 +37,7 @@ def test_gauss_newton_damping_tiny_run_and_resume(tmp_path):
 @pytest.mark.slow
 def test_iterative_linearisation_tiny_run(tmp_path):
     argv, out, payload = run_tiny("iterative-linearisation", tmp_path)
-    from experiments.iterative_linearisation import TINY
+    from ntkgp_experiments.iterative_linearisation import TINY
 
     runs = dict(payload["runs"])
     assert set(runs) == set(specs(TINY))

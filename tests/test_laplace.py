@@ -1,7 +1,7 @@
 """Laplace against dense float64 references built from torch.func.jacrev Jacobians.
 
 Tolerances: 1e-8 for closed-form quantities (MAP, covariance, predictive, evidence, samples), 1e-4 for the
-regression agreement with NTKGP that the issue asks for, 1e-5 for finite-difference Fisher products.
+regression agreement with NTKGP, 1e-5 for finite-difference Fisher products.
 """
 
 import math

@@ -1,15 +1,15 @@
-"""The LQF paper's experiments (issue 11): their pieces, and each tiny configuration end to end with a resume."""
+"""The LQF paper's experiments: their pieces, and each tiny configuration end to end with a resume."""
 
 import json
 
 import pytest
 import torch
 
-from experiments.datasets import load_digits, load_mnist, load_olivetti, support_indices
-from experiments.lqf_hyperparameters import best_runs, effective_lr, shared_setting
-from experiments import lqf_methods
-from experiments.lqf_online import increments
-from experiments.lqf_tasks import draw_task, load_pool
+from ntkgp_experiments.datasets import load_digits, load_mnist, load_olivetti, support_indices
+from ntkgp_experiments.lqf_hyperparameters import best_runs, effective_lr, shared_setting
+from ntkgp_experiments import lqf_methods
+from ntkgp_experiments.lqf_online import increments
+from ntkgp_experiments.lqf_tasks import draw_task, load_pool
 from ntkgp.cli import main
 from test_experiments import run_tiny
 
@@ -63,7 +63,7 @@ def test_small_formulas():
 
 @pytest.mark.slow
 def test_lqf_transfer_tiny_run_and_resume(tmp_path, capsys):
-    from experiments.lqf_transfer import ABLATION, LOWSHOT, OLIVETTI
+    from ntkgp_experiments.lqf_transfer import ABLATION, LOWSHOT, OLIVETTI
 
     argv, out, payload = run_tiny("lqf-transfer", tmp_path)
     rows = payload["rows"]
@@ -87,7 +87,7 @@ def test_lqf_transfer_tiny_run_and_resume(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_lqf_online_tiny_run(tmp_path):
-    from experiments.lqf_online import METHODS
+    from ntkgp_experiments.lqf_online import METHODS
 
     argv, out, payload = run_tiny("lqf-online", tmp_path)
     for method in METHODS:
@@ -142,7 +142,7 @@ def test_fresh_discards_the_results_to_resume_from(tmp_path, monkeypatch):
 def test_backbone_heads_are_shared_by_both_activations_and_bilinear_keeps_the_scopes(tmp_path):
     from torch import nn
 
-    from experiments.lqf_backbones import Backbone, bilinear_mobilenet
+    from ntkgp_experiments.lqf_backbones import Backbone, bilinear_mobilenet
     from ntkgp import LeakyReLU6
     from ntkgp.functional import select_parameters
 

@@ -8,7 +8,7 @@ from test_ntk_gp import NOISE, S2, dense_posterior, targets
 
 from ntkgp import NTKGP, FunctionalNetwork
 from ntkgp.gp.parameter_space import dense_ntk
-from ntkgp.gp.test_projections import choose_path, jacobian_projections
+from ntkgp.gp.variance_projections import choose_path, jacobian_projections
 
 
 @pytest.mark.parametrize(("space", "path"), [(space, path) for space in ("function", "parameter")

@@ -48,7 +48,7 @@ def _changes(model):
 @pytest.mark.parametrize("change", range(6))
 def test_changes_to_the_module_do_not_change_the_linearisation(change):
     """The last layer linearised, the convolution and BatchNorm frozen. Before, changing a frozen weight or a
-    running mean in place moved the predictions (by 1.24 and 0.40 in the issue's example)."""
+    running mean in place moved the predictions (by 1.24 and 0.40 in the reported example)."""
     model, x, _ = make_case("cnn_batchnorm")
     y, xs = torch.randn(x.shape[0], 2), torch.randn(3, *x.shape[1:])
     gp = NTKGP(model, x, y, params=["7."], noise=0.1)

@@ -38,7 +38,7 @@ from .solver import Solver, as_solver
 from ..memory import check_fits, default_budget
 from ..validation import (as_count, as_positive_float, check_choice, check_finite, check_inputs, check_not_sharded,
                           check_prediction, check_targets)
-from .test_projections import PATHS, choose_path, parameter_projections, tangent_projections
+from .variance_projections import PATHS, choose_path, parameter_projections, tangent_projections
 
 __all__ = ["NTKGP", "Prediction"]
 
@@ -106,7 +106,7 @@ class NTKGP(nn.Module):
         chunk_size: vectors pushed through the network at once (default 32).
         memory_budget: bytes one step of a prediction or of the kernel's densification may hold (default half of
             the device's available memory): the test-Jacobian path and K(X, X) from per-sample Jacobians are
-            used only within it (:mod:`ntkgp.gp.test_projections`); an operation estimated not to fit raises a
+            used only within it (:mod:`ntkgp.gp.variance_projections`); an operation estimated not to fit raises a
             MemoryError saying which knob to turn.
         progress: tqdm bars over the test inputs and tangents of a prediction (shown after 1 s).
         cache_linearisation: inside CG and Lanczos, reuse one forward pass at the training inputs
@@ -461,7 +461,7 @@ class NTKGP(nn.Module):
         ``Prediction.rank`` the rank. The mean is exact in both. ``variance_path``: ``"auto"`` (the cheapest exact
         path by a count of flops and memory), ``"kernel"`` (function space: K(x, X) and diag K(x, x) from layer
         factors, :mod:`ntkgp.operators.layer_kernel`; not differentiable in x, so "auto" takes it only for inputs
-        that do not require grad), ``"jacobians"`` or ``"tangents"`` (:mod:`ntkgp.gp.test_projections`). The mean
+        that do not require grad), ``"jacobians"`` or ``"tangents"`` (:mod:`ntkgp.gp.variance_projections`). The mean
         is differentiable with respect to x. Shapes (m,) for C = 1, (m, C) otherwise.
         """
         check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.input_shape)

@@ -33,7 +33,7 @@ from ..lanczos import reorthogonalisation_tolerance
 from ..operators.ntk_operator import NTKOperator
 from ..validation import check_finite
 from .solver import Solver
-from .test_projections import choose_path
+from .variance_projections import choose_path
 
 __all__ = ["GramSpectrum", "dense_gram", "dense_ntk", "gram_spectrum", "kernel_of_rows", "lanczos_spectrum", "ntk_eigh",
            "resolved",
@@ -79,7 +79,7 @@ def resolved_eigh(matrix: Tensor) -> tuple[Tensor, Tensor, float]:
 
 def train_jacobian(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None) -> Tensor | None:
     """J(x) (N × p) from per-sample Jacobians when it fits ``budget`` bytes and
-    :func:`~ntkgp.gp.test_projections.choose_path` finds that cheaper than N products; None otherwise."""
+    :func:`~ntkgp.gp.variance_projections.choose_path` finds that cheaper than N products; None otherwise."""
     size = x.shape[0] * num_outputs
     if budget is None or choose_path(network, x, num_outputs, size, "auto", budget) != "jacobians":
         return None
@@ -88,7 +88,7 @@ def train_jacobian(network: FunctionalNetwork, x: Tensor, num_outputs: int, budg
 
 def dense_gram(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None = None) -> Tensor:
     """G = J(x)ᵀ J(x) (p × p) in the network's dtype: Σ over chunks of per-sample Jacobians JcᵀJc where
-    :func:`~ntkgp.gp.test_projections.choose_path` finds them cheaper than p products and ``budget`` holds G beside
+    :func:`~ntkgp.gp.variance_projections.choose_path` finds them cheaper than p products and ``budget`` holds G beside
     a chunk, p Gram products otherwise (and when ``budget`` is None); over the ranks when x is a shard."""
     if budget is None or choose_path(network, x, num_outputs, network.num_params, "auto", budget) != "jacobians":
         return GramOperator(x, network=network).to_dense()

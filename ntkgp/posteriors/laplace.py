@@ -56,7 +56,7 @@ from ..gp.ntk_gp import Prediction
 from ..distributed import global_rows
 from ..gp.parameter_space import lanczos_spectrum
 from ..gp.solver import Solver, as_solver, conjugate_gradients
-from ..gp.test_projections import parameter_projections
+from ..gp.variance_projections import parameter_projections
 from ..lanczos import lanczos_quadrature
 from ..memory import default_budget
 from ..operators.gram_operator import GramOperator
@@ -550,7 +550,7 @@ class Laplace:
 
     def _spread_matrix_free(self, x: Tensor, spread: str) -> Tensor:
         """J(x) Σ J(x)ᵀ of the rank-r posterior: variances (m, C) or blocks (m, C, C), from J(x)Q and the prior
-        J(x)J(x)ᵀ (per-sample Jacobians times Q, or r JVPs: :func:`~ntkgp.gp.test_projections.choose_path`)."""
+        J(x)J(x)ᵀ (per-sample Jacobians times Q, or r JVPs: :func:`~ntkgp.gp.variance_projections.choose_path`)."""
         net, c, delta = self.network, self.num_outputs, self.prior_precision
         lam, q, rho = self._low_rank()
         coef = (1.0 / (lam + delta) - 1.0 / (delta + rho)).double()
