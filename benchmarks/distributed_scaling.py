@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator(device="cpu").manual_seed(1)
     v = torch.randn(net.num_params, 1, generator=generator).to(device)
     u = torch.randn(local.shape[0] * 10, 1, generator=generator).to(device)
-    operators = {"Gram": (gram_operator(net, local), v), "FD-Fisher": (fisher_operator(net, local, "categorical"), v),
-                 "NTK (sharded v)": (ntk_operator(net, local), u)}
+    operators = {
+        "Gram": (gram_operator(net, local), v),
+        "FD-Fisher": (fisher_operator(net, local, "categorical"), v),
+        "NTK (sharded v)": (ntk_operator(net, local), u),
+    }
     times = {}
     for label, (op, rhs) in operators.items():
         op @ rhs  # warm-up
@@ -60,14 +63,22 @@ def main(argv: list[str] | None = None) -> dict:
             dist.barrier()
             samples.append(time.perf_counter() - start)
         times[label] = statistics.median(samples)
-    result = {"model": name, "n": args.inputs, "world": world, "threads_per_process": torch.get_num_threads(),
-              "backend": dist.get_backend(), "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-              "seconds": times}
+    result = {
+        "model": name,
+        "n": args.inputs,
+        "world": world,
+        "threads_per_process": torch.get_num_threads(),
+        "backend": dist.get_backend(),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "seconds": times,
+    }
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"distributed_{world}.json").write_text(json.dumps(result, indent=1))
-        print(f"{name}, n = {args.inputs}, {world} process(es) × {result['threads_per_process']} thread(s), "
-              f"{result['backend']}: " + ", ".join(f"{k} {1e3 * t:.1f} ms" for k, t in times.items()))
+        print(
+            f"{name}, n = {args.inputs}, {world} process(es) × {result['threads_per_process']} thread(s), "
+            f"{result['backend']}: " + ", ".join(f"{k} {1e3 * t:.1f} ms" for k, t in times.items())
+        )
     dist.destroy_process_group()
     return result
 

@@ -28,9 +28,20 @@ from timing import header, measure, write_results
 
 def lenet(channels: int = 50) -> nn.Sequential:
     """The modified LeNet of the paper for 32 × 32 × 3 inputs."""
-    return nn.Sequential(nn.Conv2d(3, channels, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(channels, channels, 5),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(channels * 25, 120), nn.ReLU(),
-                         nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(channels, channels, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(channels * 25, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
+    )
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, newton: int, cg: int, gn_batch: int) -> dict:
@@ -53,8 +64,7 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, newton: in
     targets = nn.functional.one_hot(ys, 10).to(x.dtype)
 
     def gn_cross_entropy():
-        gauss_newton_step(model, xs, ys, "cross_entropy", damping=1.0, newton_steps=newton, max_iter=cg,
-                          tolerance=1e-4)
+        gauss_newton_step(model, xs, ys, "cross_entropy", damping=1.0, newton_steps=newton, max_iter=cg, tolerance=1e-4)
 
     def gn_mse():
         gauss_newton_step(model, xs, targets, "mse", damping=1.0, space="function")
@@ -65,13 +75,26 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, newton: in
         plain.step()
 
     times = {k: v[0] for k, v in measure({"gradient": gradient, "proxy": proxy_step}, x.device, repeats).items()}
-    gn = {k: v[0] for k, v in measure({"gradient": gradient_gn_batch, "ce": gn_cross_entropy, "mse": gn_mse},
-                                      x.device, max(1, repeats // 3)).items()}
-    return {"model": name, "batch": x.shape[0], "params": sum(p.numel() for p in params),
-            "gradient_ms": 1e3 * times["gradient"], "proxy_step_ms": 1e3 * times["proxy"],
-            "proxy_step_ratio": times["proxy"] / times["gradient"], "gn_batch": gn_batch,
-            "gn_gradient_ms": 1e3 * gn["gradient"], "gn_cross_entropy_ratio": gn["ce"] / gn["gradient"],
-            "gn_mse_function_ratio": gn["mse"] / gn["gradient"], "newton_steps": newton, "cg_products": cg}
+    gn = {
+        k: v[0]
+        for k, v in measure(
+            {"gradient": gradient_gn_batch, "ce": gn_cross_entropy, "mse": gn_mse}, x.device, max(1, repeats // 3)
+        ).items()
+    }
+    return {
+        "model": name,
+        "batch": x.shape[0],
+        "params": sum(p.numel() for p in params),
+        "gradient_ms": 1e3 * times["gradient"],
+        "proxy_step_ms": 1e3 * times["proxy"],
+        "proxy_step_ratio": times["proxy"] / times["gradient"],
+        "gn_batch": gn_batch,
+        "gn_gradient_ms": 1e3 * gn["gradient"],
+        "gn_cross_entropy_ratio": gn["ce"] / gn["gradient"],
+        "gn_mse_function_ratio": gn["mse"] / gn["gradient"],
+        "newton_steps": newton,
+        "cg_products": cg,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -87,19 +110,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    models = {"lenet": ("LeNet-50 32x32", lambda: lenet(50)),
-              "resnet18": ("ResNet-18 32x32", lambda: torchvision.models.resnet18(num_classes=10))}
+    models = {
+        "lenet": ("LeNet-50 32x32", lambda: lenet(50)),
+        "resnet18": ("ResNet-18 32x32", lambda: torchvision.models.resnet18(num_classes=10)),
+    }
     rows = []
     for key in args.models:
         name, build = models[key]
-        rows.append(bench(name, build(), torch.randn(args.batch, 3, 32, 32, device=device), args.repeats,
-                          args.newton, args.cg, args.gn_batch))
+        rows.append(
+            bench(
+                name,
+                build(),
+                torch.randn(args.batch, 3, 32, 32, device=device),
+                args.repeats,
+                args.newton,
+                args.cg,
+                args.gn_batch,
+            )
+        )
     print(header(device, args.repeats))
     for r in rows:
-        print(f"{r['model']:18s} b={r['batch']:3d} p={r['params']:9d}  gradient {r['gradient_ms']:8.1f} ms  proxy "
-              f"step {r['proxy_step_ms']:8.1f} ms  ratio {r['proxy_step_ratio']:.2f}  |  GN step on b={r['gn_batch']}"
-              f": cross-entropy ({r['newton_steps']} Newton × ≤{r['cg_products']} CG) {r['gn_cross_entropy_ratio']:.0f}"
-              f" gradients, MSE function space {r['gn_mse_function_ratio']:.0f} gradients")
+        print(
+            f"{r['model']:18s} b={r['batch']:3d} p={r['params']:9d}  gradient {r['gradient_ms']:8.1f} ms  proxy "
+            f"step {r['proxy_step_ms']:8.1f} ms  ratio {r['proxy_step_ratio']:.2f}  |  GN step on b={r['gn_batch']}"
+            f": cross-entropy ({r['newton_steps']} Newton × ≤{r['cg_products']} CG) {r['gn_cross_entropy_ratio']:.0f}"
+            f" gradients, MSE function space {r['gn_mse_function_ratio']:.0f} gradients"
+        )
     write_results(args.out, device, rows)
     return rows
 

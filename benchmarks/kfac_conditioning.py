@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     images, labels = load_fashion_mnist(train=True)
-    picks = torch.cat([torch.nonzero(labels == c).squeeze(-1)[:args.shots] for c in range(10)])
+    picks = torch.cat([torch.nonzero(labels == c).squeeze(-1)[: args.shots] for c in range(10)])
     dtype = getattr(torch, args.dtype)
     x, y = preprocess(images[picks], 64).to(dtype), labels[picks]
     model = load_mobilenet("cpu")
@@ -58,15 +58,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 lqf.fit(x, y, epochs=1, lr=1e-12, batch_size=len(x), progress=False)  # data and K-FAC
                 plain = lqf.hessian_ritz_values(args.steps)
                 kfac = lqf.hessian_ritz_values(args.steps, preconditioned=True)
-            row = {"scope": scope, "dtype": args.dtype, "params": lqf.network.num_params, "n": len(x), "weight_decay": lam,
-                   "steps": args.steps, "hessian_min": float(plain[0]), "hessian_max": float(plain[-1]),
-                   "hessian_condition": float(plain[-1] / plain[0]), "kfac_min": float(kfac[0]),
-                   "kfac_max": float(kfac[-1]), "kfac_condition": float(kfac[-1] / kfac[0]),
-                   "seconds": time.perf_counter() - start}
+            row = {
+                "scope": scope,
+                "dtype": args.dtype,
+                "params": lqf.network.num_params,
+                "n": len(x),
+                "weight_decay": lam,
+                "steps": args.steps,
+                "hessian_min": float(plain[0]),
+                "hessian_max": float(plain[-1]),
+                "hessian_condition": float(plain[-1] / plain[0]),
+                "kfac_min": float(kfac[0]),
+                "kfac_max": float(kfac[-1]),
+                "kfac_condition": float(kfac[-1] / kfac[0]),
+                "seconds": time.perf_counter() - start,
+            }
             rows.append(row)
-            print(f"{scope:10s} p={row['params']:7d} n={len(x)} λ={lam:<6g} H: [{row['hessian_min']:.3g}, "
-                  f"{row['hessian_max']:.3g}] κ ≥ {row['hessian_condition']:.3g}   K-FAC P⁻¹H: [{row['kfac_min']:.3g}, "
-                  f"{row['kfac_max']:.3g}] κ ≥ {row['kfac_condition']:.3g}   ({row['seconds']:.0f} s)", flush=True)
+            print(
+                f"{scope:10s} p={row['params']:7d} n={len(x)} λ={lam:<6g} H: [{row['hessian_min']:.3g}, "
+                f"{row['hessian_max']:.3g}] κ ≥ {row['hessian_condition']:.3g}   K-FAC P⁻¹H: [{row['kfac_min']:.3g}, "
+                f"{row['kfac_max']:.3g}] κ ≥ {row['kfac_condition']:.3g}   ({row['seconds']:.0f} s)",
+                flush=True,
+            )
     write_results(args.out, torch.device("cpu"), rows)
     return rows
 

@@ -41,8 +41,9 @@ LIBRARIES = ("ntkgp", "laplace-torch")
 
 
 def mlp(inputs: int, width: int, outputs: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(inputs, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, outputs)).eval()
+    return nn.Sequential(
+        nn.Linear(inputs, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, outputs)
+    ).eval()
 
 
 def laplace_torch(model: nn.Module, task: str, x, y, prior_precision: float, noise: float | None):
@@ -51,8 +52,15 @@ def laplace_torch(model: nn.Module, task: str, x, y, prior_precision: float, noi
         from laplace import Laplace as LaplaceTorch
 
         kw = {} if noise is None else {"sigma_noise": math.sqrt(noise)}
-        la = LaplaceTorch(model, task, subset_of_weights="all", hessian_structure="full",
-                          prior_precision=prior_precision, prior_mean=FunctionalNetwork(model).theta0.clone(), **kw)
+        la = LaplaceTorch(
+            model,
+            task,
+            subset_of_weights="all",
+            hessian_structure="full",
+            prior_precision=prior_precision,
+            prior_mean=FunctionalNetwork(model).theta0.clone(),
+            **kw,
+        )
         la.fit(DataLoader(TensorDataset(x, y), batch_size=min(len(x), 256)))
     return la
 
@@ -85,8 +93,9 @@ def _agreement(out: dict) -> None:
         else:
             probs = theirs(xs, pred_type="glm", link_approx="probit")
             out["classification_probit"] = float((probs - ours.predict(xs)).abs().max())
-        out[f"{task}_log_marginal_likelihood"] = float(abs(theirs.log_marginal_likelihood().detach()
-                                                           - ours.log_marginal_likelihood()))
+        out[f"{task}_log_marginal_likelihood"] = float(
+            abs(theirs.log_marginal_likelihood().detach() - ours.log_marginal_likelihood())
+        )
 
 
 def resident_bytes() -> int:
@@ -129,8 +138,9 @@ def run_case(library: str, n: int, width: int, seed: int = 0) -> dict:
     def fit_predict(inputs, labels):
         if library == "ntkgp":
             return Laplace(model, "classification").fit(inputs, labels, find_map=False).predict(xs)
-        return laplace_torch(model, "classification", inputs, labels, 1.0, None)(xs, pred_type="glm",
-                                                                                 link_approx="probit")
+        return laplace_torch(model, "classification", inputs, labels, 1.0, None)(
+            xs, pred_type="glm", link_approx="probit"
+        )
 
     fit_predict(x[:10], y[:10])  # first-call costs (torch.func, imports) stay out of the numbers
     with PeakResident() as memory:
@@ -138,8 +148,14 @@ def run_case(library: str, n: int, width: int, seed: int = 0) -> dict:
         probs = fit_predict(x, y)
         seconds = time.perf_counter() - start
     assert probs.shape == (200, 10)
-    return {"library": library, "n": n, "width": width, "params": sum(p.numel() for p in model.parameters()),
-            "seconds": seconds, "peak_mib": memory.increase / 2**20}
+    return {
+        "library": library,
+        "n": n,
+        "width": width,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": seconds,
+        "peak_mib": memory.increase / 2**20,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -160,12 +176,18 @@ def main(argv: list[str] | None = None) -> dict:
     for n in args.n:
         for width in args.width:
             for library in LIBRARIES:
-                child = subprocess.run([sys.executable, __file__, "--case", library, str(n), str(width)],
-                                       capture_output=True, text=True, check=True)
+                child = subprocess.run(
+                    [sys.executable, __file__, "--case", library, str(n), str(width)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
-                print(f"{library:14s} n={n:5d} p={r['params']:7d}  {r['seconds']:8.2f} s  "
-                      f"peak +{r['peak_mib']:8.1f} MiB", flush=True)
+                print(
+                    f"{library:14s} n={n:5d} p={r['params']:7d}  {r['seconds']:8.2f} s  peak +{r['peak_mib']:8.1f} MiB",
+                    flush=True,
+                )
     payload = {"agreement": diffs, "rows": rows, "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1))

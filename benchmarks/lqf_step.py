@@ -42,8 +42,7 @@ def mobilenet() -> nn.Module:
     return model.eval()
 
 
-def bench(name: str, model: nn.Module, params: list[str] | None, x: torch.Tensor, kfac_n: int,
-          repeats: int) -> dict:
+def bench(name: str, model: nn.Module, params: list[str] | None, x: torch.Tensor, kfac_n: int, repeats: int) -> dict:
     device = x.device
     model = model.to(device).eval()
     torch.manual_seed(0)
@@ -77,14 +76,26 @@ def bench(name: str, model: nn.Module, params: list[str] | None, x: torch.Tensor
 
     timings = measure({"gradient": gradient, "step": step, "kfac": apply}, device, repeats)
     times = {name: seconds for name, (seconds, _) in timings.items()}
-    peaks = {name: timings[name][1] if device.type == "cuda" else cpu_peak_bytes(fn)
-             for name, fn in (("gradient", gradient), ("step", step))}
-    return {"model": name, "batch": x.shape[0], "input": list(x.shape[1:]), "params": lqf.network.num_params,
-            "gradient_ms": 1e3 * times["gradient"], "step_ms": 1e3 * times["step"],
-            "step_ratio": times["step"] / times["gradient"], "gradient_peak_mib": peaks["gradient"] / 2**20,
-            "step_peak_mib": peaks["step"] / 2**20, "memory_ratio": peaks["step"] / peaks["gradient"],
-            "kfac_inputs": kfac_n, "kfac_build_s": build, "kfac_apply_ms": 1e3 * times["kfac"],
-            "kfac_apply_ratio": times["kfac"] / times["gradient"]}
+    peaks = {
+        name: timings[name][1] if device.type == "cuda" else cpu_peak_bytes(fn)
+        for name, fn in (("gradient", gradient), ("step", step))
+    }
+    return {
+        "model": name,
+        "batch": x.shape[0],
+        "input": list(x.shape[1:]),
+        "params": lqf.network.num_params,
+        "gradient_ms": 1e3 * times["gradient"],
+        "step_ms": 1e3 * times["step"],
+        "step_ratio": times["step"] / times["gradient"],
+        "gradient_peak_mib": peaks["gradient"] / 2**20,
+        "step_peak_mib": peaks["step"] / 2**20,
+        "memory_ratio": peaks["step"] / peaks["gradient"],
+        "kfac_inputs": kfac_n,
+        "kfac_build_s": build,
+        "kfac_apply_ms": 1e3 * times["kfac"],
+        "kfac_apply_ratio": times["kfac"] / times["gradient"],
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -93,25 +104,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--kfac-n", type=int, default=256, help="inputs the K-FAC factors are built on")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"], choices=["mobilenet_v2",
-                                                                                           "resnet18"])
+    parser.add_argument(
+        "--models", nargs="+", default=["mobilenet_v2", "resnet18"], choices=["mobilenet_v2", "resnet18"]
+    )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/lqf_step.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     rows = []
     if "mobilenet_v2" in args.models:
-        rows.append(bench("MobileNetV2 last block 64x64", mobilenet(), MOBILENET_SCOPE,
-                          torch.randn(args.batch, 3, 64, 64, device=device), args.kfac_n, args.repeats))
+        rows.append(
+            bench(
+                "MobileNetV2 last block 64x64",
+                mobilenet(),
+                MOBILENET_SCOPE,
+                torch.randn(args.batch, 3, 64, 64, device=device),
+                args.kfac_n,
+                args.repeats,
+            )
+        )
     if "resnet18" in args.models:
-        rows.append(bench("ResNet-18 all 32x32", torchvision.models.resnet18(num_classes=10), None,
-                          torch.randn(args.batch, 3, 32, 32, device=device), args.kfac_n, args.repeats))
+        rows.append(
+            bench(
+                "ResNet-18 all 32x32",
+                torchvision.models.resnet18(num_classes=10),
+                None,
+                torch.randn(args.batch, 3, 32, 32, device=device),
+                args.kfac_n,
+                args.repeats,
+            )
+        )
     print(header(device, args.repeats))
     for r in rows:
-        print(f"{r['model']:30s} b={r['batch']:3d} p={r['params']:9d}  gradient {r['gradient_ms']:8.1f} ms  "
-              f"LQF step {r['step_ms']:8.1f} ms  ratio {r['step_ratio']:.2f}  memory ratio {r['memory_ratio']:.2f} "
-              f"({r['step_peak_mib']:.0f} / {r['gradient_peak_mib']:.0f} MiB)  K-FAC build {r['kfac_build_s']:.1f} s "
-              f"on {r['kfac_inputs']}  apply {r['kfac_apply_ms']:.1f} ms  ratio {r['kfac_apply_ratio']:.2f}")
+        print(
+            f"{r['model']:30s} b={r['batch']:3d} p={r['params']:9d}  gradient {r['gradient_ms']:8.1f} ms  "
+            f"LQF step {r['step_ms']:8.1f} ms  ratio {r['step_ratio']:.2f}  memory ratio {r['memory_ratio']:.2f} "
+            f"({r['step_peak_mib']:.0f} / {r['gradient_peak_mib']:.0f} MiB)  K-FAC build {r['kfac_build_s']:.1f} s "
+            f"on {r['kfac_inputs']}  apply {r['kfac_apply_ms']:.1f} ms  ratio {r['kfac_apply_ratio']:.2f}"
+        )
     write_results(args.out, device, rows)
     return rows
 

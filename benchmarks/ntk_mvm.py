@@ -45,25 +45,43 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
         fisher = fisher_operator(op.network, x, "categorical", method=method)  # runs the forward pass at θ0
         fvps[method] = lambda fisher=fisher: fisher @ w
 
-    timings = measure({"gradient": gradient, "mvm": mvm, "fvp": fvps["finite_difference"],
-                       "central": fvps["central_difference"]}, device, repeats)
+    timings = measure(
+        {"gradient": gradient, "mvm": mvm, "fvp": fvps["finite_difference"], "central": fvps["central_difference"]},
+        device,
+        repeats,
+    )
     (t_grad, m_grad), (t_mvm, m_mvm), (t_fvp, m_fvp) = timings["gradient"], timings["mvm"], timings["fvp"]
     plain = mvm()
     with op.network.linearised(x, budget=float("inf")):  # as around a CG loop: built once, not timed
         cached = measure({"gradient": gradient, "mvm": mvm}, device, repeats)
         difference = float((mvm() - plain).norm() / plain.norm())
-    row = {"model": name, "n": x.shape[0], "outputs": op.shape[0] // x.shape[0], "params": op.network.num_params,
-           "gradient_ms": 1e3 * t_grad, "ntk_mvm_ms": 1e3 * t_mvm, "time_ratio": t_mvm / t_grad,
-           "cached_ntk_mvm_ms": 1e3 * cached["mvm"][0], "cached_time_ratio": cached["mvm"][0] / cached["gradient"][0],
-           "cached_relative_difference": difference,
-           "cached_estimate_gib": op.network.saved_activation_bytes(x) / 2**30,
-           "fd_fisher_ms": 1e3 * t_fvp, "fd_fisher_ratio": t_fvp / t_grad,
-           "central_fisher_ms": 1e3 * timings["central"][0], "central_fisher_ratio": timings["central"][0] / t_grad}
+    row = {
+        "model": name,
+        "n": x.shape[0],
+        "outputs": op.shape[0] // x.shape[0],
+        "params": op.network.num_params,
+        "gradient_ms": 1e3 * t_grad,
+        "ntk_mvm_ms": 1e3 * t_mvm,
+        "time_ratio": t_mvm / t_grad,
+        "cached_ntk_mvm_ms": 1e3 * cached["mvm"][0],
+        "cached_time_ratio": cached["mvm"][0] / cached["gradient"][0],
+        "cached_relative_difference": difference,
+        "cached_estimate_gib": op.network.saved_activation_bytes(x) / 2**30,
+        "fd_fisher_ms": 1e3 * t_fvp,
+        "fd_fisher_ratio": t_fvp / t_grad,
+        "central_fisher_ms": 1e3 * timings["central"][0],
+        "central_fisher_ratio": timings["central"][0] / t_grad,
+    }
     if device.type == "cuda":
-        row.update(gradient_peak_gib=m_grad / 2**30, ntk_mvm_peak_gib=m_mvm / 2**30, memory_ratio=m_mvm / m_grad,
-                   cached_memory_ratio=cached["mvm"][1] / cached["gradient"][1],
-                   fd_fisher_peak_gib=m_fvp / 2**30, fd_fisher_memory_ratio=m_fvp / m_grad,
-                   central_fisher_memory_ratio=timings["central"][1] / m_grad)
+        row.update(
+            gradient_peak_gib=m_grad / 2**30,
+            ntk_mvm_peak_gib=m_mvm / 2**30,
+            memory_ratio=m_mvm / m_grad,
+            cached_memory_ratio=cached["mvm"][1] / cached["gradient"][1],
+            fd_fisher_peak_gib=m_fvp / 2**30,
+            fd_fisher_memory_ratio=m_fvp / m_grad,
+            central_fisher_memory_ratio=timings["central"][1] / m_grad,
+        )
     return row
 
 
@@ -77,18 +95,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ntk_mvm.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = [bench(name, model, x, args.repeats, args.chunk_size)
-            for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)]
+    rows = [
+        bench(name, model, x, args.repeats, args.chunk_size)
+        for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)
+    ]
     print(header(device, args.repeats))
     for r in rows:
-        mem = f", memory ratio {r['memory_ratio']:.2f} ({r['ntk_mvm_peak_gib']:.2f} / {r['gradient_peak_gib']:.2f} GiB)" \
-            if "memory_ratio" in r else ""
-        print(f"{r['model']:22s} n={r['n']:5d} p={r['params']:9d}  gradient {r['gradient_ms']:8.2f} ms  "
-              f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  ratio {r['time_ratio']:.2f}{mem}  "
-              f"cached {r['cached_ntk_mvm_ms']:8.2f} ms  ratio {r['cached_time_ratio']:.2f} (difference "
-              f"{r['cached_relative_difference']:.1e}, estimate {r['cached_estimate_gib']:.2f} GiB)  "
-              f"FD-Fisher {r['fd_fisher_ms']:8.2f} ms  ratio {r['fd_fisher_ratio']:.2f}  "
-              f"central {r['central_fisher_ms']:8.2f} ms  ratio {r['central_fisher_ratio']:.2f}")
+        mem = (
+            f", memory ratio {r['memory_ratio']:.2f} ({r['ntk_mvm_peak_gib']:.2f} / {r['gradient_peak_gib']:.2f} GiB)"
+            if "memory_ratio" in r
+            else ""
+        )
+        print(
+            f"{r['model']:22s} n={r['n']:5d} p={r['params']:9d}  gradient {r['gradient_ms']:8.2f} ms  "
+            f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  ratio {r['time_ratio']:.2f}{mem}  "
+            f"cached {r['cached_ntk_mvm_ms']:8.2f} ms  ratio {r['cached_time_ratio']:.2f} (difference "
+            f"{r['cached_relative_difference']:.1e}, estimate {r['cached_estimate_gib']:.2f} GiB)  "
+            f"FD-Fisher {r['fd_fisher_ms']:8.2f} ms  ratio {r['fd_fisher_ratio']:.2f}  "
+            f"central {r['central_fisher_ms']:8.2f} ms  ratio {r['central_fisher_ratio']:.2f}"
+        )
     write_results(args.out, device, rows)
     return rows
 

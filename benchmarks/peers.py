@@ -37,8 +37,7 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib
     fisher = fisher_operator(model, x, "categorical", method="exact")
     finite = fisher_operator(fisher.network, x, "categorical", method="finite_difference")
     ntk = ntk_operator(fisher.network, x)
-    peer = GGNLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, [(x, y)],
-                             check_deterministic=False)
+    peer = GGNLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, [(x, y)], check_deterministic=False)
     v = torch.randn(fisher.shape[-1], device=device, dtype=x.dtype)
     u = torch.randn(ntk.shape[-1], device=device, dtype=x.dtype)
 
@@ -49,15 +48,18 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib
         def run():
             with torch.no_grad():
                 return fn()
+
         return run
 
     # ours through `_matmul`, the product itself: the CPU profiler does not see the allocations made under
     # linear_operator's `@` (an autograd Function): 0.02 MiB there against 18 MiB for the same MLP NTK product
-    products = {"gradient": gradient,
-                "ours: GGN (JVP + VJP)": no_grad(lambda: fisher._matmul(v[:, None])),
-                "ours: GGN finite difference": no_grad(lambda: finite._matmul(v[:, None])),
-                "ours: NTK K u": no_grad(lambda: ntk._matmul(u[:, None])),
-                "curvlinops: GGNLinearOperator": lambda: peer @ v}
+    products = {
+        "gradient": gradient,
+        "ours: GGN (JVP + VJP)": no_grad(lambda: fisher._matmul(v[:, None])),
+        "ours: GGN finite difference": no_grad(lambda: finite._matmul(v[:, None])),
+        "ours: NTK K u": no_grad(lambda: ntk._matmul(u[:, None])),
+        "curvlinops: GGNLinearOperator": lambda: peer @ v,
+    }
     needed = x.shape[0] * 10 * fisher.shape[-1] * x.element_size() / 2**30
     skipped = needed > budget_gib
     if not skipped:
@@ -81,14 +83,29 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib
         seconds, peak = timings[method]
         peak = peak if device.type == "cuda" else cpu_peak_bytes(fn)
         grad_peak = peak if method == "gradient" else grad_peak
-        row = {"model": name, "n": x.shape[0], "params": fisher.shape[-1], "method": method, "ms": 1e3 * seconds,
-               "time_ratio": seconds / grad_time, "peak_mib": peak / 2**20, "memory_ratio": peak / grad_peak}
+        row = {
+            "model": name,
+            "n": x.shape[0],
+            "params": fisher.shape[-1],
+            "method": method,
+            "ms": 1e3 * seconds,
+            "time_ratio": seconds / grad_time,
+            "peak_mib": peak / 2**20,
+            "memory_ratio": peak / grad_peak,
+        }
         if method in agreement:
             row["relative_difference"] = float((agreement[method].reshape(-1) - reference).norm() / reference.norm())
         rows.append(row)
     if skipped:
-        rows.append({"model": name, "n": x.shape[0], "params": fisher.shape[-1],
-                     "method": "laplace-torch: Jacobians, then JᵀHJ v", "skipped": f"needs {needed:.1f} GiB"})
+        rows.append(
+            {
+                "model": name,
+                "n": x.shape[0],
+                "params": fisher.shape[-1],
+                "method": "laplace-torch: Jacobians, then JᵀHJ v",
+                "skipped": f"needs {needed:.1f} GiB",
+            }
+        )
     return rows
 
 
@@ -102,16 +119,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/peers.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = [row for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)
-            for row in bench(name, model, x, args.repeats, args.jacobian_budget_gib)]
+    rows = [
+        row
+        for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)
+        for row in bench(name, model, x, args.repeats, args.jacobian_budget_gib)
+    ]
     print(header(device, args.repeats))
     for r in rows:
         if "skipped" in r:
             print(f"{r['model']:22s} n={r['n']:4d}  {r['method']:40s} skipped: {r['skipped']}")
             continue
         agree = f"  vs ours {r['relative_difference']:.1e}" if "relative_difference" in r else ""
-        print(f"{r['model']:22s} n={r['n']:4d}  {r['method']:40s} {r['ms']:9.1f} ms  ratio {r['time_ratio']:6.2f}  "
-              f"memory {r['memory_ratio']:6.2f} ({r['peak_mib']:.0f} MiB){agree}")
+        print(
+            f"{r['model']:22s} n={r['n']:4d}  {r['method']:40s} {r['ms']:9.1f} ms  ratio {r['time_ratio']:6.2f}  "
+            f"memory {r['memory_ratio']:6.2f} ({r['peak_mib']:.0f} MiB){agree}"
+        )
     write_results(args.out, device, rows)
     return rows
 

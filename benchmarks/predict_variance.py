@@ -55,10 +55,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--tests", type=int, nargs="+", default=[200, 500, 2000])
     parser.add_argument("--before-up-to", type=int, default=200, help="largest m to time the old path at")
-    parser.add_argument("--jacobians-up-to", type=int, default=500,
-                        help="largest m to time the per-sample Jacobian path at (the first exact fast path)")
-    parser.add_argument("--float64-up-to", type=int, default=200,
-                        help="largest m at which every variant's float32 variance is compared with a float64 one")
+    parser.add_argument(
+        "--jacobians-up-to",
+        type=int,
+        default=500,
+        help="largest m to time the per-sample Jacobian path at (the first exact fast path)",
+    )
+    parser.add_argument(
+        "--float64-up-to",
+        type=int,
+        default=200,
+        help="largest m at which every variant's float32 variance is compared with a float64 one",
+    )
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/predict_variance.json"))
     args = parser.parse_args(argv)
@@ -69,8 +77,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train_images, train_labels = load_fashion_mnist(train=True)
     test_images, _ = load_fashion_mnist(train=False)
     print(f"device: {device_name(device)}, torch {torch.__version__}, float32; MobileNetV2 last block + head")
-    print(f"{'k':>3} {'m':>5}  {'variant':<9} {'seconds':>8} {'/ gradient':>10} {'rank':>5} {'probe err':>9} "
-          f"{'max err':>8} {'vs float64':>10}")
+    print(
+        f"{'k':>3} {'m':>5}  {'variant':<9} {'seconds':>8} {'/ gradient':>10} {'rank':>5} {'probe err':>9} "
+        f"{'max err':>8} {'vs float64':>10}"
+    )
     rows: list[dict] = []
     for k in args.shots:
         idx = support_indices(train_labels, k, torch.Generator().manual_seed(k))
@@ -93,8 +103,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             variants["low rank"] = ({}, {"variance": "low_rank", "tolerance": 1e-2})
             exact, reference = None, None
             if m <= args.float64_up_to:  # the defaults in float64: the accuracy reference of every variant
-                gp64 = NTKGP(FunctionalNetwork(model.double(), params), x.double(), y.double(), mean="zero",
-                             noise=0.1, progress=False)
+                gp64 = NTKGP(
+                    FunctionalNetwork(model.double(), params),
+                    x.double(),
+                    y.double(),
+                    mean="zero",
+                    noise=0.1,
+                    progress=False,
+                )
                 reference = gp64.predict(test.double()).variance
                 model.float()
             for name, (net_options, predict_options) in variants.items():
@@ -107,9 +123,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     return gp.predict(test.clone(), **predict_options)
 
                 pred, seconds = timed(predict, device)
-                row = {"shots": k, "tests": m, "N": int(y.numel()), "variant": name, "seconds": seconds,
-                       "gradient_seconds": grad_seconds, "ratio": seconds / grad_seconds, "rank": pred.rank,
-                       "probe_error": pred.variance_error}
+                row = {
+                    "shots": k,
+                    "tests": m,
+                    "N": int(y.numel()),
+                    "variant": name,
+                    "seconds": seconds,
+                    "gradient_seconds": grad_seconds,
+                    "ratio": seconds / grad_seconds,
+                    "rank": pred.rank,
+                    "probe_error": pred.variance_error,
+                }
                 if name == "exact":
                     exact = pred
                 if name != "exact" and exact is not None:
@@ -121,10 +145,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(row)
                 write_results(args.out, device, rows)
                 err, err64 = row.get("max_error_vs_exact"), row.get("max_error_vs_float64")
-                print(f"{k:>3} {m:>5}  {name:<9} {seconds:>8.1f} {row['ratio']:>10.1f} {pred.rank or '':>5} "
-                      f"{'' if pred.variance_error is None else format(pred.variance_error, '.1e'):>9} "
-                      f"{'' if err is None else format(err, '.1e'):>8} "
-                      f"{'' if err64 is None else format(err64, '.1e'):>10}", flush=True)
+                print(
+                    f"{k:>3} {m:>5}  {name:<9} {seconds:>8.1f} {row['ratio']:>10.1f} {pred.rank or '':>5} "
+                    f"{'' if pred.variance_error is None else format(pred.variance_error, '.1e'):>9} "
+                    f"{'' if err is None else format(err, '.1e'):>8} "
+                    f"{'' if err64 is None else format(err64, '.1e'):>10}",
+                    flush=True,
+                )
     return rows
 
 

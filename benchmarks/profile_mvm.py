@@ -1,7 +1,7 @@
 """Where the time of one NTK-MVM goes: torch.profiler over a gradient and over one product, top kernels.
 
-    python benchmarks/profile_mvm.py            # CUDA if available: ResNet-18, 32×32, n = 512
-    python benchmarks/profile_mvm.py --n 32 --device cpu
+python benchmarks/profile_mvm.py            # CUDA if available: ResNet-18, 32×32, n = 512
+python benchmarks/profile_mvm.py --n 32 --device cpu
 """
 
 from __future__ import annotations

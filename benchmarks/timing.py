@@ -72,5 +72,7 @@ def mlp_and_resnet(device: torch.device, n_mlp: int, n_resnet: int) -> list[tupl
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     resnet = torchvision.models.resnet18(num_classes=10)
-    return [("MLP 784-1024-1024-10", mlp, torch.randn(n_mlp, 784, device=device)),
-            ("ResNet-18 32x32", resnet, torch.randn(n_resnet, 3, 32, 32, device=device))]
+    return [
+        ("MLP 784-1024-1024-10", mlp, torch.randn(n_mlp, 784, device=device)),
+        ("ResNet-18 32x32", resnet, torch.randn(n_resnet, 3, 32, 32, device=device)),
+    ]

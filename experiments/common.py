@@ -15,8 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Experiment", "adam_epochs", "atomic_path", "begin", "format_table", "mean_and_stderr", "resumed",
-           "save_figure_atomic", "seed_everything", "write_json_atomic"]
+__all__ = [
+    "Experiment",
+    "adam_epochs",
+    "atomic_path",
+    "begin",
+    "format_table",
+    "mean_and_stderr",
+    "resumed",
+    "save_figure_atomic",
+    "seed_everything",
+    "write_json_atomic",
+]
 
 
 @dataclass(frozen=True)
@@ -105,8 +115,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def adam_epochs(model: torch.nn.Module, params, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int, steps: int,
-                seed: int, loss: Callable = torch.nn.functional.cross_entropy) -> None:
+def adam_epochs(
+    model: torch.nn.Module,
+    params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    batch: int,
+    steps: int,
+    seed: int,
+    loss: Callable = torch.nn.functional.cross_entropy,
+) -> None:
     """``steps`` Adam steps (learning rate ``lr``) on ``params``, minimising ``loss(model(x_b), y_b)`` over
     minibatches of ``batch`` rows drawn without replacement in epochs shuffled by ``seed``."""
     optimizer = torch.optim.Adam(params, lr=lr)

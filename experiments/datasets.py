@@ -10,16 +10,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["data_root", "load_digits", "load_fashion_mnist", "load_mnist", "load_olivetti", "load_uci",
-           "support_indices"]
+__all__ = [
+    "data_root",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_mnist",
+    "load_olivetti",
+    "load_uci",
+    "support_indices",
+]
 
 
 def data_root() -> Path:
     """The folder named by ``NTKGP_DATA``; a clear error when it is unset or missing."""
     root = os.environ.get("NTKGP_DATA")
     if not root:
-        raise RuntimeError("set NTKGP_DATA to the data folder (the one holding FashionMNIST/raw), "
-                           "e.g. export NTKGP_DATA=../shared/data")
+        raise RuntimeError(
+            "set NTKGP_DATA to the data folder (the one holding FashionMNIST/raw), "
+            "e.g. export NTKGP_DATA=../shared/data"
+        )
     path = Path(root).expanduser().resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"NTKGP_DATA={root} is not a folder")
@@ -82,8 +91,11 @@ def load_uci(name: str, split: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     mask = np.loadtxt(folder / "test_mask.csv.gz", delimiter=",", ndmin=2)
     if not 0 <= split < mask.shape[1]:
         raise ValueError(f"split must be in 0..{mask.shape[1] - 1}, got {split}")
-    return (torch.from_numpy(data[:, :-1]), torch.from_numpy(data[:, -1]),
-            torch.from_numpy(mask[:, split].astype(bool)))
+    return (
+        torch.from_numpy(data[:, :-1]),
+        torch.from_numpy(data[:, -1]),
+        torch.from_numpy(mask[:, split].astype(bool)),
+    )
 
 
 def support_indices(labels: Tensor, shots: int, generator: torch.Generator) -> Tensor:

@@ -100,8 +100,9 @@ def train_cross_entropy(net: FunctionalNetwork, x: Tensor, y: Tensor, steps: int
     return theta.detach()
 
 
-def adapt(config: dict, net: FunctionalNetwork, pooled_net: FunctionalNetwork, support: dict, test: dict,
-          seed: int) -> dict:
+def adapt(
+    config: dict, net: FunctionalNetwork, pooled_net: FunctionalNetwork, support: dict, test: dict, seed: int
+) -> dict:
     """Run every method on one support draw: method -> (test probabilities, seconds); and the prior
     precision δ used by the MAP, Laplace and SVI: ``config["prior_precision"]`` if set, else the grid
     value of largest Laplace evidence."""
@@ -109,11 +110,13 @@ def adapt(config: dict, net: FunctionalNetwork, pooled_net: FunctionalNetwork, s
     out, generator = {}, torch.Generator().manual_seed(seed)
     clock = time.perf_counter()
     fixed = config["prior_precision"]
-    laplace = Laplace(net, "classification", prior_precision=1.0 if fixed is None else fixed,
-                      num_classes=NUM_CLASSES).fit(x, y)
+    laplace = Laplace(
+        net, "classification", prior_precision=1.0 if fixed is None else fixed, num_classes=NUM_CLASSES
+    ).fit(x, y)
     if fixed is None:
-        delta = laplace.optimize_prior_precision(torch.logspace(*config["prior_grid"], dtype=torch.float64),
-                                                 progress=False)
+        delta = laplace.optimize_prior_precision(
+            torch.logspace(*config["prior_grid"], dtype=torch.float64), progress=False
+        )
     else:
         delta = laplace.prior_precision
     shared = time.perf_counter() - clock
@@ -123,18 +126,28 @@ def adapt(config: dict, net: FunctionalNetwork, pooled_net: FunctionalNetwork, s
         out[method] = (probs, shared + time.perf_counter() - clock)
     clock = time.perf_counter()
     svi = SVI(net, "classification", prior_precision=delta, num_classes=NUM_CLASSES)
-    svi.fit(x, y, epochs=config["svi_epochs"], lr=config["svi_lr"], num_samples=config["svi_samples"],
-            progress=False, generator=generator)
-    out["SVI"] = (svi.predict(test["inputs"], num_samples=config["predictive_samples"], generator=generator),
-                  time.perf_counter() - clock)
+    svi.fit(
+        x,
+        y,
+        epochs=config["svi_epochs"],
+        lr=config["svi_lr"],
+        num_samples=config["svi_samples"],
+        progress=False,
+        generator=generator,
+    )
+    out["SVI"] = (
+        svi.predict(test["inputs"], num_samples=config["predictive_samples"], generator=generator),
+        time.perf_counter() - clock,
+    )
     clock = time.perf_counter()
     onehot = nn.functional.one_hot(y, NUM_CLASSES).to(x.dtype)
     gp = NTKGP(net, x, onehot, mean="zero")
     gp.fit()
     pred = gp.predict(test["inputs"])
-    out["NTK-GP one-hot"] = (gp_class_probabilities(pred.mean.detach(), pred.variance.detach(),
-                                                    config["predictive_samples"], generator),
-                             time.perf_counter() - clock)
+    out["NTK-GP one-hot"] = (
+        gp_class_probabilities(pred.mean.detach(), pred.variance.detach(), config["predictive_samples"], generator),
+        time.perf_counter() - clock,
+    )
     clock = time.perf_counter()
     head = train_cross_entropy(pooled_net, x, y, config["retrain_steps"], config["retrain_lr"])
     with torch.no_grad():
@@ -158,8 +171,10 @@ def summarise(rows: list[dict], shots: list[int], methods: list[str]) -> str:
             cells = [mean_and_stderr(r[key] for r in sel) for key in ("accuracy", "nll", "ece")]
             t, t_err = mean_and_stderr(r["seconds"] for r in sel)
             table.append([method] + [f"{m:.3f} ± {e:.3f}" for m, e in cells] + [f"{t:.2f} ± {t_err:.2f}"])
-        tables.append(f"{k}-shot (mean ± standard error over {len(sel)} draws)\n"
-                      + format_table(["method", "accuracy", "NLL", "ECE", "seconds"], table))
+        tables.append(
+            f"{k}-shot (mean ± standard error over {len(sel)} draws)\n"
+            + format_table(["method", "accuracy", "NLL", "ECE", "seconds"], table)
+        )
     return "\n\n".join(tables)
 
 
@@ -188,7 +203,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     size, scope = config["image_size"], config["scope"]
     train_images, train_labels = load_fashion_mnist(train=True)
     test_images, test_labels = load_fashion_mnist(train=False)
-    pick = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed))[:config["test_size"]]
+    pick = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed))[: config["test_size"]]
     test_images, test_labels = test_images[pick].to(device), test_labels[pick].to(device)
     head = nn.Linear(1280, NUM_CLASSES).to(device)
     model = with_head(load_mobilenet(device), head)
@@ -208,33 +223,80 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         pooled_net = FunctionalNetwork(model, ["classifier."], frozen_prefix=split_prefix)
         results, delta = adapt(config, net, pooled_net, support, test, draw_seed)
         for method, (probs, seconds) in results.items():
-            rows.append({"shots": k, "draw": draw, "method": method, "seconds": seconds, "prior_precision": delta,
-                         **metrics(probs, test_labels)})
-        payload.update(rows=rows, parameters=net.num_params, cut=net.split and net.split.cut,
-                       seconds=time.perf_counter() - start)
+            rows.append(
+                {
+                    "shots": k,
+                    "draw": draw,
+                    "method": method,
+                    "seconds": seconds,
+                    "prior_precision": delta,
+                    **metrics(probs, test_labels),
+                }
+            )
+        payload.update(
+            rows=rows, parameters=net.num_params, cut=net.split and net.split.cut, seconds=time.perf_counter() - start
+        )
         write_json_atomic(out_dir / "results.json", payload)
     plot(rows, config["shots"], config["methods"], out_dir / "fewshot.png")
-    print(f"scope {scope}: {payload['parameters']:,} adapted parameters (frozen prefix up to {payload['cut']}), "
-          f"{len(test_labels)} test images, {size}×{size} inputs, device {device}, {payload['seconds']:.0f} s")
+    print(
+        f"scope {scope}: {payload['parameters']:,} adapted parameters (frozen prefix up to {payload['cut']}), "
+        f"{len(test_labels)} test images, {size}×{size} inputs, device {device}, {payload['seconds']:.0f} s"
+    )
     print(summarise(rows, config["shots"], config["methods"]))
     print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'fewshot.png'}")
     return {"rows": len(rows)}
 
 
-DEFAULT = {"shots": [1, 5, 10, 20], "draws": 5, "test_size": 2000, "image_size": 64, "scope": "last_layer",
-           "methods": METHODS, "chunk_size": 32, "predict_batch": 256, "prior_precision": None,
-           "prior_grid": [-4, 4, 33], "svi_epochs": 300, "svi_lr": 1e-2, "svi_samples": 4,
-           "predictive_samples": 1000, "retrain_steps": 300, "retrain_lr": 1e-2, "finetune_steps": 100,
-           "finetune_lr": 1e-3, "frozen_prefix": True}
-TINY = {**DEFAULT, "shots": [1, 2], "draws": 1, "test_size": 40, "image_size": 32, "scope": "last_block",
-        "prior_grid": [-2, 2, 5],
-        "svi_epochs": 5, "predictive_samples": 50, "retrain_steps": 5, "finetune_steps": 2}
+DEFAULT = {
+    "shots": [1, 5, 10, 20],
+    "draws": 5,
+    "test_size": 2000,
+    "image_size": 64,
+    "scope": "last_layer",
+    "methods": METHODS,
+    "chunk_size": 32,
+    "predict_batch": 256,
+    "prior_precision": None,
+    "prior_grid": [-4, 4, 33],
+    "svi_epochs": 300,
+    "svi_lr": 1e-2,
+    "svi_samples": 4,
+    "predictive_samples": 1000,
+    "retrain_steps": 300,
+    "retrain_lr": 1e-2,
+    "finetune_steps": 100,
+    "finetune_lr": 1e-3,
+    "frozen_prefix": True,
+}
+TINY = {
+    **DEFAULT,
+    "shots": [1, 2],
+    "draws": 1,
+    "test_size": 40,
+    "image_size": 32,
+    "scope": "last_block",
+    "prior_grid": [-2, 2, 5],
+    "svi_epochs": 5,
+    "predictive_samples": 50,
+    "retrain_steps": 5,
+    "finetune_steps": 2,
+}
 
 EXPERIMENT = Experiment(
     name="fashion-fewshot",
     description="10-way k-shot Fashion-MNIST with an ImageNet MobileNetV2: Laplace, SVI, NTK-GP and baselines",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "gpu_all": {**DEFAULT, "scope": "all", "shots": [1, 5], "draws": 2, "test_size": 200, "chunk_size": 8,
-                         "predict_batch": 50}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "gpu_all": {
+            **DEFAULT,
+            "scope": "all",
+            "shots": [1, 5],
+            "draws": 2,
+            "test_size": 200,
+            "chunk_size": 8,
+            "predict_batch": 50,
+        },
+    },
 )

@@ -36,8 +36,9 @@ def make_cnn(activation: str = "relu") -> nn.Sequential:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     act, pool = ACTIVATIONS[activation], nn.MaxPool2d if activation == "relu" else nn.AvgPool2d
-    return nn.Sequential(nn.Conv2d(1, 8, 5), act(), pool(2), nn.Conv2d(8, 16, 5), act(), pool(2), nn.Flatten(),
-                         nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 5), act(), pool(2), nn.Conv2d(8, 16, 5), act(), pool(2), nn.Flatten(), nn.Linear(256, 10)
+    )
 
 
 def probe_vectors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, count: int) -> torch.Tensor:
@@ -61,30 +62,47 @@ def measure(model: nn.Module, x: torch.Tensor, vectors: torch.Tensor, config: di
                     op = fisher_operator(net, inputs, likelihood, method, epsilon=eps)
                     approx = (op @ vectors.to(dtype)).double()
                     err = ((approx - exact).norm(dim=0) / exact.norm(dim=0)).tolist()
-                    rows.append({"likelihood": likelihood, "method": method,
-                                 "dtype": str(dtype).replace("torch.", ""), "epsilon": op.epsilon,
-                                 "default_epsilon": eps is None, "error_gradient_direction": err[0],
-                                 "error_random_mean": float(np.mean(err[1:])), "error_max": max(err)})
+                    rows.append(
+                        {
+                            "likelihood": likelihood,
+                            "method": method,
+                            "dtype": str(dtype).replace("torch.", ""),
+                            "epsilon": op.epsilon,
+                            "default_epsilon": eps is None,
+                            "error_gradient_direction": err[0],
+                            "error_random_mean": float(np.mean(err[1:])),
+                            "error_max": max(err),
+                        }
+                    )
     return rows
 
 
 def plot(rows: list[dict], path: Path, activation: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     likelihoods = sorted({r["likelihood"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     columns = [(lk, dt) for lk in likelihoods for dt in ("float32", "float64")]
-    fig, axes = plt.subplots(len(methods), len(columns), figsize=(4.2 * len(columns), 3.4 * len(methods)),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(methods), len(columns), figsize=(4.2 * len(columns), 3.4 * len(methods)), squeeze=False, sharey=True
+    )
     for ax, (method, (likelihood, dtype)) in zip(axes.flat, [(m, c) for m in methods for c in columns]):
         for stage in sorted({r["stage"] for r in rows}):
-            sel = [r for r in rows if r["likelihood"] == likelihood and r["dtype"] == dtype and r["stage"] == stage
-                   and r["method"] == method]
+            sel = [
+                r
+                for r in rows
+                if r["likelihood"] == likelihood
+                and r["dtype"] == dtype
+                and r["stage"] == stage
+                and r["method"] == method
+            ]
             grid = [r for r in sel if not r["default_epsilon"]]
-            line = ax.loglog([r["epsilon"] for r in grid], [r["error_max"] for r in grid], "o-", ms=3,
-                             label=f"epoch {stage}")
+            line = ax.loglog(
+                [r["epsilon"] for r in grid], [r["error_max"] for r in grid], "o-", ms=3, label=f"epoch {stage}"
+            )
             default = [r for r in sel if r["default_epsilon"]]
             ax.loglog([default[0]["epsilon"]], [default[0]["error_max"]], "*", ms=10, color=line[0].get_color())
         ax.axhline(1e-2, color="grey", lw=0.8, ls="--")
@@ -93,8 +111,7 @@ def plot(rows: list[dict], path: Path, activation: str) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("relative error (max over v)")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"finite-difference Fisher-vector products vs exact, {activation} CNN (★ = default ε)",
-                 fontsize=10)
+    fig.suptitle(f"finite-difference Fisher-vector products vs exact, {activation} CNN (★ = default ε)", fontsize=10)
     save_figure_atomic(fig, path, dpi=110)
 
 
@@ -123,28 +140,54 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         for row in measure(model, probe_x, vectors, config):
             rows.append({"stage": stage, "train_accuracy": accuracy, **row})
         model.train()
-        write_json_atomic(out_dir / "results.json", {"config": config, "seed": seed, "rows": rows,
-                                                     "seconds": time.perf_counter() - start})
+        write_json_atomic(
+            out_dir / "results.json",
+            {"config": config, "seed": seed, "rows": rows, "seconds": time.perf_counter() - start},
+        )
     plot(rows, out_dir / "errors.png", config["activation"])
-    table = [[r["stage"], r["likelihood"], r["method"], r["dtype"], "default" if r["default_epsilon"] else "",
-              f"{r['epsilon']:.1e}", f"{r['error_max']:.1e}", f"{r['error_gradient_direction']:.1e}"] for r in rows]
+    table = [
+        [
+            r["stage"],
+            r["likelihood"],
+            r["method"],
+            r["dtype"],
+            "default" if r["default_epsilon"] else "",
+            f"{r['epsilon']:.1e}",
+            f"{r['error_max']:.1e}",
+            f"{r['error_gradient_direction']:.1e}",
+        ]
+        for r in rows
+    ]
     print(format_table(["epoch", "likelihood", "method", "dtype", "", "ε", "max rel. error", "error on ∇L"], table))
     summary = {}
     for method in config["methods"]:
-        window = [r for r in rows if r["dtype"] == "float32" and r["method"] == method and not r["default_epsilon"]
-                  and 1e-4 <= r["epsilon"] <= 1e-2]
+        window = [
+            r
+            for r in rows
+            if r["dtype"] == "float32"
+            and r["method"] == method
+            and not r["default_epsilon"]
+            and 1e-4 <= r["epsilon"] <= 1e-2
+        ]
         summary[method] = max(r["error_max"] for r in window) if window else math.nan
         print(f"{method}, float32, ε in [1e-4, 1e-2]: worst relative error {summary[method]:.2e} (target < 1e-2)")
     print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'errors.png'}")
     return {"worst_float32_window": summary}
 
 
-DEFAULT = {"activation": "relu", "train_size": 12000, "probe_size": 256, "batch_size": 128, "lr": 1e-3,
-           "stages": [0, 1, 3, 6], "random_vectors": 3, "likelihoods": ["categorical", "gaussian"],
-           "methods": ["finite_difference", "central_difference"],
-           "epsilons": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
-TINY = {**DEFAULT, "train_size": 512, "probe_size": 32, "stages": [0, 1], "random_vectors": 1,
-        "epsilons": [1e-4, 1e-2]}
+DEFAULT = {
+    "activation": "relu",
+    "train_size": 12000,
+    "probe_size": 256,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "stages": [0, 1, 3, 6],
+    "random_vectors": 3,
+    "likelihoods": ["categorical", "gaussian"],
+    "methods": ["finite_difference", "central_difference"],
+    "epsilons": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+}
+TINY = {**DEFAULT, "train_size": 512, "probe_size": 32, "stages": [0, 1], "random_vectors": 1, "epsilons": [1e-4, 1e-2]}
 
 EXPERIMENT = Experiment(
     name="fisher-accuracy",

@@ -40,9 +40,20 @@ SOURCES = ("MNIST1", "MNIST2", "Fashion-MNIST")
 
 
 def lenet5() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-                         nn.Linear(84, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
+    )
 
 
 def load(config: dict, seed: int) -> dict:
@@ -53,10 +64,12 @@ def load(config: dict, seed: int) -> dict:
     fashion, fashion_labels = load_fashion_mnist(train=True)
     prep = lambda x: nn.functional.pad((x - 0.5) / 0.5, (2, 2, 2, 2)).to(torch.get_default_dtype())  # noqa: E731
     half, test = len(images) // 2, len(images) - config["test_size"]
-    return {"MNIST1": (prep(images[order[:half]]), labels[order[:half]]),
-            "MNIST2": (prep(images[order[half:test]]), labels[order[half:test]]),
-            "Fashion-MNIST": (prep(fashion[:config["fashion_size"]]), fashion_labels[:config["fashion_size"]]),
-            "test": (prep(images[order[test:]]), labels[order[test:]])}
+    return {
+        "MNIST1": (prep(images[order[:half]]), labels[order[:half]]),
+        "MNIST2": (prep(images[order[half:test]]), labels[order[half:test]]),
+        "Fashion-MNIST": (prep(fashion[: config["fashion_size"]]), fashion_labels[: config["fashion_size"]]),
+        "test": (prep(images[order[test:]]), labels[order[test:]]),
+    }
 
 
 def train_model(source: str, index: int, data: dict, config: dict, seed: int) -> nn.Module:
@@ -67,8 +80,15 @@ def train_model(source: str, index: int, data: dict, config: dict, seed: int) ->
     steps = config["epochs"] * -(-len(x) // config["batch_size"])
     adam_epochs(model, model.parameters(), x, y, 2e-3, config["batch_size"], steps, model_seed)
     if source == "Fashion-MNIST":  # its last layer retrained on MNIST1
-        adam_epochs(model, model[-1].parameters(), *data["MNIST1"], 0.01, config["batch_size"],
-                    config["retrain_steps"], model_seed)
+        adam_epochs(
+            model,
+            model[-1].parameters(),
+            *data["MNIST1"],
+            0.01,
+            config["batch_size"],
+            config["retrain_steps"],
+            model_seed,
+        )
     return model.eval()
 
 
@@ -87,7 +107,7 @@ def log_distance(a: list[float], b: list[float], count: int) -> float:
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
     path, payload, start = begin(config, out_dir, device, seed, models=[])
     data = load(config, seed)
-    probe = data["MNIST1"][0][:config["spectrum_images"]]
+    probe = data["MNIST1"][0][: config["spectrum_images"]]
     test_x, test_y = data["test"]
     done = {(m["source"], m["index"]) for m in payload["models"]}
     todo = [(s, i) for s in SOURCES for i in range(config["models"]) if (s, i) not in done]
@@ -98,8 +118,16 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         with torch.no_grad():
             accuracy = float((model(test_x).argmax(-1) == test_y).double().mean())
         values = spectrum(model, probe, config["lanczos_steps"])
-        payload["models"].append({"source": source, "index": index, "accuracy": accuracy, "singular_values": values,
-                                  "train_seconds": trained, "spectrum_seconds": time.perf_counter() - begun - trained})
+        payload["models"].append(
+            {
+                "source": source,
+                "index": index,
+                "accuracy": accuracy,
+                "singular_values": values,
+                "train_seconds": trained,
+                "spectrum_seconds": time.perf_counter() - begun - trained,
+            }
+        )
         write_json_atomic(path, payload)
     payload["wall_seconds_this_run"] = time.perf_counter() - start
     write_json_atomic(path, payload)
@@ -108,20 +136,28 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     for source in SOURCES:
         sel = [m for m in models if m["source"] == source]
         cell = lambda values: "{:.3g} ± {:.2g}".format(*mean_and_stderr(values))  # noqa: E731
-        body.append([source, str(len(sel)), cell(m["accuracy"] for m in sel),
-                     cell(m["singular_values"][0] for m in sel)]
-                    + [cell(m["singular_values"][k - 1] / m["singular_values"][0] for m in sel)
-                       for k in config["report"]])
-    print(f"LeNet-5, J on {config['spectrum_images']} MNIST1 images (10 outputs), {config['lanczos_steps']} Lanczos "
-          "steps on J Jᵀ; accuracy on 1,000 MNIST2 images; mean ± s.e. over models")
-    print(format_table(["trained on", "models", "MNIST test accuracy", "σ_1"] + [f"σ_{k}/σ_1" for k in config["report"]],
-                       body))
+        body.append(
+            [source, str(len(sel)), cell(m["accuracy"] for m in sel), cell(m["singular_values"][0] for m in sel)]
+            + [cell(m["singular_values"][k - 1] / m["singular_values"][0] for m in sel) for k in config["report"]]
+        )
+    print(
+        f"LeNet-5, J on {config['spectrum_images']} MNIST1 images (10 outputs), {config['lanczos_steps']} Lanczos "
+        "steps on J Jᵀ; accuracy on 1,000 MNIST2 images; mean ± s.e. over models"
+    )
+    print(
+        format_table(
+            ["trained on", "models", "MNIST test accuracy", "σ_1"] + [f"σ_{k}/σ_1" for k in config["report"]], body
+        )
+    )
     pairs = []
     for a, b in itertools.combinations_with_replacement(SOURCES, 2):
-        distances = [log_distance(m["singular_values"], n["singular_values"], top)
-                     for m, n in itertools.product([m for m in models if m["source"] == a],
-                                                   [m for m in models if m["source"] == b])
-                     if m is not n and not (a == b and m["index"] > n["index"])]
+        distances = [
+            log_distance(m["singular_values"], n["singular_values"], top)
+            for m, n in itertools.product(
+                [m for m in models if m["source"] == a], [m for m in models if m["source"] == b]
+            )
+            if m is not n and not (a == b and m["index"] > n["index"])
+        ]
         if distances:
             pairs.append([f"{a} – {b}", str(len(distances)), "{:.3f} ± {:.3f}".format(*mean_and_stderr(distances))])
     print(f"Mean |Δ log σ| over the top {top} singular values, between pairs of models")
@@ -132,8 +168,9 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         values = np.asarray(m["singular_values"][:top])
         label = m["source"] if m["index"] == 0 else None
         axes[0].plot(np.arange(1, len(values) + 1), values, color=colors[m["source"]], alpha=0.7, label=label)
-        axes[1].plot(np.arange(1, len(values) + 1), values / values[0], color=colors[m["source"]], alpha=0.7,
-                     label=label)
+        axes[1].plot(
+            np.arange(1, len(values) + 1), values / values[0], color=colors[m["source"]], alpha=0.7, label=label
+        )
     for ax, title in zip(axes, ("singular values of J on MNIST1", "normalised by σ_1")):
         ax.set_yscale("log")
         ax.set_xlabel("index")
@@ -144,16 +181,38 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     return {"models": len(models)}
 
 
-DEFAULT = {"models": 4, "epochs": 20, "batch_size": 256, "fashion_size": 5000, "retrain_steps": 1000,
-           "test_size": 1000, "spectrum_images": 200, "lanczos_steps": 60, "top": 30, "report": [2, 10, 30]}
-TINY = {**DEFAULT, "models": 2, "epochs": 1, "fashion_size": 256, "retrain_steps": 2, "spectrum_images": 4,
-        "test_size": 50, "lanczos_steps": 8, "top": 4, "report": [2, 4]}
+DEFAULT = {
+    "models": 4,
+    "epochs": 20,
+    "batch_size": 256,
+    "fashion_size": 5000,
+    "retrain_steps": 1000,
+    "test_size": 1000,
+    "spectrum_images": 200,
+    "lanczos_steps": 60,
+    "top": 30,
+    "report": [2, 10, 30],
+}
+TINY = {
+    **DEFAULT,
+    "models": 2,
+    "epochs": 1,
+    "fashion_size": 256,
+    "retrain_steps": 2,
+    "spectrum_images": 4,
+    "test_size": 50,
+    "lanczos_steps": 8,
+    "top": 4,
+    "report": [2, 4],
+}
 
 EXPERIMENT = Experiment(
     name="jacobian-spectra",
     description="Fast Adaptation supplement E.1, Fig. A.2: Jacobian singular values of LeNet-5 across tasks",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "paper": {**DEFAULT, "models": 25, "fashion_size": 60000, "spectrum_images": 1000,
-                       "lanczos_steps": 120}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "paper": {**DEFAULT, "models": 25, "fashion_size": 60000, "spectrum_images": 1000, "lanczos_steps": 120},
+    },
 )

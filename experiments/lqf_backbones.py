@@ -45,11 +45,23 @@ def small_cnn(activation: str) -> nn.Sequential:
     """Three 3 × 3 convolutions (16, 32, 64 channels; max pooling after the first two), global average pooling,
     a dense layer of 64 and a 10-way head: 28,106 parameters; ``activation`` ``"relu"`` or ``"leaky"`` (0.01)."""
     act = (lambda: nn.ReLU()) if activation == "relu" else (lambda: nn.LeakyReLU(0.01))
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(1, 16, 3, padding=1), act1=act(), pool1=nn.MaxPool2d(2),
-        conv2=nn.Conv2d(16, 32, 3, padding=1), act2=act(), pool2=nn.MaxPool2d(2),
-        conv3=nn.Conv2d(32, 64, 3, padding=1), act3=act(), gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
-        fc=nn.Linear(64, 64), act4=act(), head=nn.Linear(64, 10)))
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 16, 3, padding=1),
+            act1=act(),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(16, 32, 3, padding=1),
+            act2=act(),
+            pool2=nn.MaxPool2d(2),
+            conv3=nn.Conv2d(32, 64, 3, padding=1),
+            act3=act(),
+            gap=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(64, 64),
+            act4=act(),
+            head=nn.Linear(64, 10),
+        )
+    )
 
 
 def pretrain_cnn(activation: str, path: Path, seed: int, training: dict) -> tuple[nn.Sequential, dict]:
@@ -66,7 +78,7 @@ def pretrain_cnn(activation: str, path: Path, seed: int, training: dict) -> tupl
     model = small_cnn(activation)
     start = time.perf_counter()
     images, labels = load_fashion_mnist(train=True)
-    x, labels = (images[:training["train_size"]] - FASHION_MEAN) / FASHION_STD, labels[:training["train_size"]]
+    x, labels = (images[: training["train_size"]] - FASHION_MEAN) / FASHION_STD, labels[: training["train_size"]]
     x = x.to(model.conv1.weight.dtype)  # the default dtype, in which the CNN is built
     optimizer = torch.optim.Adam(model.parameters(), lr=training["lr"])
     generator = torch.Generator().manual_seed(seed)
@@ -80,8 +92,12 @@ def pretrain_cnn(activation: str, path: Path, seed: int, training: dict) -> tupl
     test_images, test_labels = load_fashion_mnist(train=False)
     with torch.no_grad():
         predicted = model(((test_images - FASHION_MEAN) / FASHION_STD).to(x.dtype)).argmax(-1)
-    record = {"fashion_test_accuracy": float((predicted == test_labels).double().mean()),
-              "seconds": time.perf_counter() - start, "training": training, "seed": seed}
+    record = {
+        "fashion_test_accuracy": float((predicted == test_labels).double().mean()),
+        "seconds": time.perf_counter() - start,
+        "training": training,
+        "seed": seed,
+    }
     with atomic_path(path) as tmp:
         torch.save({"state": model.state_dict(), "record": record}, tmp)
     return model, record
@@ -98,8 +114,9 @@ class Backbone:
         seed, cnn_training: the CNN's pretraining seed and settings (:data:`CNN_TRAINING`).
     """
 
-    def __init__(self, name: str, image_size: int, device: str, cache: Path, seed: int = 0,
-                 cnn_training: dict | None = None):
+    def __init__(
+        self, name: str, image_size: int, device: str, cache: Path, seed: int = 0, cnn_training: dict | None = None
+    ):
         if name not in ("mobilenet", "cnn"):
             raise ValueError(f"backbone must be 'mobilenet' or 'cnn', got {name!r}")
         self.name, self.image_size, self.device = name, image_size, device
@@ -112,8 +129,9 @@ class Backbone:
             self.scopes = CNN_SCOPES
             self.bodies = {}
             for activation in ACTIVATIONS:
-                model, self.records[activation] = pretrain_cnn(activation, cache / f"cnn-{activation}.pt", seed,
-                                                                         cnn_training or CNN_TRAINING)
+                model, self.records[activation] = pretrain_cnn(
+                    activation, cache / f"cnn-{activation}.pt", seed, cnn_training or CNN_TRAINING
+                )
                 self.bodies[activation] = model.to(device)
 
     def prepare(self, images: Tensor) -> Tensor:
@@ -141,8 +159,9 @@ class Backbone:
         return self.scopes[scope]
 
 
-def bilinear_mobilenet(backbone: Backbone, num_classes: int, activation: str, reduction: int, train_x: Tensor,
-                       seed: int) -> nn.Module:
+def bilinear_mobilenet(
+    backbone: Backbone, num_classes: int, activation: str, reduction: int, train_x: Tensor, seed: int
+) -> nn.Module:
     """MobileNetV2's features, :class:`ntkgp.SqrtCovariancePooling` (a 1 × 1 reduction to ``reduction`` channels
     set to the principal directions of the training feature maps, frozen) and a new seeded linear head: B-LQF's
     network. Its parameter names keep MobileNetV2's scopes (``features.17.``, ``features.18.``, ``classifier.``)."""

@@ -63,8 +63,17 @@ def ggn_ritz_values(network: FunctionalNetwork, x: Tensor, weight_decay: float, 
 def nlft(network: FunctionalNetwork, x: Tensor, y: Tensor, config: dict, seed: int) -> Tensor:
     """Non-linear fine-tuning: SGD (momentum 0.9, the usual weight decay towards 0) on the cross-entropy,
     minibatches; θ (p,)."""
-    return sgd_cross_entropy(network, x, y, config["nlft_lr"], config["nlft_weight_decay"], config["nlft_epochs"],
-                             config["batch_size"], seed, desc="NLFT")[0]
+    return sgd_cross_entropy(
+        network,
+        x,
+        y,
+        config["nlft_lr"],
+        config["nlft_weight_decay"],
+        config["nlft_epochs"],
+        config["batch_size"],
+        seed,
+        desc="NLFT",
+    )[0]
 
 
 def at_weights(network: FunctionalNetwork, theta: Tensor) -> FunctionalNetwork:
@@ -80,26 +89,48 @@ def at_weights(network: FunctionalNetwork, theta: Tensor) -> FunctionalNetwork:
 
 def summary(values: Tensor) -> dict:
     values = values.double()
-    return {"min": float(values[0]), "max": float(values[-1]), "condition": float(values[-1] / values[0]),
-            "ritz_values": values.tolist()}
+    return {
+        "min": float(values[0]),
+        "max": float(values[-1]),
+        "condition": float(values[-1] / values[0]),
+        "ritz_values": values.tolist(),
+    }
 
 
-def lqf_curve(model: nn.Module, params, x: Tensor, y: Tensor, test: tuple[Tensor, Tensor], config: dict,
-              preconditioner: str | None, lr: float | None, seed: int) -> dict:
+def lqf_curve(
+    model: nn.Module,
+    params,
+    x: Tensor,
+    y: Tensor,
+    test: tuple[Tensor, Tensor],
+    config: dict,
+    preconditioner: str | None,
+    lr: float | None,
+    seed: int,
+) -> dict:
     """LQF's objective per epoch and the final test accuracy at one lr ("auto": LQF's default); diverged runs say so."""
     start = time.perf_counter()
     lqf = LQF(model, params=params, weight_decay=config["weight_decay"], preconditioner=preconditioner)
     try:
         lqf.fit(x, y, epochs=config["lqf_epochs"], lr=lr, batch_size=config["batch_size"], seed=seed, progress=False)
     except FloatingPointError:
-        return {"diverged": True, "loss": [r["loss"] for r in lqf.history], "lr_used": lqf.lr,
-                "seconds": time.perf_counter() - start}
+        return {
+            "diverged": True,
+            "loss": [r["loss"] for r in lqf.history],
+            "lr_used": lqf.lr,
+            "seconds": time.perf_counter() - start,
+        }
     losses = [r["loss"] for r in lqf.history]
     if len(losses) > 1 and losses[-1] > losses[0]:  # finite but rising: diverging more slowly than LQF checks
         return {"diverged": True, "loss": losses, "lr_used": lqf.lr, "seconds": time.perf_counter() - start}
     accuracy = float((lqf.classify(test[0]) == test[1]).double().mean())
-    return {"diverged": False, "loss": [r["loss"] for r in lqf.history], "lr_used": lqf.lr, "accuracy": accuracy,
-            "seconds": time.perf_counter() - start}
+    return {
+        "diverged": False,
+        "loss": [r["loss"] for r in lqf.history],
+        "lr_used": lqf.lr,
+        "accuracy": accuracy,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -133,7 +164,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     x = preprocess(images[idx].to(device), config["image_size"]).to(dtype)
     y = labels[idx].to(device)
     test_images, test_labels = load_fashion_mnist(train=False)
-    pick = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed + 1))[:config["test_size"]]
+    pick = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(seed + 1))[: config["test_size"]]
     test = (preprocess(test_images[pick].to(device), config["image_size"]).to(dtype), test_labels[pick].to(device))
     torch.manual_seed(seed)
     model = with_head(load_mobilenet(device), nn.Linear(1280, NUM_CLASSES).to(device)).to(dtype).eval()
@@ -169,8 +200,13 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         runs = [(p, lr) for p in ("kfac", None) for lr in ["auto", *config["lrs"]]]
         for preconditioner, lr in tqdm(runs, desc="LQF curves"):
             key = f"{preconditioner or 'plain'} lr={lr}"
-            record("curves", key, lambda: lqf_curve(model, params, x, y, test, config, preconditioner,
-                                                     None if lr == "auto" else lr, seed))
+            record(
+                "curves",
+                key,
+                lambda: lqf_curve(
+                    model, params, x, y, test, config, preconditioner, None if lr == "auto" else lr, seed
+                ),
+            )
     best = {}
     for name in ("kfac", "plain"):
         finished = {k: c for k, c in payload["curves"].items() if k.startswith(name) and not c["diverged"]}
@@ -179,34 +215,74 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     write_json_atomic(path, payload)
     plot(payload, out_dir / "conditioning.png")
     spectra = payload["spectra"]
-    print(f"MobileNetV2, scope {config['scope']} ({payload['parameters']:,} parameters), {len(x)} images, λ = {lam:g}, "
-          f"{steps} Lanczos steps, {config['dtype']}; NLFT train/test accuracy "
-          f"{payload['nlft_train_accuracy']:.3f}/{payload['nlft_test_accuracy']:.3f}")
-    print(format_table(["operator", "λ_min ≥", "λ_max ≤", "κ ≥"],
-                       [[n, f"{spectra[n]['min']:.3g}", f"{spectra[n]['max']:.3g}", f"{spectra[n]['condition']:.3g}"]
-                        for n in SPECTRA]))
+    print(
+        f"MobileNetV2, scope {config['scope']} ({payload['parameters']:,} parameters), {len(x)} images, λ = {lam:g}, "
+        f"{steps} Lanczos steps, {config['dtype']}; NLFT train/test accuracy "
+        f"{payload['nlft_train_accuracy']:.3f}/{payload['nlft_test_accuracy']:.3f}"
+    )
+    print(
+        format_table(
+            ["operator", "λ_min ≥", "λ_max ≤", "κ ≥"],
+            [
+                [n, f"{spectra[n]['min']:.3g}", f"{spectra[n]['max']:.3g}", f"{spectra[n]['condition']:.3g}"]
+                for n in SPECTRA
+            ],
+        )
+    )
     rows = []
     for key, curve in payload["curves"].items():
         last = curve["loss"][-1] if curve["loss"] else math.nan
-        rows.append([key, f"{curve.get('lr_used', math.nan):.3g}", "diverged" if curve["diverged"] else f"{last:.4g}",
-                     "" if curve["diverged"] else f"{curve['accuracy']:.3f}", f"{curve['seconds']:.1f}"])
+        rows.append(
+            [
+                key,
+                f"{curve.get('lr_used', math.nan):.3g}",
+                "diverged" if curve["diverged"] else f"{last:.4g}",
+                "" if curve["diverged"] else f"{curve['accuracy']:.3f}",
+                f"{curve['seconds']:.1f}",
+            ]
+        )
     print(format_table(["LQF run", "lr", "final objective", "test accuracy", "seconds"], rows))
-    print(f"best: K-FAC {best['kfac']}, plain SGD {best['plain']}; results: {path}, figure: "
-          f"{out_dir / 'conditioning.png'}; {payload['seconds']:.0f} s")
+    print(
+        f"best: K-FAC {best['kfac']}, plain SGD {best['plain']}; results: {path}, figure: "
+        f"{out_dir / 'conditioning.png'}; {payload['seconds']:.0f} s"
+    )
     return {"spectra": len(spectra), "curves": len(payload["curves"])}
 
 
-DEFAULT = {"scope": "last_block", "shots": 10, "image_size": 64, "test_size": 500, "dtype": "float64",
-           "weight_decay": 0.1, "steps": 40, "batch_size": 32, "nlft_lr": 1e-3, "nlft_weight_decay": 1e-4,
-           "nlft_epochs": 20,
-           "lqf_epochs": 10, "lrs": [1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6]}
-TINY = {**DEFAULT, "scope": "last_layer", "shots": 2, "image_size": 32, "test_size": 20, "steps": 6,
-        "nlft_epochs": 2, "lqf_epochs": 2, "lrs": [0.1, 1e-4]}
+DEFAULT = {
+    "scope": "last_block",
+    "shots": 10,
+    "image_size": 64,
+    "test_size": 500,
+    "dtype": "float64",
+    "weight_decay": 0.1,
+    "steps": 40,
+    "batch_size": 32,
+    "nlft_lr": 1e-3,
+    "nlft_weight_decay": 1e-4,
+    "nlft_epochs": 20,
+    "lqf_epochs": 10,
+    "lrs": [1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6],
+}
+TINY = {
+    **DEFAULT,
+    "scope": "last_layer",
+    "shots": 2,
+    "image_size": 32,
+    "test_size": 20,
+    "steps": 6,
+    "nlft_epochs": 2,
+    "lqf_epochs": 2,
+    "lrs": [0.1, 1e-4],
+}
 
 EXPERIMENT = Experiment(
     name="lqf-conditioning",
     description="LQF paper Fig. 3 / §3.2: Hessian spectra of LQF (with and without K-FAC) and of NLFT, LQF curves",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "paper": {**DEFAULT, "scope": "all", "shots": 25, "steps": 100, "lqf_epochs": 20}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "paper": {**DEFAULT, "scope": "all", "shots": 25, "steps": 100, "lqf_epochs": 20},
+    },
 )

@@ -64,9 +64,16 @@ def summary(rows: list[dict], config: dict) -> list[list[str]]:
                 if errors:
                     ranges.append(max(errors) - min(errors))
             shared, excess = shared_setting(rows, method, scope, config["datasets"], best)
-            out.append([method, scope, ", ".join(f"{p['dataset']} {p['elr']:.2g} ({p['error']:.1f}%)" for p in picks),
-                        f"{math.log10(max(elrs) / min(elrs)):.2f}", f"{np.mean(ranges):.1f}",
-                        f"lr {shared[0]:g}, b {shared[1]}: +{excess:.1f}"])
+            out.append(
+                [
+                    method,
+                    scope,
+                    ", ".join(f"{p['dataset']} {p['elr']:.2g} ({p['error']:.1f}%)" for p in picks),
+                    f"{math.log10(max(elrs) / min(elrs)):.2f}",
+                    f"{np.mean(ranges):.1f}",
+                    f"lr {shared[0]:g}, b {shared[1]}: +{excess:.1f}",
+                ]
+            )
     return out
 
 
@@ -99,8 +106,11 @@ def plot(rows: list[dict], config: dict, path: Path) -> None:
     for ax, scope in zip(axes[1:], config["scopes"]):
         for method, style in (("LQF", "-"), ("NLFT", "--")):
             for d in config["datasets"]:
-                sel = sorted((r["elr"], r["error"]) for r in rows if (r["method"], r["scope"], r["dataset"]) ==
-                             (method, scope, d))
+                sel = sorted(
+                    (r["elr"], r["error"])
+                    for r in rows
+                    if (r["method"], r["scope"], r["dataset"]) == (method, scope, d)
+                )
                 if sel:
                     ax.plot(*zip(*sel), style, marker=".", label=f"{method} {d}")
         ax.set_xscale("log")
@@ -115,8 +125,14 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     path, payload, start = begin(config, out_dir, device, seed, rows=[])
     done = {(r["dataset"], r["scope"], r["method"], r["lr"], r["batch_size"]) for r in payload["rows"]}
     backbone = Backbone("mobilenet", config["image_size"], device, out_dir / "backbones")
-    grid = [(d, s, m, lr, b) for d in config["datasets"] for s in config["scopes"] for m in ("LQF", "NLFT")
-            for lr in config["lrs"] for b in config["batch_sizes"]]
+    grid = [
+        (d, s, m, lr, b)
+        for d in config["datasets"]
+        for s in config["scopes"]
+        for m in ("LQF", "NLFT")
+        for lr in config["lrs"]
+        for b in config["batch_sizes"]
+    ]
     tasks: dict = {}
     for dataset, scope, method, lr, b in tqdm([g for g in grid if g not in done], desc="lqf-hyperparameters"):
         if dataset not in tasks:
@@ -126,41 +142,87 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         pool, task, nets = tasks[dataset]
         activation = "leaky" if method == "LQF" else "relu"
         if (activation, scope) not in nets:
-            nets[activation, scope] = FunctionalNetwork(backbone.network(pool.num_classes, activation, seed),
-                                                        backbone.params(scope))
+            nets[activation, scope] = FunctionalNetwork(
+                backbone.network(pool.num_classes, activation, seed), backbone.params(scope)
+            )
         settings = {**config, "batch_size": b}
         net = nets[activation, scope]
-        result = lqf(net, task, settings, seed, lr=lr) if method == "LQF" else \
-            fine_tune(net, task, lr, config["nlft_weight_decay"], settings, seed)
-        payload["rows"].append({"dataset": dataset, "scope": scope, "method": method, "lr": lr, "batch_size": b,
-                                "elr": effective_lr(lr, b), **result})
+        result = (
+            lqf(net, task, settings, seed, lr=lr)
+            if method == "LQF"
+            else fine_tune(net, task, lr, config["nlft_weight_decay"], settings, seed)
+        )
+        payload["rows"].append(
+            {
+                "dataset": dataset,
+                "scope": scope,
+                "method": method,
+                "lr": lr,
+                "batch_size": b,
+                "elr": effective_lr(lr, b),
+                **result,
+            }
+        )
         write_json_atomic(path, payload)
     payload["wall_seconds_this_run"] = time.perf_counter() - start
     write_json_atomic(path, payload)
     plot(payload["rows"], config, out_dir / "hyperparameters.png")
-    print(f"MobileNetV2, {config['shots']} images per class; grid lr {config['lrs']} × batch {config['batch_sizes']}, "
-          f"momentum {MOMENTUM}; best ELR per task (its test error), spread of best ELRs across tasks in decades, "
-          "mean range of test error within a task's grid (points), the one grid point of lowest mean error over the "
-          "tasks and its largest excess over a task's best (points)")
-    print(format_table(["method", "scope", "best ELR per task", "ELR spread", "error range",
-                        "one setting for all: worst excess"],
-                       summary(payload["rows"], config)))
-    print(f"results: {path}; figure: {out_dir / 'hyperparameters.png'}; "
-          f"{payload['wall_seconds_this_run']:.0f} s this run")
+    print(
+        f"MobileNetV2, {config['shots']} images per class; grid lr {config['lrs']} × batch {config['batch_sizes']}, "
+        f"momentum {MOMENTUM}; best ELR per task (its test error), spread of best ELRs across tasks in decades, "
+        "mean range of test error within a task's grid (points), the one grid point of lowest mean error over the "
+        "tasks and its largest excess over a task's best (points)"
+    )
+    print(
+        format_table(
+            ["method", "scope", "best ELR per task", "ELR spread", "error range", "one setting for all: worst excess"],
+            summary(payload["rows"], config),
+        )
+    )
+    print(
+        f"results: {path}; figure: {out_dir / 'hyperparameters.png'}; {payload['wall_seconds_this_run']:.0f} s this run"
+    )
     return {"rows": len(payload["rows"])}
 
 
-DEFAULT = {"datasets": ["mnist", "digits", "fashion"], "shots": 5, "scopes": ["last_layer", "last_block"],
-           "lrs": [0.05, 0.01, 0.005, 0.001, 0.0001], "batch_sizes": [16, 32, 64], "epochs": 10, "min_steps": 30,
-           "image_size": 64, "test_size": 500, "weight_decay": 0.1, "nlft_weight_decay": 1e-4}
-TINY = {**DEFAULT, "datasets": ["digits", "mnist"], "shots": 1, "scopes": ["last_layer"], "lrs": [0.01],
-        "batch_sizes": [4, 8], "epochs": 1, "min_steps": 1, "image_size": 32, "test_size": 20}
+DEFAULT = {
+    "datasets": ["mnist", "digits", "fashion"],
+    "shots": 5,
+    "scopes": ["last_layer", "last_block"],
+    "lrs": [0.05, 0.01, 0.005, 0.001, 0.0001],
+    "batch_sizes": [16, 32, 64],
+    "epochs": 10,
+    "min_steps": 30,
+    "image_size": 64,
+    "test_size": 500,
+    "weight_decay": 0.1,
+    "nlft_weight_decay": 1e-4,
+}
+TINY = {
+    **DEFAULT,
+    "datasets": ["digits", "mnist"],
+    "shots": 1,
+    "scopes": ["last_layer"],
+    "lrs": [0.01],
+    "batch_sizes": [4, 8],
+    "epochs": 1,
+    "min_steps": 1,
+    "image_size": 32,
+    "test_size": 20,
+}
 
 EXPERIMENT = Experiment(
     name="lqf-hyperparameters",
     description="LQF paper Fig. 1 right / §4.7: best effective learning rate across tasks, LQF against NLFT",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "paper": {**DEFAULT, "datasets": ["mnist", "digits", "fashion"], "shots": 25,
-                       "scopes": ["last_layer", "last_block", "all"]}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "paper": {
+            **DEFAULT,
+            "datasets": ["mnist", "digits", "fashion"],
+            "shots": 25,
+            "scopes": ["last_layer", "last_block", "all"],
+        },
+    },
 )

@@ -48,8 +48,13 @@ def draw_with_validation(pool, backbone: Backbone, shots: int, val_per_class: in
     classes = pool.num_classes
     by_class = index.reshape(classes, shots + val_per_class)
     train, val = by_class[:, :shots].reshape(-1), by_class[:, shots:].reshape(-1)
-    task = Task(backbone.prepare(pool.images[train]), pool.labels[train].to(backbone.device),
-                backbone.prepare(pool.test_images), pool.test_labels.to(backbone.device), train)
+    task = Task(
+        backbone.prepare(pool.images[train]),
+        pool.labels[train].to(backbone.device),
+        backbone.prepare(pool.test_images),
+        pool.test_labels.to(backbone.device),
+        train,
+    )
     return task, backbone.prepare(pool.images[val]), pool.images[train]
 
 
@@ -78,8 +83,9 @@ def refit_accuracies(learner: LQF, task: Task, order: torch.Tensor, drops: list[
         keep = torch.ones(len(task.train_y), dtype=torch.bool)
         keep[order[:n_drop]] = False
         rows = keep.repeat_interleave(k)
-        weights = torch.linalg.solve(kernel[rows][:, rows] + system.c * eye[:rows.sum(), :rows.sum()],
-                                     system.residual[rows])
+        weights = torch.linalg.solve(
+            kernel[rows][:, rows] + system.c * eye[: rows.sum(), : rows.sum()], system.residual[rows]
+        )
         logits = f0 + (cross[:, rows] @ weights).reshape(-1, k)
         out.append(accuracy(logits, task.test_y.cpu()))
         last = {"keep": keep, "logits": logits}
@@ -94,16 +100,20 @@ def plot_images(images: torch.Tensor, labels: torch.Tensor, fsi: torch.Tensor, s
             ax.imshow(images[i, 0], cmap="gray")
             ax.set_title(f"{int(labels[i])}: {float(fsi[i]):.2g}", fontsize=7)
             ax.axis("off")
-        axes[row][0].text(-0.1, 0.5, f"{title}\ninformative", transform=axes[row][0].transAxes, ha="right",
-                          va="center", fontsize=8)
+        axes[row][0].text(
+            -0.1, 0.5, f"{title}\ninformative", transform=axes[row][0].transAxes, ha="right", va="center", fontsize=8
+        )
     save_figure_atomic(fig, path)
 
 
 def plot_summarisation(payload: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     part = payload["summarisation"]
-    for key, label in (("most", "dropping the most informative"), ("least", "dropping the least informative"),
-                       ("random", "dropping random samples")):
+    for key, label in (
+        ("most", "dropping the most informative"),
+        ("least", "dropping the least informative"),
+        ("random", "dropping random samples"),
+    ):
         left.plot(part["drop"], part[key], marker="o", label=label)
     left.set_xlabel("training samples dropped")
     left.set_ylabel("test accuracy")
@@ -145,15 +155,28 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         fsi = learner.informativeness(val_x).cpu()
         fsi_seconds = time.perf_counter() - clock
         plot_images(images, task.train_y.cpu(), fsi, config["show"], out_dir / "informative.png")
-        order = {"most": torch.argsort(fsi, descending=True), "least": torch.argsort(fsi),
-                 "random": torch.randperm(len(fsi), generator=torch.Generator().manual_seed(seed))}
-        part = {"drop": config["drop"], "fit_seconds": fit_seconds, "fsi_seconds": fsi_seconds,
-                "fsi": fsi.tolist(), "train_size": len(fsi)}
+        order = {
+            "most": torch.argsort(fsi, descending=True),
+            "least": torch.argsort(fsi),
+            "random": torch.randperm(len(fsi), generator=torch.Generator().manual_seed(seed)),
+        }
+        part = {
+            "drop": config["drop"],
+            "fit_seconds": fit_seconds,
+            "fsi_seconds": fsi_seconds,
+            "fsi": fsi.tolist(),
+            "train_size": len(fsi),
+        }
         for key, o in order.items():
             part[key], last = refit_accuracies(learner, task, o, config["drop"])
             if key == "most":  # the largest drop, refitted from scratch by LQF itself
-                kept = Task(task.train_x[last["keep"]], task.train_y[last["keep"]], task.test_x, task.test_y,
-                            task.train_index[last["keep"]])
+                kept = Task(
+                    task.train_x[last["keep"]],
+                    task.train_y[last["keep"]],
+                    task.test_x,
+                    task.test_y,
+                    task.train_index[last["keep"]],
+                )
                 fresh = fit_exact(model, params, kept, lam).predict(task.test_x).double().cpu()
                 part["fresh_fit_max_difference"] = float((fresh - last["logits"]).abs().max())
         payload["summarisation"] = part
@@ -165,15 +188,23 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
             keep = torch.ones(len(task.train_y), dtype=torch.bool)
             keep[i] = False
             clock = time.perf_counter()
-            minus = fit_exact(model, params, Task(task.train_x[keep], task.train_y[keep], task.test_x, task.test_y,
-                                                  task.train_index[keep]), lam)
-            prediction = minus.predict(task.train_x[i:i + 1]).double().cpu()[0]
+            minus = fit_exact(
+                model,
+                params,
+                Task(task.train_x[keep], task.train_y[keep], task.test_x, task.test_y, task.train_index[keep]),
+                lam,
+            )
+            prediction = minus.predict(task.train_x[i : i + 1]).double().cpu()[0]
             brute.append(time.perf_counter() - clock)
             differences.append(float((prediction - loo[i]).abs().max()))
-        payload["loo_timing"] = {"exact_seconds": loo_seconds, "exact_with_fit_seconds": loo_seconds + fit_seconds,
-                                 "brute_force_seconds_each": float(np.mean(brute)),
-                                 "brute_force_extrapolated_seconds": float(np.mean(brute)) * len(task.train_y),
-                                 "max_difference": max(differences), "checked": len(brute)}
+        payload["loo_timing"] = {
+            "exact_seconds": loo_seconds,
+            "exact_with_fit_seconds": loo_seconds + fit_seconds,
+            "brute_force_seconds_each": float(np.mean(brute)),
+            "brute_force_extrapolated_seconds": float(np.mean(brute)) * len(task.train_y),
+            "max_difference": max(differences),
+            "checked": len(brute),
+        }
         write_json_atomic(path, payload)
     loo_part = payload.setdefault("loo", {"cells": []})
     done = {(c["dataset"], c["shots"]) for c in loo_part["cells"]}
@@ -184,8 +215,9 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         learner = fit_exact(backbone.network(p.num_classes, "leaky", seed), params, task, lam)
         loo_accuracy = accuracy(learner.leave_one_out().cpu(), task.train_y.cpu())
         test_accuracy = accuracy(learner.predict(task.test_x).cpu(), task.test_y.cpu())
-        loo_part["cells"].append({"dataset": dataset, "shots": k, "loo_accuracy": loo_accuracy,
-                                  "test_accuracy": test_accuracy})
+        loo_part["cells"].append(
+            {"dataset": dataset, "shots": k, "loo_accuracy": loo_accuracy, "test_accuracy": test_accuracy}
+        )
         write_json_atomic(path, payload)
     cells = loo_part["cells"]
     loo_acc, test_acc = np.array([c["loo_accuracy"] for c in cells]), np.array([c["test_accuracy"] for c in cells])
@@ -195,38 +227,88 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     write_json_atomic(path, payload)
     plot_summarisation(payload, out_dir / "summarisation.png")
     part, timing = payload["summarisation"], payload["loo_timing"]
-    print(f"{config['dataset']}, {part['train_size']} training images, MobileNetV2 scope {config['scope']}, "
-          f"exact LQF fit {part['fit_seconds']:.1f} s, F-SI on {config['val_per_class']} validation images per class "
-          f"{part['fsi_seconds']:.1f} s")
-    print(format_table(["dropped", "most informative", "least informative", "random"],
-                       [[str(n), f"{a:.3f}", f"{b:.3f}", f"{c:.3f}"]
-                        for n, a, b, c in zip(part["drop"], part["most"], part["least"], part["random"])]))
-    print(f"refit check: exact sub-system against a fresh LQF fit, max |Δ logit| = "
-          f"{part['fresh_fit_max_difference']:.2e}")
-    print(f"exact LOO of all {part['train_size']}: {timing['exact_seconds']:.2f} s after the fit "
-          f"({timing['exact_with_fit_seconds']:.1f} s with it); brute force {timing['brute_force_seconds_each']:.1f} s "
-          f"per refit, {timing['brute_force_extrapolated_seconds']:.0f} s for all (extrapolated from "
-          f"{timing['checked']}); max |LOO − refit| = {timing['max_difference']:.2e}")
-    print(format_table(["dataset", "shots", "LOO accuracy", "test accuracy", "gap"],
-                       [[c["dataset"], str(c["shots"]), f"{c['loo_accuracy']:.3f}", f"{c['test_accuracy']:.3f}",
-                         f"{c['loo_accuracy'] - c['test_accuracy']:+.3f}"] for c in cells]))
-    print(f"LOO against test accuracy: correlation {loo_part['correlation']:.3f}, mean absolute gap "
-          f"{loo_part['mean_absolute_gap']:.3f}; results: {path}; figures: {out_dir / 'informative.png'}, "
-          f"{out_dir / 'summarisation.png'}; {payload['wall_seconds_this_run']:.0f} s this run")
+    print(
+        f"{config['dataset']}, {part['train_size']} training images, MobileNetV2 scope {config['scope']}, "
+        f"exact LQF fit {part['fit_seconds']:.1f} s, F-SI on {config['val_per_class']} validation images per class "
+        f"{part['fsi_seconds']:.1f} s"
+    )
+    print(
+        format_table(
+            ["dropped", "most informative", "least informative", "random"],
+            [
+                [str(n), f"{a:.3f}", f"{b:.3f}", f"{c:.3f}"]
+                for n, a, b, c in zip(part["drop"], part["most"], part["least"], part["random"])
+            ],
+        )
+    )
+    print(
+        f"refit check: exact sub-system against a fresh LQF fit, max |Δ logit| = {part['fresh_fit_max_difference']:.2e}"
+    )
+    print(
+        f"exact LOO of all {part['train_size']}: {timing['exact_seconds']:.2f} s after the fit "
+        f"({timing['exact_with_fit_seconds']:.1f} s with it); brute force {timing['brute_force_seconds_each']:.1f} s "
+        f"per refit, {timing['brute_force_extrapolated_seconds']:.0f} s for all (extrapolated from "
+        f"{timing['checked']}); max |LOO − refit| = {timing['max_difference']:.2e}"
+    )
+    print(
+        format_table(
+            ["dataset", "shots", "LOO accuracy", "test accuracy", "gap"],
+            [
+                [
+                    c["dataset"],
+                    str(c["shots"]),
+                    f"{c['loo_accuracy']:.3f}",
+                    f"{c['test_accuracy']:.3f}",
+                    f"{c['loo_accuracy'] - c['test_accuracy']:+.3f}",
+                ]
+                for c in cells
+            ],
+        )
+    )
+    print(
+        f"LOO against test accuracy: correlation {loo_part['correlation']:.3f}, mean absolute gap "
+        f"{loo_part['mean_absolute_gap']:.3f}; results: {path}; figures: {out_dir / 'informative.png'}, "
+        f"{out_dir / 'summarisation.png'}; {payload['wall_seconds_this_run']:.0f} s this run"
+    )
     return {"cells": len(cells)}
 
 
-DEFAULT = {"dataset": "mnist", "shots": 20, "val_per_class": 10, "scope": "last_block", "image_size": 64,
-           "test_size": 500, "weight_decay": 0.1, "show": 8, "drop": [0, 10, 20, 40, 80, 120], "brute_force": 3,
-           "loo_datasets": ["mnist", "digits", "fashion"], "loo_shots": [2, 5, 10, 20]}
-TINY = {**DEFAULT, "dataset": "digits", "shots": 3, "val_per_class": 1, "scope": "last_layer", "image_size": 32,
-        "test_size": 30, "show": 3, "drop": [0, 5], "brute_force": 1, "loo_datasets": ["digits"],
-        "loo_shots": [1, 2, 3]}
+DEFAULT = {
+    "dataset": "mnist",
+    "shots": 20,
+    "val_per_class": 10,
+    "scope": "last_block",
+    "image_size": 64,
+    "test_size": 500,
+    "weight_decay": 0.1,
+    "show": 8,
+    "drop": [0, 10, 20, 40, 80, 120],
+    "brute_force": 3,
+    "loo_datasets": ["mnist", "digits", "fashion"],
+    "loo_shots": [2, 5, 10, 20],
+}
+TINY = {
+    **DEFAULT,
+    "dataset": "digits",
+    "shots": 3,
+    "val_per_class": 1,
+    "scope": "last_layer",
+    "image_size": 32,
+    "test_size": 30,
+    "show": 3,
+    "drop": [0, 5],
+    "brute_force": 1,
+    "loo_datasets": ["digits"],
+    "loo_shots": [1, 2, 3],
+}
 
 EXPERIMENT = Experiment(
     name="lqf-informativeness",
     description="LQF paper Fig. 6 / §2(ii): F-SI, dropping informative samples, exact LOO against test accuracy",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "paper": {**DEFAULT, "scope": "all", "shots": 50, "drop": [0, 50, 100, 200, 300]}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "paper": {**DEFAULT, "scope": "all", "shots": 50, "drop": [0, 50, 100, 200, 300]},
+    },
 )

@@ -38,9 +38,19 @@ def test_error(predicted: Tensor, labels: Tensor) -> float:
     return 100.0 * float((predicted != labels).double().mean())
 
 
-def sgd_cross_entropy(network: FunctionalNetwork, x: Tensor, y: Tensor, lr: float, weight_decay: float,
-                      epochs: int, batch_size: int, seed: int, theta: Tensor | None = None,
-                      stop=None, desc: str | None = None) -> tuple[Tensor, int]:
+def sgd_cross_entropy(
+    network: FunctionalNetwork,
+    x: Tensor,
+    y: Tensor,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    theta: Tensor | None = None,
+    stop=None,
+    desc: str | None = None,
+) -> tuple[Tensor, int]:
     """SGD (momentum 0.9, weight decay towards 0) on the cross-entropy of f(x; θ) from ``theta`` (default θ0),
     minibatches in a seeded order; ``stop(θ)`` (optional) is asked after each epoch; ``desc``: a tqdm bar over the
     epochs with that label. Returns (θ (p,), epochs run)."""
@@ -61,8 +71,7 @@ def fine_tune(net: FunctionalNetwork, task, lr: float, weight_decay: float, conf
     """NLFT (or FC, on a network of the last layer) on ``task``: test error %, seconds, final train error %."""
     start = time.perf_counter()
     epochs = epochs_for(len(task.train_y), config["batch_size"], config["epochs"], config["min_steps"])
-    theta, _ = sgd_cross_entropy(net, task.train_x, task.train_y, lr, weight_decay, epochs, config["batch_size"],
-                                 seed)
+    theta, _ = sgd_cross_entropy(net, task.train_x, task.train_y, lr, weight_decay, epochs, config["batch_size"], seed)
     with torch.no_grad():
         error = test_error(net(task.test_x, theta).argmax(-1), task.test_y)
         train_error = test_error(net(task.train_x, theta).argmax(-1), task.train_y)
@@ -71,19 +80,32 @@ def fine_tune(net: FunctionalNetwork, task, lr: float, weight_decay: float, conf
     return {"error": error, "train_error": train_error, "seconds": time.perf_counter() - start}
 
 
-def lqf(net: FunctionalNetwork, task, config: dict, seed: int, loss: str = "mse",
-        preconditioner: str | None = "kfac", lr: float | None = None) -> dict:
+def lqf(
+    net: FunctionalNetwork,
+    task,
+    config: dict,
+    seed: int,
+    loss: str = "mse",
+    preconditioner: str | None = "kfac",
+    lr: float | None = None,
+) -> dict:
     """:class:`ntkgp.LQF` on ``task`` (``lr`` None: LQF's default for the preconditioner): test error %, seconds,
     the lr used; a run that diverges (LQF raises FloatingPointError) scores chance level and says so."""
     start = time.perf_counter()
-    learner = LQF(net, loss=loss, preconditioner=preconditioner,
-                  weight_decay=config["weight_decay"])
+    learner = LQF(net, loss=loss, preconditioner=preconditioner, weight_decay=config["weight_decay"])
     epochs = epochs_for(len(task.train_y), config["batch_size"], config["epochs"], config["min_steps"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # K-FAC: BatchNorm and depthwise parameters go diagonal
         try:
-            learner.fit(task.train_x, task.train_y, epochs=epochs, lr=lr, batch_size=config["batch_size"], seed=seed,
-                        progress=False)
+            learner.fit(
+                task.train_x,
+                task.train_y,
+                epochs=epochs,
+                lr=lr,
+                batch_size=config["batch_size"],
+                seed=seed,
+                progress=False,
+            )
         except FloatingPointError:
             chance = 100.0 * (1 - 1 / int(task.train_y.max() + 1))
             return {"error": chance, "seconds": time.perf_counter() - start, "lr": learner.lr, "diverged": True}

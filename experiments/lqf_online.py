@@ -48,7 +48,7 @@ def increments(labels, steps: int, per_class: int, seed: int) -> list:
     chosen = support_indices(labels, steps * per_class, torch.Generator().manual_seed(seed))
     classes = int(labels.max()) + 1
     by_class = chosen.reshape(classes, steps * per_class)  # class-major, each class's picks in random order
-    return [by_class[:, t * per_class:(t + 1) * per_class].reshape(-1) for t in range(steps)]
+    return [by_class[:, t * per_class : (t + 1) * per_class].reshape(-1) for t in range(steps)]
 
 
 def train_until_fit(net: FunctionalNetwork, x, y, theta, config: dict, seed: int) -> tuple:
@@ -61,8 +61,18 @@ def train_until_fit(net: FunctionalNetwork, x, y, theta, config: dict, seed: int
         streak[0] = streak[0] + 1 if error < 0.5 else 0
         return streak[0] >= 5
 
-    return sgd_cross_entropy(net, x, y, config["nlft_lr"], config["nlft_weight_decay"], config["max_epochs"],
-                             config["batch_size"], seed, theta=theta, stop=stop)
+    return sgd_cross_entropy(
+        net,
+        x,
+        y,
+        config["nlft_lr"],
+        config["nlft_weight_decay"],
+        config["max_epochs"],
+        config["batch_size"],
+        seed,
+        theta=theta,
+        stop=stop,
+    )
 
 
 def run_lqf(kind: str, model, params, data: list, test, config: dict, seed: int, first: int = 0):
@@ -76,8 +86,15 @@ def run_lqf(kind: str, model, params, data: list, test, config: dict, seed: int,
             if t == 0 and kind == "LQF exact":
                 learner.fit(x, y, solver="closed_form", progress=False)
             elif t == 0:
-                learner.fit(x, y, epochs=config["lqf_epochs"], lr=config["lqf_lr"], batch_size=config["batch_size"],
-                            seed=seed, progress=False)
+                learner.fit(
+                    x,
+                    y,
+                    epochs=config["lqf_epochs"],
+                    lr=config["lqf_lr"],
+                    batch_size=config["batch_size"],
+                    seed=seed,
+                    progress=False,
+                )
             else:
                 learner.update(x, y)
         accuracy = 1 - test_error(learner.classify(test[0]), test[1]) / 100
@@ -91,10 +108,11 @@ def run_nlft(kind: str, model, params, data: list, test, config: dict, seed: int
     theta = net.theta0
     for t in range(first if kind == "NLFT paragon" else 0, len(data)):
         start = time.perf_counter()
-        x = torch.cat([d[0] for d in data[:t + 1]])
-        y = torch.cat([d[1] for d in data[:t + 1]])
-        theta, epochs = train_until_fit(net, x, y, theta if kind == "NLFT incremental" else net.theta0, config,
-                                        seed + t)
+        x = torch.cat([d[0] for d in data[: t + 1]])
+        y = torch.cat([d[1] for d in data[: t + 1]])
+        theta, epochs = train_until_fit(
+            net, x, y, theta if kind == "NLFT incremental" else net.theta0, config, seed + t
+        )
         with torch.no_grad():
             accuracy = 1 - test_error(net(test[0], theta).argmax(-1), test[1]) / 100
         yield t, accuracy, time.perf_counter() - start, {"epochs": epochs}
@@ -107,8 +125,7 @@ def plot(payload: dict, path: Path) -> None:
         if steps:
             sizes = [s["train_size"] for s in steps]
             left.plot(sizes, [s["accuracy"] for s in steps], marker="o", label=method)
-            right.plot(sizes, torch.tensor([s["seconds"] for s in steps]).cumsum(0).tolist(), marker="o",
-                       label=method)
+            right.plot(sizes, torch.tensor([s["seconds"] for s in steps]).cumsum(0).tolist(), marker="o", label=method)
     left.set_xlabel("training images seen")
     left.set_ylabel("test accuracy")
     left.set_title("Figure 5: online learning")
@@ -140,8 +157,15 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         model = backbone.network(pool.num_classes, activation, seed)
         runner = run_lqf if method.startswith("LQF") else run_nlft
         for t, accuracy, seconds, extra in runner(method, model, params, data, test, config, seed, len(done)):
-            payload["steps"][method].append({"step": t + 1, "train_size": sum(len(d[1]) for d in data[:t + 1]),
-                                             "accuracy": accuracy, "seconds": seconds, **extra})
+            payload["steps"][method].append(
+                {
+                    "step": t + 1,
+                    "train_size": sum(len(d[1]) for d in data[: t + 1]),
+                    "accuracy": accuracy,
+                    "seconds": seconds,
+                    **extra,
+                }
+            )
             write_json_atomic(path, payload)
     payload["wall_seconds_this_run"] = time.perf_counter() - start
     write_json_atomic(path, payload)
@@ -152,28 +176,58 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         row = [str(t + 1), str(steps[METHODS[0]][t]["train_size"])]
         for method in METHODS:
             s = steps[method][t]
-            row.append(f"{s['accuracy']:.3f} ({s['seconds']:.1f} s" + (f", {s['epochs']} ep)" if "epochs" in s
-                                                                       else ")"))
+            row.append(
+                f"{s['accuracy']:.3f} ({s['seconds']:.1f} s" + (f", {s['epochs']} ep)" if "epochs" in s else ")")
+            )
         rows.append(row)
-    print(f"{config['dataset']}, MobileNetV2 scope {config['scope']}, {config['steps']} increments of "
-          f"{config['per_class']} images per class, {len(test[1])} test images: test accuracy (seconds of the step)")
+    print(
+        f"{config['dataset']}, MobileNetV2 scope {config['scope']}, {config['steps']} increments of "
+        f"{config['per_class']} images per class, {len(test[1])} test images: test accuracy (seconds of the step)"
+    )
     print(format_table(["step", "images", *METHODS], rows))
     totals = {m: sum(s["seconds"] for s in steps[m]) for m in METHODS}
-    print("total seconds: " + ", ".join(f"{m} {v:.0f}" for m, v in totals.items())
-          + f"; results: {path}, figure: {out_dir / 'online.png'}; {payload['wall_seconds_this_run']:.0f} s this run")
+    print(
+        "total seconds: "
+        + ", ".join(f"{m} {v:.0f}" for m, v in totals.items())
+        + f"; results: {path}, figure: {out_dir / 'online.png'}; {payload['wall_seconds_this_run']:.0f} s this run"
+    )
     return {"steps": len(data)}
 
 
-DEFAULT = {"dataset": "mnist", "steps": 10, "per_class": 2, "scope": "last_block", "image_size": 64,
-           "test_size": 500, "batch_size": 32, "weight_decay": 0.1, "lqf_epochs": 5, "lqf_lr": 1e-4,
-           "nlft_lr": 1e-3, "nlft_weight_decay": 1e-4, "max_epochs": 40}
-TINY = {**DEFAULT, "dataset": "digits", "steps": 3, "per_class": 1, "scope": "last_layer", "image_size": 32,
-        "test_size": 30, "lqf_epochs": 1, "max_epochs": 2}
+DEFAULT = {
+    "dataset": "mnist",
+    "steps": 10,
+    "per_class": 2,
+    "scope": "last_block",
+    "image_size": 64,
+    "test_size": 500,
+    "batch_size": 32,
+    "weight_decay": 0.1,
+    "lqf_epochs": 5,
+    "lqf_lr": 1e-4,
+    "nlft_lr": 1e-3,
+    "nlft_weight_decay": 1e-4,
+    "max_epochs": 40,
+}
+TINY = {
+    **DEFAULT,
+    "dataset": "digits",
+    "steps": 3,
+    "per_class": 1,
+    "scope": "last_layer",
+    "image_size": 32,
+    "test_size": 30,
+    "lqf_epochs": 1,
+    "max_epochs": 2,
+}
 
 EXPERIMENT = Experiment(
     name="lqf-online",
     description="LQF paper Fig. 5: online learning, LQF exact and warm-started updates against incremental NLFT",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "paper": {**DEFAULT, "steps": 30, "per_class": 5, "scope": "all", "max_epochs": 100}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "paper": {**DEFAULT, "steps": 30, "per_class": 5, "scope": "all", "max_epochs": 100},
+    },
 )

@@ -53,7 +53,7 @@ class Task:
 
 def _halves(images: Tensor, labels: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    first, second = order[: len(order) // 2], order[len(order) // 2:]
+    first, second = order[: len(order) // 2], order[len(order) // 2 :]
     return images[first], labels[first], images[second], labels[second]
 
 
@@ -63,8 +63,7 @@ def load_pool(name: str, seed: int, test_size: int) -> Pool:
         images, labels = load_fashion_mnist(train=True)
         test_images, test_labels = load_fashion_mnist(train=False)
     elif name in ("mnist", "digits"):
-        images, labels, test_images, test_labels = _halves(*(load_mnist() if name == "mnist" else load_digits()),
-                                                           seed)
+        images, labels, test_images, test_labels = _halves(*(load_mnist() if name == "mnist" else load_digits()), seed)
     elif name == "olivetti":
         images, labels = load_olivetti()
         return Pool(name, images, labels, None, None)

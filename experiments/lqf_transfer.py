@@ -39,8 +39,15 @@ from tqdm.auto import tqdm
 
 from ntkgp import FunctionalNetwork
 
-from .common import Experiment, begin, format_table, mean_and_stderr, save_figure_atomic, seed_everything, \
-    write_json_atomic
+from .common import (
+    Experiment,
+    begin,
+    format_table,
+    mean_and_stderr,
+    save_figure_atomic,
+    seed_everything,
+    write_json_atomic,
+)
 from .lqf_backbones import CNN_TRAINING, Backbone, bilinear_mobilenet
 from .lqf_methods import fine_tune, lqf
 from .lqf_tasks import Pool, draw_task, load_pool
@@ -60,21 +67,30 @@ def run_method(method: str, backbone: Backbone, pool: Pool, task, config: dict, 
 
     def net(activation: str, which: str = scope) -> FunctionalNetwork:
         if (activation, which) not in nets:
-            nets[activation, which] = FunctionalNetwork(backbone.network(num_classes, activation, seed),
-                                                        backbone.params(which))
+            nets[activation, which] = FunctionalNetwork(
+                backbone.network(num_classes, activation, seed), backbone.params(which)
+            )
         return nets[activation, which]
 
     lr = config["lqf_lr"][scope]
     if method == "NLFT":
-        grid = {f"lr={a:g} wd={b:g}": fine_tune(net("relu"), task, a, b, config, seed)
-                for a in config["nlft_lrs"] for b in config["nlft_weight_decays"]}
+        grid = {
+            f"lr={a:g} wd={b:g}": fine_tune(net("relu"), task, a, b, config, seed)
+            for a in config["nlft_lrs"]
+            for b in config["nlft_weight_decays"]
+        }
         best = min(grid, key=lambda k: grid[k]["error"])
-        return {"error": grid[best]["error"], "train_error": grid[best]["train_error"], "best": best,
-                "seconds": sum(g["seconds"] for g in grid.values()),
-                "grid": {k: g["error"] for k, g in grid.items()}}
+        return {
+            "error": grid[best]["error"],
+            "train_error": grid[best]["train_error"],
+            "best": best,
+            "seconds": sum(g["seconds"] for g in grid.values()),
+            "grid": {k: g["error"] for k, g in grid.items()},
+        }
     if method == "FC":
-        return fine_tune(net("relu", "last_layer"), task, config["fc_lr"], config["nlft_weight_decays"][-1], config,
-                         seed)
+        return fine_tune(
+            net("relu", "last_layer"), task, config["fc_lr"], config["nlft_weight_decays"][-1], config, seed
+        )
     if method == "LQF":
         return lqf(net("leaky"), task, config, seed, lr=lr)
     if method == "LQF FC":
@@ -122,8 +138,9 @@ def relative(rows: list[dict], method: str, reference: str, **match) -> list[flo
     """(e_method − e_reference)/e_reference per draw where both ran (reference error 0: skipped)."""
     out = []
     for r in select(rows, method=method, **match):
-        ref = select(rows, method=reference, backbone=r["backbone"], dataset=r["dataset"], shots=r["shots"],
-                     draw=r["draw"])
+        ref = select(
+            rows, method=reference, backbone=r["backbone"], dataset=r["dataset"], shots=r["shots"], draw=r["draw"]
+        )
         if ref and ref[0]["error"] > 0:
             out.append((r["error"] - ref[0]["error"]) / ref[0]["error"])
     return out
@@ -142,28 +159,48 @@ def tables(rows: list[dict], config: dict) -> str:
             sel = select(rows, backbone="mobilenet", dataset=dataset, shots=k)
             if sel:
                 rel = relative(rows, "LQF", "NLFT", backbone="mobilenet", dataset=dataset, shots=k)
-                body.append([dataset, str(k)] + [cell(r["error"] for r in select(sel, method=m)) for m in LOWSHOT]
-                            + [cell(100 * v for v in rel)])
-    out.append(f"Test error % (MobileNetV2, scope {config['scope']}; mean ± s.e. over draws)\n"
-               + format_table(["dataset", "shots", *LOWSHOT, "LQF vs NLFT, %"], body))
+                body.append(
+                    [dataset, str(k)]
+                    + [cell(r["error"] for r in select(sel, method=m)) for m in LOWSHOT]
+                    + [cell(100 * v for v in rel)]
+                )
+    out.append(
+        f"Test error % (MobileNetV2, scope {config['scope']}; mean ± s.e. over draws)\n"
+        + format_table(["dataset", "shots", *LOWSHOT, "LQF vs NLFT, %"], body)
+    )
     body = []
     for backbone, datasets in (("mobilenet", config["datasets"]), ("cnn", config["cnn_datasets"])):
         for dataset in datasets:
             match = {"backbone": backbone, "dataset": dataset, "shots": config["ablation_shots"]}
             if select(rows, method="LQF without MSE", **match):
-                body.append([backbone, dataset, cell(r["error"] for r in select(rows, method="LQF", **match))]
-                            + [cell(100 * v for v in relative(rows, m, "LQF", **match)) for m in ABLATION])
-    out.append(f"Ablation at {config['ablation_shots']} shots: LQF's error %, and each variant's relative error "
-               "increase over LQF, %\n" + format_table(["backbone", "dataset", "LQF error", *ABLATION], body))
-    body = [[m, cell(r["error"] for r in select(rows, dataset="olivetti", method=m)),
-             cell(r["seconds"] for r in select(rows, dataset="olivetti", method=m))] for m in OLIVETTI]
-    out.append(f"Olivetti, 40 people, {config['olivetti_shots']} images each for training (Table 2)\n"
-               + format_table(["method", "test error %", "seconds"], body))
+                body.append(
+                    [backbone, dataset, cell(r["error"] for r in select(rows, method="LQF", **match))]
+                    + [cell(100 * v for v in relative(rows, m, "LQF", **match)) for m in ABLATION]
+                )
+    out.append(
+        f"Ablation at {config['ablation_shots']} shots: LQF's error %, and each variant's relative error "
+        "increase over LQF, %\n" + format_table(["backbone", "dataset", "LQF error", *ABLATION], body)
+    )
+    body = [
+        [
+            m,
+            cell(r["error"] for r in select(rows, dataset="olivetti", method=m)),
+            cell(r["seconds"] for r in select(rows, dataset="olivetti", method=m)),
+        ]
+        for m in OLIVETTI
+    ]
+    out.append(
+        f"Olivetti, 40 people, {config['olivetti_shots']} images each for training (Table 2)\n"
+        + format_table(["method", "test error %", "seconds"], body)
+    )
     methods = sorted({r["method"] for r in rows})
-    body = [[m, cell(r["seconds"] for r in select(rows, method=m, backbone="mobilenet")
-                     if r["dataset"] != "olivetti")] for m in methods]
-    out.append("Seconds per adaptation (MobileNetV2, 10-way, all shot counts)\n"
-               + format_table(["method", "seconds"], body))
+    body = [
+        [m, cell(r["seconds"] for r in select(rows, method=m, backbone="mobilenet") if r["dataset"] != "olivetti")]
+        for m in methods
+    ]
+    out.append(
+        "Seconds per adaptation (MobileNetV2, 10-way, all shot counts)\n" + format_table(["method", "seconds"], body)
+    )
     return "\n\n".join(out)
 
 
@@ -173,10 +210,13 @@ def plot(rows: list[dict], config: dict, out_dir: Path) -> None:
     shots = config["shots"]
     for ax, dataset in zip(axes[0], datasets):
         for method in LOWSHOT:
-            stats = [mean_and_stderr(r["error"] for r in select(rows, backbone="mobilenet", dataset=dataset,
-                                                                 shots=k, method=method)) for k in shots]
-            ax.errorbar(shots, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
-                        label=method)
+            stats = [
+                mean_and_stderr(
+                    r["error"] for r in select(rows, backbone="mobilenet", dataset=dataset, shots=k, method=method)
+                )
+                for k in shots
+            ]
+            ax.errorbar(shots, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=method)
         ax.set_xscale("log")
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.set_xlabel("images per class")
@@ -185,8 +225,12 @@ def plot(rows: list[dict], config: dict, out_dir: Path) -> None:
     axes[0][0].legend(fontsize=7)
     ax = axes[0][-1]
     for dataset in datasets:
-        stats = [mean_and_stderr(100 * v for v in relative(rows, "LQF", "NLFT", backbone="mobilenet",
-                                                           dataset=dataset, shots=k)) for k in shots]
+        stats = [
+            mean_and_stderr(
+                100 * v for v in relative(rows, "LQF", "NLFT", backbone="mobilenet", dataset=dataset, shots=k)
+            )
+            for k in shots
+        ]
         ax.errorbar(shots, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=dataset)
     ax.axhline(0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log")
@@ -200,10 +244,20 @@ def plot(rows: list[dict], config: dict, out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 3, 3.6))
     width = 0.8 / len(ABLATION)
     for i, method in enumerate(ABLATION):
-        stats = [mean_and_stderr(100 * v for v in relative(rows, method, "LQF", backbone=b, dataset=d,
-                                                           shots=config["ablation_shots"])) for b, d in groups]
-        ax.bar(np.arange(len(groups)) + i * width, [s[0] for s in stats], width, yerr=[s[1] for s in stats],
-               capsize=3, label=method)
+        stats = [
+            mean_and_stderr(
+                100 * v for v in relative(rows, method, "LQF", backbone=b, dataset=d, shots=config["ablation_shots"])
+            )
+            for b, d in groups
+        ]
+        ax.bar(
+            np.arange(len(groups)) + i * width,
+            [s[0] for s in stats],
+            width,
+            yerr=[s[1] for s in stats],
+            capsize=3,
+            label=method,
+        )
     ax.set_xticks(np.arange(len(groups)) + width, [f"{b}\n{d}" for b, d in groups])
     ax.axhline(0, color="k", lw=0.8)
     ax.set_ylabel("relative error increase over LQF, %")
@@ -235,9 +289,19 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
             if (name, dataset, k, draw, method) in done:
                 continue
             result = run_method(method, backbone, pool, task, config, draw_seed, nets)
-            payload["rows"].append({"part": part, "backbone": name, "dataset": dataset, "shots": k, "draw": draw,
-                                    "method": method, "train_size": len(task.train_y),
-                                    "test_size": len(task.test_y), **result})
+            payload["rows"].append(
+                {
+                    "part": part,
+                    "backbone": name,
+                    "dataset": dataset,
+                    "shots": k,
+                    "draw": draw,
+                    "method": method,
+                    "train_size": len(task.train_y),
+                    "test_size": len(task.test_y),
+                    **result,
+                }
+            )
             payload["seconds"] = payload.get("seconds", 0.0) + result["seconds"]
             write_json_atomic(path, payload)
     payload["wall_seconds_this_run"] = time.perf_counter() - start
@@ -245,33 +309,80 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     rows = payload["rows"]
     plot(rows, config, out_dir)
     if "cnn_pretraining" in payload:
-        print("CNN pretraining on Fashion-MNIST: " + ", ".join(
-            f"{a}: test accuracy {r['fashion_test_accuracy']:.3f} ({r['seconds']:.0f} s)"
-            for a, r in payload["cnn_pretraining"].items()))
+        print(
+            "CNN pretraining on Fashion-MNIST: "
+            + ", ".join(
+                f"{a}: test accuracy {r['fashion_test_accuracy']:.3f} ({r['seconds']:.0f} s)"
+                for a, r in payload["cnn_pretraining"].items()
+            )
+        )
     print(tables(rows, config))
-    print(f"results: {path}; figures: {out_dir / 'lowshot.png'}, {out_dir / 'ablation.png'}; "
-          f"{payload['wall_seconds_this_run']:.0f} s this run")
+    print(
+        f"results: {path}; figures: {out_dir / 'lowshot.png'}, {out_dir / 'ablation.png'}; "
+        f"{payload['wall_seconds_this_run']:.0f} s this run"
+    )
     return {"rows": len(rows)}
 
 
-DEFAULT = {"datasets": ["mnist", "digits"], "shots": [1, 2, 5, 10, 25], "draws": 2, "scope": "last_block",
-           "image_size": 64, "test_size": 500, "batch_size": 32, "epochs": 10, "min_steps": 30,
-           "nlft_lrs": [0.01, 0.001], "nlft_weight_decays": [1e-4, 1e-5], "fc_lr": 0.01,
-           "lqf_lr": {"last_layer": 0.01, "last_block": 1e-4, "all": 1e-4}, "weight_decay": 0.1,
-           "ablation_shots": 5, "ablation_draws": 3, "cnn_datasets": ["mnist", "digits"],
-           "olivetti_shots": 5, "olivetti_draws": 2, "olivetti_image_size": 128, "bilinear_reduction": 64,
-           "cnn_training": CNN_TRAINING}
-TINY = {**DEFAULT, "datasets": ["digits"], "shots": [1, 2], "draws": 1, "scope": "last_layer", "image_size": 32,
-        "test_size": 30,
-        "epochs": 1, "min_steps": 2, "ablation_shots": 2, "ablation_draws": 2, "cnn_datasets": ["digits"],
-        "olivetti_shots": 1, "olivetti_draws": 1, "olivetti_image_size": 64, "bilinear_reduction": 8,
-        "cnn_training": {**CNN_TRAINING, "epochs": 1, "train_size": 512}}
+DEFAULT = {
+    "datasets": ["mnist", "digits"],
+    "shots": [1, 2, 5, 10, 25],
+    "draws": 2,
+    "scope": "last_block",
+    "image_size": 64,
+    "test_size": 500,
+    "batch_size": 32,
+    "epochs": 10,
+    "min_steps": 30,
+    "nlft_lrs": [0.01, 0.001],
+    "nlft_weight_decays": [1e-4, 1e-5],
+    "fc_lr": 0.01,
+    "lqf_lr": {"last_layer": 0.01, "last_block": 1e-4, "all": 1e-4},
+    "weight_decay": 0.1,
+    "ablation_shots": 5,
+    "ablation_draws": 3,
+    "cnn_datasets": ["mnist", "digits"],
+    "olivetti_shots": 5,
+    "olivetti_draws": 2,
+    "olivetti_image_size": 128,
+    "bilinear_reduction": 64,
+    "cnn_training": CNN_TRAINING,
+}
+TINY = {
+    **DEFAULT,
+    "datasets": ["digits"],
+    "shots": [1, 2],
+    "draws": 1,
+    "scope": "last_layer",
+    "image_size": 32,
+    "test_size": 30,
+    "epochs": 1,
+    "min_steps": 2,
+    "ablation_shots": 2,
+    "ablation_draws": 2,
+    "cnn_datasets": ["digits"],
+    "olivetti_shots": 1,
+    "olivetti_draws": 1,
+    "olivetti_image_size": 64,
+    "bilinear_reduction": 8,
+    "cnn_training": {**CNN_TRAINING, "epochs": 1, "train_size": 512},
+}
 
 EXPERIMENT = Experiment(
     name="lqf-transfer",
     description="LQF paper Table 1, Figs. 4 and 2, Table 2: NLFT, LQF, LQF FC, GaF, FC; low-shot; ablation; B-LQF",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "paper": {**DEFAULT, "datasets": ["fashion", "mnist", "digits"], "shots": [1, 2, 5, 10, 25, 100],
-                       "draws": 5, "scope": "all", "ablation_draws": 5, "olivetti_draws": 5}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "paper": {
+            **DEFAULT,
+            "datasets": ["fashion", "mnist", "digits"],
+            "shots": [1, 2, 5, 10, 25, 100],
+            "draws": 5,
+            "scope": "all",
+            "ablation_draws": 5,
+            "olivetti_draws": 5,
+        },
+    },
 )

@@ -41,8 +41,16 @@ from tqdm.auto import tqdm
 
 from ntkgp import NTKGP
 
-from .common import (Experiment, adam_epochs, atomic_path, begin, format_table, mean_and_stderr, save_figure_atomic,
-                     write_json_atomic)
+from .common import (
+    Experiment,
+    adam_epochs,
+    atomic_path,
+    begin,
+    format_table,
+    mean_and_stderr,
+    save_figure_atomic,
+    write_json_atomic,
+)
 from .datasets import load_olivetti
 
 matplotlib.use("Agg")
@@ -55,8 +63,18 @@ VARIANCE_FLOOR = 1e-5
 
 def lenet3() -> nn.Sequential:
     """The supplement's network on (b, 1, 45, 45) images -> (b, 2): the mean and the raw variance."""
-    return nn.Sequential(nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3200, 500), nn.ReLU(), nn.Linear(500, 2))
+    return nn.Sequential(
+        nn.Conv2d(1, 20, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3200, 500),
+        nn.ReLU(),
+        nn.Linear(500, 2),
+    )
 
 
 class MeanOutput(nn.Module):
@@ -107,18 +125,27 @@ def pretrain(data: dict, config: dict, seed: int, dtype: torch.dtype) -> tuple[n
     rows = torch.nonzero(data["person"] < 20).squeeze(-1)
     pixels = data["images"][rows]
     angles = data["angles"][rows]
-    stats = {"pixel_mean": float(pixels.mean()), "pixel_std": float(pixels.std()),
-             "angle_mean": float(angles.mean()), "angle_std": float(angles.std())}
+    stats = {
+        "pixel_mean": float(pixels.mean()),
+        "pixel_std": float(pixels.std()),
+        "angle_mean": float(angles.mean()),
+        "angle_std": float(angles.std()),
+    }
     x, y = standardised(data, rows, stats, dtype)
     torch.manual_seed(seed)
     model = lenet3().to(dtype)
     steps = config["epochs"] * -(-len(x) // config["batch_size"])
     start = time.perf_counter()
-    adam_epochs(model, model.parameters(), x, y, config["lr"], config["batch_size"], steps, seed,
-                loss=heteroscedastic_loss)
+    adam_epochs(
+        model, model.parameters(), x, y, config["lr"], config["batch_size"], steps, seed, loss=heteroscedastic_loss
+    )
     mean, var = predict_network(model.eval(), x)
-    stats.update(noise=float(var.mean()), train_rmse_deg=float((mean - y).square().mean().sqrt()) * stats["angle_std"],
-                 seconds=time.perf_counter() - start, steps=steps)
+    stats.update(
+        noise=float(var.mean()),
+        train_rmse_deg=float((mean - y).square().mean().sqrt()) * stats["angle_std"],
+        seconds=time.perf_counter() - start,
+        steps=steps,
+    )
     return model, stats
 
 
@@ -138,7 +165,7 @@ def split(data: dict, shots: int, config: dict, seed: int) -> tuple[Tensor, Tens
     test = torch.nonzero(torch.isin(data["photo"], photos[100:])).squeeze(-1)
     adapt = adapt[torch.randperm(len(adapt), generator=generator)]
     test = test[torch.randperm(len(test), generator=generator)]
-    return adapt[:shots], test[:config["test_images"]]
+    return adapt[:shots], test[: config["test_images"]]
 
 
 def predict_network(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,13 +179,23 @@ def finetuned(model: nn.Module, x: Tensor, y: Tensor, last_layer_only: bool, con
     copy = lenet3().to(next(model.parameters()).dtype)
     copy.load_state_dict(model.state_dict())
     params = copy[-1].parameters() if last_layer_only else copy.parameters()
-    adam_epochs(copy, params, x, y, config["lr"], config["batch_size"], config["finetune_steps"], seed,
-                loss=heteroscedastic_loss)
+    adam_epochs(
+        copy,
+        params,
+        x,
+        y,
+        config["lr"],
+        config["batch_size"],
+        config["finetune_steps"],
+        seed,
+        loss=heteroscedastic_loss,
+    )
     return copy.eval()
 
 
-def adapt(method: str, model: nn.Module, x: Tensor, y: Tensor, xs: Tensor, noise: float, config: dict,
-          seed: int) -> tuple[Tensor, Tensor]:
+def adapt(
+    method: str, model: nn.Module, x: Tensor, y: Tensor, xs: Tensor, noise: float, config: dict, seed: int
+) -> tuple[Tensor, Tensor]:
     """Predictive mean and variance (of an observation) at xs, standardised units, after adapting on (x, y)."""
     if method == "pretrained":
         return predict_network(model, xs)
@@ -198,8 +235,9 @@ def plot(rows: list[dict], shots: list[int], methods: list[str], path: Path) -> 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in ((axes[0], "rmse", "test RMSE (degrees)"), (axes[1], "nll", "test NLL (degrees)")):
         for method in methods:
-            stats = [mean_and_stderr(r[metric] for r in rows if r["method"] == method and r["shots"] == n)
-                     for n in shots]
+            stats = [
+                mean_and_stderr(r[metric] for r in rows if r["method"] == method and r["shots"] == n) for n in shots
+            ]
             ns = [n for n, s in zip(shots, stats) if not math.isnan(s[0])]
             m = [s[0] for s in stats if not math.isnan(s[0])]
             e = [s[1] for s in stats if not math.isnan(s[0])]
@@ -229,8 +267,12 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         write_json_atomic(path, payload)
     stats = payload["pretraining"]
     done = {(r["seed"], r["shots"], r["method"]) for r in payload["rows"]}
-    jobs = [(s, n) for s in config["seeds"] for n in config["shots"]
-            if any((s, n, m) not in done for m in config["methods"])]
+    jobs = [
+        (s, n)
+        for s in config["seeds"]
+        for n in config["shots"]
+        if any((s, n, m) not in done for m in config["methods"])
+    ]
     for s, n in tqdm(jobs, desc="olivetti-rotation", unit="draw"):
         adapt_rows, test_rows = split(data, n, config, s)
         x, y = standardised(data, adapt_rows, stats, dtype)
@@ -240,33 +282,55 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
                 continue
             began = time.perf_counter()
             mean, var = adapt(method, model, x, y, xs, stats["noise"], config, 100 * s + n)
-            row = {"seed": s, "shots": n, "method": method, "seconds": time.perf_counter() - began,
-                   **scores(mean, var, ys, stats["angle_std"])}
+            row = {
+                "seed": s,
+                "shots": n,
+                "method": method,
+                "seconds": time.perf_counter() - began,
+                **scores(mean, var, ys, stats["angle_std"]),
+            }
             payload["rows"].append(row)
             write_json_atomic(path, payload)
     payload["wall_seconds_this_run"] = time.perf_counter() - start
     write_json_atomic(path, payload)
     rows, shots, methods = payload["rows"], config["shots"], config["methods"]
     plot(rows, shots, methods, out_dir / "olivetti.png")
-    print(f"pretrained {stats['steps']} Adam steps in {stats['seconds']:.0f} s: train RMSE {stats['train_rmse_deg']:.2f}°,"
-          f" mean predicted variance {stats['noise']:.3g} (standardised; angle sd {stats['angle_std']:.1f}°)")
+    print(
+        f"pretrained {stats['steps']} Adam steps in {stats['seconds']:.0f} s: train RMSE {stats['train_rmse_deg']:.2f}°,"
+        f" mean predicted variance {stats['noise']:.3g} (standardised; angle sd {stats['angle_std']:.1f}°)"
+    )
     for metric, title in (("rmse", "test RMSE (degrees)"), ("nll", "test NLL (degrees)")):
         print(f"\n{title}, mean ± s.e. over {len(config['seeds'])} seeds, {config['test_images']} test images each")
-        print(format_table(["method", *[f"n={n}" for n in shots], "s / adaptation"],
-                           summary_table(rows, shots, methods, metric)))
+        print(
+            format_table(
+                ["method", *[f"n={n}" for n in shots], "s / adaptation"], summary_table(rows, shots, methods, metric)
+            )
+        )
     print(f"results: {path}; figure: {out_dir / 'olivetti.png'}; {payload['wall_seconds_this_run']:.0f} s this run")
     return {"rows": len(rows)}
 
 
-DEFAULT = {"rotations": 30, "epochs": 10, "batch_size": 32, "lr": 1e-3, "shots": [10, 20, 50, 100, 200],
-           "seeds": [0, 1, 2], "test_images": 300, "finetune_steps": 100, "methods": list(METHODS),
-           "dtype": "float32"}
+DEFAULT = {
+    "rotations": 30,
+    "epochs": 10,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "shots": [10, 20, 50, 100, 200],
+    "seeds": [0, 1, 2],
+    "test_images": 300,
+    "finetune_steps": 100,
+    "methods": list(METHODS),
+    "dtype": "float32",
+}
 TINY = {**DEFAULT, "rotations": 2, "epochs": 1, "shots": [10], "seeds": [0], "test_images": 16, "finetune_steps": 2}
 
 EXPERIMENT = Experiment(
     name="olivetti-rotation",
     description="Fast Adaptation E.2: rotation angles of new people's faces, NTK-GP against retraining and fine-tuning",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "paper": {**DEFAULT, "epochs": 150, "seeds": list(range(10)), "test_images": 3000}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "paper": {**DEFAULT, "epochs": 150, "seeds": list(range(10)), "test_images": 3000},
+    },
 )

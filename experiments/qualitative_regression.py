@@ -34,8 +34,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 NOISE_VARIANCE = {"clusters": 0.9**2, "architectures": (0.1 * 0.1) ** 2}  # of the generating processes
-ARCHITECTURES = {"[2110, 3, 2110]": [2110, 3, 2110], "[10, 1000, 10]": [10, 1000, 10],
-                 "[100, 100, 100]": [100, 100, 100]}
+ARCHITECTURES = {
+    "[2110, 3, 2110]": [2110, 3, 2110],
+    "[10, 1000, 10]": [10, 1000, 10],
+    "[100, 100, 100]": [100, 100, 100],
+}
 
 
 def tanh_mlp(hidden: list[int]) -> nn.Sequential:
@@ -89,21 +92,37 @@ def one_network(name: str, hidden: list[int], task: str, config: dict, seed: int
     model = tanh_mlp(hidden).double()
     train(model, x, y, task, config, seed)
     noise = NOISE_VARIANCE[task]
-    gps = {"ML": NTKGP(model, x, y[:, 0], mean="network", progress=False).fit(),
-           "known noise": NTKGP(model, x, y[:, 0], mean="network", noise=noise, progress=False).fit()}
+    gps = {
+        "ML": NTKGP(model, x, y[:, 0], mean="network", progress=False).fit(),
+        "known noise": NTKGP(model, x, y[:, 0], mean="network", noise=noise, progress=False).fit(),
+    }
     grid = torch.linspace(-config["x_max"], config["x_max"], config["grid_points"], dtype=torch.float64).unsqueeze(-1)
     probes = torch.tensor([[-10.0], [-5.0], [0.0], [5.0], [10.0]], dtype=torch.float64)
     with torch.no_grad():
         network_rmse = float((model(x) - y).pow(2).mean().sqrt())
-    row = {"name": name, "task": task, "params": sum(p.numel() for p in model.parameters()), "seed": seed,
-           "network_train_rmse": network_rmse, "x": x[:, 0].tolist(), "y": y[:, 0].tolist(),
-           "grid": grid[:, 0].tolist(), "network": _network_curve(model, grid)}
+    row = {
+        "name": name,
+        "task": task,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seed": seed,
+        "network_train_rmse": network_rmse,
+        "x": x[:, 0].tolist(),
+        "y": y[:, 0].tolist(),
+        "grid": grid[:, 0].tolist(),
+        "network": _network_curve(model, grid),
+    }
     for kind, gp in gps.items():
         pred, std = gp.predict(grid), gp.predict(probes).stddev.tolist()
-        row[kind] = {"train_rmse": float((gp.predict(x).mean - y[:, 0]).pow(2).mean().sqrt()),
-                     "outputscale": float(gp.outputscale.detach()), "noise": float(gp.noise.detach()),
-                     "std_at_data": 0.5 * (std[1] + std[3]), "std_gap": std[2], "std_away": 0.5 * (std[0] + std[4]),
-                     "mean": pred.mean.tolist(), "std": pred.stddev.tolist()}
+        row[kind] = {
+            "train_rmse": float((gp.predict(x).mean - y[:, 0]).pow(2).mean().sqrt()),
+            "outputscale": float(gp.outputscale.detach()),
+            "noise": float(gp.noise.detach()),
+            "std_at_data": 0.5 * (std[1] + std[3]),
+            "std_gap": std[2],
+            "std_away": 0.5 * (std[0] + std[4]),
+            "mean": pred.mean.tolist(),
+            "std": pred.stddev.tolist(),
+        }
     return {**row, "seconds": time.perf_counter() - start}
 
 
@@ -119,8 +138,9 @@ def plot(rows: list[dict], task: str, path: Path) -> None:
         grid = torch.tensor(r["grid"])
         for kind, color in (("known noise", "tab:blue"), ("ML", "tab:orange")):
             mean, std = torch.tensor(r[kind]["mean"]), torch.tensor(r[kind]["std"])
-            ax.fill_between(grid, mean - 2 * std, mean + 2 * std, alpha=0.25, color=color,
-                            label=f"NTK-GP ({kind}) ± 2 sd")
+            ax.fill_between(
+                grid, mean - 2 * std, mean + 2 * std, alpha=0.25, color=color, label=f"NTK-GP ({kind}) ± 2 sd"
+            )
             ax.plot(grid, mean, color=color, lw=1)
         ax.plot(grid, r["network"], "--", lw=1, label="network")
         ax.scatter(r["x"], r["y"], s=4, color="k", label="data")
@@ -131,8 +151,9 @@ def plot(rows: list[dict], task: str, path: Path) -> None:
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
     path, payload, start = begin(config, out_dir, device, seed, rows=[])
-    jobs = [("clusters", config["hidden"], "clusters")] + [(name, ARCHITECTURES[name], "architectures")
-                                                          for name in config["architectures"]]
+    jobs = [("clusters", config["hidden"], "clusters")] + [
+        (name, ARCHITECTURES[name], "architectures") for name in config["architectures"]
+    ]
     done = {r["name"] for r in payload["rows"]}
     for name, hidden, task in jobs:
         if name not in done:
@@ -143,24 +164,74 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     write_json_atomic(path, payload)
     plot(payload["rows"], "clusters", out_dir / "clusters.png")
     plot(payload["rows"], "architectures", out_dir / "architectures.png")
-    body = [[r["name"], str(r["params"]), f"{r['network_train_rmse']:.3f}", kind, f"{g['train_rmse']:.3f}",
-             f"{g['outputscale']:.3g}", f"{g['noise']:.3g}", f"{g['std_at_data']:.3f}", f"{g['std_gap']:.3f}",
-             f"{g['std_away']:.3f}"] for r in payload["rows"] for kind, g in (("ML", r["ML"]), ("known noise", r["known noise"]))]
-    print("NTK-GP of each trained network: output scale and noise by the marginal likelihood (ML), or the noise "
-          "fixed at the generating variance and the output scale by the marginal likelihood (known noise); "
-          "predictive sd without observation noise")
-    print(format_table(["network", "params", "train RMSE net", "NTK-GP", "train RMSE GP", "s²", "σ²",
-                        "sd at data (|x|=5)", "sd in the gap (x=0)", "sd away (|x|=10)"], body))
-    print(f"results: {path}; figures: {out_dir / 'clusters.png'}, {out_dir / 'architectures.png'}; "
-          f"{payload['wall_seconds_this_run']:.0f} s this run")
+    body = [
+        [
+            r["name"],
+            str(r["params"]),
+            f"{r['network_train_rmse']:.3f}",
+            kind,
+            f"{g['train_rmse']:.3f}",
+            f"{g['outputscale']:.3g}",
+            f"{g['noise']:.3g}",
+            f"{g['std_at_data']:.3f}",
+            f"{g['std_gap']:.3f}",
+            f"{g['std_away']:.3f}",
+        ]
+        for r in payload["rows"]
+        for kind, g in (("ML", r["ML"]), ("known noise", r["known noise"]))
+    ]
+    print(
+        "NTK-GP of each trained network: output scale and noise by the marginal likelihood (ML), or the noise "
+        "fixed at the generating variance and the output scale by the marginal likelihood (known noise); "
+        "predictive sd without observation noise"
+    )
+    print(
+        format_table(
+            [
+                "network",
+                "params",
+                "train RMSE net",
+                "NTK-GP",
+                "train RMSE GP",
+                "s²",
+                "σ²",
+                "sd at data (|x|=5)",
+                "sd in the gap (x=0)",
+                "sd away (|x|=10)",
+            ],
+            body,
+        )
+    )
+    print(
+        f"results: {path}; figures: {out_dir / 'clusters.png'}, {out_dir / 'architectures.png'}; "
+        f"{payload['wall_seconds_this_run']:.0f} s this run"
+    )
     return {"rows": len(payload["rows"])}
 
 
-DEFAULT = {"points": 300, "hidden": [100, 100], "lr": 1e-4, "epochs": 250, "batch_size": 32, "arch_points": 150,
-           "architectures": list(ARCHITECTURES), "arch_lr": 1e-3, "arch_steps": 2000, "x_max": 12.0,
-           "grid_points": 241}
-TINY = {**DEFAULT, "points": 20, "hidden": [8], "epochs": 2, "arch_points": 12, "architectures": ["[10, 1000, 10]"],
-        "arch_steps": 5, "grid_points": 21}
+DEFAULT = {
+    "points": 300,
+    "hidden": [100, 100],
+    "lr": 1e-4,
+    "epochs": 250,
+    "batch_size": 32,
+    "arch_points": 150,
+    "architectures": list(ARCHITECTURES),
+    "arch_lr": 1e-3,
+    "arch_steps": 2000,
+    "x_max": 12.0,
+    "grid_points": 241,
+}
+TINY = {
+    **DEFAULT,
+    "points": 20,
+    "hidden": [8],
+    "epochs": 2,
+    "arch_points": 12,
+    "architectures": ["[10, 1000, 10]"],
+    "arch_steps": 5,
+    "grid_points": 21,
+}
 
 EXPERIMENT = Experiment(
     name="qualitative-regression",

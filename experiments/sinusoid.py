@@ -87,8 +87,11 @@ def gaussian_scores(mean: Tensor, var: Tensor, y: Tensor) -> dict[str, float]:
     var = var.clamp_min(1e-12)
     nll = 0.5 * (torch.log(2 * math.pi * var) + (y - mean).square() / var)
     inside = (y - mean).abs() <= Z95 * var.sqrt()
-    return {"mse": float((y - mean).square().mean()), "nll": float(nll.mean()),
-            "coverage": float(inside.double().mean())}
+    return {
+        "mse": float((y - mean).square().mean()),
+        "nll": float(nll.mean()),
+        "coverage": float(inside.double().mean()),
+    }
 
 
 def ntk_method(mean: str, space: str, learn: bool):
@@ -98,6 +101,7 @@ def ntk_method(mean: str, space: str, learn: bool):
             gp.fit()
         pred = gp.predict(xs, observation_noise=True)
         return pred.mean, pred.variance
+
     return adapt
 
 
@@ -123,16 +127,22 @@ def batched_mlp(layers: list[tuple[Tensor, Tensor]], x: Tensor) -> Tensor:
     return x.squeeze(-1)
 
 
-def finetune_batched(model: nn.Module, x: Tensor, y: Tensor, xs: Tensor, steps: int, lr: float,
-                     last_layer_only: bool) -> tuple[Tensor, Tensor]:
+def finetune_batched(
+    model: nn.Module, x: Tensor, y: Tensor, xs: Tensor, steps: int, lr: float, last_layer_only: bool
+) -> tuple[Tensor, Tensor]:
     """Fine-tune T copies of the MLP ``model`` on T tasks at once, each with its own Adam state.
 
     x (T, k, 1), y (T, k), xs (T, m, 1) -> test means (T, m) and final training MSEs (T,). The loss is
     the sum of per-task MSEs and Adam is elementwise, so each task gets exactly its own run.
     """
     linear = [m for m in model if isinstance(m, nn.Linear)]
-    layers = [(m.weight.detach().expand(x.shape[0], *m.weight.shape).clone(),
-               m.bias.detach().expand(x.shape[0], *m.bias.shape).clone()) for m in linear]
+    layers = [
+        (
+            m.weight.detach().expand(x.shape[0], *m.weight.shape).clone(),
+            m.bias.detach().expand(x.shape[0], *m.bias.shape).clone(),
+        )
+        for m in linear
+    ]
     trainable = [t.requires_grad_() for layer in (layers[-1:] if last_layer_only else layers) for t in layer]
     task_mse = lambda: (batched_mlp(layers, x) - y).square().mean(-1)  # noqa: E731
     adam(lambda: task_mse().sum(), trainable, steps, lr)
@@ -142,9 +152,11 @@ def finetune_batched(model: nn.Module, x: Tensor, y: Tensor, xs: Tensor, steps: 
 
 def point_method(steps: int, last_layer_only: bool, lr: float):
     """A point estimate with predictive variance max(fixed noise, support MSE), adapted on all tasks at once."""
+
     def adapt(model, x, y, xs, fixed_noise):
         mean, mse = finetune_batched(model, x, y, xs, steps, lr, last_layer_only)
         return mean, mse.clamp_min(fixed_noise).unsqueeze(-1).expand_as(mean)
+
     adapt.batched = True
     return adapt
 
@@ -161,7 +173,8 @@ def methods(config: dict) -> dict:
     for steps in config["finetune_steps"]:
         table[f"fine-tune all, {steps} steps"] = point_method(steps, False, config["finetune_lr"])
     table[f"retrain last layer, {config['last_layer_steps']} steps"] = point_method(
-        config["last_layer_steps"], True, config["finetune_lr"])
+        config["last_layer_steps"], True, config["finetune_lr"]
+    )
     return table
 
 
@@ -170,29 +183,44 @@ def summarise(rows: list[dict]) -> dict:
     summary: dict = {}
     for row in rows:
         summary.setdefault(str(row["shots"]), {}).setdefault(row["method"], []).append(row)
-    return {k: {m: {metric: mean_and_stderr(r[metric] for r in rs) for metric in ("mse", "nll", "coverage", "time")}
-                for m, rs in by_method.items()} for k, by_method in sorted(summary.items(), key=lambda i: int(i[0]))}
+    return {
+        k: {
+            m: {metric: mean_and_stderr(r[metric] for r in rs) for metric in ("mse", "nll", "coverage", "time")}
+            for m, rs in by_method.items()
+        }
+        for k, by_method in sorted(summary.items(), key=lambda i: int(i[0]))
+    }
 
 
 def print_tables(summary: dict) -> str:
     text = []
     for shots, by_method in summary.items():
-        rows = [[m, *(f"{s[key][0]:.3g} ± {s[key][1]:.2g}" for key in ("mse", "nll", "coverage")),
-                 f"{1e3 * s['time'][0]:.1f} ± {1e3 * s['time'][1]:.1f}"] for m, s in by_method.items()]
-        text.append(f"\n{shots}-shot (mean ± standard error over tasks × pretraining seeds)\n" + format_table(
-            ["method", "test MSE", "test NLL", "95% coverage", "time / task (ms)"], rows))
+        rows = [
+            [
+                m,
+                *(f"{s[key][0]:.3g} ± {s[key][1]:.2g}" for key in ("mse", "nll", "coverage")),
+                f"{1e3 * s['time'][0]:.1f} ± {1e3 * s['time'][1]:.1f}",
+            ]
+            for m, s in by_method.items()
+        ]
+        text.append(
+            f"\n{shots}-shot (mean ± standard error over tasks × pretraining seeds)\n"
+            + format_table(["method", "test MSE", "test NLL", "95% coverage", "time / task (ms)"], rows)
+        )
     return "\n".join(text)
 
 
 def plot_bands(examples: list[dict], path: Path) -> None:
     """Predictive mean ± 1.96 sd of a few methods on a few tasks, as a PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(examples[0]["predictions"])
-    fig, axes = plt.subplots(len(examples), len(labels), figsize=(3.2 * len(labels), 2.4 * len(examples)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(examples), len(labels), figsize=(3.2 * len(labels), 2.4 * len(examples)), squeeze=False, sharex=True
+    )
     for row, example in zip(axes, examples):
         for ax, label in zip(row, labels):
             mean, var = example["predictions"][label]
@@ -252,16 +280,34 @@ def evaluate(job: dict) -> dict:
     for label, adapt in methods(config).items():
         torch.manual_seed(job["task_seed"] + shots)
         mean, var, times = adapt_all(adapt, model, x, y, test_x, job["fixed_noise"])
-        rows += [{"pretrain_seed": job["pretrain_seed"], "task": t, "shots": shots, "method": label, "time": times[t],
-                  **gaussian_scores(mean[t].cpu(), var[t].cpu(), test_y[t]),
-                  "task_params": [task.amplitude, task.frequency, task.phase]} for t, task in enumerate(tasks)]
+        rows += [
+            {
+                "pretrain_seed": job["pretrain_seed"],
+                "task": t,
+                "shots": shots,
+                "method": label,
+                "time": times[t],
+                **gaussian_scores(mean[t].cpu(), var[t].cpu(), test_y[t]),
+                "task_params": [task.amplitude, task.frequency, task.phase],
+            }
+            for t, task in enumerate(tasks)
+        ]
         if num_plot and label in config["plot_methods"]:
-            gm, gv, _ = adapt_all(adapt, model, x[:num_plot], y[:num_plot], grid.expand(num_plot, -1, -1),
-                                  job["fixed_noise"])
+            gm, gv, _ = adapt_all(
+                adapt, model, x[:num_plot], y[:num_plot], grid.expand(num_plot, -1, -1), job["fixed_noise"]
+            )
             predictions[label] = (gm.cpu().numpy(), gv.cpu().numpy())
-    examples = [{"shots": shots, "grid": grid.flatten().cpu().numpy(), "x": x[t].flatten().cpu().numpy(),
-                 "y": y[t].cpu().numpy(), "truth": tasks[t](grid[0]).flatten().cpu().numpy(),
-                 "predictions": {k: (v[0][t], v[1][t]) for k, v in predictions.items()}} for t in range(num_plot)]
+    examples = [
+        {
+            "shots": shots,
+            "grid": grid.flatten().cpu().numpy(),
+            "x": x[t].flatten().cpu().numpy(),
+            "y": y[t].cpu().numpy(),
+            "truth": tasks[t](grid[0]).flatten().cpu().numpy(),
+            "predictions": {k: (v[0][t], v[1][t]) for k, v in predictions.items()},
+        }
+        for t in range(num_plot)
+    ]
     return {"rows": rows, "examples": examples}
 
 
@@ -284,18 +330,33 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
             pretrained.append({"seed": seed + pretrain_seed, "pretrain_mse": pre_mse, "fixed_noise": fixed_noise})
             state = {k: v.cpu() for k, v in model.state_dict().items()}
             for shots in sorted(config["shots"], reverse=True):
-                job = {"config": config, "device": device, "state": state, "pretrain_seed": seed + pretrain_seed,
-                       "task_seed": seed + pretrain_seed, "shots": shots, "fixed_noise": fixed_noise,
-                       "plot": pretrain_seed == config["pretrain_seeds"][0] and shots == min(config["shots"])}
+                job = {
+                    "config": config,
+                    "device": device,
+                    "state": state,
+                    "pretrain_seed": seed + pretrain_seed,
+                    "task_seed": seed + pretrain_seed,
+                    "shots": shots,
+                    "fixed_noise": fixed_noise,
+                    "plot": pretrain_seed == config["pretrain_seeds"][0] and shots == min(config["shots"]),
+                }
                 pending.append(pool.submit(evaluate, job) if pool else job)
         done = as_completed(pending) if pool else (evaluate(job) for job in pending)
         for result in tqdm(done, total=num_jobs, desc="sinusoid", unit="job"):
             result = result.result() if pool else result
             rows += result["rows"]
             examples += result["examples"]
-            write_json_atomic(out_dir / "results.json", {"config": config, "seed": seed, "device": device,
-                                                         "pretraining": pretrained, "summary": summarise(rows),
-                                                         "rows": rows})
+            write_json_atomic(
+                out_dir / "results.json",
+                {
+                    "config": config,
+                    "seed": seed,
+                    "device": device,
+                    "pretraining": pretrained,
+                    "summary": summarise(rows),
+                    "rows": rows,
+                },
+            )
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -303,21 +364,47 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         plot_bands(examples, out_dir / "bands.png")
     summary = summarise(rows)
     print(print_tables(summary))
-    print("\ntimes are single-thread; fine-tuning and last-layer retraining adapt all tasks of a pretraining seed in"
-          " one batched run, and their time is that run's time divided by the number of tasks.")
+    print(
+        "\ntimes are single-thread; fine-tuning and last-layer retraining adapt all tasks of a pretraining seed in"
+        " one batched run, and their time is that run's time divided by the number of tasks."
+    )
     print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'bands.png'}")
     return summary
 
 
 DEFAULT = {
-    "pretrain_seeds": [0, 1, 2], "tasks": 20, "shots": [5, 10, 20], "test_points": 100,
-    "pretrain_points": 200, "pretrain_steps": 1000, "pretrain_lr": 1e-2,
-    "finetune_steps": [100, 500], "last_layer_steps": 500, "finetune_lr": 1e-2,
-    "workers": 2, "plot_tasks": 3, "plot_methods": ["NTK-GP network mean, ML, funct.", "NTK-GP zero mean, ML, funct.",
-                                      "Bayesian last layer (ML)", "fine-tune all, 500 steps"],
+    "pretrain_seeds": [0, 1, 2],
+    "tasks": 20,
+    "shots": [5, 10, 20],
+    "test_points": 100,
+    "pretrain_points": 200,
+    "pretrain_steps": 1000,
+    "pretrain_lr": 1e-2,
+    "finetune_steps": [100, 500],
+    "last_layer_steps": 500,
+    "finetune_lr": 1e-2,
+    "workers": 2,
+    "plot_tasks": 3,
+    "plot_methods": [
+        "NTK-GP network mean, ML, funct.",
+        "NTK-GP zero mean, ML, funct.",
+        "Bayesian last layer (ML)",
+        "fine-tune all, 500 steps",
+    ],
 }
-TINY = {**DEFAULT, "pretrain_seeds": [0], "tasks": 2, "shots": [5], "test_points": 20, "pretrain_points": 100,
-        "pretrain_steps": 50, "finetune_steps": [5], "last_layer_steps": 5, "plot_tasks": 1, "workers": 1}
+TINY = {
+    **DEFAULT,
+    "pretrain_seeds": [0],
+    "tasks": 2,
+    "shots": [5],
+    "test_points": 20,
+    "pretrain_points": 100,
+    "pretrain_steps": 50,
+    "finetune_steps": [5],
+    "last_layer_steps": 5,
+    "plot_tasks": 1,
+    "workers": 1,
+}
 
 EXPERIMENT = Experiment(
     name="sinusoid",

@@ -48,8 +48,11 @@ METHODS = ("NTK-GP (ML)", "NTK-GP (fixed)", "SingleTaskGP", "fine-tuned network"
 def branin(u: torch.Tensor) -> torch.Tensor:
     """Branin on the unit square (..., 2) -> (...)."""
     x1, x2 = 15 * u[..., 0] - 5, 15 * u[..., 1]
-    return (x2 - 5.1 / (4 * math.pi**2) * x1**2 + 5 / math.pi * x1 - 6) ** 2 + 10 * (1 - 1 / (8 * math.pi)) * \
-        torch.cos(x1) + 10
+    return (
+        (x2 - 5.1 / (4 * math.pi**2) * x1**2 + 5 / math.pi * x1 - 6) ** 2
+        + 10 * (1 - 1 / (8 * math.pi)) * torch.cos(x1)
+        + 10
+    )
 
 
 def sample_task(generator: torch.Generator) -> dict:
@@ -106,8 +109,15 @@ def pretrain(config: dict, seed: int) -> tuple[nn.Module, float, float, float]:
     return model.eval(), mean, std, time.perf_counter() - start
 
 
-def propose(method: str, model: nn.Module, stats: tuple[float, float], x: torch.Tensor, y: torch.Tensor,
-            config: dict, generator: torch.Generator) -> torch.Tensor:
+def propose(
+    method: str,
+    model: nn.Module,
+    stats: tuple[float, float],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: dict,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """The next point (1, 2) of ``method`` given the task's data x (n, 2), y (n,) (values to minimise)."""
     from botorch.acquisition import qLogExpectedImprovement
     from botorch.fit import fit_gpytorch_mll
@@ -145,8 +155,14 @@ def propose(method: str, model: nn.Module, stats: tuple[float, float], x: torch.
     acq = qLogExpectedImprovement(gp, best_f=best)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optimize_acqf's restarts and BoTorch's input-scaling hints
-        candidate, _ = optimize_acqf(acq, bounds=bounds, q=1, num_restarts=config["restarts"],
-                                     raw_samples=config["raw_samples"], options={"maxiter": 50})
+        candidate, _ = optimize_acqf(
+            acq,
+            bounds=bounds,
+            q=1,
+            num_restarts=config["restarts"],
+            raw_samples=config["raw_samples"],
+            options={"maxiter": 50},
+        )
     return candidate.detach()
 
 
@@ -165,7 +181,7 @@ def bo_run(method: str, task: dict, model: nn.Module, stats: tuple[float, float]
         new = propose(method, model, stats, x, y, config, generator).clamp(0, 1)
         times.append(time.perf_counter() - start)
         x, y = torch.cat([x, new]), torch.cat([y, objective(task, new)])
-    best = torch.cummin(y, 0).values[config["initial"] - 1:]
+    best = torch.cummin(y, 0).values[config["initial"] - 1 :]
     return {"best": best.tolist(), "seconds_per_iteration": float(np.mean(times))}
 
 
@@ -177,13 +193,25 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     tasks = [sample_task(generator) for _ in range(config["tasks"])]
     minima = [task_minimum(t) for t in tasks]
     done = {(r["method"], r["task"], r["seed"]) for r in payload["runs"]}
-    jobs = [(m, t, s) for t in range(config["tasks"]) for s in range(config["seeds"]) for m in config["methods"]
-            if (m, t, s) not in done]
+    jobs = [
+        (m, t, s)
+        for t in range(config["tasks"])
+        for s in range(config["seeds"])
+        for m in config["methods"]
+        if (m, t, s) not in done
+    ]
     for method, t, s in tqdm(jobs, desc="transfer-bo"):
         result = bo_run(method, tasks[t], model, (mean, std), config, 100 * seed + 10 * t + s)
         regret = [b - minima[t] for b in result["best"]]
-        payload["runs"].append({"method": method, "task": t, "seed": s, "regret": regret,
-                                "seconds_per_iteration": result["seconds_per_iteration"]})
+        payload["runs"].append(
+            {
+                "method": method,
+                "task": t,
+                "seed": s,
+                "regret": regret,
+                "seconds_per_iteration": result["seconds_per_iteration"],
+            }
+        )
         write_json_atomic(path, payload)
     payload["wall_seconds_this_run"] = time.perf_counter() - start
     write_json_atomic(path, payload)
@@ -192,10 +220,13 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     for method in config["methods"]:
         runs = [r for r in payload["runs"] if r["method"] == method]
         cells = ["{:.3g} ± {:.2g}".format(*mean_and_stderr(r["regret"][b] for r in runs)) for b in budgets]
-        body.append([method, str(len(runs)), *cells,
-                     "{:.2f}".format(np.mean([r["seconds_per_iteration"] for r in runs]))])
-    print(f"Shifted and scaled Branin, {config['tasks']} new tasks × {config['seeds']} seeds, {config['initial']} "
-          f"initial points; simple regret after n iterations (mean ± s.e.), seconds per iteration")
+        body.append(
+            [method, str(len(runs)), *cells, "{:.2f}".format(np.mean([r["seconds_per_iteration"] for r in runs]))]
+        )
+    print(
+        f"Shifted and scaled Branin, {config['tasks']} new tasks × {config['seeds']} seeds, {config['initial']} "
+        f"initial points; simple regret after n iterations (mean ± s.e.), seconds per iteration"
+    )
     print(format_table(["method", "runs", *[f"n={b}" for b in budgets], "s / iteration"], body))
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in config["methods"]:
@@ -210,22 +241,58 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     ax.set_title("Transfer BO on shifted, scaled Branin (mean ± s.e.)")
     ax.legend(fontsize=8)
     save_figure_atomic(fig, out_dir / "regret.png")
-    print(f"results: {path}; figure: {out_dir / 'regret.png'}; pretraining {payload['pretrain_seconds']:.0f} s; "
-          f"{payload['wall_seconds_this_run']:.0f} s this run")
+    print(
+        f"results: {path}; figure: {out_dir / 'regret.png'}; pretraining {payload['pretrain_seconds']:.0f} s; "
+        f"{payload['wall_seconds_this_run']:.0f} s this run"
+    )
     return {"runs": len(payload["runs"])}
 
 
-DEFAULT = {"source_tasks": 30, "source_points": 200, "pretrain_epochs": 100, "pretrain_lr": 3e-3, "tasks": 10,
-           "seeds": 2, "initial": 2, "iterations": 15, "budgets": [0, 5, 10, 15], "methods": list(METHODS),
-           "restarts": 2, "raw_samples": 32, "finetune_steps": 100, "finetune_lr": 1e-3}
-TINY = {**DEFAULT, "source_tasks": 3, "source_points": 20, "pretrain_epochs": 2, "tasks": 2, "seeds": 1,
-        "iterations": 2, "budgets": [0, 2], "restarts": 1, "raw_samples": 8, "finetune_steps": 2}
+DEFAULT = {
+    "source_tasks": 30,
+    "source_points": 200,
+    "pretrain_epochs": 100,
+    "pretrain_lr": 3e-3,
+    "tasks": 10,
+    "seeds": 2,
+    "initial": 2,
+    "iterations": 15,
+    "budgets": [0, 5, 10, 15],
+    "methods": list(METHODS),
+    "restarts": 2,
+    "raw_samples": 32,
+    "finetune_steps": 100,
+    "finetune_lr": 1e-3,
+}
+TINY = {
+    **DEFAULT,
+    "source_tasks": 3,
+    "source_points": 20,
+    "pretrain_epochs": 2,
+    "tasks": 2,
+    "seeds": 1,
+    "iterations": 2,
+    "budgets": [0, 2],
+    "restarts": 1,
+    "raw_samples": 8,
+    "finetune_steps": 2,
+}
 
 EXPERIMENT = Experiment(
     name="transfer-bo",
     description="Transfer BO: NTK-GP of a network pretrained on related tasks against SingleTaskGP and baselines",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY,
-             "paper": {**DEFAULT, "tasks": 20, "seeds": 5, "iterations": 40, "budgets": [0, 10, 20, 40],
-                       "restarts": 8, "raw_samples": 256}},
+    configs={
+        "default": DEFAULT,
+        "tiny": TINY,
+        "paper": {
+            **DEFAULT,
+            "tasks": 20,
+            "seeds": 5,
+            "iterations": 40,
+            "budgets": [0, 10, 20, 40],
+            "restarts": 8,
+            "raw_samples": 256,
+        },
+    },
 )

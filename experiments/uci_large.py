@@ -46,8 +46,13 @@ from .datasets import load_uci
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = ["network", "NTK-GP (parameter space)", "NTK-GP (function space, CG + LOVE)", "Laplace (matrix-free)",
-           "GPyTorch exact GP (Matérn-5/2 ARD)"]
+METHODS = [
+    "network",
+    "NTK-GP (parameter space)",
+    "NTK-GP (function space, CG + LOVE)",
+    "Laplace (matrix-free)",
+    "GPyTorch exact GP (Matérn-5/2 ARD)",
+]
 
 
 def make_mlp(inputs: int, hidden: int, depth: int) -> nn.Sequential:
@@ -86,15 +91,15 @@ class _MaternGP(gpytorch.models.ExactGP):
     def __init__(self, x: Tensor, y: Tensor, likelihood):
         super().__init__(x, y, likelihood)
         self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5,
-                                                                                       ard_num_dims=x.shape[-1]))
+        self.covar_module = gpytorch.kernels.ScaleKernel(
+            gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=x.shape[-1])
+        )
 
     def forward(self, x: Tensor):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def matern_gp(x: Tensor, y: Tensor, test_x: Tensor, iterations: int, lr: float,
-              fit_size: int) -> tuple[Tensor, Tensor]:
+def matern_gp(x: Tensor, y: Tensor, test_x: Tensor, iterations: int, lr: float, fit_size: int) -> tuple[Tensor, Tensor]:
     """GPyTorch's exact GP with a Matérn-5/2 ARD kernel: hyperparameters by Adam on its exact marginal likelihood
     of the first ``fit_size`` rows, then conditioned on all of them; the predictive mean and variance (observation
     noise included) at test_x, LOVE for the variances."""
@@ -114,8 +119,9 @@ def matern_gp(x: Tensor, y: Tensor, test_x: Tensor, iterations: int, lr: float,
         return predictive.mean, predictive.variance
 
 
-def ntk_gp(kind: str, model: nn.Module, x: Tensor, y: Tensor, test_x: Tensor, config: dict,
-           hyper: dict) -> tuple[Tensor, Tensor, dict]:
+def ntk_gp(
+    kind: str, model: nn.Module, x: Tensor, y: Tensor, test_x: Tensor, config: dict, hyper: dict
+) -> tuple[Tensor, Tensor, dict]:
     """The NTK-GP predictive mean and variance (observation noise included) at test_x, and its hyperparameters.
 
     ``kind`` "parameter": exact, hyperparameters fitted; "function": CG + LOVE with the hyperparameters ``hyper``.
@@ -124,24 +130,46 @@ def ntk_gp(kind: str, model: nn.Module, x: Tensor, y: Tensor, test_x: Tensor, co
         gp = NTKGP(model, x, y, space="parameter", solver="cholesky", chunk_size=config["chunk_size"])
         gp.fit()
     else:
-        solver = Solver("cg", cg_tolerance=config["cg_tolerance"], max_cg_iterations=config["max_cg_iterations"],
-                        preconditioner_size=config["preconditioner_size"], lanczos_rank=config["lanczos_rank"])
-        gp = NTKGP(model, x, y, solver=solver, noise=hyper["noise"], outputscale=hyper["outputscale"],
-                   chunk_size=config["chunk_size"])
+        solver = Solver(
+            "cg",
+            cg_tolerance=config["cg_tolerance"],
+            max_cg_iterations=config["max_cg_iterations"],
+            preconditioner_size=config["preconditioner_size"],
+            lanczos_rank=config["lanczos_rank"],
+        )
+        gp = NTKGP(
+            model,
+            x,
+            y,
+            solver=solver,
+            noise=hyper["noise"],
+            outputscale=hyper["outputscale"],
+            chunk_size=config["chunk_size"],
+        )
     with torch.no_grad():
         prediction = gp.predict(test_x, observation_noise=True)
-    return prediction.mean, prediction.variance, {"noise": float(gp.noise.detach()),
-                                                       "outputscale": float(gp.outputscale.detach())}
+    return (
+        prediction.mean,
+        prediction.variance,
+        {"noise": float(gp.noise.detach()), "outputscale": float(gp.outputscale.detach())},
+    )
 
 
-def laplace(model: nn.Module, x: Tensor, y: Tensor, test_x: Tensor, config: dict,
-            hyper: dict) -> tuple[Tensor, Tensor, dict]:
+def laplace(
+    model: nn.Module, x: Tensor, y: Tensor, test_x: Tensor, config: dict, hyper: dict
+) -> tuple[Tensor, Tensor, dict]:
     """The matrix-free Laplace posterior of the linearised MLP with the NTK-GP's noise and δ = 1/s²: predictive mean
     and variance (observation noise included) at test_x."""
-    la = Laplace(model, "regression", prior_precision=1.0 / hyper["outputscale"], noise=hyper["noise"],
-                 chunk_size=config["chunk_size"],
-                 solver=Solver(config["laplace_solver"], cg_tolerance=config["cg_tolerance"],
-                               lanczos_rank=config["laplace_rank"]))
+    la = Laplace(
+        model,
+        "regression",
+        prior_precision=1.0 / hyper["outputscale"],
+        noise=hyper["noise"],
+        chunk_size=config["chunk_size"],
+        solver=Solver(
+            config["laplace_solver"], cg_tolerance=config["cg_tolerance"], lanczos_rank=config["laplace_rank"]
+        ),
+    )
     la.fit(x, y.unsqueeze(-1))
     prediction = la.predict(test_x)
     extra = {"dense": la.dense, "variance_error": la.variance_error}  # the low-rank posterior's estimated error
@@ -155,8 +183,12 @@ def measured(fn, forbid_elements: int | None = None) -> tuple[object, dict]:
     start = time.perf_counter()
     with LargestTensor() as seen:
         out = fn()
-    record = {"seconds": time.perf_counter() - start, "peak_bytes": peak_resident_bytes() - start_bytes,
-              "largest_tensor": list(seen.shape), "largest_op": seen.op}
+    record = {
+        "seconds": time.perf_counter() - start,
+        "peak_bytes": peak_resident_bytes() - start_bytes,
+        "largest_tensor": list(seen.shape),
+        "largest_op": seen.op,
+    }
     if forbid_elements is not None and seen.elements >= forbid_elements:
         raise AssertionError(f"a tensor of shape {seen.shape} ({seen.op}) was formed: no N × N matrix was allowed")
     return out, record
@@ -168,8 +200,8 @@ def split_data(config: dict, seed: int) -> dict[str, Tensor]:
     dtype = getattr(torch, config["dtype"])
     train = torch.nonzero(~test).squeeze(-1)
     train = train[torch.randperm(train.numel(), generator=torch.Generator().manual_seed(seed))]
-    gp_rows, pre_rows = train[:config["gp_size"]], train[config["gp_size"]:][:config["pretrain_size"]]
-    test_rows = torch.nonzero(test).squeeze(-1)[:config["test_size"]]
+    gp_rows, pre_rows = train[: config["gp_size"]], train[config["gp_size"] :][: config["pretrain_size"]]
+    test_rows = torch.nonzero(test).squeeze(-1)[: config["test_size"]]
     x_mean, x_std = x[pre_rows].mean(0), x[pre_rows].std(0).clamp_min(1e-12)
     y_mean, y_std = y[pre_rows].mean(), y[pre_rows].std()
     parts = {}
@@ -183,8 +215,7 @@ def plot(rows: list[dict], path: Path) -> None:
     """Time, peak memory and test NLL of each method, side by side."""
     names = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, label in zip(axes, ("seconds", "peak_mib", "nll"), ("time (s)", "peak memory rise (MiB)",
-                                                                    "test NLL")):
+    for ax, key, label in zip(axes, ("seconds", "peak_mib", "nll"), ("time (s)", "peak memory rise (MiB)", "test NLL")):
         ax.barh(range(len(rows)), [r[key] for r in rows], color="tab:blue")
         ax.set_yticks(range(len(rows)), names if ax is axes[0] else [""] * len(rows), fontsize=8)
         ax.set_xlabel(label)
@@ -197,8 +228,15 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     n = data["gp_x"].shape[0]
     dtype = data["gp_x"].dtype
     path, weights = out_dir / "results.json", out_dir / "mlp.pt"
-    payload = {"config": config, "seed": seed, "device": device, "gp_size": n,
-               "pretrain_size": data["pretrain_x"].shape[0], "test_size": data["test_x"].shape[0], "methods": {}}
+    payload = {
+        "config": config,
+        "seed": seed,
+        "device": device,
+        "gp_size": n,
+        "pretrain_size": data["pretrain_x"].shape[0],
+        "test_size": data["test_x"].shape[0],
+        "methods": {},
+    }
     if weights.exists():
         payload = resumed(path, payload)  # finished methods are kept
     model = make_mlp(data["gp_x"].shape[1], config["hidden"], config["depth"]).to(device=device, dtype=dtype)
@@ -221,14 +259,30 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         "network": (network, None),
         "NTK-GP (parameter space)": (lambda: ntk_gp("parameter", model, gp_x, gp_y, test_x, config, {}), None),
         "NTK-GP (function space, CG + LOVE)": (
-            lambda: ntk_gp("function", model, gp_x, gp_y, test_x, config,
-                           payload["methods"]["NTK-GP (parameter space)"]["hyperparameters"]), n * n),
+            lambda: ntk_gp(
+                "function",
+                model,
+                gp_x,
+                gp_y,
+                test_x,
+                config,
+                payload["methods"]["NTK-GP (parameter space)"]["hyperparameters"],
+            ),
+            n * n,
+        ),
         "Laplace (matrix-free)": (
-            lambda: laplace(model, gp_x, gp_y, test_x, config,
-                            payload["methods"]["NTK-GP (parameter space)"]["hyperparameters"]), n * n),
+            lambda: laplace(
+                model, gp_x, gp_y, test_x, config, payload["methods"]["NTK-GP (parameter space)"]["hyperparameters"]
+            ),
+            n * n,
+        ),
         "GPyTorch exact GP (Matérn-5/2 ARD)": (
-            lambda: (*matern_gp(gp_x, gp_y, test_x, config["gp_iterations"], config["gp_lr"], config["gp_fit_size"]),
-                     {}), None),
+            lambda: (
+                *matern_gp(gp_x, gp_y, test_x, config["gp_iterations"], config["gp_lr"], config["gp_fit_size"]),
+                {},
+            ),
+            None,
+        ),
     }
     predictions = {}
     for method in config["methods"]:
@@ -249,34 +303,85 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
             relative = ((variance - ref_var) / ref_var).abs()
             payload["methods"][other]["against_parameter_space"] = {
                 "mean": float((mean - ref_mean).abs().max() / ref_mean.abs().max()),
-                "variance_max": float(relative.max()), "variance_median": float(relative.median())}
+                "variance_max": float(relative.max()),
+                "variance_median": float(relative.median()),
+            }
     write_json_atomic(path, payload)
-    rows = [{"method": m, **payload["methods"][m], "peak_mib": payload["methods"][m]["peak_bytes"] / 2**20}
-            for m in config["methods"] if m in payload["methods"]]
+    rows = [
+        {"method": m, **payload["methods"][m], "peak_mib": payload["methods"][m]["peak_bytes"] / 2**20}
+        for m in config["methods"]
+        if m in payload["methods"]
+    ]
     plot(rows, out_dir / "uci_large.png")
-    print(f"{config['dataset']}: N = {n:,} GP rows, {payload['pretrain_size']:,} pretraining rows, "
-          f"{payload['test_size']:,} test rows; MLP of {payload['parameters']:,} parameters; {config['dtype']}")
-    print(format_table(["method", "RMSE", "NLL", "seconds", "peak memory", "largest tensor"],
-                       [[r["method"], f"{r['rmse']:.4f}", f"{r['nll']:.4f}", f"{r['seconds']:.1f}",
-                         format_bytes(r["peak_bytes"]), "×".join(map(str, r["largest_tensor"]))] for r in rows]))
+    print(
+        f"{config['dataset']}: N = {n:,} GP rows, {payload['pretrain_size']:,} pretraining rows, "
+        f"{payload['test_size']:,} test rows; MLP of {payload['parameters']:,} parameters; {config['dtype']}"
+    )
+    print(
+        format_table(
+            ["method", "RMSE", "NLL", "seconds", "peak memory", "largest tensor"],
+            [
+                [
+                    r["method"],
+                    f"{r['rmse']:.4f}",
+                    f"{r['nll']:.4f}",
+                    f"{r['seconds']:.1f}",
+                    format_bytes(r["peak_bytes"]),
+                    "×".join(map(str, r["largest_tensor"])),
+                ]
+                for r in rows
+            ],
+        )
+    )
     for other in METHODS[2:4]:
         if "against_parameter_space" in payload["methods"].get(other, {}):
             agreement = payload["methods"][other]["against_parameter_space"]
-            print(f"{other} against the exact parameter space: mean {agreement['mean']:.2e} (max abs / max |mean|), "
-                  f"variance {agreement['variance_max']:.2e} max, {agreement['variance_median']:.2e} median relative")
+            print(
+                f"{other} against the exact parameter space: mean {agreement['mean']:.2e} (max abs / max |mean|), "
+                f"variance {agreement['variance_max']:.2e} max, {agreement['variance_median']:.2e} median relative"
+            )
     print(f"results: {path}  figure: {out_dir / 'uci_large.png'}")
     return {"rows": len(rows)}
 
 
-DEFAULT = {"dataset": "protein", "split": 0, "gp_size": 20000, "pretrain_size": 21157, "test_size": 4573,
-           "dtype": "float32", "hidden": 64, "depth": 2, "epochs": 40, "lr": 3e-3, "batch": 256, "chunk_size": 32,
-           "cg_tolerance": 1e-4, "max_cg_iterations": 1000, "preconditioner_size": 50, "lanczos_rank": 256,
-           "laplace_rank": 512, "laplace_solver": "auto",
-           "gp_iterations": 50, "gp_lr": 0.1,
-           "gp_fit_size": 5000, "methods": METHODS}
-TINY = {**DEFAULT, "gp_size": 600, "pretrain_size": 1000, "test_size": 200, "hidden": 16, "epochs": 3,
-        "lanczos_rank": 64, "laplace_rank": 64, "laplace_solver": "cg", "gp_iterations": 3, "gp_fit_size": 300,
-        "dtype": "float64"}
+DEFAULT = {
+    "dataset": "protein",
+    "split": 0,
+    "gp_size": 20000,
+    "pretrain_size": 21157,
+    "test_size": 4573,
+    "dtype": "float32",
+    "hidden": 64,
+    "depth": 2,
+    "epochs": 40,
+    "lr": 3e-3,
+    "batch": 256,
+    "chunk_size": 32,
+    "cg_tolerance": 1e-4,
+    "max_cg_iterations": 1000,
+    "preconditioner_size": 50,
+    "lanczos_rank": 256,
+    "laplace_rank": 512,
+    "laplace_solver": "auto",
+    "gp_iterations": 50,
+    "gp_lr": 0.1,
+    "gp_fit_size": 5000,
+    "methods": METHODS,
+}
+TINY = {
+    **DEFAULT,
+    "gp_size": 600,
+    "pretrain_size": 1000,
+    "test_size": 200,
+    "hidden": 16,
+    "epochs": 3,
+    "lanczos_rank": 64,
+    "laplace_rank": 64,
+    "laplace_solver": "cg",
+    "gp_iterations": 3,
+    "gp_fit_size": 300,
+    "dtype": "float64",
+}
 
 EXPERIMENT = Experiment(
     name="uci-large",

@@ -15,16 +15,57 @@ with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprec
 
 from .functional import FunctionalNetwork
 from .gp import NTKGP, JacobianKernel, LayerScaledNTKGP, NetworkMean, Prediction, Solver
-from .iterative import (DampedGaussNewton, FixedPeriod, IterativeLinearisation, KernelDistanceThreshold, LossPlateau,
-                        Relinearisation, gauss_newton_step, kernel_distance)
+from .iterative import (
+    DampedGaussNewton,
+    FixedPeriod,
+    IterativeLinearisation,
+    KernelDistanceThreshold,
+    LossPlateau,
+    Relinearisation,
+    gauss_newton_step,
+    kernel_distance,
+)
 from .lqf import LQF, KFACPreconditioner, LeakyReLU6, SqrtCovariancePooling, leaky_relu
-from .operators import (FisherOperator, GramOperator, LayerKernel, NTKOperator, fisher_operator, gram_operator,
-                        ntk_operator)
+from .operators import (
+    FisherOperator,
+    GramOperator,
+    LayerKernel,
+    NTKOperator,
+    fisher_operator,
+    gram_operator,
+    ntk_operator,
+)
 from .posteriors import SVI, Laplace, PosteriorCovariance
 
-__all__ = ["DampedGaussNewton", "FisherOperator", "FixedPeriod", "FunctionalNetwork", "GramOperator",
-           "IterativeLinearisation", "JacobianKernel", "KFACPreconditioner", "KernelDistanceThreshold", "LQF",
-           "Laplace", "LayerKernel", "LayerScaledNTKGP", "LeakyReLU6", "LossPlateau", "NTKGP", "NTKOperator",
-           "NetworkMean", "PosteriorCovariance", "Prediction", "Relinearisation", "SVI", "Solver",
-           "SqrtCovariancePooling", "fisher_operator", "gauss_newton_step", "gram_operator", "kernel_distance",
-           "leaky_relu", "ntk_operator"]
+__all__ = [
+    "DampedGaussNewton",
+    "FisherOperator",
+    "FixedPeriod",
+    "FunctionalNetwork",
+    "GramOperator",
+    "IterativeLinearisation",
+    "JacobianKernel",
+    "KFACPreconditioner",
+    "KernelDistanceThreshold",
+    "LQF",
+    "Laplace",
+    "LayerKernel",
+    "LayerScaledNTKGP",
+    "LeakyReLU6",
+    "LossPlateau",
+    "NTKGP",
+    "NTKOperator",
+    "NetworkMean",
+    "PosteriorCovariance",
+    "Prediction",
+    "Relinearisation",
+    "SVI",
+    "Solver",
+    "SqrtCovariancePooling",
+    "fisher_operator",
+    "gauss_newton_step",
+    "gram_operator",
+    "kernel_distance",
+    "leaky_relu",
+    "ntk_operator",
+]

@@ -69,9 +69,18 @@ class NTKGPModel(Model, FantasizeMixin):
     The network snapshot is converted to ``train_X``'s dtype (module docstring).
     """
 
-    def __init__(self, model: nn.Module | FunctionalNetwork, train_X: Tensor, train_Y: Tensor,
-                 params: Sequence[str] | str | None = None, mean: str = "network", outputscale: float | None = None,
-                 noise: float | None = None, outcome_transform=None, input_transform=None):
+    def __init__(
+        self,
+        model: nn.Module | FunctionalNetwork,
+        train_X: Tensor,
+        train_Y: Tensor,
+        params: Sequence[str] | str | None = None,
+        mean: str = "network",
+        outputscale: float | None = None,
+        noise: float | None = None,
+        outcome_transform=None,
+        input_transform=None,
+    ):
         super().__init__()
         self.network = as_functional_network(model, params)
         check_choice(mean, "mean", ("network", "zero"))
@@ -79,8 +88,10 @@ class NTKGPModel(Model, FantasizeMixin):
         if not isinstance(train_X, Tensor) or train_X.dim() != 2:
             raise ValueError(f"train_X must be a (n, d) tensor, got {getattr(train_X, 'shape', type(train_X))}")
         if not isinstance(train_Y, Tensor) or train_Y.shape != (train_X.shape[0], 1):
-            raise ValueError(f"train_Y must have shape ({train_X.shape[0]}, 1) (one output), got "
-                             f"{tuple(getattr(train_Y, 'shape', ()))}")
+            raise ValueError(
+                f"train_Y must have shape ({train_X.shape[0]}, 1) (one output), got "
+                f"{tuple(getattr(train_Y, 'shape', ()))}"
+            )
         if not train_X.is_floating_point():
             raise TypeError(f"train_X has dtype {train_X.dtype}; BoTorch inputs must be floating (float64)")
         self.network = self.network.to(train_X.dtype)  # the model's dtype is train_X's (module docstring)
@@ -97,12 +108,20 @@ class NTKGPModel(Model, FantasizeMixin):
             y, _ = outcome_transform(y, X=train_X)
         residual = y[:, 0] - self._prior_mean(x)
         learn = outputscale is None or noise is None
-        gp = NTKGP(self.network, x.detach(), residual.detach(), mean="zero", noise=noise,
-                   outputscale=1.0 if outputscale is None else outputscale, progress=False)
+        gp = NTKGP(
+            self.network,
+            x.detach(),
+            residual.detach(),
+            mean="zero",
+            noise=noise,
+            outputscale=1.0 if outputscale is None else outputscale,
+            progress=False,
+        )
         if learn:
             gp.fit()
-        self.outputscale = (float(gp.outputscale.detach()) if outputscale is None
-                            else as_positive_float(outputscale, "outputscale"))
+        self.outputscale = (
+            float(gp.outputscale.detach()) if outputscale is None else as_positive_float(outputscale, "outputscale")
+        )
         self.noise = float(gp.noise.detach())
         self.likelihood = GaussianLikelihood(noise_constraint=GreaterThan(self.noise / 2)).to(self.network.dtype)
         self.likelihood.noise = self.noise
@@ -123,8 +142,10 @@ class NTKGPModel(Model, FantasizeMixin):
 
     def _check_dtype(self, t: Tensor, name: str) -> None:
         if t.dtype != self.network.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but this model works in {self.network.dtype} (train_X's "
-                            f"dtype): convert with {name}.to({self.network.dtype})")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but this model works in {self.network.dtype} (train_X's "
+                f"dtype): convert with {name}.to({self.network.dtype})"
+            )
 
     def _network_inputs(self, X: Tensor, train: bool = False) -> Tensor:
         self._check_dtype(X, "X")
@@ -162,8 +183,14 @@ class NTKGPModel(Model, FantasizeMixin):
     def batch_shape(self) -> torch.Size:
         return self.train_residual.shape[:-1]
 
-    def posterior(self, X: Tensor, output_indices: list[int] | None = None, observation_noise: bool | Tensor = False,
-                  posterior_transform=None, **kwargs) -> GPyTorchPosterior:
+    def posterior(
+        self,
+        X: Tensor,
+        output_indices: list[int] | None = None,
+        observation_noise: bool | Tensor = False,
+        posterior_transform=None,
+        **kwargs,
+    ) -> GPyTorchPosterior:
         """The joint posterior at X (batch × q × d): a ``GPyTorchPosterior`` over (batch × q × 1)."""
         if output_indices not in (None, [0]):
             raise ValueError(f"NTKGPModel has one output; output_indices must be None or [0], got {output_indices}")
@@ -202,11 +229,13 @@ class NTKGPModel(Model, FantasizeMixin):
         new = object.__new__(type(self))
         new.__dict__.update({k: v for k, v in self.__dict__.items()})
         new._modules = dict(self._modules)
-        new._set_data(torch.cat([expand(self.train_x, *self.train_x.shape[-2:]), expand(x, *x.shape[-2:])], -2),
-                      torch.cat([expand(self.train_residual, self.train_residual.shape[-1]),
-                                 expand(residual, residual.shape[-1])], -1),
-                      torch.cat([expand(self.train_jacobian, *self.train_jacobian.shape[-2:]),
-                                 expand(jac, *jac.shape[-2:])], -2))
+        new._set_data(
+            torch.cat([expand(self.train_x, *self.train_x.shape[-2:]), expand(x, *x.shape[-2:])], -2),
+            torch.cat(
+                [expand(self.train_residual, self.train_residual.shape[-1]), expand(residual, residual.shape[-1])], -1
+            ),
+            torch.cat([expand(self.train_jacobian, *self.train_jacobian.shape[-2:]), expand(jac, *jac.shape[-2:])], -2),
+        )
         return new
 
     def transform_inputs(self, X: Tensor, input_transform=None) -> Tensor:

@@ -52,12 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default ./results)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one configuration setting; VALUE is read as JSON, else as a string "
-                          "(e.g. --set scope=all --set shots=[1,5])")
-    run.add_argument("--fresh", action="store_true",
-                     help="start over: discard OUT/NAME/results.json (by default a rerun with the same configuration "
-                          "and seed resumes where the last one stopped)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one configuration setting; VALUE is read as JSON, else as a string "
+        "(e.g. --set scope=all --set shots=[1,5])",
+    )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: discard OUT/NAME/results.json (by default a rerun with the same configuration "
+        "and seed resumes where the last one stopped)",
+    )
     args = parser.parse_args(argv)
     experiments = discover_experiments()
     if args.command == "list":

@@ -27,8 +27,10 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
 def all_reduce_sum(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """The sum of ``t`` over the ranks of ``group`` (a new tensor; autograd flows through the local part only)."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("a sharded product needs torch.distributed: call torch.distributed.init_process_group "
-                           "first (torchrun sets the environment it reads)")
+        raise RuntimeError(
+            "a sharded product needs torch.distributed: call torch.distributed.init_process_group "
+            "first (torchrun sets the environment it reads)"
+        )
     total = t.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total if not t.requires_grad else t + (total - t.detach())

@@ -78,8 +78,9 @@ def _cut(nodes: list[fx.Node], dependent: set[fx.Node], refused: Set[str]) -> in
     return None
 
 
-def _split_graph(root: nn.Module, graph: fx.Graph, selected: list[str], refused: Set[str]
-                 ) -> tuple[fx.GraphModule, fx.GraphModule, str, str] | None:
+def _split_graph(
+    root: nn.Module, graph: fx.Graph, selected: list[str], refused: Set[str]
+) -> tuple[fx.GraphModule, fx.GraphModule, str, str] | None:
     nodes = list(graph.nodes)
     if sum(node.op == "placeholder" for node in nodes) != 1:
         return None

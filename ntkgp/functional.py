@@ -22,13 +22,23 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, linearize, vjp, vmap
 
 from .frozen_prefix import NetworkSplit, split_network
-from .validation import (as_count, check_eval_mode, check_finite, check_finite_tensors, check_precision, check_tensor,
-                         in_transform)
+from .validation import (
+    as_count,
+    check_eval_mode,
+    check_finite,
+    check_finite_tensors,
+    check_precision,
+    check_tensor,
+    in_transform,
+)
 
 __all__ = ["FunctionalNetwork", "as_functional_network", "map_blocks", "relative_difference", "select_parameters"]
 
-_NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
-                            r"|derivative for (\S+) is not implemented", re.IGNORECASE)
+_NO_FORWARD_AD = re.compile(
+    r"forward AD with (\S+) that does not support it|no forward AD formula for (\S+)"
+    r"|derivative for (\S+) is not implemented",
+    re.IGNORECASE,
+)
 _NETWORK_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 
@@ -57,19 +67,25 @@ def select_parameters(module: nn.Module, params: Sequence[str] | str | None) -> 
     if isinstance(params, str):
         params = [params]
     if not isinstance(params, Sequence) or not params:
-        raise ValueError(f"params must be None (all trainable parameters) or a non-empty list of parameter names or "
-                         f"module prefixes, got {params!r}")
+        raise ValueError(
+            f"params must be None (all trainable parameters) or a non-empty list of parameter names or "
+            f"module prefixes, got {params!r}"
+        )
     chosen: set[str] = set()
     for entry in params:
         if not isinstance(entry, str):
-            raise TypeError(f"params entries must be strings (parameter names or module prefixes such as 'fc.'), got "
-                            f"{type(entry).__name__} {entry!r}")
+            raise TypeError(
+                f"params entries must be strings (parameter names or module prefixes such as 'fc.'), got "
+                f"{type(entry).__name__} {entry!r}"
+            )
         prefix = entry if entry.endswith(".") else entry + "."
         hits = [n for n in named if n == entry or n.startswith(prefix)]
         if not hits:
             modules = sorted({n.rsplit(".", 1)[0] + "." for n in named if "." in n})
-            raise ValueError(f"no parameter of the network matches {entry!r}; parameters are named like "
-                             f"{list(named)[:6]} and module prefixes are {modules[:12]}")
+            raise ValueError(
+                f"no parameter of the network matches {entry!r}; parameters are named like "
+                f"{list(named)[:6]} and module prefixes are {modules[:12]}"
+            )
         chosen.update(hits)
     return [n for n in named if n in chosen]
 
@@ -125,9 +141,16 @@ class FunctionalNetwork:
         feature_cache_bytes: memory for the prefix outputs of recent input tensors (default 1 GiB).
     """
 
-    def __init__(self, module: nn.Module, params: Sequence[str] | str | None = None, chunk_size: int = 32,
-                 jacobian_chunk_elements: int = 2**24, copy_frozen: bool = True, frozen_prefix: bool = True,
-                 feature_cache_bytes: int = 2**30):
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Sequence[str] | str | None = None,
+        chunk_size: int = 32,
+        jacobian_chunk_elements: int = 2**24,
+        copy_frozen: bool = True,
+        frozen_prefix: bool = True,
+        feature_cache_bytes: int = 2**30,
+    ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(module).__name__}")
         check_eval_mode(module)
@@ -247,8 +270,10 @@ class FunctionalNetwork:
         linearisations at inputs are not. Re-linearising costs no copy of the module."""
         check_tensor(theta, "theta", f"({self.num_params},)")
         if theta.shape != self.theta0.shape or theta.dtype != self.dtype or theta.device != self.device:
-            raise ValueError(f"theta must be a ({self.num_params},) {self.dtype} tensor on {self.device} (the selected "
-                             f"parameters, flat), got {tuple(theta.shape)} {theta.dtype} on {theta.device}")
+            raise ValueError(
+                f"theta must be a ({self.num_params},) {self.dtype} tensor on {self.device} (the selected "
+                f"parameters, flat), got {tuple(theta.shape)} {theta.dtype} on {theta.device}"
+            )
         moved = copy.copy(self)
         moved.theta0 = check_finite(theta.detach().clone(), "theta", "the weights diverged: lower the learning rate")
         moved._linearisations = {}
@@ -261,8 +286,9 @@ class FunctionalNetwork:
         missing = [n for n in names if n not in self.names]
         if missing:
             raise ValueError(f"restricted takes selected parameters of this network; {missing[:3]} are not selected")
-        sub = FunctionalNetwork(self.module_copy(), list(names), self.chunk_size, self.jacobian_chunk_elements,
-                                frozen_prefix=False)
+        sub = FunctionalNetwork(
+            self.module_copy(), list(names), self.chunk_size, self.jacobian_chunk_elements, frozen_prefix=False
+        )
         sub.split, sub._split_checked, sub._features = self.split, self._split_checked, self._features
         sub._unbatched = self._unbatched  # an op without a (right) batching rule lacks it in every subset
         return sub
@@ -274,16 +300,19 @@ class FunctionalNetwork:
         if self._shared_versions is not None:
             changed = [n for n, t in self.frozen.items() if t._version != self._shared_versions[n]]
             if changed:
-                raise RuntimeError(f"the frozen parameter(s) {changed[:5]} of the network were changed in place after "
-                                   "this linearisation was built with copy_frozen=False; rebuild it (or use the "
-                                   "default copy_frozen=True)")
+                raise RuntimeError(
+                    f"the frozen parameter(s) {changed[:5]} of the network were changed in place after "
+                    "this linearisation was built with copy_frozen=False; rebuild it (or use the "
+                    "default copy_frozen=True)"
+                )
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Flat (p,) vector to a name -> tensor dict of the selected parameters."""
         check_tensor(theta, "theta", f"({self.num_params},)")
         if theta.shape != (self.num_params,):
-            raise ValueError(f"theta must have shape ({self.num_params},) (the selected parameters, flat), got "
-                             f"{tuple(theta.shape)}")
+            raise ValueError(
+                f"theta must have shape ({self.num_params},) (the selected parameters, flat), got {tuple(theta.shape)}"
+            )
         return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.numels), self.shapes)}
 
     def _values(self, part: nn.Module, theta: Tensor | None) -> dict[str, Tensor]:
@@ -345,7 +374,7 @@ class FunctionalNetwork:
             row, rest = divmod(offset, t.stride(0)) if t.stride(0) else (0, offset)
             if rest == 0 and 0 <= row and row + x.shape[0] <= t.shape[0]:
                 self._features.move_to_end(key)
-                return h[row:row + x.shape[0]]
+                return h[row : row + x.shape[0]]
         return None
 
     def _remember(self, x: Tensor, h: Tensor) -> None:
@@ -376,9 +405,12 @@ class FunctionalNetwork:
         same = isinstance(whole, Tensor) and isinstance(parts, Tensor) and whole.shape == parts.shape
         difference = relative_difference(whole, parts) if same else float("inf")
         if difference > 10 * torch.finfo(self.dtype).eps ** 0.5:
-            warnings.warn(f"the network split at its frozen prefix ({self.split.cut}) disagrees with the whole network "
-                          f"(relative difference {difference:.2g}); running the whole network in every product",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"the network split at its frozen prefix ({self.split.cut}) disagrees with the whole network "
+                f"(relative difference {difference:.2g}); running the whole network in every product",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             self.split = None
         self._split_checked = True
 
@@ -395,20 +427,27 @@ class FunctionalNetwork:
         out = functional_call(part, self._values(part, theta), (h,))
         if not isinstance(out, Tensor) or out.shape[:1] != x.shape[:1]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"the network must map inputs (n, ...) to a tensor (n, ...) ; "
-                             f"for inputs {tuple(x.shape)} it returned {shape}")
+            raise ValueError(
+                f"the network must map inputs (n, ...) to a tensor (n, ...) ; "
+                f"for inputs {tuple(x.shape)} it returned {shape}"
+            )
         if not out.is_floating_point():
-            raise IntegerOutputsError(f"the network returned {out.dtype} outputs: ntkgp linearises floating outputs "
-                                      "(logits, regression values), which an integer output (argmax, labels) has no "
-                                      "derivative of; return the floating outputs")
+            raise IntegerOutputsError(
+                f"the network returned {out.dtype} outputs: ntkgp linearises floating outputs "
+                "(logits, regression values), which an integer output (argmax, labels) has no "
+                "derivative of; return the floating outputs"
+            )
         return out.reshape(x.shape[0], -1)
 
     def outputs(self, x: Tensor, name: str = "x") -> Tensor:
         """f(x; θ0) (n, C) without gradient, checked finite."""
         with torch.no_grad():
             out = self(x)
-        return check_finite(out, f"the network's output at {name}",
-                            f"its inputs reach |{name}| = {float(x.abs().max()):.3g}: rescale or normalise them")
+        return check_finite(
+            out,
+            f"the network's output at {name}",
+            f"its inputs reach |{name}| = {float(x.abs().max()):.3g}: rescale or normalise them",
+        )
 
     def num_outputs(self, x: Tensor) -> int:
         """C, the network's output width, from one forward pass on x[:1]; the network's own error, if it fails,
@@ -420,8 +459,10 @@ class FunctionalNetwork:
         except IntegerOutputsError:
             raise
         except _NETWORK_ERRORS as err:
-            raise ValueError(f"the network failed on inputs of shape {tuple(x.shape)} (is that the shape it expects, "
-                             f"channels included?): {str(err).splitlines()[0]}") from err
+            raise ValueError(
+                f"the network failed on inputs of shape {tuple(x.shape)} (is that the shape it expects, "
+                f"channels included?): {str(err).splitlines()[0]}"
+            ) from err
 
     # --- data parallelism ------------------------------------------------------------------------------------
     def shard(self, x: Tensor, group=None) -> Tensor:
@@ -437,8 +478,12 @@ class FunctionalNetwork:
         """(True, group) if x is a marked shard or views its memory, else (False, None)."""
         for ref, group in self._shards.values():
             t = ref()
-            if t is not None and t.device == x.device and x.numel() and (
-                    t is x or t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+            if (
+                t is not None
+                and t.device == x.device
+                and x.numel()
+                and (t is x or t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
+            ):
                 return True, group
         return False, None
 
@@ -532,8 +577,13 @@ class FunctionalNetwork:
         """The linearisation at x, or at a tensor that views the same memory the same way (GPyTorch hands
         kernels reshaped views of its training inputs), at the same version."""
         for t, *functions in self._linearisations.values():
-            same = t is x or (t.device == x.device and t.shape == x.shape and t.stride() == x.stride()
-                              and t.data_ptr() == x.data_ptr() and t._version == x._version)
+            same = t is x or (
+                t.device == x.device
+                and t.shape == x.shape
+                and t.stride() == x.stride()
+                and t.data_ptr() == x.data_ptr()
+                and t._version == x._version
+            )
             if same:
                 return tuple(functions)
         return None
@@ -569,19 +619,27 @@ class FunctionalNetwork:
     def _disagrees(self, product: str, difference: float) -> None:
         """Record that the batched ``product`` disagreed with one-vector products, and say so."""
         self._unbatched.add(product)
-        warnings.warn(f"batched (vmap) {product} of this network disagree with one-vector products (relative "
-                      f"difference {difference:.2g}): an op in it has a wrong batching rule in torch "
-                      f"{torch.__version__} (torch.cdist is one); computing them one vector at a time from now on "
-                      "(correct, slower)", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"batched (vmap) {product} of this network disagree with one-vector products (relative "
+            f"difference {difference:.2g}): an op in it has a wrong batching rule in torch "
+            f"{torch.__version__} (torch.cdist is one); computing them one vector at a time from now on "
+            "(correct, slower)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _unbatchable(self, product: str, err: Exception) -> None:
         """Record that the batched ``product`` raised where one-vector products work, and say so."""
         self._unbatched.add(product)
-        warnings.warn(f"batched (vmap) {product} of this network fail in torch {torch.__version__} "
-                      f"({type(err).__name__}: {str(err).splitlines()[0][:160]}) while one-vector products work: an op "
-                      "in it has no batching "
-                      "rule (aten::lstm and GRU are such ops); computing them one vector at a time from now on "
-                      "(correct, slower)", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"batched (vmap) {product} of this network fail in torch {torch.__version__} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]}) while one-vector products work: an op "
+            "in it has no batching "
+            "rule (aten::lstm and GRU are such ops); computing them one vector at a time from now on "
+            "(correct, slower)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _f(self, x: Tensor):
         """θ -> f(x; θ) (n, C), the frozen prefix evaluated (or found cached) now, once."""
@@ -592,8 +650,9 @@ class FunctionalNetwork:
     def _check_vectors(self, vectors: Tensor, name: str, shape: tuple[int, ...], described: str) -> None:
         check_tensor(vectors, name, f"(k, {', '.join(map(str, shape))})")
         if vectors.dim() != len(shape) + 1 or tuple(vectors.shape[1:]) != shape:
-            raise ValueError(f"{name} must have shape (k, {', '.join(map(str, shape))}) ({described}), got "
-                             f"{tuple(vectors.shape)}")
+            raise ValueError(
+                f"{name} must have shape (k, {', '.join(map(str, shape))}) ({described}), got {tuple(vectors.shape)}"
+            )
         if vectors.dtype != self.dtype:
             raise TypeError(f"{name} has dtype {vectors.dtype} but the network's parameters are {self.dtype}")
 
@@ -649,8 +708,9 @@ class FunctionalNetwork:
             except (RuntimeError, NotImplementedError) as err:
                 if _missing_forward_rule(err) is None:
                     raise
-        return check_finite(self.outputs(x) + self.jvp(x, delta.unsqueeze(0))[0], "the linearised outputs "
-                            "f(x) + J(x)δ", _OVERFLOW_HINT)
+        return check_finite(
+            self.outputs(x) + self.jvp(x, delta.unsqueeze(0))[0], "the linearised outputs f(x) + J(x)δ", _OVERFLOW_HINT
+        )
 
     def _jvp_double_vjp(self, x: Tensor, tangents: Tensor) -> Tensor:
         """J V as the VJP of the linear map u -> Jᵀ u (two reverse passes)."""
@@ -701,8 +761,9 @@ class FunctionalNetwork:
             else:
                 with torch.enable_grad():
                     (grad,) = torch.autograd.grad(loss(self._f(x)(theta)), theta, create_graph=create_graph)
-                return check_finite(self.sum_over_shards(x, grad.unsqueeze(0)), "the gradient ∇θ loss(f(x; θ))",
-                                    _OVERFLOW_HINT)
+                return check_finite(
+                    self.sum_over_shards(x, grad.unsqueeze(0)), "the gradient ∇θ loss(f(x; θ))", _OVERFLOW_HINT
+                )
         tol = None
         if not in_transform():
             eps, step = torch.finfo(self.dtype).eps, float((thetas - self.theta0).norm(dim=-1).min())
@@ -720,12 +781,13 @@ class FunctionalNetwork:
         """
         num_outputs = self.num_outputs(x)
         b = max(1, self.jacobian_chunk_elements // (num_outputs * self.num_params))
-        per_sample = vmap(jacrev(lambda theta, hi, xi: self._head(hi.unsqueeze(0), xi.unsqueeze(0), theta)[0]),
-                          in_dims=(None, 0, 0))
+        per_sample = vmap(
+            jacrev(lambda theta, hi, xi: self._head(hi.unsqueeze(0), xi.unsqueeze(0), theta)[0]), in_dims=(None, 0, 0)
+        )
         features = self.features(x)
         for start in range(0, x.shape[0], b):
             whole = b >= x.shape[0]  # x itself, whose prefix output is cached, rather than a new view
-            chunk, chunk_features = (x, features) if whole else (x[start:start + b], features[start:start + b])
+            chunk, chunk_features = (x, features) if whole else (x[start : start + b], features[start : start + b])
             if "per-sample Jacobians" in self._unbatched:
                 yield self._jacobian_rows(chunk, num_outputs)
                 continue
@@ -758,12 +820,15 @@ class FunctionalNetwork:
         return self._jacobian_rows(x, jac.shape[1])
 
 
-_OVERFLOW_HINT = ("the network's outputs or derivatives overflow at these inputs or weights: rescale or normalise "
-                  "the inputs, or check the weights")
+_OVERFLOW_HINT = (
+    "the network's outputs or derivatives overflow at these inputs or weights: rescale or normalise "
+    "the inputs, or check the weights"
+)
 
 
-def as_functional_network(model: nn.Module | FunctionalNetwork, params: Sequence[str] | str | None = None,
-                          chunk_size: int | None = None) -> FunctionalNetwork:
+def as_functional_network(
+    model: nn.Module | FunctionalNetwork, params: Sequence[str] | str | None = None, chunk_size: int | None = None
+) -> FunctionalNetwork:
     """``model`` itself if it is a :class:`FunctionalNetwork`, else a snapshot of the module.
 
     ``params`` and ``chunk_size`` belong to the snapshot: with a FunctionalNetwork they must be left
@@ -772,10 +837,12 @@ def as_functional_network(model: nn.Module | FunctionalNetwork, params: Sequence
     if isinstance(model, FunctionalNetwork):
         given = [name for name, value in (("params", params), ("chunk_size", chunk_size)) if value is not None]
         if given:
-            raise ValueError(f"{' and '.join(given)} cannot be combined with a FunctionalNetwork, which has its own "
-                             f"(params {model.names[:3]}{'...' if len(model.names) > 3 else ''}, chunk_size "
-                             f"{model.chunk_size}); pass the nn.Module instead, or build the FunctionalNetwork "
-                             "with them")
+            raise ValueError(
+                f"{' and '.join(given)} cannot be combined with a FunctionalNetwork, which has its own "
+                f"(params {model.names[:3]}{'...' if len(model.names) > 3 else ''}, chunk_size "
+                f"{model.chunk_size}); pass the nn.Module instead, or build the FunctionalNetwork "
+                "with them"
+            )
         return model
     return FunctionalNetwork(model, params, 32 if chunk_size is None else chunk_size)
 
@@ -784,4 +851,4 @@ def map_blocks(fn, vectors: Tensor, block: int) -> Tensor:
     """Apply ``fn`` to row blocks of ``vectors`` (k, ...) and concatenate: bounds peak memory to one block."""
     if vectors.shape[0] <= block:
         return fn(vectors)
-    return torch.cat([fn(vectors[s:s + block]) for s in range(0, vectors.shape[0], block)])
+    return torch.cat([fn(vectors[s : s + block]) for s in range(0, vectors.shape[0], block)])

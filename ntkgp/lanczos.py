@@ -34,16 +34,22 @@ def reorthogonalisation_tolerance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
-def rademacher_probes(size: int, count: int, generator: torch.Generator | None = None,
-                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
+def rademacher_probes(
+    size: int,
+    count: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """(size, count) independent ±1 entries, drawn on the generator's device (CPU by default), then moved."""
     draw_device = check_generator(generator).device if generator is not None else "cpu"
     bits = torch.randint(0, 2, (size, count), generator=generator, device=draw_device)
     return (2 * bits - 1).to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
-def lanczos_quadrature(operator: LinearOperator, steps: int, probes: int,
-                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def lanczos_quadrature(
+    operator: LinearOperator, steps: int, probes: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Nodes θ (m, s) and weights (p/m)·τ² (m, s) of stochastic Lanczos quadrature of a symmetric PSD (p × p)
     operator A: tr f(A) ≈ Σ weights · f(θ) for any f (nodes clamped at 0, so f may be a log of 1 + θ/δ).
 
@@ -54,17 +60,28 @@ def lanczos_quadrature(operator: LinearOperator, steps: int, probes: int,
         raise ValueError(f"steps and probes must be >= 1, got steps={steps}, probes={probes}")
     p = operator.shape[-1]
     z = rademacher_probes(p, probes, generator, operator.dtype, operator.device)
-    _, t = lanczos_tridiag(operator._matmul, max_iter=steps, dtype=operator.dtype, device=operator.device,
-                           matrix_shape=operator.shape, init_vecs=z,
-                           tol=reorthogonalisation_tolerance(operator.dtype))
+    _, t = lanczos_tridiag(
+        operator._matmul,
+        max_iter=steps,
+        dtype=operator.dtype,
+        device=operator.device,
+        matrix_shape=operator.shape,
+        init_vecs=z,
+        tol=reorthogonalisation_tolerance(operator.dtype),
+    )
     if probes == 1:  # lanczos_tridiag drops the probe dimension for a single start vector
         t = t.unsqueeze(0)
     evals, evecs = lanczos_tridiag_to_diag(t)
     return evals.clamp_min(0), (p / probes) * evecs[..., 0, :].square()
 
 
-def stochastic_lanczos_quadrature(operator: LinearOperator, fn: Callable[[Tensor], Tensor], steps: int,
-                                  probes: int, generator: torch.Generator | None = None) -> Tensor:
+def stochastic_lanczos_quadrature(
+    operator: LinearOperator,
+    fn: Callable[[Tensor], Tensor],
+    steps: int,
+    probes: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Estimate tr f(A) for a symmetric positive semi-definite (p × p) operator A (:func:`lanczos_quadrature`).
 
     Args:
@@ -79,9 +96,15 @@ def stochastic_lanczos_quadrature(operator: LinearOperator, fn: Callable[[Tensor
     return (weights * fn(nodes)).sum()
 
 
-def ritz_values(apply: Callable[[Tensor], Tensor], size: int, steps: int, dtype: torch.dtype,
-                device: torch.device | str | None = None, metric: Callable[[Tensor], Tensor] | None = None,
-                solve: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def ritz_values(
+    apply: Callable[[Tensor], Tensor],
+    size: int,
+    steps: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    metric: Callable[[Tensor], Tensor] | None = None,
+    solve: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Ritz values (steps,) of a symmetric operator H (``apply``: (size,) -> (size,)), ascending, after ``steps``
     Lanczos steps with full reorthogonalisation from a fixed pseudo-random start.
 
@@ -117,6 +140,6 @@ def ritz_values(apply: Callable[[Tensor], Tensor], size: int, steps: int, dtype:
         metric_basis.append(mw / beta)
     t = torch.diag(torch.stack(alphas))
     if betas:
-        off = torch.stack(betas[:len(alphas) - 1])
+        off = torch.stack(betas[: len(alphas) - 1])
         t = t + torch.diag(off, 1) + torch.diag(off, -1)
     return torch.linalg.eigvalsh(t.double())

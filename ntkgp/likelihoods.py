@@ -41,8 +41,10 @@ class Categorical:
 
     def check(self, num_outputs: int) -> None:
         if num_outputs < 2:
-            raise ValueError(f"a categorical likelihood needs a network with C >= 2 outputs (logits), got C = "
-                             f"{num_outputs}; use likelihood='gaussian' for a single output")
+            raise ValueError(
+                f"a categorical likelihood needs a network with C >= 2 outputs (logits), got C = "
+                f"{num_outputs}; use likelihood='gaussian' for a single output"
+            )
 
     def fisher(self, f: Tensor, u: Tensor) -> Tensor:
         pi = torch.softmax(f, dim=-1)
@@ -66,8 +68,9 @@ class HeteroscedasticGaussian:
 
     def check(self, num_outputs: int) -> None:
         if num_outputs % 2:
-            raise ValueError(f"a heteroscedastic Gaussian needs outputs [mean, log-variance] of even width, "
-                             f"got C = {num_outputs}")
+            raise ValueError(
+                f"a heteroscedastic Gaussian needs outputs [mean, log-variance] of even width, got C = {num_outputs}"
+            )
 
     def fisher(self, f: Tensor, u: Tensor) -> Tensor:
         d = f.shape[-1] // 2

@@ -38,8 +38,10 @@ def format_bytes(size: float) -> str:
 def check_fits(needed: float, budget: float, what: str, knobs: str) -> None:
     """Raise a MemoryError before ``what`` when its estimated peak ``needed`` (bytes) exceeds ``budget``."""
     if needed > budget:
-        raise MemoryError(f"{what} would need about {format_bytes(needed)}, more than the memory budget of "
-                          f"{format_bytes(budget)}; {knobs}")
+        raise MemoryError(
+            f"{what} would need about {format_bytes(needed)}, more than the memory budget of "
+            f"{format_bytes(budget)}; {knobs}"
+        )
 
 
 class LargestTensor(TorchDispatchMode):

@@ -22,11 +22,16 @@ _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._Dropout
 def check_eval_mode(module: nn.Module, why: str = "the NTK is defined for the network in eval mode") -> None:
     """Raise if a module whose output depends on train/eval mode (BatchNorm, Dropout) is in train mode; ``why``
     says in the message why eval mode is needed."""
-    bad = [name or type(module).__name__ for name, m in module.named_modules()
-           if m.training and isinstance(m, _TRAIN_SENSITIVE)]
+    bad = [
+        name or type(module).__name__
+        for name, m in module.named_modules()
+        if m.training and isinstance(m, _TRAIN_SENSITIVE)
+    ]
     if bad:
-        raise ValueError(f"the network has BatchNorm/Dropout modules in train mode ({', '.join(bad[:5])}); {why}: "
-                         "call model.eval() first")
+        raise ValueError(
+            f"the network has BatchNorm/Dropout modules in train mode ({', '.join(bad[:5])}); {why}: "
+            "call model.eval() first"
+        )
 
 
 def _scalar(value, name: str, kind: str):
@@ -80,8 +85,10 @@ def check_choice(value, name: str, choices: Sequence[str]) -> str:
 def check_generator(generator) -> torch.Generator | None:
     """``generator`` if it is a torch.Generator or None (a seed is not: pass torch.Generator().manual_seed(seed))."""
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}: "
-                        "pass torch.Generator().manual_seed(seed)")
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}: "
+            "pass torch.Generator().manual_seed(seed)"
+        )
     return generator
 
 
@@ -89,36 +96,52 @@ def check_precision(dtype: torch.dtype, name: str) -> None:
     """Raise a TypeError for half precision (float16, bfloat16): its 3 significant digits cannot resolve a kernel's
     spectrum or its evidence (a float16 fit ended in a non-finite evidence)."""
     if dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
-        raise TypeError(f"{name} are {dtype}: half precision is not supported (its 3 significant digits cannot resolve "
-                        "the kernel or the evidence); convert the network and the data with .float() or .double()")
+        raise TypeError(
+            f"{name} are {dtype}: half precision is not supported (its 3 significant digits cannot resolve "
+            "the kernel or the evidence); convert the network and the data with .float() or .double()"
+        )
 
 
 def check_tensor(value, name: str, shape: str) -> Tensor:
     """Raise a TypeError naming ``name`` unless ``value`` is a tensor (lists and arrays are not converted:
     the dtype would be a guess)."""
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}: convert it "
-                        f"with torch.as_tensor({name}, dtype=...)")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}: convert it "
+            f"with torch.as_tensor({name}, dtype=...)"
+        )
     return value
 
 
-def check_inputs(x, dtype: torch.dtype, name: str = "x", device: torch.device | None = None,
-                 input_shape: Sequence[int] | None = None, shape_of: str = "the training inputs") -> Tensor:
+def check_inputs(
+    x,
+    dtype: torch.dtype,
+    name: str = "x",
+    device: torch.device | None = None,
+    input_shape: Sequence[int] | None = None,
+    shape_of: str = "the training inputs",
+) -> Tensor:
     """Raise unless ``x`` is a finite floating tensor (n, ...) with n >= 1 in ``dtype`` (and on ``device``,
     with per-input shape ``input_shape``, that of ``shape_of``, when given); return it."""
     check_tensor(x, name, "(n, ...)")
     if not x.is_floating_point():
-        raise TypeError(f"{name} has dtype {x.dtype}; the network needs floating inputs: convert with {name}.to({dtype})")
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; the network needs floating inputs: convert with {name}.to({dtype})"
+        )
     if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the network's parameters are {dtype}: "
-                        f"convert with {name}.to({dtype}) or the network with .to({x.dtype})")
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the network's parameters are {dtype}: "
+            f"convert with {name}.to({dtype}) or the network with .to({x.dtype})"
+        )
     if device is not None and x.device != torch.device(device):
         raise ValueError(f"{name} is on {x.device} but the network is on {device}: move it with {name}.to('{device}')")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} must have shape (n, ...) with n >= 1, got {tuple(x.shape)}")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"{name} has per-input shape {tuple(x.shape[1:])}, but {tuple(input_shape)} is expected (that "
-                         f"of {shape_of}); pass inputs (n, {', '.join(map(str, input_shape))})")
+        raise ValueError(
+            f"{name} has per-input shape {tuple(x.shape[1:])}, but {tuple(input_shape)} is expected (that "
+            f"of {shape_of}); pass inputs (n, {', '.join(map(str, input_shape))})"
+        )
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf values; remove or impute them first")
     return x
@@ -130,14 +153,17 @@ def check_targets(y, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
     if not y.is_floating_point():
         raise TypeError(f"train_y has dtype {y.dtype}; regression targets must be floating: use train_y.to({dtype})")
     if y.dtype != dtype:
-        raise TypeError(f"train_y has dtype {y.dtype} but the network's parameters are {dtype}: convert with "
-                        f"train_y.to({dtype}) (and the inputs), or the network with .to({y.dtype})")
+        raise TypeError(
+            f"train_y has dtype {y.dtype} but the network's parameters are {dtype}: convert with "
+            f"train_y.to({dtype}) (and the inputs), or the network with .to({y.dtype})"
+        )
     expected = "(n,) or (n, 1)" if num_outputs == 1 else f"(n, {num_outputs})"
     if y.dim() == 1 and num_outputs == 1:
         y = y.unsqueeze(-1)
     if y.dim() != 2 or y.shape[-1] != num_outputs:
-        raise ValueError(f"train_y has shape {tuple(y.shape)} but the network has {num_outputs} output(s): "
-                         f"expected {expected}")
+        raise ValueError(
+            f"train_y has shape {tuple(y.shape)} but the network has {num_outputs} output(s): expected {expected}"
+        )
     if y.shape[0] != n:
         raise ValueError(f"train_x has {n} inputs but train_y has {y.shape[0]} rows; they must match")
     if not torch.isfinite(y).all():
@@ -149,16 +175,20 @@ def check_labels(y, n: int, num_classes: int) -> Tensor:
     """Validate class labels (n,) of integer dtype in [0, num_classes); return them as torch.long."""
     check_tensor(y, "train_y", "(n,) of class indices")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"train_y has dtype {y.dtype}; classification targets must be integer class indices "
-                        "of shape (n,): convert one-hot targets with train_y.argmax(-1), labels with train_y.long()")
+        raise TypeError(
+            f"train_y has dtype {y.dtype}; classification targets must be integer class indices "
+            "of shape (n,): convert one-hot targets with train_y.argmax(-1), labels with train_y.long()"
+        )
     if y.dim() != 1:
         raise ValueError(f"train_y must be class indices of shape (n,), got shape {tuple(y.shape)}")
     if y.shape[0] != n:
         raise ValueError(f"train_x has {n} inputs but train_y has {y.shape[0]} labels; they must match")
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) for a network with {num_classes} outputs, got "
-                         f"values in [{low}, {high}]: relabel the classes or give the network one logit per class")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for a network with {num_classes} outputs, got "
+            f"values in [{low}, {high}]: relabel the classes or give the network one logit per class"
+        )
     return y.long()
 
 
@@ -187,8 +217,12 @@ def check_prediction(x: Tensor, **parts: Tensor | None) -> None:
     """Raise a FloatingPointError if a predictive quantity (name -> tensor) at inputs x is not finite."""
     for name, t in parts.items():
         if t is not None:
-            check_finite(t, f"the predictive {name} at x", f"the network's Jacobian at these inputs is too large for "
-                         f"{t.dtype} (|x| up to {float(x.detach().abs().max()):.3g}): rescale or normalise the inputs")
+            check_finite(
+                t,
+                f"the predictive {name} at x",
+                f"the network's Jacobian at these inputs is too large for "
+                f"{t.dtype} (|x| up to {float(x.detach().abs().max()):.3g}): rescale or normalise the inputs",
+            )
 
 
 def check_finite_tensors(tensors: dict[str, Tensor], kind: str) -> None:
@@ -196,14 +230,18 @@ def check_finite_tensors(tensors: dict[str, Tensor], kind: str) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"the network's {kind} {name!r} has {bad} NaN or Inf entries of {t.numel()}: the "
-                             "linearisation would be NaN everywhere; load finite weights (or reset that module)")
+            raise ValueError(
+                f"the network's {kind} {name!r} has {bad} NaN or Inf entries of {t.numel()}: the "
+                "linearisation would be NaN everywhere; load finite weights (or reset that module)"
+            )
 
 
 def check_not_sharded(network, x, what: str) -> None:
     """Raise if x is a shard of inputs across processes (``network.shard``) for a method that needs them all."""
     if isinstance(x, Tensor) and network.is_sharded(x):
-        raise NotImplementedError(f"{what} needs all its training inputs on one process, but train_x is a shard "
-                                  "(network.shard; docs/distributed.md): pass the whole training set, or use what "
-                                  "runs on shards: the operators, NTKGP(space='parameter'), Laplace (matrix-free) "
-                                  "and LQF")
+        raise NotImplementedError(
+            f"{what} needs all its training inputs on one process, but train_x is a shard "
+            "(network.shard; docs/distributed.md): pass the whole training set, or use what "
+            "runs on shards: the operators, NTKGP(space='parameter'), Laplace (matrix-free) "
+            "and LQF"
+        )

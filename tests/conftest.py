@@ -29,8 +29,16 @@ def _mlp(outputs):
 
 
 def _cnn():
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2),
-                         nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2))
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(36, 2),
+    )
 
 
 def _resnet():

@@ -134,20 +134,24 @@ def lqf_case():
     return model, torch.randn(8, 3), torch.randint(0, 3, (8,))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"alpha": 0.0}, ValueError, "alpha must be a finite number > 0"),
-    ({"alpha": -15}, ValueError, "alpha must be a finite number > 0"),
-    ({"weight_decay": -1e-4}, ValueError, "weight_decay must be a finite number >= 0"),
-    ({"weight_decay": 0.0}, ValueError, "needs weight_decay λ > 0"),
-    ({"loss": "hinge"}, ValueError, "loss"),
-    ({"preconditioner": "shampoo"}, ValueError, "preconditioner"),
-    ({"task": "regression", "loss": "cross_entropy"}, ValueError, "classification loss"),
-    ({"task": "regression", "alpha": 15.0}, ValueError, "takes no alpha"),
-    ({"momentum": 1.0}, ValueError, r"momentum must lie in \[0, 1\)"),
-    ({"params": ["1."]}, ValueError, "no parameter of the network matches"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"alpha": 0.0}, ValueError, "alpha must be a finite number > 0"),
+        ({"alpha": -15}, ValueError, "alpha must be a finite number > 0"),
+        ({"weight_decay": -1e-4}, ValueError, "weight_decay must be a finite number >= 0"),
+        ({"weight_decay": 0.0}, ValueError, "needs weight_decay λ > 0"),
+        ({"loss": "hinge"}, ValueError, "loss"),
+        ({"preconditioner": "shampoo"}, ValueError, "preconditioner"),
+        ({"task": "regression", "loss": "cross_entropy"}, ValueError, "classification loss"),
+        ({"task": "regression", "alpha": 15.0}, ValueError, "takes no alpha"),
+        ({"momentum": 1.0}, ValueError, r"momentum must lie in \[0, 1\)"),
+        ({"params": ["1."]}, ValueError, "no parameter of the network matches"),
+    ],
+)
 def test_lqf_bad_settings(kwargs, error, match):
     from ntkgp import LQF
+
     model, _, _ = lqf_case()
     with pytest.raises(error, match=match):
         LQF(model, **kwargs)
@@ -155,6 +159,7 @@ def test_lqf_bad_settings(kwargs, error, match):
 
 def test_lqf_kfac_needs_a_linear_or_conv2d_layer_in_scope():
     from ntkgp import LQF
+
     model = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
     with pytest.raises(ValueError, match="needs parameters of Linear or ungrouped Conv2d layers in scope"):
         LQF(model, params=["1."])
@@ -163,6 +168,7 @@ def test_lqf_kfac_needs_a_linear_or_conv2d_layer_in_scope():
 
 def test_lqf_bad_data_and_calls():
     from ntkgp import LQF
+
     model, x, y = lqf_case()
     lqf = LQF(model)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
@@ -193,6 +199,7 @@ def test_lqf_bad_data_and_calls():
 
 def test_lqf_network_in_train_mode():
     from ntkgp import LQF
+
     model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
     with pytest.raises(ValueError, match=r"train mode .* call model.eval\(\) first"):
         LQF(model.train())
@@ -204,9 +211,9 @@ def test_lqf_network_in_train_mode():
 
 def test_lqf_update_that_makes_the_system_singular_changes_nothing():
     from ntkgp import LQF
+
     model, x, y = lqf_case()
-    lqf = LQF(model, weight_decay=1e-30, preconditioner=None).fit(x[:4], y[:4], solver="closed_form",
-                                                                  progress=False)
+    lqf = LQF(model, weight_decay=1e-30, preconditioner=None).fit(x[:4], y[:4], solver="closed_form", progress=False)
     delta = lqf.delta.clone()
     with pytest.raises(FloatingPointError, match="numerically singular"):
         lqf.update(x[:1], y[:1])  # a repeated input with λ/2 = 5e-31

@@ -31,11 +31,27 @@ def run_in_float32(name, argv):
 
 
 def test_ntk_mvm_benchmark_runs(tmp_path):
-    rows = run_in_float32("ntk_mvm", ["--device", "cpu", "--n-mlp", "8", "--n-resnet", "2", "--repeats", "1",
-                                      "--out", str(tmp_path / "ntk_mvm.json")])
+    rows = run_in_float32(
+        "ntk_mvm",
+        [
+            "--device",
+            "cpu",
+            "--n-mlp",
+            "8",
+            "--n-resnet",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path / "ntk_mvm.json"),
+        ],
+    )
     assert [r["model"] for r in rows] == ["MLP 784-1024-1024-10", "ResNet-18 32x32"]
-    assert all(math.isfinite(r[key]) and r[key] > 0 for r in rows
-               for key in ("time_ratio", "cached_time_ratio", "fd_fisher_ratio", "central_fisher_ratio"))
+    assert all(
+        math.isfinite(r[key]) and r[key] > 0
+        for r in rows
+        for key in ("time_ratio", "cached_time_ratio", "fd_fisher_ratio", "central_fisher_ratio")
+    )
     assert all(r["cached_relative_difference"] < 1e-5 for r in rows)
     assert (tmp_path / "ntk_mvm.json").exists()
 
@@ -45,26 +61,60 @@ def test_laplace_agrees_with_laplace_torch_and_benchmark_runs(tmp_path):
     module = load("laplace_vs_laplace_torch")
     payload = module.main(["--n", "20", "--width", "8", "--out", str(tmp_path / "lvlt.json")])
     # GLM predictive and evidence of the same post-hoc posterior, float64: 1e-10 absolute
-    assert set(payload["agreement"]) == {"regression_mean", "regression_variance", "classification_probit",
-                                         "regression_log_marginal_likelihood",
-                                         "classification_log_marginal_likelihood"}
+    assert set(payload["agreement"]) == {
+        "regression_mean",
+        "regression_variance",
+        "classification_probit",
+        "regression_log_marginal_likelihood",
+        "classification_log_marginal_likelihood",
+    }
     assert all(value < 1e-10 for value in payload["agreement"].values()), payload["agreement"]
     assert {r["library"] for r in payload["rows"]} == {"ntkgp", "laplace-torch"}
     assert all(r["seconds"] > 0 and r["params"] == 330 for r in payload["rows"])
 
 
 def test_lqf_step_benchmark_runs(tmp_path):
-    rows = run_in_float32("lqf_step", ["--device", "cpu", "--batch", "2", "--kfac-n", "4", "--repeats", "1",
-                                       "--models", "mobilenet_v2", "--out", str(tmp_path / "lqf_step.json")])
+    rows = run_in_float32(
+        "lqf_step",
+        [
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--kfac-n",
+            "4",
+            "--repeats",
+            "1",
+            "--models",
+            "mobilenet_v2",
+            "--out",
+            str(tmp_path / "lqf_step.json"),
+        ],
+    )
     assert [r["model"] for r in rows] == ["MobileNetV2 last block 64x64"] and rows[0]["params"] == 898890
-    assert all(math.isfinite(rows[0][key]) and rows[0][key] > 0
-               for key in ("step_ratio", "memory_ratio", "kfac_build_s", "kfac_apply_ratio"))
+    assert all(
+        math.isfinite(rows[0][key]) and rows[0][key] > 0
+        for key in ("step_ratio", "memory_ratio", "kfac_build_s", "kfac_apply_ratio")
+    )
     assert (tmp_path / "lqf_step.json").exists()
 
 
 def test_kfac_conditioning_benchmark_runs(tmp_path):
-    rows = run_in_float32("kfac_conditioning", ["--shots", "1", "--steps", "4", "--scopes", "last layer",
-                                                "--weight-decay", "1.0", "--out", str(tmp_path / "cond.json")])
+    rows = run_in_float32(
+        "kfac_conditioning",
+        [
+            "--shots",
+            "1",
+            "--steps",
+            "4",
+            "--scopes",
+            "last layer",
+            "--weight-decay",
+            "1.0",
+            "--out",
+            str(tmp_path / "cond.json"),
+        ],
+    )
     row = rows[0]
     assert row["params"] == 12810 and row["n"] == 10
     assert 0 < row["hessian_min"] <= row["hessian_max"] and 0 < row["kfac_min"] <= row["kfac_max"]
@@ -72,11 +122,16 @@ def test_kfac_conditioning_benchmark_runs(tmp_path):
 
 def test_peers_benchmark_runs_and_agrees(tmp_path):
     pytest.importorskip("laplace", reason="laplace-torch (the bench/test extra) is not installed")
-    rows = run_in_float32("peers", ["--device", "cpu", "--n-mlp", "4", "--n-resnet", "2", "--repeats", "1",
-                                    "--out", str(tmp_path / "peers.json")])
+    rows = run_in_float32(
+        "peers",
+        ["--device", "cpu", "--n-mlp", "4", "--n-resnet", "2", "--repeats", "1", "--out", str(tmp_path / "peers.json")],
+    )
     methods = {r["method"] for r in rows}
-    assert {"ours: GGN (JVP + VJP)", "curvlinops: GGNLinearOperator",
-            "laplace-torch: Jacobians, then JᵀHJ v"} <= methods
+    assert {
+        "ours: GGN (JVP + VJP)",
+        "curvlinops: GGNLinearOperator",
+        "laplace-torch: Jacobians, then JᵀHJ v",
+    } <= methods
     # the peers compute the same matrix as ours (float32)
     assert all(r["relative_difference"] < 1e-4 for r in rows if "relative_difference" in r)
     assert all(r["time_ratio"] > 0 for r in rows if "time_ratio" in r)
@@ -86,8 +141,23 @@ def test_predict_variance_benchmark_runs(tmp_path):
     """On the real MobileNetV2 (../shared/data), 1 shot and 6 test images at 32 × 32: the old path, the per-sample
     Jacobian path, the default (layer factors) and the low-rank one give the same means, and the exact variances
     agree, with each other and with the defaults in float64."""
-    rows = run_in_float32("predict_variance", ["--device", "cpu", "--shots", "1", "--tests", "6", "--size", "32",
-                                               "--before-up-to", "6", "--out", str(tmp_path / "pv.json")])
+    rows = run_in_float32(
+        "predict_variance",
+        [
+            "--device",
+            "cpu",
+            "--shots",
+            "1",
+            "--tests",
+            "6",
+            "--size",
+            "32",
+            "--before-up-to",
+            "6",
+            "--out",
+            str(tmp_path / "pv.json"),
+        ],
+    )
     assert [r["variant"] for r in rows] == ["exact", "before", "jacobians", "low rank"]
     for row in rows[1:3]:
         assert row["max_error_vs_exact"] < 1e-3 and row["mean_difference"] < 1e-4  # the same numbers
@@ -98,10 +168,31 @@ def test_predict_variance_benchmark_runs(tmp_path):
 
 
 def test_iterative_step_benchmark_runs(tmp_path):
-    rows = run_in_float32("iterative_step", ["--device", "cpu", "--batch", "4", "--gn-batch", "2", "--newton", "1",
-                                             "--cg", "2", "--repeats", "1", "--models", "lenet",
-                                             "--out", str(tmp_path / "iterative_step.json")])
+    rows = run_in_float32(
+        "iterative_step",
+        [
+            "--device",
+            "cpu",
+            "--batch",
+            "4",
+            "--gn-batch",
+            "2",
+            "--newton",
+            "1",
+            "--cg",
+            "2",
+            "--repeats",
+            "1",
+            "--models",
+            "lenet",
+            "--out",
+            str(tmp_path / "iterative_step.json"),
+        ],
+    )
     assert [r["model"] for r in rows] == ["LeNet-50 32x32"]
-    assert all(math.isfinite(r[key]) and r[key] > 0 for r in rows
-               for key in ("proxy_step_ratio", "gn_cross_entropy_ratio", "gn_mse_function_ratio"))
+    assert all(
+        math.isfinite(r[key]) and r[key] > 0
+        for r in rows
+        for key in ("proxy_step_ratio", "gn_cross_entropy_ratio", "gn_mse_function_ratio")
+    )
     assert (tmp_path / "iterative_step.json").exists()

@@ -198,8 +198,11 @@ def test_jacobian_kernel_in_singletaskgp_batched_and_with_optimize_acqf():
     bounds = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     candidate, _ = optimize_acqf(acq, bounds=bounds, q=2, num_restarts=2, raw_samples=16)
     assert ((candidate >= 0) & (candidate <= 1)).all()
-    two = SingleTaskGP(x, torch.cat([y, -y], -1),  # batched over the outputs: the kernel sees (2, n, d) inputs
-                       covar_module=ScaleKernel(JacobianKernel(model), batch_shape=torch.Size([2])))
+    two = SingleTaskGP(
+        x,
+        torch.cat([y, -y], -1),  # batched over the outputs: the kernel sees (2, n, d) inputs
+        covar_module=ScaleKernel(JacobianKernel(model), batch_shape=torch.Size([2])),
+    )
     fit_gpytorch_mll(ExactMarginalLogLikelihood(two.likelihood, two))
     assert two.posterior(xs).mean.shape == (3, 4, 2)
 
@@ -226,6 +229,7 @@ def test_a_float32_network_works_in_botorchs_float64():
 
 def test_ntkgp_refuses_targets_of_another_floating_dtype():
     x, y = data()
-    with pytest.raises(TypeError, match="train_y has dtype torch.float64 but the network's parameters are "
-                                        "torch.float32"):
+    with pytest.raises(
+        TypeError, match="train_y has dtype torch.float64 but the network's parameters are torch.float32"
+    ):
         NTKGP(net().float(), x.float(), y[:, 0], noise=0.1)

@@ -30,8 +30,9 @@ class _UserGP(gpytorch.models.ExactGP):
         self.covar_module = gpytorch.kernels.ScaleKernel(JacobianKernel(model, input_shape=input_shape))
 
     def forward(self, x):
-        return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x),
-                                                                  interleaved=True)
+        return gpytorch.distributions.MultitaskMultivariateNormal(
+            self.mean_module(x), self.covar_module(x), interleaved=True
+        )
 
 
 @pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.to(torch.float64)])
@@ -72,10 +73,17 @@ def test_kernel_alone(float32_case):
     assert rel_err(kernel(flat).to_dense(), want(flat).to_dense()) < TOL
 
 
-@pytest.mark.parametrize("convert", [lambda op: op.double(), lambda op: op.to(torch.float64),
-                                     lambda op: op.type(torch.float64)])
-@pytest.mark.parametrize("build", [lambda m, x: ntk_operator(m, x), lambda m, x: gram_operator(m, x),
-                                   lambda m, x: fisher_operator(m, x, "categorical", method="exact")])
+@pytest.mark.parametrize(
+    "convert", [lambda op: op.double(), lambda op: op.to(torch.float64), lambda op: op.type(torch.float64)]
+)
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda m, x: ntk_operator(m, x),
+        lambda m, x: gram_operator(m, x),
+        lambda m, x: fisher_operator(m, x, "categorical", method="exact"),
+    ],
+)
 def test_operators(float32_case, convert, build):
     model32, model64, x, _, _ = float32_case
     op = convert(build(model32, x))

@@ -90,11 +90,13 @@ def test_lqf_on_cuda():
     model, x, _ = make_case("mlp_c3", n=12)
     y = torch.arange(12) % 3
     cpu = LQF(copy.deepcopy(model), weight_decay=0.5).fit(x, y, solver="closed_form", progress=False)
-    gpu = LQF(copy.deepcopy(model).to(CUDA), weight_decay=0.5).fit(x.to(CUDA), y.to(CUDA), solver="closed_form",
-                                                                   progress=False)
+    gpu = LQF(copy.deepcopy(model).to(CUDA), weight_decay=0.5).fit(
+        x.to(CUDA), y.to(CUDA), solver="closed_form", progress=False
+    )
     assert rel_err(gpu.delta.cpu(), cpu.delta) < 1e-8
     assert rel_err(gpu.leave_one_out().cpu(), cpu.leave_one_out()) < 1e-8
     sgd_cpu = LQF(copy.deepcopy(model), weight_decay=0.5).fit(x, y, epochs=1, batch_size=12, progress=False)
-    sgd_gpu = LQF(copy.deepcopy(model).to(CUDA), weight_decay=0.5).fit(x.to(CUDA), y.to(CUDA), epochs=1,
-                                                                       batch_size=12, progress=False)
+    sgd_gpu = LQF(copy.deepcopy(model).to(CUDA), weight_decay=0.5).fit(
+        x.to(CUDA), y.to(CUDA), epochs=1, batch_size=12, progress=False
+    )
     assert rel_err(sgd_gpu.delta.cpu(), sgd_cpu.delta) < 1e-8

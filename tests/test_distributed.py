@@ -27,18 +27,25 @@ def problem():
 def shared_data():
     """Regression targets (12, 3) for the training inputs and test inputs (5, 3), replicated on every rank."""
     generator = torch.Generator().manual_seed(1)
-    return (torch.randn(12, 3, dtype=torch.float64, generator=generator),
-            torch.randn(5, 3, dtype=torch.float64, generator=generator))
+    return (
+        torch.randn(12, 3, dtype=torch.float64, generator=generator),
+        torch.randn(5, 3, dtype=torch.float64, generator=generator),
+    )
 
 
 def products(net, x, y, v, u):
     """Everything a sharded run must reproduce; on a shard, u is the shard's rows of the output-space vector."""
     lqf = LQF(net, weight_decay=0.3, preconditioner=None).fit(x, y, solver="closed_form", progress=False)
-    return {"gram": gram_operator(net, x) @ v, "gram_diagonal": gram_operator(net, x).diagonal(),
-            "fisher_exact": fisher_operator(net, x, "categorical", method="exact") @ v,
-            "fisher_fd": fisher_operator(net, x, "categorical") @ v, "ntk": ntk_operator(net, x) @ u,
-            "gradient": net.vjp(x, torch.ones(1, x.shape[0], 3, dtype=x.dtype))[0],
-            "lqf_parameter_space": lqf.solve("parameter", progress=False).delta, **methods(net, x, y)}
+    return {
+        "gram": gram_operator(net, x) @ v,
+        "gram_diagonal": gram_operator(net, x).diagonal(),
+        "fisher_exact": fisher_operator(net, x, "categorical", method="exact") @ v,
+        "fisher_fd": fisher_operator(net, x, "categorical") @ v,
+        "ntk": ntk_operator(net, x) @ u,
+        "gradient": net.vjp(x, torch.ones(1, x.shape[0], 3, dtype=x.dtype))[0],
+        "lqf_parameter_space": lqf.solve("parameter", progress=False).delta,
+        **methods(net, x, y),
+    }
 
 
 def methods(net, x, y):
@@ -48,15 +55,25 @@ def methods(net, x, y):
     rows = slice(6 * dist.get_rank(), 6 * (dist.get_rank() + 1)) if net.is_sharded(x) else slice(None)
     gp = NTKGP(net, x, targets[rows], space="parameter", progress=False).fit(max_iter=5)
     gp_prediction = gp.predict(x_test)
-    la = Laplace(net, "classification", prior_precision=0.5, progress=False,
-                 solver=Solver("cg", cg_tolerance=1e-12, lanczos_rank=59)).fit(x, y)
-    out = {"ntkgp_hyperparameters": torch.stack([gp.noise, gp.outputscale]).detach(),
-           "ntkgp_mean": gp_prediction.mean, "ntkgp_variance": gp_prediction.variance,
-           "laplace_map": la.mean, "laplace_probit": la.predict(x_test),
-           "laplace_evidence": la.log_marginal_likelihood(),
-           "laplace_samples": la.sample(3, generator=torch.Generator().manual_seed(2)),
-           "laplace_prior_precision": torch.tensor(la.optimize_prior_precision([0.1, 1.0, 10.0, 100.0, 1000.0],
-                                                                                 progress=False))}
+    la = Laplace(
+        net,
+        "classification",
+        prior_precision=0.5,
+        progress=False,
+        solver=Solver("cg", cg_tolerance=1e-12, lanczos_rank=59),
+    ).fit(x, y)
+    out = {
+        "ntkgp_hyperparameters": torch.stack([gp.noise, gp.outputscale]).detach(),
+        "ntkgp_mean": gp_prediction.mean,
+        "ntkgp_variance": gp_prediction.variance,
+        "laplace_map": la.mean,
+        "laplace_probit": la.predict(x_test),
+        "laplace_evidence": la.log_marginal_likelihood(),
+        "laplace_samples": la.sample(3, generator=torch.Generator().manual_seed(2)),
+        "laplace_prior_precision": torch.tensor(
+            la.optimize_prior_precision([0.1, 1.0, 10.0, 100.0, 1000.0], progress=False)
+        ),
+    }
     for name, preconditioner in (("lqf_sgd", None), ("lqf_sgd_kfac", "kfac")):
         lqf = LQF(net, weight_decay=0.3, preconditioner=preconditioner)
         lqf.fit(x, y, epochs=3, lr=None if preconditioner else 0.05, batch_size=x.shape[0], progress=False)
@@ -74,7 +91,7 @@ def worker(rank: int, path: str, out: str) -> None:
         rows = slice(rank * 6, (rank + 1) * 6)
         net = FunctionalNetwork(model)
         shard = net.shard(x[rows].clone())
-        torch.save(products(net, shard, y[rows], v, u[rank * 18:(rank + 1) * 18]), f"{out}/{rank}.pt")
+        torch.save(products(net, shard, y[rows], v, u[rank * 18 : (rank + 1) * 18]), f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 

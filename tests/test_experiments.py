@@ -41,7 +41,10 @@ def test_sinusoid_tiny_run_writes_results_and_figure(tmp_path, capsys):
     for row in payload["rows"]:
         assert row["mse"] >= 0 and 0 <= row["coverage"] <= 1 and row["time"] > 0
     by_method = {r["method"]: r for r in payload["rows"] if r["task"] == 0}
-    function, parameter = by_method["NTK-GP network mean, fixed, funct."], by_method["NTK-GP network mean, fixed, param."]
+    function, parameter = (
+        by_method["NTK-GP network mean, fixed, funct."],
+        by_method["NTK-GP network mean, fixed, param."],
+    )
     assert abs(function["mse"] - parameter["mse"]) <= 1e-6 * function["mse"]
     assert (out / "bands.png").stat().st_size > 10_000
     assert "test NLL" in capsys.readouterr().out
@@ -82,8 +85,10 @@ def test_version_is_pyproject_s_and_the_packages_are_all_installed(capsys):
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "ntkgp").rglob("__init__.py")}
     assert found <= listed and "ntkgp_experiments" in listed
     assert Path(ntkgp_experiments.__file__).parent == root / "experiments"
-    assert all(entry.value.startswith("ntkgp_experiments.")
-               for entry in importlib.metadata.entry_points(group="ntkgp.experiments"))
+    assert all(
+        entry.value.startswith("ntkgp_experiments.")
+        for entry in importlib.metadata.entry_points(group="ntkgp.experiments")
+    )
 
 
 def test_unknown_experiment_is_an_error():
@@ -139,8 +144,20 @@ def test_fashion_fewshot_tiny_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_fashion_fewshot_fixed_prior_precision(tmp_path):
-    argv = ["run", "fashion-fewshot", "--config", "tiny", "--out", str(tmp_path), "--set", "shots=[1]",
-            "--set", 'methods=["linearised MAP"]', "--set", "prior_precision=3.0"]
+    argv = [
+        "run",
+        "fashion-fewshot",
+        "--config",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "shots=[1]",
+        "--set",
+        'methods=["linearised MAP"]',
+        "--set",
+        "prior_precision=3.0",
+    ]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "fashion-fewshot" / "results.json").read_text())["rows"]
     assert [(r["method"], r["prior_precision"]) for r in rows] == [("linearised MAP", 3.0)]
@@ -172,8 +189,9 @@ def test_fewshot_pieces():
     assert abs(result["nll"] + (torch.log(torch.tensor([0.9, 0.8, 0.4])).sum() / 3).item()) < 1e-6
     # bins: 0.9 correct, 0.8 correct, 0.6 wrong -> ECE = (0.1 + 0.2 + 0.6) / 3
     assert abs(result["ece"] - 0.3) < 1e-6
-    p = gp_class_probabilities(torch.tensor([[5.0, 0.0]]), torch.tensor([[1e-6, 1e-6]]), 98,
-                               torch.Generator().manual_seed(0))
+    p = gp_class_probabilities(
+        torch.tensor([[5.0, 0.0]]), torch.tensor([[1e-6, 1e-6]]), 98, torch.Generator().manual_seed(0)
+    )
     assert torch.allclose(p, torch.tensor([[99 / 100, 1 / 100]]))
     with pytest.raises(ValueError, match="scope must be one of"):
         scope_params("everything")

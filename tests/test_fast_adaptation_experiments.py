@@ -35,16 +35,22 @@ def test_jacobian_spectra_tiny_run_against_a_dense_spectrum(tmp_path):
     from ntkgp_experiments.jacobian_spectra import SOURCES, lenet5, spectrum
 
     argv, out, payload = run_tiny("jacobian-spectra", tmp_path)
-    assert sorted((m["source"], m["index"]) for m in payload["models"]) == sorted((s, i) for s in SOURCES
-                                                                                  for i in range(2))
+    assert sorted((m["source"], m["index"]) for m in payload["models"]) == sorted(
+        (s, i) for s in SOURCES for i in range(2)
+    )
     for m in payload["models"]:
         values = m["singular_values"]
         assert len(values) == 8 and all(a >= b for a, b in zip(values, values[1:])) and 0 <= m["accuracy"] <= 1
     assert (out / "spectra.png").stat().st_size > 10_000
     torch.manual_seed(0)  # Lanczos on J Jᵀ against the SVD of the dense Jacobian (4 images, 40 rows: all of them)
     model, x = lenet5().double().eval(), torch.randn(4, 1, 32, 32, dtype=torch.float64)
-    rows = torch.cat([torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x)[i, c], model.parameters())])
-                      .unsqueeze(0) for i in range(4) for c in range(10)])
+    rows = torch.cat(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x)[i, c], model.parameters())]).unsqueeze(0)
+            for i in range(4)
+            for c in range(10)
+        ]
+    )
     dense = torch.linalg.svdvals(rows)
     assert (torch.tensor(spectrum(model, x, 40))[:10] - dense[:10]).abs().max() < 1e-6 * float(dense[0])
 
@@ -63,7 +69,8 @@ def test_transfer_bo_tiny_run(tmp_path):
     # Branin's known minimum 0.397887 on its domain, found by the grid + L-BFGS minimiser
     assert task_minimum({"shift": [0.0, 0.0], "scale": 1.0, "offset": 0.0}) == pytest.approx(0.397887, abs=1e-5)
     assert float(branin(torch.tensor([(math.pi + 5) / 15, 2.275 / 15], dtype=torch.float64))) == pytest.approx(
-        0.397887, abs=1e-5)
+        0.397887, abs=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -96,7 +103,7 @@ def test_olivetti_rotations_are_exact_on_the_pixel_grid():
     image = torch.rand(1, 1, 64, 64, dtype=torch.float64)
     upright = rotate_and_crop(image, torch.tensor([0.0]))
     # the 45 central pixel centres of 64 fall half-way between pixels: bilinear sampling averages four crops
-    crops = [image[..., 9 + i:54 + i, 9 + j:54 + j] for i in (0, 1) for j in (0, 1)]
+    crops = [image[..., 9 + i : 54 + i, 9 + j : 54 + j] for i in (0, 1) for j in (0, 1)]
     assert upright.shape == (1, 1, 45, 45)
     assert torch.allclose(upright, sum(crops) / 4, atol=1e-12)
     quarter = rotate_and_crop(image, torch.tensor([90.0]))  # anticlockwise, as torchvision's rotate

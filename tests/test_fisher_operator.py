@@ -15,8 +15,14 @@ def dense_fisher(model, x, likelihood, params=None):
     return j.T @ dense_output_fisher(likelihood, f) @ j
 
 
-CASES = [("mlp_c3", "gaussian"), ("mlp_c3", "categorical"), ("cnn_batchnorm", "categorical"),
-         ("residual_layernorm", "heteroscedastic"), ("mlp_subset", "heteroscedastic"), ("mlp_c1", "gaussian")]
+CASES = [
+    ("mlp_c3", "gaussian"),
+    ("mlp_c3", "categorical"),
+    ("cnn_batchnorm", "categorical"),
+    ("residual_layernorm", "heteroscedastic"),
+    ("mlp_subset", "heteroscedastic"),
+    ("mlp_c1", "gaussian"),
+]
 
 
 @pytest.mark.parametrize("name,likelihood", CASES)
@@ -86,8 +92,9 @@ def test_truncation_error_orders(likelihood):
     exact = fisher_operator(model, x, likelihood, method="exact") @ v
     epsilons = torch.tensor([4e-2, 2e-2, 1e-2, 5e-3], dtype=torch.float64)
     for method, order in (("finite_difference", 1), ("central_difference", 2)):
-        errors = torch.tensor([rel_err(fisher_operator(model, x, likelihood, method, epsilon=float(e)) @ v, exact)
-                               for e in epsilons])
+        errors = torch.tensor(
+            [rel_err(fisher_operator(model, x, likelihood, method, epsilon=float(e)) @ v, exact) for e in epsilons]
+        )
         slope = torch.diff(errors.log()).mean() / torch.diff(epsilons.log()).mean()
         assert abs(float(slope) - order) < 0.15, (method, errors)
         assert errors.max() < (2e-2 if order == 1 else 1e-3), (method, errors)
@@ -96,8 +103,18 @@ def test_truncation_error_orders(likelihood):
 def test_finite_difference_accuracy_in_float32():
     """The target: relative error < 1e-2 for ε in [1e-4, 1e-2] in float32 (here a random CNN)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.Tanh(), nn.Flatten(),
-                          nn.Linear(8 * 6 * 6, 10)).float().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(1, 8, 3),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(8 * 6 * 6, 10),
+        )
+        .float()
+        .eval()
+    )
     x = torch.randn(32, 1, 16, 16, dtype=torch.float32)
     v = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float32)
     for likelihood in ("gaussian", "categorical"):

@@ -37,8 +37,9 @@ def test_mobilenet_last_block_is_cut_by_fx_and_its_prefix_runs_once_per_input():
     gp = NTKGP(net, x, torch.randn(4, 3), noise=0.1, mean="zero")
     fast = gp.predict(test)
     assert calls[0] == 2 + 2  # the split check (whole and split on x[:2]), then train_x once, test once
-    reference = NTKGP(FunctionalNetwork(model, params, frozen_prefix=False), x, torch.randn(4, 3), noise=0.1,
-                      mean="zero")
+    reference = NTKGP(
+        FunctionalNetwork(model, params, frozen_prefix=False), x, torch.randn(4, 3), noise=0.1, mean="zero"
+    )
     reference.train_targets.copy_(gp.train_targets)
     reference._clear_caches()
     slow = reference.predict(test)

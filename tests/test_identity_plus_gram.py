@@ -56,7 +56,7 @@ def test_psd_root_drops_the_rounding_noise_of_a_float32_kernel():
     """A float32 J Jᵀ of rank 3 has eigenvalues of about ±1e-7·λ_max beside its 3 real ones: the root keeps the 3."""
     generator = torch.Generator().manual_seed(2)
     jac = torch.randn(20, 3, generator=generator, dtype=torch.float64) * 100
-    kernel = (jac.float() @ jac.float().mT)
+    kernel = jac.float() @ jac.float().mT
     assert float(torch.linalg.eigvalsh(kernel.double()).min()) < 0  # what the old code factored
     part = psd_root(kernel)
     assert part.root.shape == (20, 3)

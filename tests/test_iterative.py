@@ -7,8 +7,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from ntkgp import (DampedGaussNewton, FixedPeriod, IterativeLinearisation, KernelDistanceThreshold, LossPlateau,
-                   gauss_newton_step, kernel_distance)
+from ntkgp import (
+    DampedGaussNewton,
+    FixedPeriod,
+    IterativeLinearisation,
+    KernelDistanceThreshold,
+    LossPlateau,
+    gauss_newton_step,
+    kernel_distance,
+)
 from ntkgp.iterative.kernel_distance import probe_kernel
 
 
@@ -38,8 +45,11 @@ def dense_jacobian(model, x, theta):
     return jacrev(f)(theta).reshape(-1, theta.numel()), f(theta)
 
 
-@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.Adam(p, 1e-2)],
-                         ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.Adam(p, 1e-2)],
+    ids=["sgd-momentum", "adam"],
+)
 def test_period_one_is_plain_training_step_for_step(make):
     """K = 1 reproduces plain training with the same optimizer and minibatch order: θ equal to 1e-10 after 20 steps."""
     x, y = data(16)
@@ -104,8 +114,7 @@ def test_fixed_period_counts_feature_updates_and_fit_resumes(tmp_path):
 
     def run(steps, path):
         model = mlp()
-        trainer = IterativeLinearisation(model, torch.optim.Adam(model.parameters(), lr=0.02), period=4,
-                                         probe=x[:3])
+        trainer = IterativeLinearisation(model, torch.optim.Adam(model.parameters(), lr=0.02), period=4, probe=x[:3])
         trainer.fit((x, y), steps, batch_size=7, test=test, eval_every=3, seed=2, checkpoint=path, progress=False)
         return trainer, model
 
@@ -126,14 +135,19 @@ def test_adaptive_policies():
     """LossPlateau re-linearises once the proxy stops improving; KernelDistanceThreshold when the kernel moved."""
     x, y = data(20)
     model = mlp()
-    trainer = IterativeLinearisation(model, torch.optim.SGD(model.parameters(), lr=1.0),
-                                     relinearise=LossPlateau(patience=3, tolerance=1e-2))
+    trainer = IterativeLinearisation(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), relinearise=LossPlateau(patience=3, tolerance=1e-2)
+    )
     for _ in range(60):
         trainer.step(x, y)
     assert 1 <= trainer.feature_updates < 60
     model = mlp()
-    trainer = IterativeLinearisation(model, torch.optim.SGD(model.parameters(), lr=1.0), probe=x[:4],
-                                     relinearise=KernelDistanceThreshold(1e-3, every=2))
+    trainer = IterativeLinearisation(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        probe=x[:4],
+        relinearise=KernelDistanceThreshold(1e-3, every=2),
+    )
     for _ in range(20):
         trainer.step(x, y)
     assert 1 <= trainer.feature_updates <= 10
@@ -272,8 +286,9 @@ def test_parameter_subset_with_momentum_equals_plain_training_of_that_subset():
     x, y = data(10)
     plain, ours = mlp(), mlp()
     plain_opt = torch.optim.SGD(plain[4].parameters(), lr=0.2, momentum=0.9)
-    trainer = IterativeLinearisation(ours, torch.optim.SGD(ours[4].parameters(), lr=0.2, momentum=0.9), period=3,
-                                     params=["4."])
+    trainer = IterativeLinearisation(
+        ours, torch.optim.SGD(ours[4].parameters(), lr=0.2, momentum=0.9), period=3, params=["4."]
+    )
     for _ in range(12):
         plain_opt.zero_grad()
         nn.functional.cross_entropy(plain(x), y).backward()
@@ -299,8 +314,7 @@ def test_closure_optimizers_such_as_lbfgs():
         loss.backward()
         return loss
 
-    trainer = IterativeLinearisation(model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4),
-                                     period=math.inf)
+    trainer = IterativeLinearisation(model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), period=math.inf)
     losses = []
     for _ in range(5):
         reference.step(closure)

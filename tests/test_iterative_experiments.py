@@ -15,8 +15,9 @@ def test_pieces():
     assert float(quintic(torch.tensor(2.0))) == pytest.approx(1 - 4 + 4 - 1)
     assert sum(isinstance(m, torch.nn.Linear) for m in relu_mlp(5, 50)) == 5
     assert lenet(50)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
-    run = {"evaluations": [{"test_network_accuracy": a, "feature_updates": u} for a, u in ((0.1, 0), (0.5, 2),
-                                                                                           (0.7, 5))]}
+    run = {
+        "evaluations": [{"test_network_accuracy": a, "feature_updates": u} for a, u in ((0.1, 0), (0.5, 2), (0.7, 5))]
+    }
     assert updates_to_reach(run, 0.6) == 5 and updates_to_reach(run, 0.9) is None
 
 

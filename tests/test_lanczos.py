@@ -38,8 +38,9 @@ def test_quadrature_is_hutchinson_with_the_same_probes(dtype, tol):
     log_a = evecs @ torch.diag(torch.log1p(evals.clamp_min(0))) @ evecs.T
     probes = rademacher_probes(200, 7, torch.Generator().manual_seed(3), torch.float64)
     reference = float((probes * (log_a @ probes)).sum(0).mean())
-    estimate = stochastic_lanczos_quadrature(DenseLinearOperator(matrix.to(dtype)), torch.log1p, 45, 7,
-                                             torch.Generator().manual_seed(3))
+    estimate = stochastic_lanczos_quadrature(
+        DenseLinearOperator(matrix.to(dtype)), torch.log1p, 45, 7, torch.Generator().manual_seed(3)
+    )
     assert abs(float(estimate) - reference) < tol * abs(reference)
     with pytest.raises(ValueError, match="steps and probes must be >= 1"):
         stochastic_lanczos_quadrature(DenseLinearOperator(matrix), torch.log1p, 0, 3)

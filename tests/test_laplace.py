@@ -114,7 +114,7 @@ def test_classification_predictive(classified):
     assert rel_err(la.predict(xs, link="map"), torch.softmax(mu, -1)) < 1e-10
     la._jacobian, la.network.jacobian_chunk_elements = None, 1  # too big to keep: cross-NTK products instead
     assert rel_err(la.predict(xs), probit) < 1e-8 and la._jacobian is None
-    blocks = torch.stack([cov[2 * i:2 * i + 2, 2 * i:2 * i + 2] for i in range(5)])
+    blocks = torch.stack([cov[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] for i in range(5)])
     z = torch.randn(40000, 5, 2, generator=torch.Generator().manual_seed(3))
     reference = torch.softmax(mu + (torch.linalg.cholesky(blocks) @ z.unsqueeze(-1)).squeeze(-1), -1).mean(0)
     mc = la.predict(xs, link="mc", num_samples=40000, generator=torch.Generator().manual_seed(4))
@@ -191,8 +191,10 @@ def test_optimize_prior_precision_picks_the_best_evidence():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         best = la.optimize_prior_precision(grid)
-    values = [float(Laplace(model, "classification", prior_precision=g).fit(x, y).log_marginal_likelihood())
-              for g in grid.tolist()]
+    values = [
+        float(Laplace(model, "classification", prior_precision=g).fit(x, y).log_marginal_likelihood())
+        for g in grid.tolist()
+    ]
     assert best == grid.tolist()[max(range(5), key=values.__getitem__)]
     assert abs(float(la.log_marginal_likelihood()) - max(values)) < 1e-8
     assert la.prior_precision == best

@@ -44,8 +44,7 @@ def pair(task, name="mlp_c3", n=20, **kwargs):
     noise = None if task == "classification" else 0.2
     dense = Laplace(model, task, prior_precision=DELTA, noise=noise, solver="cholesky").fit(x, y)
     p = dense.network.num_params
-    free = Laplace(model, task, prior_precision=DELTA, noise=noise, solver=exact(p), progress=False,
-                   **kwargs).fit(x, y)
+    free = Laplace(model, task, prior_precision=DELTA, noise=noise, solver=exact(p), progress=False, **kwargs).fit(x, y)
     return dense, free, x
 
 
@@ -112,8 +111,13 @@ def test_beyond_the_dense_limit_without_an_n_by_n_matrix():
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
     x = torch.randn(3000, 3)
     y = labels(model, x)
-    la = Laplace(model, "classification", prior_precision=DELTA, progress=False,
-                 solver=Solver(cg_tolerance=1e-12, max_cg_iterations=500, lanczos_rank=99))
+    la = Laplace(
+        model,
+        "classification",
+        prior_precision=DELTA,
+        progress=False,
+        solver=Solver(cg_tolerance=1e-12, max_cg_iterations=500, lanczos_rank=99),
+    )
     size = 3000 * 3
     with LargestTensor() as seen:
         la.fit(x, y)
@@ -141,8 +145,9 @@ def test_float32_matrix_free_agrees_with_float64_dense():
     dense, _, x = pair("classification")
     model32 = dense.network.module_copy().float()
     y = labels(dense.network.module_copy(), x)
-    free = Laplace(model32, "classification", prior_precision=DELTA, solver=Solver("cg", lanczos_rank=200),
-                   progress=False).fit(x.float(), y)
+    free = Laplace(
+        model32, "classification", prior_precision=DELTA, solver=Solver("cg", lanczos_rank=200), progress=False
+    ).fit(x.float(), y)
     x_test = torch.randn(9, *x.shape[1:])
     assert rel_err(free.mean.double(), dense.mean) < 1e-3
     assert rel_err(free.predict(x_test.float()).double(), dense.predict(x_test)) < 1e-3
@@ -178,8 +183,9 @@ def test_a_low_rank_posterior_warns_and_reports_its_error(task):
         mean, truth = dense._latent(x_test[probes], "diag")
         approximate = low._latent(x_test[probes], "diag")[1]
         probit = lambda var: torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)  # noqa: E731
-        assert low.probability_error == pytest.approx(float((probit(approximate) - probit(truth)).abs().max()),
-                                                      rel=1e-4, abs=1e-9)
+        assert low.probability_error == pytest.approx(
+            float((probit(approximate) - probit(truth)).abs().max()), rel=1e-4, abs=1e-9
+        )
         assert low.probability_error > 1e-2
     expected = float((approximate - truth).abs().max() / truth.abs().max())
     assert low.variance_error == pytest.approx(expected, rel=1e-5)
@@ -190,7 +196,8 @@ def test_an_exact_rank_neither_warns_nor_estimates():
     model, x, _ = make_case("mlp_c3", n=20)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        free = Laplace(model, "regression", prior_precision=DELTA, noise=0.2, solver=exact(60),
-                       progress=False).fit(x, torch.sin(2 * x[:, :3]))
+        free = Laplace(model, "regression", prior_precision=DELTA, noise=0.2, solver=exact(60), progress=False).fit(
+            x, torch.sin(2 * x[:, :3])
+        )
         pred = free.predict(torch.randn(5, 3))
     assert free.variance_error is None and pred.variance_error is None

@@ -47,7 +47,7 @@ def test_kernel_and_diagonal_blocks_match_jacrev(name):
     assert rel_err(kernel.kernel(first, second, block_elements=1), reference(model, x[:3], x, params)) < 1e-12
     full = reference(model, x, x, params)
     c = full.shape[0] // 5
-    blocks = torch.stack([full[i * c:(i + 1) * c, i * c:(i + 1) * c] for i in range(5)])
+    blocks = torch.stack([full[i * c : (i + 1) * c, i * c : (i + 1) * c] for i in range(5)])
     assert rel_err(kernel.diagonal_blocks(second), blocks) < 1e-12
 
 
@@ -163,8 +163,9 @@ def test_modules_whose_computation_is_not_the_stock_one_are_not_factored():
     patched.forward = types.MethodType(lambda self, x: nn.functional.linear(x, 3 * self.weight, self.bias), patched)
     tied_b = nn.Linear(4, 4)
     tied_b.weight = tied_a.weight
-    model = nn.Sequential(hooked, nn.Tanh(), normed, nn.Tanh(), patched, nn.Tanh(), tied_a, nn.Tanh(), tied_b,
-                          nn.Tanh(), plain).eval()
+    model = nn.Sequential(
+        hooked, nn.Tanh(), normed, nn.Tanh(), patched, nn.Tanh(), tied_a, nn.Tanh(), tied_b, nn.Tanh(), plain
+    ).eval()
     kernel = LayerKernel(FunctionalNetwork(model))
     assert [layer.name for layer in kernel.layers] == ["10"]
     x = torch.randn(5, 4)

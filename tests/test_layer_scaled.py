@@ -44,8 +44,7 @@ def test_against_dense_mean_variance_evidence_and_gradient(outputs, space):
     x = torch.linspace(-2, 2, 9).unsqueeze(-1)
     y = torch.sin(2 * x).expand(9, outputs).clone() + 0.1 * torch.arange(outputs)
     scales = [0.5, 2.0, 0.1]
-    gp = LayerScaledNTKGP(model, x, y.squeeze(-1) if outputs == 1 else y, outputscales=scales, noise=0.03,
-                          space=space)
+    gp = LayerScaledNTKGP(model, x, y.squeeze(-1) if outputs == 1 else y, outputscales=scales, noise=0.03, space=space)
     assert gp.group_names == ["0", "2", "4"]
     jacs, f = group_jacobians(model, x)
     jacs = [jacs[g] for g in gp.group_names]
@@ -117,8 +116,9 @@ def test_parameter_space_fits_the_same_hyperparameters_as_function_space():
     y = torch.sin(2 * x[:, 0])
     function = LayerScaledNTKGP(model, x, y).fit()
     parameter = LayerScaledNTKGP(model, x, y, space="parameter").fit()
-    assert float(parameter.log_marginal_likelihood()) == pytest.approx(float(function.log_marginal_likelihood()),
-                                                                       abs=1e-6)
+    assert float(parameter.log_marginal_likelihood()) == pytest.approx(
+        float(function.log_marginal_likelihood()), abs=1e-6
+    )
     assert torch.allclose(parameter.outputscales.log(), function.outputscales.log(), atol=1e-3)
     assert float(parameter.noise) == pytest.approx(float(function.noise), rel=1e-3)
 
@@ -153,8 +153,7 @@ def test_float32_against_float64(space):
     settings = dict(outputscales=[0.5, 2.0, 0.1], noise=0.03, space=space)
     double = LayerScaledNTKGP(model, x, y, **settings)
     single = LayerScaledNTKGP(model.float(), x.float(), y.float(), **settings)
-    assert float(single.log_marginal_likelihood()) == pytest.approx(float(double.log_marginal_likelihood()),
-                                                                    rel=1e-4)
+    assert float(single.log_marginal_likelihood()) == pytest.approx(float(double.log_marginal_likelihood()), rel=1e-4)
     xs = torch.linspace(-3, 3, 5).unsqueeze(-1)
     a, b = double.predict(xs), single.predict(xs.float())
     assert b.mean.dtype == torch.float32
@@ -180,16 +179,20 @@ def test_cg_fit_reaches_the_dense_optimum():
     y = torch.cat([torch.sin(2 * x), torch.cos(x)], -1)
     fitted = LayerScaledNTKGP(model, x, y, solver="cg").fit(max_iter=20)
     best = float(LayerScaledNTKGP(model, x, y, solver="cholesky").fit().log_marginal_likelihood())
-    exact = LayerScaledNTKGP(model, x, y, solver="cholesky", outputscales=fitted.outputscales.tolist(),
-                             noise=float(fitted.noise))
+    exact = LayerScaledNTKGP(
+        model, x, y, solver="cholesky", outputscales=fitted.outputscales.tolist(), noise=float(fitted.noise)
+    )
     assert best - 0.3 < float(exact.log_marginal_likelihood()) <= best + 1e-6
 
 
 def sinusoid_mlp(seed, dtype, width=40):
     """The sinusoid experiment's 1-40-40-1 tanh MLP, randomly initialised."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, 1)).to(dtype).eval()
+    return (
+        nn.Sequential(nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+        .to(dtype)
+        .eval()
+    )
 
 
 @pytest.mark.parametrize("space", ["function", "parameter"])
@@ -210,8 +213,9 @@ def test_evidence_where_the_sinusoids_line_search_went(space):
     with mpmath.workdps(60):
         if space == "function":
             parts = [mpmath.matrix(part.root.tolist()) for part in gp._parts]
-            m = mpmath.eye(20) + sum((mpmath.mpf(s) / noise * (a * a.T) for s, a in zip(scales, parts)),
-                                     mpmath.zeros(20))
+            m = mpmath.eye(20) + sum(
+                (mpmath.mpf(s) / noise * (a * a.T) for s, a in zip(scales, parts)), mpmath.zeros(20)
+            )
             r = mpmath.matrix(gp._residual.tolist())
             quad = (r.T * mpmath.lu_solve(m, r))[0] / noise
             logdet = mpmath.log(mpmath.det(m)) + 20 * mpmath.log(noise)

@@ -38,8 +38,7 @@ def test_regression_closed_form_and_subset_scope():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).eval()
     x, y = torch.randn(15, 3), torch.randn(15, 2)
-    lqf = LQF(model, params=["2."], weight_decay=0.1, task="regression").fit(x, y, solver="closed_form",
-                                                                              progress=False)
+    lqf = LQF(model, params=["2."], weight_decay=0.1, task="regression").fit(x, y, solver="closed_form", progress=False)
     assert lqf.delta.shape == (8 * 2 + 2,)
     assert rel_err(lqf.delta, dense_minimiser(model, x, y, 0.1, ["2."])) < 1e-8
     assert lqf.predict(x).shape == (15, 2)
@@ -62,8 +61,14 @@ def epochs_to_reach(model, x, y, reference, params, preconditioner, lr, epochs=4
     errors = []
     try:
         LQF(model, params=params, weight_decay=1.0, preconditioner=preconditioner).fit(
-            x, y, epochs=epochs, lr=lr, batch_size=len(x), progress=False,
-            callback=lambda lqf, record: errors.append(rel_err(lqf.delta, reference)))
+            x,
+            y,
+            epochs=epochs,
+            lr=lr,
+            batch_size=len(x),
+            progress=False,
+            callback=lambda lqf, record: errors.append(rel_err(lqf.delta, reference)),
+        )
     except FloatingPointError:  # diverged: this learning rate is too large
         return None
     return next((i + 1 for i, e in enumerate(errors) if e <= 1e-3), None)
@@ -75,8 +80,9 @@ def test_kfac_sgd_reaches_the_closed_form_in_fewer_epochs_than_plain_sgd(capsys)
     the default lr 0.1 against plain SGD at the best of a grid of learning rates up to the stability limit of
     heavy-ball momentum (3.8/λ_max). Measured: 83 against 127 (at 3.5/λ_max)."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 16), nn.LeakyReLU(0.1), nn.Linear(16, 16), nn.LeakyReLU(0.1),
-                          nn.Linear(16, 3)).eval()
+    model = nn.Sequential(
+        nn.Linear(3, 16), nn.LeakyReLU(0.1), nn.Linear(16, 16), nn.LeakyReLU(0.1), nn.Linear(16, 3)
+    ).eval()
     x, y, params = torch.randn(200, 3) * torch.tensor([0.1, 1.0, 3.0]), torch.randint(0, 3, (200,)), ["4."]
     exact = LQF(model, params=params, weight_decay=1.0).fit(x, y, solver="closed_form", progress=False)
     reference = exact.delta
@@ -123,7 +129,7 @@ def test_leave_one_out_and_influence_against_refits(capsys):
     for i in range(len(x)):
         keep = torch.arange(len(x)) != i
         without = LQF(model, weight_decay=lam).fit(x[keep], y[keep], solver="closed_form", progress=False)
-        refit_loo.append(without.predict(x[i:i + 1])[0])
+        refit_loo.append(without.predict(x[i : i + 1])[0])
         refit_influence.append(lqf.predict(xt) - without.predict(xt))
     refit_influence = torch.stack(refit_influence, 1)
     assert loo.shape == (16, 3) and influence.shape == (5, 16, 3)
@@ -143,8 +149,11 @@ def test_leave_one_out_and_influence_against_refits(capsys):
     errors = {}
     for inverse_name, inverse in (("exact", exact), ("K-FAC", kfac)):
         leverage, eye = j @ inverse @ j.mT, torch.eye(3)
-        for factor_name, factor in (("eq. 8", (n - 1) * torch.linalg.inv((n - 1) * eye + n * leverage)),
-                                    ("removal", torch.linalg.inv(eye - leverage)), ("none", eye)):
+        for factor_name, factor in (
+            ("eq. 8", (n - 1) * torch.linalg.inv((n - 1) * eye + n * leverage)),
+            ("removal", torch.linalg.inv(eye - leverage)),
+            ("none", eye),
+        ):
             change = torch.einsum("mcp,pq,idq,id->mic", js, inverse, j, (factor @ residual).squeeze(-1))
             errors[f"{inverse_name} inverse, {factor_name} factor"] = round(rel_err(change, refit_influence), 3)
     with capsys.disabled():
@@ -163,8 +172,7 @@ def test_updates_in_three_steps_equal_the_union():
     assert rel_err(online.leave_one_out(), union.leave_one_out()) < 1e-10
     # SGD: warm-started from the previous δ on the union (last layer, full batch, K-FAC: exact there)
     union = LQF(model, params=["2."], weight_decay=0.5).fit(x, y, solver="closed_form", progress=False)
-    sgd = LQF(model, params=["2."], weight_decay=0.5).fit(x[:20], y[:20], epochs=100, batch_size=30,
-                                                          progress=False)
+    sgd = LQF(model, params=["2."], weight_decay=0.5).fit(x[:20], y[:20], epochs=100, batch_size=30, progress=False)
     before = rel_err(sgd.delta, union.delta)
     sgd.update(x[20:25], y[20:25], epochs=1)
     assert rel_err(sgd.delta, union.delta) < before  # one epoch on from where it was, not from θ0
@@ -187,8 +195,10 @@ def test_dataloader_history_and_cross_entropy():
     model, x, y, xt = classification_case(n=40)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)
     closed = LQF(model, weight_decay=0.5).fit(loader, solver="closed_form", progress=False)
-    assert rel_err(closed.delta, LQF(model, weight_decay=0.5).fit(x, y, solver="closed_form",
-                                                                  progress=False).delta) < 1e-12
+    assert (
+        rel_err(closed.delta, LQF(model, weight_decay=0.5).fit(x, y, solver="closed_form", progress=False).delta)
+        < 1e-12
+    )
     lqf = LQF(model, weight_decay=0.5).fit(loader, epochs=4, progress=False)
     assert [r["epoch"] for r in lqf.history] == [1, 2, 3, 4] and lqf.lr == 0.1
     assert set(lqf.history[0]) == {"epoch", "loss", "accuracy", "lr"}
@@ -199,8 +209,12 @@ def test_dataloader_history_and_cross_entropy():
         gaf = LQF(model, loss="cross_entropy", preconditioner=preconditioner, weight_decay=0.5)
         gaf.fit(x, y, epochs=30, batch_size=40, progress=False)
         assert gaf.history[-1]["loss"] < gaf.history[0]["loss"]
-        assert gaf.objective() < LQF(model, loss="cross_entropy", preconditioner=None, weight_decay=0.5).fit(
-            x, y, epochs=1, lr=1e-12, batch_size=40, progress=False).objective()
+        assert (
+            gaf.objective()
+            < LQF(model, loss="cross_entropy", preconditioner=None, weight_decay=0.5)
+            .fit(x, y, epochs=1, lr=1e-12, batch_size=40, progress=False)
+            .objective()
+        )
 
 
 def test_hessian_ritz_values_against_dense_eigenvalues():
@@ -227,8 +241,15 @@ def test_kfac_products_equal_curvlinops_own():
     from ntkgp.lqf.kfac import KFACPreconditioner
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, bias=False), nn.Flatten(),
-                          nn.Linear(2 * 4 * 4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 3, bias=False),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+    ).eval()
     x = torch.randn(6, 1, 6, 6)
     net = FunctionalNetwork(model, ["0.", "2.weight", "4.bias", "6."])
     pre = KFACPreconditioner(net, x, 0.3)
@@ -247,8 +268,17 @@ def test_kfac_runs_on_the_frozen_prefix_output():
     from ntkgp.lqf.kfac import KFACPreconditioner
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Conv2d(4, 3, 3),
-                          nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3),
+        nn.Tanh(),
+        nn.Conv2d(4, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 3),
+    ).eval()
     model[5].running_mean.uniform_(-0.5, 0.5)
     x = torch.randn(7, 1, 8, 8)
     scope = ["4.", "5.", "8."]
@@ -278,8 +308,18 @@ def test_kernel_matrix_from_layer_factors_equals_ntk_products():
     from ntkgp.operators import LayerKernel
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 64, 3), nn.BatchNorm2d(64), nn.Tanh(), nn.Conv2d(64, 32, 1), nn.Flatten(),
-                          nn.Linear(32 * 2 * 2, 3)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(2, 64, 3),
+            nn.BatchNorm2d(64),
+            nn.Tanh(),
+            nn.Conv2d(64, 32, 1),
+            nn.Flatten(),
+            nn.Linear(32 * 2 * 2, 3),
+        )
+        .double()
+        .eval()
+    )
     model[1].running_mean.uniform_(-0.5, 0.5)
     x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     xt = torch.randn(4, 2, 4, 4, dtype=torch.float64)

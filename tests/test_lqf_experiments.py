@@ -56,8 +56,10 @@ def test_small_formulas():
     assert lqf_methods.test_error(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 0])) == 50.0
     rows = [{"method": "LQF", "scope": "s", "dataset": "d", "error": e, "elr": r} for e, r in ((5, 1), (3, 2), (4, 3))]
     assert best_runs(rows)["LQF", "s", "d"]["elr"] == 2
-    grid = [{"method": "M", "scope": "s", "dataset": d, "lr": lr, "batch_size": 8, "error": e}
-            for d, lr, e in (("a", 1, 10), ("a", 2, 12), ("b", 1, 30), ("b", 2, 20))]  # lr 2: mean 16 < 20
+    grid = [
+        {"method": "M", "scope": "s", "dataset": d, "lr": lr, "batch_size": 8, "error": e}
+        for d, lr, e in (("a", 1, 10), ("a", 2, 12), ("b", 1, 30), ("b", 2, 20))
+    ]  # lr 2: mean 16 < 20
     assert shared_setting(grid, "M", "s", ["a", "b"], best_runs(grid)) == ((2, 8), 2)
 
 
@@ -129,8 +131,12 @@ def test_fresh_discards_the_results_to_resume_from(tmp_path, monkeypatch):
     experiments = cli.discover_experiments()
     real = experiments["lqf-hyperparameters"]
     calls = []
-    probe = type(real)(real.name, real.description,
-                       lambda config, out, device, seed: calls.append((out / "results.json").exists()), real.configs)
+    probe = type(real)(
+        real.name,
+        real.description,
+        lambda config, out, device, seed: calls.append((out / "results.json").exists()),
+        real.configs,
+    )
     monkeypatch.setattr(cli, "discover_experiments", lambda: {**experiments, real.name: probe})
     (tmp_path / real.name).mkdir()
     (tmp_path / real.name / "results.json").write_text("{}")
@@ -152,7 +158,8 @@ def test_backbone_heads_are_shared_by_both_activations_and_bilinear_keeps_the_sc
     assert relu.classifier[-1].out_features == 7
     assert not any(isinstance(m, LeakyReLU6) for m in relu.modules())
     assert any(isinstance(m, LeakyReLU6) for m in leaky.modules()) and not any(
-        isinstance(m, nn.ReLU6) for m in leaky.modules())
+        isinstance(m, nn.ReLU6) for m in leaky.modules()
+    )
     x = backbone.prepare(torch.rand(4, 1, 28, 28))
     assert x.shape == (4, 3, 32, 32)
     model = bilinear_mobilenet(backbone, 7, "leaky", reduction=4, train_x=x, seed=0)

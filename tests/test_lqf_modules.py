@@ -79,8 +79,11 @@ def test_jvp_through_the_pooling_against_finite_differences():
     h = 1e-5
     assert rel_err(jv, (pool(x + h * t) - pool(x - h * t)) / (2 * h)) < 1e-7
     weight = dict(pool.named_parameters())
-    _, jw = torch.func.jvp(lambda w: torch.func.functional_call(pool, w, (x,)), (weight,),
-                           ({k: torch.randn_like(v) for k, v in weight.items()},))
+    _, jw = torch.func.jvp(
+        lambda w: torch.func.functional_call(pool, w, (x,)),
+        (weight,),
+        ({k: torch.randn_like(v) for k, v in weight.items()},),
+    )
     assert torch.isfinite(jw).all()
 
 
@@ -109,6 +112,10 @@ def test_torchvision_backbone_with_pooling_head_through_lqf():
     closed = LQF(model, params=["1.", "2."], weight_decay=1.0).fit(x, y, solver="closed_form", progress=False)
     assert closed.delta.shape == (6 * 64 + 21 * 3 + 3,)
     sgd = LQF(model, params=["1.", "2."], weight_decay=1.0).fit(x, y, epochs=2, batch_size=9, progress=False)
-    assert sgd.objective() < LQF(model, params=["1.", "2."], weight_decay=1.0).fit(
-        x, y, epochs=1, lr=1e-12, batch_size=9, progress=False).objective()
+    assert (
+        sgd.objective()
+        < LQF(model, params=["1.", "2."], weight_decay=1.0)
+        .fit(x, y, epochs=1, lr=1e-12, batch_size=9, progress=False)
+        .objective()
+    )
     assert closed.predict(x[:2], variance=True).variance.shape == (2, 3)

@@ -88,7 +88,11 @@ def test_fit_agrees_across_spaces_and_increases_evidence():
         before = float(gp.log_marginal_likelihood())
         gp.fit()
         assert float(gp.log_marginal_likelihood()) > before
-        fitted[space] = (float(gp.outputscale), float(gp.noise), gp.predict(torch.randn(3, 3, generator=torch.Generator().manual_seed(0))))
+        fitted[space] = (
+            float(gp.outputscale),
+            float(gp.noise),
+            gp.predict(torch.randn(3, 3, generator=torch.Generator().manual_seed(0))),
+        )
     (s_f, n_f, p_f), (s_p, n_p, p_p) = fitted["function"], fitted["parameter"]
     assert abs(s_f - s_p) < 1e-3 * s_f and abs(n_f - n_p) < 1e-3 * n_f
     assert rel_err(p_f.mean, p_p.mean) < 1e-4 and rel_err(p_f.variance, p_p.variance) < 1e-3
@@ -164,8 +168,13 @@ def test_float32_agrees_with_float64(space, tol_mean, tol_var):
     the float32 floor), evidence 2.5e-5. Earlier: mean 1.5e-4 / 2.8e-3, evidence 8.6e-5; and before the rank
     mask moved to √N·eps·λ_max, the evidence was 3.5e-2 off in both spaces and the parameter-space mean 0.30."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
-                                torch.nn.Linear(32, 3)).double().eval()
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)
+        )
+        .double()
+        .eval()
+    )
     x, xs, y = torch.randn(40, 4), torch.randn(15, 4), torch.randn(40, 3)
     gp64 = NTKGP(model, x, y, space=space)
     gp32 = NTKGP(model.float(), x.float(), y.float(), space=space)
@@ -178,8 +187,9 @@ def test_float32_agrees_with_float64(space, tol_mean, tol_var):
 
 def _mlp32(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
-                               torch.nn.Linear(32, 1)).eval()
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+    ).eval()
 
 
 @pytest.mark.parametrize("space", ["function", "parameter"])

@@ -35,9 +35,9 @@ def test_ntk_diagonal_and_indexing(case):
     assert rel_err(k[rows, cols], dense[rows, cols]) < TOL
     assert rel_err(k[2:5, 1:].to_dense(), dense[2:5, 1:]) < TOL
     c = dense.shape[0] // x.shape[0]
-    sub = k[c:3 * c, :2 * c]
+    sub = k[c : 3 * c, : 2 * c]
     assert type(sub).__name__ == "NTKOperator"
-    assert rel_err(sub.to_dense(), dense[c:3 * c, :2 * c]) < TOL
+    assert rel_err(sub.to_dense(), dense[c : 3 * c, : 2 * c]) < TOL
 
 
 def test_ntk_cross_diagonal():
@@ -114,7 +114,7 @@ class _RBFNet(torch.nn.Module):
         self.head = torch.nn.Linear(5, 2)
 
     def forward(self, x):
-        return self.head(torch.exp(-torch.cdist(self.lin(x), self.centres) ** 2))
+        return self.head(torch.exp(-(torch.cdist(self.lin(x), self.centres) ** 2)))
 
 
 def rowwise_jacobian(model, x):
@@ -124,8 +124,13 @@ def rowwise_jacobian(model, x):
     net = FunctionalNetwork(model)
     theta = net.theta0.clone().requires_grad_()
     out = net(x, theta)
-    return torch.stack([torch.autograd.grad(out[i, c], theta, retain_graph=True)[0]
-                        for i in range(out.shape[0]) for c in range(out.shape[1])])
+    return torch.stack(
+        [
+            torch.autograd.grad(out[i, c], theta, retain_graph=True)[0]
+            for i in range(out.shape[0])
+            for c in range(out.shape[1])
+        ]
+    )
 
 
 def test_batched_products_are_checked_against_one_vector_products():
@@ -154,6 +159,7 @@ def test_batched_products_are_checked_against_one_vector_products():
         la = Laplace(model, "regression", noise=0.1).fit(x, y)
         reg = la.predict(xs)
     with torch.no_grad():
-        mu = model(xs).reshape(-1) + js @ j.T @ torch.linalg.solve(j @ j.T + 0.1 * torch.eye(12),
-                                                                  y.reshape(-1) - model(x).reshape(-1))
+        mu = model(xs).reshape(-1) + js @ j.T @ torch.linalg.solve(
+            j @ j.T + 0.1 * torch.eye(12), y.reshape(-1) - model(x).reshape(-1)
+        )
     assert rel_err(reg.mean.reshape(-1), mu) < 1e-8

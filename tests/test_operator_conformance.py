@@ -37,8 +37,9 @@ class _Case(_NoHalf, LinearOperatorTestCase):
 
     def setUp(self):
         super().setUp()
-        self._fast = linear_operator.settings.fast_computations(covar_root_decomposition=True, log_prob=True,
-                                                                solves=True)
+        self._fast = linear_operator.settings.fast_computations(
+            covar_root_decomposition=True, log_prob=True, solves=True
+        )
         self._fast.__enter__()
 
     def tearDown(self):

@@ -11,9 +11,15 @@ from ntkgp.gp.parameter_space import dense_ntk
 from ntkgp.gp.variance_projections import choose_path, jacobian_projections
 
 
-@pytest.mark.parametrize(("space", "path"), [(space, path) for space in ("function", "parameter")
-                                             for path in ("jacobians", "tangents", "kernel", "auto")
-                                             if (space, path) != ("parameter", "kernel")])  # kernel: function space
+@pytest.mark.parametrize(
+    ("space", "path"),
+    [
+        (space, path)
+        for space in ("function", "parameter")
+        for path in ("jacobians", "tangents", "kernel", "auto")
+        if (space, path) != ("parameter", "kernel")
+    ],
+)  # kernel: function space
 def test_every_path_matches_the_dense_reference(case, space, path):
     _, model, x, params = case
     y, xs = targets(model, x), torch.randn(6, *x.shape[1:])
@@ -52,7 +58,7 @@ def test_low_rank_variance_is_an_upper_bound_with_the_reported_error(space):
         assert 0 < approx.rank < full.rank and approx.variance_error <= tolerance
         assert rel_err(approx.mean, exact.mean) < 1e-12  # the mean is exact
         assert (approx.variance >= exact.variance - 1e-12).all()  # fewer directions explain less
-        probe = ((approx.variance - exact.variance) / exact.variance)[:NTKGP.PROBES].max()
+        probe = ((approx.variance - exact.variance) / exact.variance)[: NTKGP.PROBES].max()
         assert abs(float(probe) - approx.variance_error) < 1e-9  # the reported error is the probe's
     small = gp.predict(xs, variance="low_rank", rank=2)
     assert small.rank == 2 and small.variance_error > approx.variance_error
@@ -70,8 +76,9 @@ def test_low_rank_rank_zero_is_the_prior_variance():
 
 def test_auto_path_follows_flops_and_memory():
     torch.manual_seed(0)
-    wide_input = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
-                                     torch.nn.Linear(4 * 32 * 32, 2)).eval()
+    wide_input = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(4 * 32 * 32, 2)
+    ).eval()
     x = torch.randn(3, 1, 32, 32)
     net = FunctionalNetwork(wide_input, params=["0."])  # 40 parameters, 2 × 10⁵ flops forward: contract
     assert choose_path(net, x, 2, 10, "auto", 2**30) == "jacobians"
@@ -91,9 +98,15 @@ def test_kernel_from_per_sample_jacobians_equals_products(case):
     assert rel_err(dense_ntk(net, x, c, budget=2**30), products) < 1e-12
 
 
-@pytest.mark.parametrize("bad, match", [({"variance": "approximate"}, "variance must be one of"),
-                                        ({"variance_path": "fast"}, "variance_path must be one of"),
-                                        ({"rank": 0}, "rank"), ({"tolerance": -1.0}, "tolerance")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"variance": "approximate"}, "variance must be one of"),
+        ({"variance_path": "fast"}, "variance_path must be one of"),
+        ({"rank": 0}, "rank"),
+        ({"tolerance": -1.0}, "tolerance"),
+    ],
+)
 def test_bad_prediction_options(bad, match):
     model, x, _ = make_case("mlp_c1")
     gp = NTKGP(model, x, targets(model, x), noise=NOISE)

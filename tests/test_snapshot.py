@@ -41,8 +41,7 @@ def _changes(model):
         state["1.running_var"] = state["1.running_var"].abs()
         model.load_state_dict(state)
 
-    return [optimizer_step, no_grad_update, data_write, running_stats, batchnorm_forward_in_train_mode,
-            load_state_dict]
+    return [optimizer_step, no_grad_update, data_write, running_stats, batchnorm_forward_in_train_mode, load_state_dict]
 
 
 @pytest.mark.parametrize("change", range(6))
@@ -96,7 +95,8 @@ def test_snapshot_memory_is_the_frozen_part_once():
     net = FunctionalNetwork(model, params=["7."])
     frozen = sum(t.numel() for t in net.frozen.values()) + sum(t.numel() for t in net.buffers.values())
     module = sum(t.numel() for n, t in model.named_parameters() if not n.startswith("7.")) + sum(
-        t.numel() for t in model.buffers())
+        t.numel() for t in model.buffers()
+    )
     assert frozen == module
     assert all(t.data_ptr() != dict(model.named_parameters())[n].data_ptr() for n, t in net.frozen.items())
 

@@ -59,10 +59,10 @@ def test_svi_approaches_the_exact_posterior_and_stays_below_the_evidence():
 def test_svi_classification_with_a_dataloader():
     model, x, _ = make_case("mlp_c3", n=24)
     y = (x @ torch.randn(3, 3, generator=torch.Generator().manual_seed(2))).argmax(-1)  # a learnable rule
-    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True,
-                        generator=torch.Generator().manual_seed(3))
-    svi = SVI(model, "classification", prior_precision=DELTA).fit(loader, epochs=60, lr=5e-2, num_samples=4,
-                                                                    progress=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
+    svi = SVI(model, "classification", prior_precision=DELTA).fit(
+        loader, epochs=60, lr=5e-2, num_samples=4, progress=False
+    )
     assert svi.history[-1] > svi.history[0]
     mean, cov = svi.latent(x)
     j = dense_jacobian(model, x).reshape(24, 3, -1)
@@ -71,7 +71,7 @@ def test_svi_classification_with_a_dataloader():
     assert rel_err(cov, (j * svi.scale.detach().square()) @ j.mT) < 1e-10
     probs = svi.predict(x, num_samples=50)
     assert probs.shape == (24, 3) and torch.allclose(probs.sum(-1), torch.ones(24))
-    map_accuracy = (Laplace(model, "classification", prior_precision=DELTA).fit(x, y).predict(x).argmax(-1) == y)
+    map_accuracy = Laplace(model, "classification", prior_precision=DELTA).fit(x, y).predict(x).argmax(-1) == y
     assert (probs.argmax(-1) == y).double().mean() >= map_accuracy.double().mean() - 0.1
 
 

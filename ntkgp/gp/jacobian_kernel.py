@@ -44,8 +44,14 @@ class JacobianKernel(gpytorch.kernels.Kernel):
 
     has_lengthscale = False
 
-    def __init__(self, model: nn.Module | FunctionalNetwork, params: Sequence[str] | str | None = None,
-                 input_shape: Sequence[int] | int | None = None, chunk_size: int | None = None, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module | FunctionalNetwork,
+        params: Sequence[str] | str | None = None,
+        input_shape: Sequence[int] | int | None = None,
+        chunk_size: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.network = as_functional_network(model, params, chunk_size)
         self.input_shape = _as_shape(input_shape)
@@ -56,15 +62,18 @@ class JacobianKernel(gpytorch.kernels.Kernel):
             try:
                 self.network.num_outputs(probe)
             except ValueError as err:
-                raise ValueError(f"input_shape {self.input_shape} does not fit the network: {err}. Pass the "
-                                 "per-example shape it expects, e.g. (channels, height, width) for a CNN") from None
+                raise ValueError(
+                    f"input_shape {self.input_shape} does not fit the network: {err}. Pass the "
+                    "per-example shape it expects, e.g. (channels, height, width) for a CNN"
+                ) from None
         self._num_outputs: int | None = None
         self._memo: dict | None = None
         self._train_inputs: Tensor | None = None  # the last unbatched x1 (GPyTorch's training inputs)
         self._train_jacobians: Tensor | None = None  # its per-sample Jacobians, computed on first batched use
 
-    def __call__(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False,
-                 **params):
+    def __call__(
+        self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ):
         """GPyTorch's kernel call, after a check of the inputs' types and feature counts (GPyTorch's own errors
         for these come from deep inside it)."""
         for name, x in (("x1", x1), ("x2", x2)):
@@ -86,9 +95,11 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         if self.input_shape is None:
             return x
         if x.shape[-1] != math.prod(self.input_shape):
-            raise ValueError(f"{name} has d = {x.shape[-1]} features per input but input_shape {self.input_shape} "
-                             f"holds {math.prod(self.input_shape)}: pass inputs (n, {math.prod(self.input_shape)}) "
-                             "or the matching input_shape")
+            raise ValueError(
+                f"{name} has d = {x.shape[-1]} features per input but input_shape {self.input_shape} "
+                f"holds {math.prod(self.input_shape)}: pass inputs (n, {math.prod(self.input_shape)}) "
+                "or the matching input_shape"
+            )
         return x.reshape(x.shape[0], *self.input_shape)
 
     def num_outputs(self, x: Tensor) -> int:
@@ -135,8 +146,11 @@ class JacobianKernel(gpytorch.kernels.Kernel):
             raise ValueError("JacobianKernel does not support last_dim_is_batch=True (deprecated in GPyTorch)")
         if x1.dim() > 2 or x2.dim() > 2:
             return self._batched(x1, x2, diag)
-        if self._train_inputs is None or self._train_inputs.shape != x1.shape or not torch.equal(self._train_inputs,
-                                                                                                   x1.detach()):
+        if (
+            self._train_inputs is None
+            or self._train_inputs.shape != x1.shape
+            or not torch.equal(self._train_inputs, x1.detach())
+        ):
             self._train_inputs, self._train_jacobians = x1.detach().clone(), None  # Jacobians on first batched use
         a = self._inputs(x1, "x1")
         if x2.dim() == 2 and x2.shape[-1] != x1.shape[-1]:
@@ -152,15 +166,22 @@ class JacobianKernel(gpytorch.kernels.Kernel):
             self._memo[key] = op.to_dense()
         return DenseLinearOperator(self._memo[key])
 
-    def fisher(self, x: Tensor, likelihood: str = "gaussian", method: str = "finite_difference",
-               epsilon: float | None = None, at: Tensor | None = None) -> FisherOperator:
+    def fisher(
+        self,
+        x: Tensor,
+        likelihood: str = "gaussian",
+        method: str = "finite_difference",
+        epsilon: float | None = None,
+        at: Tensor | None = None,
+    ) -> FisherOperator:
         """The (p × p) Fisher Σ_i J(x_i)ᵀ H_i J(x_i) of this kernel's network over inputs x (n, d), given as
         the kernel takes them (reshaped to ``input_shape``); ``likelihood``, ``method``, ``epsilon`` and ``at``
         as in :func:`~ntkgp.operators.fisher_operator.fisher_operator` (default: finite-difference products,
         about one gradient each)."""
         check_tensor(x, "x", "(n, d)")
-        return fisher_operator(self.network, self._inputs(x), likelihood=likelihood, method=method, epsilon=epsilon,
-                               at=at)
+        return fisher_operator(
+            self.network, self._inputs(x), likelihood=likelihood, method=method, epsilon=epsilon, at=at
+        )
 
     @contextmanager
     def memoize(self) -> Iterator[None]:

@@ -43,8 +43,13 @@ from contextlib import contextmanager
 import gpytorch
 import torch
 from linear_operator import settings
-from linear_operator.operators import (AddedDiagLinearOperator, ConstantDiagLinearOperator, DiagLinearOperator,
-                                       LinearOperator, SumLinearOperator)
+from linear_operator.operators import (
+    AddedDiagLinearOperator,
+    ConstantDiagLinearOperator,
+    DiagLinearOperator,
+    LinearOperator,
+    SumLinearOperator,
+)
 from linear_operator.utils.linear_cg import linear_cg
 from torch import Tensor, nn
 
@@ -66,8 +71,9 @@ __all__ = ["LOG_BOUND", "LayerScaledNTKGP", "parameter_groups"]
 LOG_BOUND = 69.0
 
 
-def parameter_groups(network: FunctionalNetwork, groups: Mapping[str, Sequence[str] | str] | None = None
-                     ) -> dict[str, list[str]]:
+def parameter_groups(
+    network: FunctionalNetwork, groups: Mapping[str, Sequence[str] | str] | None = None
+) -> dict[str, list[str]]:
     """Group name -> the network's selected parameter names in it: one group per module that holds parameters
     (``groups=None``), or the user's groups (name -> parameter names or module prefixes), which must cover every
     selected parameter exactly once."""
@@ -87,11 +93,11 @@ def parameter_groups(network: FunctionalNetwork, groups: Mapping[str, Sequence[s
     counts = {n: sum(n in names for names in out.values()) for n in network.names}
     missing, twice = [n for n, c in counts.items() if c == 0], [n for n, c in counts.items() if c > 1]
     if missing or twice:
-        raise ValueError(f"groups must cover every linearised parameter exactly once; not covered: {missing[:3]}, "
-                         f"in several groups: {twice[:3]}")
+        raise ValueError(
+            f"groups must cover every linearised parameter exactly once; not covered: {missing[:3]}, "
+            f"in several groups: {twice[:3]}"
+        )
     return out
-
-
 
 
 class _System(AddedDiagLinearOperator):
@@ -101,9 +107,16 @@ class _System(AddedDiagLinearOperator):
 
     def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int | None = 0):
         tiny = torch.finfo(rhs.dtype).tiny
-        return linear_cg(self._matmul, rhs, n_tridiag=num_tridiag, max_iter=settings.max_cg_iterations.value(),
-                         max_tridiag_iter=settings.max_lanczos_quadrature_iterations.value(),
-                         preconditioner=preconditioner, eps=tiny, stop_updating_after=tiny)
+        return linear_cg(
+            self._matmul,
+            rhs,
+            n_tridiag=num_tridiag,
+            max_iter=settings.max_cg_iterations.value(),
+            max_tridiag_iter=settings.max_lanczos_quadrature_iterations.value(),
+            preconditioner=preconditioner,
+            eps=tiny,
+            stop_updating_after=tiny,
+        )
 
 
 class LayerScaledNTKGP(nn.Module):
@@ -122,10 +135,20 @@ class LayerScaledNTKGP(nn.Module):
     Attributes: ``outputscales`` (G,), ``noise``, ``group_names``.
     """
 
-    def __init__(self, model: nn.Module | FunctionalNetwork, train_x: Tensor, train_y: Tensor,
-                 groups: Mapping[str, Sequence[str] | str] | None = None, params=None, space: str = "function",
-                 mean: str = "network", outputscales: float | Sequence[float] = 1.0, noise: float | None = None,
-                 solver: Solver | str | None = None, trace_samples: int = 32):
+    def __init__(
+        self,
+        model: nn.Module | FunctionalNetwork,
+        train_x: Tensor,
+        train_y: Tensor,
+        groups: Mapping[str, Sequence[str] | str] | None = None,
+        params=None,
+        space: str = "function",
+        mean: str = "network",
+        outputscales: float | Sequence[float] = 1.0,
+        noise: float | None = None,
+        solver: Solver | str | None = None,
+        trace_samples: int = 32,
+    ):
         super().__init__()
         check_choice(mean, "mean", ("network", "zero"))
         check_choice(space, "space", ("function", "parameter"))
@@ -139,14 +162,19 @@ class LayerScaledNTKGP(nn.Module):
         self.space, self.mean_kind, self.train_x = space, mean, train_x
         if space == "parameter":
             self._check_grouped_in_order()
-        self._nets = [self.network if len(self.groups) == 1 else self.network.restricted(names)
-                      for names in self.groups.values()]
+        self._nets = [
+            self.network if len(self.groups) == 1 else self.network.restricted(names) for names in self.groups.values()
+        ]
         self._residual = (targets - self._mean(train_x)).reshape(-1).double()
         size = dict(zip(self.network.names, self.network.numels))
-        self._group_sizes = torch.tensor([sum(size[n] for n in names) for names in self.groups.values()],
-                                         dtype=torch.float64, device=self.network.device)
-        self._group_of = torch.repeat_interleave(torch.arange(len(self.groups), device=self.network.device),
-                                                 self._group_sizes.long())  # (p,): the group of each parameter
+        self._group_sizes = torch.tensor(
+            [sum(size[n] for n in names) for names in self.groups.values()],
+            dtype=torch.float64,
+            device=self.network.device,
+        )
+        self._group_of = torch.repeat_interleave(
+            torch.arange(len(self.groups), device=self.network.device), self._group_sizes.long()
+        )  # (p,): the group of each parameter
         self._dense = self.solver.dense(self._residual.numel() if space == "function" else self.network.num_params)
         self._parts = self._gradient = None  # dense: the PSD parts of the group kernels, or of JᵀJ
         with torch.no_grad():
@@ -165,16 +193,19 @@ class LayerScaledNTKGP(nn.Module):
         self.learn_noise = noise is None
         self._noise_floor = 1e-6 if noise is None else 0.0  # a learned σ² stays above 1e-6, as NTKGP's does
         start = 1e-2 * float(self._residual.var()) + 1e-6 if noise is None else as_positive_float(noise, "noise")
-        self.raw_log_noise = nn.Parameter(torch.tensor(math.log(start), dtype=torch.float64),
-                                          requires_grad=noise is None)
+        self.raw_log_noise = nn.Parameter(
+            torch.tensor(math.log(start), dtype=torch.float64), requires_grad=noise is None
+        )
 
     def _check_grouped_in_order(self) -> None:
         """Parameter space puts s_g² on the parameters by position: each group's parameters must be consecutive in
         the network's parameter order (as the per-layer default always is)."""
         order = [name for names in self.groups.values() for name in names]
         if order != list(self.network.names):
-            raise ValueError("groups: in parameter space each group must hold consecutive parameters, listed in the "
-                             "network's order; reorder the groups or use space='function'")
+            raise ValueError(
+                "groups: in parameter space each group must hold consecutive parameters, listed in the "
+                "network's order; reorder the groups or use space='function'"
+            )
 
     @property
     def outputscales(self) -> Tensor:
@@ -207,10 +238,13 @@ class LayerScaledNTKGP(nn.Module):
                 weights = scales / noise  # c_g (G,)
                 gram = sum(w * part.matrix for w, part in zip(weights, self._parts))
                 norm = sum(float(w.detach()) * part.top for w, part in zip(weights, self._parts))
-                return identity_plus_factor(gram, lambda: torch.cat(
-                    [w.sqrt() * part.root for w, part in zip(weights, self._parts)], -1), norm)
-            ops = [NTKOperator(x, x, network=net, num_outputs=self.num_outputs) * (s / noise).to(dtype)
-                   for s, net in zip(scales, self._nets)]
+                return identity_plus_factor(
+                    gram, lambda: torch.cat([w.sqrt() * part.root for w, part in zip(weights, self._parts)], -1), norm
+                )
+            ops = [
+                NTKOperator(x, x, network=net, num_outputs=self.num_outputs) * (s / noise).to(dtype)
+                for s, net in zip(scales, self._nets)
+            ]
             total = ops[0] if len(ops) == 1 else SumLinearOperator(*ops)
         else:
             weights = (scales / noise).sqrt()[self._group_of]  # S/σ (p,)
@@ -221,8 +255,9 @@ class LayerScaledNTKGP(nn.Module):
                 return identity_plus_factor(gram, lambda: weights[:, None] * part.root, norm)
             scaling = DiagLinearOperator(weights.to(dtype))
             total = scaling @ GramOperator(x, network=self.network) @ scaling
-        return _System(total, ConstantDiagLinearOperator(torch.ones(1, dtype=dtype, device=x.device),
-                                                         diag_shape=total.shape[-1]))
+        return _System(
+            total, ConstantDiagLinearOperator(torch.ones(1, dtype=dtype, device=x.device), diag_shape=total.shape[-1])
+        )
 
     def _scaled_gradient(self) -> Tensor:
         """b̃ = S Jᵀr (p,) (parameter space), differentiable in the scales."""
@@ -233,8 +268,12 @@ class LayerScaledNTKGP(nn.Module):
         """CG and SLQ as the solver says, with the same probe vectors on every call (a seeded generator: the
         objective is deterministic), products at train_x from one cached forward pass."""
         devices = [self.network.device] if self.network.device.type == "cuda" else []
-        with (torch.random.fork_rng(devices=devices), self.solver.settings(),
-              gpytorch.settings.num_trace_samples(self.trace_samples), self.network.linearised(self.train_x)):
+        with (
+            torch.random.fork_rng(devices=devices),
+            self.solver.settings(),
+            gpytorch.settings.num_trace_samples(self.trace_samples),
+            self.network.linearised(self.train_x),
+        ):
             torch.manual_seed(0)
             yield
 
@@ -290,9 +329,11 @@ class LayerScaledNTKGP(nn.Module):
 
     def _failure(self, what: str) -> str:
         scales, noise = (t.detach() for t in self._hyperparameters())
-        return (f"LayerScaledNTKGP.fit: {what} at outputscales {[f'{s:.3g}' for s in scales.tolist()]}, noise "
-                f"{float(noise):.3g} ({self.solver.method} solver): use solver='cholesky' (exact and finite "
-                "everywhere), a fixed noise, or float64")
+        return (
+            f"LayerScaledNTKGP.fit: {what} at outputscales {[f'{s:.3g}' for s in scales.tolist()]}, noise "
+            f"{float(noise):.3g} ({self.solver.method} solver): use solver='cholesky' (exact and finite "
+            "everywhere), a fixed noise, or float64"
+        )
 
     def predict(self, x: Tensor, observation_noise: bool = False) -> Prediction:
         """Predictive mean and variance at x (m, ...): (m,) for one output, (m, C) otherwise."""

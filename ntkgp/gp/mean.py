@@ -22,8 +22,9 @@ class NetworkMean(gpytorch.means.Mean):
     def __init__(self, network: FunctionalNetwork, input_shape: Sequence[int] | None = None):
         super().__init__()
         if not isinstance(network, FunctionalNetwork):
-            raise TypeError(f"network must be a FunctionalNetwork (ntkgp.FunctionalNetwork(model)), got "
-                            f"{type(network).__name__}")
+            raise TypeError(
+                f"network must be a FunctionalNetwork (ntkgp.FunctionalNetwork(model)), got {type(network).__name__}"
+            )
         self.network = network
         self.input_shape = None if input_shape is None else tuple(input_shape)
 

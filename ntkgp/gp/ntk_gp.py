@@ -32,12 +32,30 @@ from .jacobian_kernel import JacobianKernel
 from .mean import NetworkMean
 from ..operators.layer_kernel import LayerKernel
 from ..operators.ntk_operator import NTKOperator
-from .parameter_space import (GramSpectrum, gram_spectrum, kernel_of_rows, ntk_eigh, resolved, resolved_eigh,
-                              spectral_log_marginal_likelihood, spectral_solve, spectral_weights, train_jacobian)
+from .parameter_space import (
+    GramSpectrum,
+    gram_spectrum,
+    kernel_of_rows,
+    ntk_eigh,
+    resolved,
+    resolved_eigh,
+    spectral_log_marginal_likelihood,
+    spectral_solve,
+    spectral_weights,
+    train_jacobian,
+)
 from .solver import Solver, as_solver
 from ..memory import check_fits, default_budget
-from ..validation import (as_count, as_positive_float, check_choice, check_finite, check_inputs, check_not_sharded,
-                          check_prediction, check_targets)
+from ..validation import (
+    as_count,
+    as_positive_float,
+    check_choice,
+    check_finite,
+    check_inputs,
+    check_not_sharded,
+    check_prediction,
+    check_targets,
+)
 from .variance_projections import PATHS, choose_path, parameter_projections, tangent_projections
 
 __all__ = ["NTKGP", "Prediction"]
@@ -119,11 +137,22 @@ class NTKGP(nn.Module):
     #: (8 understated the error over 200 MobileNetV2 test images thirteenfold: 9.8e-3 against 0.13).
     PROBES = 64
 
-    def __init__(self, model: nn.Module | FunctionalNetwork, train_x: Tensor, train_y: Tensor,
-                 params: Sequence[str] | str | None = None, space: str = "function", mean: str = "network",
-                 noise: float | None = None, outputscale: float = 1.0, solver: Solver | str | None = None,
-                 chunk_size: int | None = None, memory_budget: int | None = None, progress: bool = True,
-                 cache_linearisation: bool = True):
+    def __init__(
+        self,
+        model: nn.Module | FunctionalNetwork,
+        train_x: Tensor,
+        train_y: Tensor,
+        params: Sequence[str] | str | None = None,
+        space: str = "function",
+        mean: str = "network",
+        noise: float | None = None,
+        outputscale: float = 1.0,
+        solver: Solver | str | None = None,
+        chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        progress: bool = True,
+        cache_linearisation: bool = True,
+    ):
         super().__init__()
         check_choice(space, "space", ("function", "parameter"))
         check_choice(mean, "mean", ("network", "zero"))
@@ -131,8 +160,9 @@ class NTKGP(nn.Module):
         outputscale = as_positive_float(outputscale, "outputscale")
         self.solver = as_solver(solver)
         self.network = as_functional_network(model, params, chunk_size)
-        self.memory_budget = (default_budget(self.network.device) if memory_budget is None
-                              else as_count(memory_budget, "memory_budget"))
+        self.memory_budget = (
+            default_budget(self.network.device) if memory_budget is None else as_count(memory_budget, "memory_budget")
+        )
         for name, flag in (("progress", progress), ("cache_linearisation", cache_linearisation)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -159,18 +189,19 @@ class NTKGP(nn.Module):
             likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=GreaterThan(floor))
         else:
             likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(
-                num_tasks=self.num_outputs, rank=0, has_task_noise=False, noise_constraint=GreaterThan(floor))
+                num_tasks=self.num_outputs, rank=0, has_task_noise=False, noise_constraint=GreaterThan(floor)
+            )
         likelihood = likelihood.to(device=self.network.device, dtype=self.network.dtype)
         if noise is None:
             likelihood.noise = as_network_tensor(max(1e-2 * self._variance_of(targets), 2 * floor))
         else:
             likelihood.noise = as_network_tensor(noise)
             likelihood.raw_noise.requires_grad_(False)
-        mean_module = (NetworkMean(self.network, self.input_shape) if mean == "network"
-                       else _ZeroMean(self.num_outputs))
+        mean_module = NetworkMean(self.network, self.input_shape) if mean == "network" else _ZeroMean(self.num_outputs)
         y = targets.squeeze(-1) if self.num_outputs == 1 else targets
-        self.gp = _ExactNTKModel(train_x.reshape(train_x.shape[0], -1), y, likelihood, mean_module, kernel,
-                                 self.num_outputs)
+        self.gp = _ExactNTKModel(
+            train_x.reshape(train_x.shape[0], -1), y, likelihood, mean_module, kernel, self.num_outputs
+        )
         self.register_buffer("train_targets", targets, persistent=False)  # (n, C)
         self._clear_caches()
         self._residual  # checks the network's outputs at train_x now, not at the first prediction
@@ -228,8 +259,9 @@ class NTKGP(nn.Module):
     def _variance_of(self, targets: Tensor) -> float:
         """The variance of all target entries (over the ranks too), 1 for a single entry."""
         t = targets.double().reshape(-1)
-        total = self.network.sum_over_shards(self.train_x, torch.stack([t.sum(), t.square().sum(),
-                                                                        t.new_tensor(t.numel())]))
+        total = self.network.sum_over_shards(
+            self.train_x, torch.stack([t.sum(), t.square().sum(), t.new_tensor(t.numel())])
+        )
         count = float(total[2])
         return float((total[1] - total[0] ** 2 / count) / (count - 1)) if count > 1 else 1.0
 
@@ -240,14 +272,22 @@ class NTKGP(nn.Module):
         """All eigenpairs of the dense NTK K(X, X) in float64 and the floor of the network's dtype."""
         if self._ntk is None:
             size = self._residual.numel()
-            check_fits(3 * size**2 * 8, self.memory_budget, "the dense float64 eigendecomposition of K(X, X) "
-                       f"({size} × {size})", "pass solver='cg' (no N × N matrix), use fewer training points, or raise "
-                       "memory_budget")
+            check_fits(
+                3 * size**2 * 8,
+                self.memory_budget,
+                f"the dense float64 eigendecomposition of K(X, X) ({size} × {size})",
+                "pass solver='cg' (no N × N matrix), use fewer training points, or raise memory_budget",
+            )
             factored = self._factored()
             if factored is not None:  # K(X, X) from layer factors: no Jacobian of the factored layers
                 kernel = factored.kernel(self._factors, self._factors, self._block_elements())
-                self._ntk = resolved_eigh(check_finite(kernel.detach(), "the NTK K(X, X)", "the network's Jacobian at "
-                                                       "the training inputs is too large: rescale the inputs"))
+                self._ntk = resolved_eigh(
+                    check_finite(
+                        kernel.detach(),
+                        "the NTK K(X, X)",
+                        "the network's Jacobian at the training inputs is too large: rescale the inputs",
+                    )
+                )
                 return self._ntk
             with torch.no_grad():
                 self._jacobian = train_jacobian(self.network, self.train_x, self.num_outputs, self.memory_budget)
@@ -271,9 +311,11 @@ class NTKGP(nn.Module):
             self._layer_kernel = (kernel if usable else False, cost)
         kernel, cost = self._layer_kernel
         if required and kernel is False:
-            raise ValueError("variance_path='kernel' needs function space and a stock Linear or ungrouped Conv2d layer "
-                             "in scope that runs once per forward pass and agrees with NTK products; use "
-                             "variance_path='jacobians' or 'tangents'")
+            raise ValueError(
+                "variance_path='kernel' needs function space and a stock Linear or ungrouped Conv2d layer "
+                "in scope that runs once per forward pass and agrees with NTK products; use "
+                "variance_path='jacobians' or 'tangents'"
+            )
         if kernel is False or (cost > 0.5 and not required):
             return None
         if self._factors is None:
@@ -291,7 +333,7 @@ class NTKGP(nn.Module):
         with torch.no_grad():
             self.network.features(x)  # the frozen prefix once for all of x: its chunks are row blocks of it
             for start in tqdm(range(0, x.shape[0], step), desc="test kernel", delay=1.0, disable=not self.progress):
-                factors = kernel.factors(x[start:start + step])
+                factors = kernel.factors(x[start : start + step])
                 cross.append(kernel.kernel(factors, self._factors, self._block_elements()) @ columns)
                 diagonal.append(kernel.diagonal_blocks(factors).diagonal(dim1=-2, dim2=-1).reshape(-1))
         return torch.cat(cross), torch.cat(diagonal)
@@ -300,8 +342,9 @@ class NTKGP(nn.Module):
         """(spectrum of JᵀJ, Jᵀ r (p,))."""
         if self._spectrum is None:
             with torch.no_grad(), self._linearised():
-                self._spectrum = gram_spectrum(self.network, self.train_x, self.num_outputs, self.solver,
-                                               budget=self.memory_budget)
+                self._spectrum = gram_spectrum(
+                    self.network, self.train_x, self.num_outputs, self.solver, budget=self.memory_budget
+                )
                 n, c = self.train_x.shape[0], self.num_outputs
                 self._gradient = self.network.vjp(self.train_x, self._residual.reshape(1, n, c))[0]
         return self._spectrum, self._gradient
@@ -371,8 +414,15 @@ class NTKGP(nn.Module):
         if terms is not None:
             self._start_from_grid(terms)
         raw = [self.gp.covar_module.raw_outputscale] + ([self.gp.likelihood.raw_noise] if self.learn_noise else [])
-        optimizer = torch.optim.LBFGS(raw, lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=1e-4,
-                                      tolerance_change=1e-7, line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS(
+            raw,
+            lr=1.0,
+            max_iter=max_iter,
+            history_size=10,
+            tolerance_grad=1e-4,
+            tolerance_change=1e-7,
+            line_search_fn="strong_wolfe",
+        )
         scale = float(self._residual_summary()[1])
 
         def closure():
@@ -402,14 +452,20 @@ class NTKGP(nn.Module):
         return self.network.linearised(self.train_x, budget=self.memory_budget if wanted else 0)
 
     def _non_finite_evidence_message(self) -> str:
-        state = (f"at output scale s² = {float(self.outputscale):.3g} and noise σ² = {float(self.noise):.3g}"
-                 f" ({'learned' if self.learn_noise else 'fixed'})")
+        state = (
+            f"at output scale s² = {float(self.outputscale):.3g} and noise σ² = {float(self.noise):.3g}"
+            f" ({'learned' if self.learn_noise else 'fixed'})"
+        )
         if self.learn_noise:
-            return (f"the marginal likelihood became non-finite while fitting, {state}; pass a fixed noise, or rescale "
-                    "the targets")
-        return (f"the marginal likelihood became non-finite while fitting, {state}: s²K + σ²I is numerically "
-                f"singular in {self.network.dtype} (repeated or nearly repeated inputs with a tiny noise?); raise the "
-                "fixed noise, remove duplicate inputs, or use float64")
+            return (
+                f"the marginal likelihood became non-finite while fitting, {state}; pass a fixed noise, or rescale "
+                "the targets"
+            )
+        return (
+            f"the marginal likelihood became non-finite while fitting, {state}: s²K + σ²I is numerically "
+            f"singular in {self.network.dtype} (repeated or nearly repeated inputs with a tiny noise?); raise the "
+            "fixed noise, remove duplicate inputs, or use float64"
+        )
 
     @contextmanager
     def _explained_singularity(self) -> Iterator[None]:
@@ -423,7 +479,8 @@ class NTKGP(nn.Module):
                 f"{self.network.dtype} at s² = {float(self.outputscale):.3g}, σ² = {float(self.noise):.3g}: the "
                 "noise is below what this dtype resolves for this kernel, as with repeated or nearly repeated inputs. "
                 "Raise the noise, remove duplicate inputs, use float64, or a dense solver (which treats unresolved "
-                "directions as numerically zero)") from err
+                "directions as numerically zero)"
+            ) from err
 
     def _start_from_grid(self, terms: tuple[Tensor, Tensor, Tensor, float], points: int = 25) -> None:
         """Set the hyperparameters to the best of a log grid scaled to the residuals and the kernel's trace."""
@@ -449,8 +506,15 @@ class NTKGP(nn.Module):
                 self.gp.likelihood.noise = noises[best[1]].to(self.network.dtype)
 
     # --- prediction ------------------------------------------------------------------------------
-    def predict(self, x: Tensor, observation_noise: bool = False, variance: str = "exact", rank: int | None = None,
-                tolerance: float = 1e-2, variance_path: str = "auto") -> Prediction:
+    def predict(
+        self,
+        x: Tensor,
+        observation_noise: bool = False,
+        variance: str = "exact",
+        rank: int | None = None,
+        tolerance: float = 1e-2,
+        variance_path: str = "auto",
+    ) -> Prediction:
         """Posterior marginals of the latent function at x (m, ...) (plus σ² if ``observation_noise``).
 
         ``variance``: ``"exact"``, or ``"low_rank"``: the variance reduction from the ``rank`` leading directions
@@ -475,8 +539,9 @@ class NTKGP(nn.Module):
             mean, var, error, used = *self._predict_gpytorch(x), None, None
         else:
             setup = self._parameter_directions if self.space == "parameter" else self._function_directions
-            mean, var, error, used = self._predict_from_directions(x, *setup(), variance, rank, tolerance,
-                                                                   variance_path)
+            mean, var, error, used = self._predict_from_directions(
+                x, *setup(), variance, rank, tolerance, variance_path
+            )
         if self.num_outputs == 1:
             mean, var = mean.squeeze(-1), var.squeeze(-1)
         if observation_noise:
@@ -536,8 +601,9 @@ class NTKGP(nn.Module):
         tangents = torch.cat([alpha.unsqueeze(-1), spectrum.eigenvectors[:, order]], dim=-1)  # (p, 1 + r)
         return None, noise * evals / (c * (evals + c)), lambda count: tangents[:, :count]
 
-    def _projections(self, x: Tensor, columns: Tensor | None, directions, count: int,
-                     path: str) -> tuple[Tensor, Tensor]:
+    def _projections(
+        self, x: Tensor, columns: Tensor | None, directions, count: int, path: str
+    ) -> tuple[Tensor, Tensor]:
         """(J(x) D (m·C, count), diag K(x, x) (m·C,)) for the first ``count`` directions D, by ``path``; in function
         space (D = J(X)ᵀ columns) by the layer-factor kernel K(x, X) columns where it is cheaper (or asked for)."""
         if columns is not None and path in ("auto", "kernel") and not (x.requires_grad and torch.is_grad_enabled()):
@@ -545,24 +611,43 @@ class NTKGP(nn.Module):
             if kernel is not None:
                 return self._kernel_projections(kernel, x, columns[:, :count])
         if path == "kernel":
-            raise ValueError("variance_path='kernel' is for function space, at inputs that do not require grad (it "
-                             "is not differentiable in x); use variance_path='jacobians' or 'tangents'")
-        if columns is None or choose_path(self.network, x, self.num_outputs, count, path,
-                                          self.memory_budget) == "jacobians":
-            return parameter_projections(self.network, x, self.num_outputs, directions(count), path,
-                                         self.memory_budget, self.progress)
+            raise ValueError(
+                "variance_path='kernel' is for function space, at inputs that do not require grad (it "
+                "is not differentiable in x); use variance_path='jacobians' or 'tangents'"
+            )
+        if (
+            columns is None
+            or choose_path(self.network, x, self.num_outputs, count, path, self.memory_budget) == "jacobians"
+        ):
+            return parameter_projections(
+                self.network, x, self.num_outputs, directions(count), path, self.memory_budget, self.progress
+            )
         cross = NTKOperator(x, self.train_x, network=self.network, num_outputs=self.num_outputs)
-        return tangent_projections(self.network, x, count, lambda start, stop: cross @ columns[:, start:stop],
-                                   self.memory_budget, self.progress)
+        return tangent_projections(
+            self.network,
+            x,
+            count,
+            lambda start, stop: cross @ columns[:, start:stop],
+            self.memory_budget,
+            self.progress,
+        )
 
-    def _predict_from_directions(self, x: Tensor, columns: Tensor | None, coefficients: Tensor, directions,
-                                 variance: str, rank: int | None, tolerance: float,
-                                 path: str) -> tuple[Tensor, Tensor, float | None, int | None]:
+    def _predict_from_directions(
+        self,
+        x: Tensor,
+        columns: Tensor | None,
+        coefficients: Tensor,
+        directions,
+        variance: str,
+        rank: int | None,
+        tolerance: float,
+        path: str,
+    ) -> tuple[Tensor, Tensor, float | None, int | None]:
         """Mean and variance (m, C) from the mean direction and the variance directions, all or the leading ones."""
         s2, total = self.outputscale.detach(), coefficients.numel()
         error, used = None, total
         if variance == "low_rank":
-            probe = x[:self.PROBES]
+            probe = x[: self.PROBES]
             cross, prior = self._projections(probe, columns, directions, 1 + total, path)
             terms = (cross[:, 1:].square() * coefficients).cumsum(-1)  # reductions of rank 1, …, r
             reductions = torch.cat([torch.zeros_like(prior).unsqueeze(-1), terms], dim=-1)  # rank 0, …, r
@@ -599,8 +684,11 @@ class NTKGP(nn.Module):
         """Say so when σ²/s² is below the floor and some of the eigenvalues (all of a dense spectrum) are too."""
         unresolved = int((~resolved(eigenvalues, c.to(eigenvalues.dtype), floor)).sum())
         if unresolved:
-            warnings.warn(f"σ²/s² = {float(c):.3g} is below what {self.network.dtype} resolves for this kernel "
-                          f"(eigenvalues under {floor:.3g}): {unresolved} of {eigenvalues.numel()} directions of the "
-                          "data are treated as numerically zero, exact for repeated inputs; for nearly repeated inputs "
-                          "use float64 or a larger noise", RuntimeWarning, stacklevel=4)
-
+            warnings.warn(
+                f"σ²/s² = {float(c):.3g} is below what {self.network.dtype} resolves for this kernel "
+                f"(eigenvalues under {floor:.3g}): {unresolved} of {eigenvalues.numel()} directions of the "
+                "data are treated as numerically zero, exact for repeated inputs; for nearly repeated inputs "
+                "use float64 or a larger noise",
+                RuntimeWarning,
+                stacklevel=4,
+            )

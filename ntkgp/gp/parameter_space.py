@@ -35,9 +35,21 @@ from ..validation import check_finite
 from .solver import Solver
 from .variance_projections import choose_path
 
-__all__ = ["GramSpectrum", "dense_gram", "dense_ntk", "gram_spectrum", "kernel_of_rows", "lanczos_spectrum", "ntk_eigh",
-           "resolved",
-           "resolved_eigh", "spectral_log_marginal_likelihood", "spectral_solve", "spectral_weights", "train_jacobian"]
+__all__ = [
+    "GramSpectrum",
+    "dense_gram",
+    "dense_ntk",
+    "gram_spectrum",
+    "kernel_of_rows",
+    "lanczos_spectrum",
+    "ntk_eigh",
+    "resolved",
+    "resolved_eigh",
+    "spectral_log_marginal_likelihood",
+    "spectral_solve",
+    "spectral_weights",
+    "train_jacobian",
+]
 
 
 @dataclass
@@ -101,8 +113,11 @@ def dense_gram(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: 
 
 def kernel_of_rows(jac: Tensor) -> Tensor:
     """J Jᵀ (N × N) of Jacobian rows J (N × p), checked finite."""
-    return check_finite(jac @ jac.mT, "the NTK K(x, x) = J(x)J(x)ᵀ", "the network's Jacobian at these inputs is too "
-                        f"large for {jac.dtype}: rescale or normalise the inputs")
+    return check_finite(
+        jac @ jac.mT,
+        "the NTK K(x, x) = J(x)J(x)ᵀ",
+        f"the network's Jacobian at these inputs is too large for {jac.dtype}: rescale or normalise the inputs",
+    )
 
 
 def dense_ntk(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None = None) -> Tensor:
@@ -114,14 +129,21 @@ def dense_ntk(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: f
     return NTKOperator(x, x, network=network, num_outputs=num_outputs).to_dense()
 
 
-def ntk_eigh(network: FunctionalNetwork, x: Tensor, num_outputs: int,
-             budget: float | None = None) -> tuple[Tensor, Tensor, float]:
+def ntk_eigh(
+    network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None = None
+) -> tuple[Tensor, Tensor, float]:
     """:func:`resolved_eigh` of the dense NTK K(x, x) (N × N) (:func:`dense_ntk`)."""
     return resolved_eigh(dense_ntk(network, x, num_outputs, budget))
 
 
-def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solver: Solver,
-                  max_dense_elements: int = 2**27, budget: float | None = None) -> GramSpectrum:
+def gram_spectrum(
+    network: FunctionalNetwork,
+    x: Tensor,
+    num_outputs: int,
+    solver: Solver,
+    max_dense_elements: int = 2**27,
+    budget: float | None = None,
+) -> GramSpectrum:
     """Spectrum of G = J(x)ᵀ J(x) (p × p).
 
     Exact by ``eigh`` of G when p <= N and p is dense-sized; exact through the NTK's eigenpairs
@@ -133,14 +155,12 @@ def gram_spectrum(network: FunctionalNetwork, x: Tensor, num_outputs: int, solve
     if p <= big_n and solver.dense(p):
         evals, evecs, floor = resolved_eigh(dense_gram(network, x, num_outputs, budget))
         keep = evals > floor
-        return GramSpectrum(evals[keep].to(dtype), evecs[:, keep].to(dtype), floor=floor,
-                            gram=(evals, evecs))
+        return GramSpectrum(evals[keep].to(dtype), evecs[:, keep].to(dtype), floor=floor, gram=(evals, evecs))
     if big_n < p and solver.dense(big_n) and big_n * p <= max_dense_elements and not network.is_sharded(x):
         evals, evecs, floor = ntk_eigh(network, x, num_outputs, budget)
         keep = evals > floor
         cotangents = (evecs[:, keep] / evals[keep].sqrt()).mT.to(dtype).reshape(-1, x.shape[0], num_outputs)
-        return GramSpectrum(evals[keep].to(dtype), network.vjp(x, cotangents).mT, floor=floor,
-                            ntk=(evals, evecs))
+        return GramSpectrum(evals[keep].to(dtype), network.vjp(x, cotangents).mT, floor=floor, ntk=(evals, evecs))
     return lanczos_spectrum(GramOperator(x, network=network), solver.lanczos_rank)
 
 
@@ -153,9 +173,15 @@ def lanczos_spectrum(operator: LinearOperator, rank: int) -> GramSpectrum:
     rank = min(rank, p)
     generator = torch.Generator(device=operator.device).manual_seed(0)
     start = torch.randn(p, 1, generator=generator, dtype=operator.dtype, device=operator.device)
-    q, t = lanczos_tridiag(operator._matmul, max_iter=rank, dtype=operator.dtype, device=operator.device,
-                           matrix_shape=operator.shape, tol=reorthogonalisation_tolerance(operator.dtype),
-                           init_vecs=start)
+    q, t = lanczos_tridiag(
+        operator._matmul,
+        max_iter=rank,
+        dtype=operator.dtype,
+        device=operator.device,
+        matrix_shape=operator.shape,
+        tol=reorthogonalisation_tolerance(operator.dtype),
+        init_vecs=start,
+    )
     evals, s = torch.linalg.eigh(t)
     floor = _rank_floor(evals, p, operator.dtype)
     keep = evals > floor
@@ -187,8 +213,16 @@ def spectral_solve(eigenvalues: Tensor, eigenvectors: Tensor, rhs: Tensor, c: Te
     return eigenvectors @ (weights * (eigenvectors.mT @ rhs.to(eigenvectors.dtype)))
 
 
-def spectral_log_marginal_likelihood(eigenvalues: Tensor, projected: Tensor, b_sq: Tensor, r_sq: Tensor,
-                                     num_data: int, outputscale: Tensor, noise: Tensor, floor: float = 0.0) -> Tensor:
+def spectral_log_marginal_likelihood(
+    eigenvalues: Tensor,
+    projected: Tensor,
+    b_sq: Tensor,
+    r_sq: Tensor,
+    num_data: int,
+    outputscale: Tensor,
+    noise: Tensor,
+    floor: float = 0.0,
+) -> Tensor:
     """log N(r; 0, s² JJᵀ + σ² I) from the spectrum (Woodbury and the determinant lemma).
 
     Args:

@@ -93,9 +93,16 @@ def as_solver(solver: Solver | str | None) -> Solver:
     return solver
 
 
-def conjugate_gradients(product: Callable[[Tensor], Tensor], rhs: Tensor, tolerance: float, max_iter: int,
-                        start: Tensor | None = None, desc: str = "CG products", progress: bool = True,
-                        preconditioner: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def conjugate_gradients(
+    product: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    tolerance: float,
+    max_iter: int,
+    start: Tensor | None = None,
+    desc: str = "CG products",
+    progress: bool = True,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """x with A x = rhs for a symmetric positive definite A given by ``product`` ((p, k) -> (p, k)), rhs (p,) or
     (p, k), by linear_operator's CG from ``start`` (default 0) to a relative residual ``tolerance`` or ``max_iter``
     iterations, preconditioned by ``preconditioner`` (an approximation of A⁻¹, (p, k) -> (p, k)) when given; a tqdm
@@ -107,12 +114,21 @@ def conjugate_gradients(product: Callable[[Tensor], Tensor], rhs: Tensor, tolera
     rhs = rhs.unsqueeze(-1) if column else rhs
     tiny = torch.finfo(rhs.dtype).tiny
     with tqdm(desc=desc, delay=1.0, disable=not progress) as bar:
+
         def counted(v: Tensor) -> Tensor:
             bar.update(1)
             return product(v)
 
         guess = None if start is None else (start.unsqueeze(-1) if column else start)
-        out = linear_cg(counted, rhs, max_iter=max_iter, max_tridiag_iter=0, tolerance=tolerance, eps=tiny,
-                        stop_updating_after=tiny, initial_guess=guess,
-                        preconditioner=preconditioner)  # (no tridiagonal matrix: any max_iter)
+        out = linear_cg(
+            counted,
+            rhs,
+            max_iter=max_iter,
+            max_tridiag_iter=0,
+            tolerance=tolerance,
+            eps=tiny,
+            stop_updating_after=tiny,
+            initial_guess=guess,
+            preconditioner=preconditioner,
+        )  # (no tridiagonal matrix: any max_iter)
     return out.squeeze(-1) if column else out

@@ -24,8 +24,15 @@ from ..functional import FunctionalNetwork
 from ..memory import check_fits
 from ..validation import check_choice
 
-__all__ = ["NETWORK_FLOP_COST", "PATHS", "choose_path", "forward_flops", "jacobian_projections",
-           "parameter_projections", "tangent_projections"]
+__all__ = [
+    "NETWORK_FLOP_COST",
+    "PATHS",
+    "choose_path",
+    "forward_flops",
+    "jacobian_projections",
+    "parameter_projections",
+    "tangent_projections",
+]
 
 PATHS = ("auto", "jacobians", "tangents", "kernel")
 NETWORK_FLOP_COST = 2.5
@@ -42,17 +49,22 @@ def forward_flops(network: FunctionalNetwork, x: Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def choose_path(network: FunctionalNetwork, x: Tensor, num_outputs: int, directions: int, path: str,
-                budget: float) -> str:
+def choose_path(
+    network: FunctionalNetwork, x: Tensor, num_outputs: int, directions: int, path: str, budget: float
+) -> str:
     """``path`` itself, checked, or for ``"auto"`` the cheaper exact path of those that fit ``budget`` bytes
     (the jacobian path holds the p × ``directions`` matrix D). (``"kernel"``, the layer-factor kernel of function
     space, is NTKGP's to take before it asks here.)"""
     check_choice(path, "variance_path", PATHS[:3])
     held = network.num_params * directions * network.theta0.element_size()
     if path == "jacobians":
-        check_fits(held, budget, f"the Jacobian variance path ({network.num_params:,} parameters × {directions} "
-                   "directions)", "pass variance_path='tangents' (no such matrix), a larger memory_budget, or "
-                   "variance='low_rank' with a smaller rank")
+        check_fits(
+            held,
+            budget,
+            f"the Jacobian variance path ({network.num_params:,} parameters × {directions} directions)",
+            "pass variance_path='tangents' (no such matrix), a larger memory_budget, or "
+            "variance='low_rank' with a smaller rank",
+        )
     if path != "auto":
         return path
     if held > budget:
@@ -62,19 +74,33 @@ def choose_path(network: FunctionalNetwork, x: Tensor, num_outputs: int, directi
     return "jacobians" if matmul <= tangent else "tangents"
 
 
-def jacobian_projections(network: FunctionalNetwork, x: Tensor, directions: Tensor, budget: float = float("inf"),
-                         progress: bool = True, block_elements: int = 2**27) -> tuple[Tensor, Tensor]:
+def jacobian_projections(
+    network: FunctionalNetwork,
+    x: Tensor,
+    directions: Tensor,
+    budget: float = float("inf"),
+    progress: bool = True,
+    block_elements: int = 2**27,
+) -> tuple[Tensor, Tensor]:
     """(J(x) D (m·C, k), diag J(x)J(x)ᵀ (m·C,)) from per-sample Jacobians, D (p, k). The Jacobian rows of
     consecutive chunks are gathered into blocks of up to ``block_elements`` (and half the ``budget``) before each
     product with D: a product with a few rows reads all of D for little work (memory-bound; 3.7× slower on
     MobileNetV2's last block with 10 rows than with 300). A tqdm bar over the inputs (shown after 1 s)."""
     p, size = network.num_params, network.theta0.element_size()
     per_input = network.num_outputs(x) * p * size
-    check_fits(per_input, budget, f"the per-sample Jacobian of one input ({per_input // (p * size)} outputs × {p:,} "
-               "parameters)", "linearise fewer parameters (params=...) or raise memory_budget")
+    check_fits(
+        per_input,
+        budget,
+        f"the per-sample Jacobian of one input ({per_input // (p * size)} outputs × {p:,} parameters)",
+        "linearise fewer parameters (params=...) or raise memory_budget",
+    )
     chunk = min(network.jacobian_chunk_elements * size, max(per_input, x.shape[0] * per_input))
-    check_fits(chunk, budget, "a chunk of per-sample Jacobians", "lower jacobian_chunk_elements (FunctionalNetwork) "
-               "or raise memory_budget")
+    check_fits(
+        chunk,
+        budget,
+        "a chunk of per-sample Jacobians",
+        "lower jacobian_chunk_elements (FunctionalNetwork) or raise memory_budget",
+    )
     block_elements = max(min(block_elements, int(budget / 2 / size)), 1)
     cross, diagonal, pending, rows = [], [], [], 0
 
@@ -97,24 +123,43 @@ def jacobian_projections(network: FunctionalNetwork, x: Tensor, directions: Tens
     return torch.cat(cross), torch.cat(diagonal)
 
 
-def tangent_projections(network: FunctionalNetwork, x: Tensor, count: int, product: Callable[[int, int], Tensor],
-                        budget: float = float("inf"), progress: bool = True) -> tuple[Tensor, Tensor]:
+def tangent_projections(
+    network: FunctionalNetwork,
+    x: Tensor,
+    count: int,
+    product: Callable[[int, int], Tensor],
+    budget: float = float("inf"),
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
     """(J(x) D (m·C, count), diag J(x)J(x)ᵀ) with the columns of J(x) D made by ``product(start, stop)`` ->
     (m·C, stop − start), ``chunk_size`` at a time (tqdm bar after 1 s), and the diagonal from per-sample
     Jacobians. Checks first that a chunk of tangents over x fits ``budget``: about 3 · ``chunk_size`` copies of
     the largest activation of a forward pass (a primal, a tangent and a result at each layer)."""
     need = 3 * network.chunk_size * network.largest_activation_bytes(x)
-    check_fits(need, budget, f"{network.chunk_size} tangents at once over {x.shape[0]} inputs",
-               "lower chunk_size, predict on fewer inputs at a time, or pass variance_path='jacobians'")
+    check_fits(
+        need,
+        budget,
+        f"{network.chunk_size} tangents at once over {x.shape[0]} inputs",
+        "lower chunk_size, predict on fewer inputs at a time, or pass variance_path='jacobians'",
+    )
     starts = range(0, count, network.chunk_size)
-    blocks = [product(start, min(start + network.chunk_size, count))
-              for start in tqdm(starts, desc="test tangents", delay=1.0, disable=not progress)]
+    blocks = [
+        product(start, min(start + network.chunk_size, count))
+        for start in tqdm(starts, desc="test tangents", delay=1.0, disable=not progress)
+    ]
     _, diagonal = jacobian_projections(network, x, network.theta0.new_zeros(network.num_params, 0), budget, progress)
     return torch.cat(blocks, dim=-1), diagonal
 
 
-def parameter_projections(network: FunctionalNetwork, x: Tensor, num_outputs: int, directions: Tensor, path: str,
-                          budget: float = float("inf"), progress: bool = True) -> tuple[Tensor, Tensor]:
+def parameter_projections(
+    network: FunctionalNetwork,
+    x: Tensor,
+    num_outputs: int,
+    directions: Tensor,
+    path: str,
+    budget: float = float("inf"),
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
     """(J(x) D (m·C, k), diag J(x)J(x)ᵀ (m·C,)) for parameter-space directions D (p, k) held in memory, by ``path``
     (:func:`choose_path`): per-sample Jacobians times D, or k JVPs along D's columns."""
     count = directions.shape[-1]

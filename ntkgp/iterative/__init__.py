@@ -5,5 +5,14 @@ from .iterative_linearisation import History, IterativeLinearisation
 from .kernel_distance import kernel_distance
 from .policies import FixedPeriod, KernelDistanceThreshold, LossPlateau, Relinearisation
 
-__all__ = ["DampedGaussNewton", "FixedPeriod", "History", "IterativeLinearisation", "KernelDistanceThreshold",
-           "LossPlateau", "Relinearisation", "gauss_newton_step", "kernel_distance"]
+__all__ = [
+    "DampedGaussNewton",
+    "FixedPeriod",
+    "History",
+    "IterativeLinearisation",
+    "KernelDistanceThreshold",
+    "LossPlateau",
+    "Relinearisation",
+    "gauss_newton_step",
+    "kernel_distance",
+]

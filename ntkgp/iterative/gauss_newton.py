@@ -34,12 +34,16 @@ _LOSSES = ("mse", "cross_entropy")
 def _as_targets(targets: Tensor, outputs: Tensor, loss: str) -> Tensor:
     if loss == "cross_entropy":
         if targets.is_floating_point() or targets.shape != outputs.shape[:1]:
-            raise ValueError(f"targets for loss='cross_entropy' must be class labels of shape ({outputs.shape[0]},), "
-                             f"got {targets.dtype} {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets for loss='cross_entropy' must be class labels of shape ({outputs.shape[0]},), "
+                f"got {targets.dtype} {tuple(targets.shape)}"
+            )
         return targets
     if targets.numel() != outputs.numel():
-        raise ValueError(f"targets for loss='mse' must have shape {tuple(outputs.shape)} (or (n,) for one output), "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets for loss='mse' must have shape {tuple(outputs.shape)} (or (n,) for one output), "
+            f"got {tuple(targets.shape)}"
+        )
     return targets.reshape(outputs.shape).to(outputs.dtype)
 
 
@@ -52,8 +56,16 @@ def linearised_objective(f: Tensor, targets: Tensor, delta: Tensor, loss: str, d
     return data + 0.5 * damping * delta.pow(2).sum()
 
 
-def _mse_step(net: FunctionalNetwork, x: Tensor, residual: Tensor, damping: float, space: str, tolerance: float,
-              max_iter: int, progress: bool) -> Tensor:
+def _mse_step(
+    net: FunctionalNetwork,
+    x: Tensor,
+    residual: Tensor,
+    damping: float,
+    space: str,
+    tolerance: float,
+    max_iter: int,
+    progress: bool,
+) -> Tensor:
     n, c = residual.shape
     if space == "function":
         kernel = dense_ntk(net, x).double()
@@ -68,12 +80,27 @@ def _mse_step(net: FunctionalNetwork, x: Tensor, residual: Tensor, damping: floa
     gram = GramOperator(x, network=net)
     with net.linearised(x):
         b = -net.vjp(x, residual.unsqueeze(0))[0]
-        return conjugate_gradients(lambda v: gram._matmul(v) + damping * v, b, tolerance, max_iter,
-                                   desc="Gauss-Newton step (CG products)", progress=progress)
+        return conjugate_gradients(
+            lambda v: gram._matmul(v) + damping * v,
+            b,
+            tolerance,
+            max_iter,
+            desc="Gauss-Newton step (CG products)",
+            progress=progress,
+        )
 
 
-def _cross_entropy_step(net: FunctionalNetwork, x: Tensor, f0: Tensor, labels: Tensor, damping: float,
-                        tolerance: float, max_iter: int, newton_steps: int, progress: bool) -> Tensor:
+def _cross_entropy_step(
+    net: FunctionalNetwork,
+    x: Tensor,
+    f0: Tensor,
+    labels: Tensor,
+    damping: float,
+    tolerance: float,
+    max_iter: int,
+    newton_steps: int,
+    progress: bool,
+) -> Tensor:
     onehot = nn.functional.one_hot(labels, f0.shape[-1]).to(f0.dtype)
     delta = torch.zeros(net.num_params, dtype=net.dtype, device=net.device)
     f, first = f0, None
@@ -85,15 +112,22 @@ def _cross_entropy_step(net: FunctionalNetwork, x: Tensor, f0: Tensor, labels: T
             if norm <= tolerance * max(first, 1e-300) or norm == 0.0:
                 break
             fisher = FisherOperator(x, network=net, likelihood="categorical", method="exact", epsilon=1.0, at=f)
-            direction = conjugate_gradients(lambda v: fisher._matmul(v) + damping * v, -gradient, tolerance,
-                                            max_iter, desc="Newton-CG products", progress=progress)
+            direction = conjugate_gradients(
+                lambda v: fisher._matmul(v) + damping * v,
+                -gradient,
+                tolerance,
+                max_iter,
+                desc="Newton-CG products",
+                progress=progress,
+            )
             change = net.jvp(x, direction.unsqueeze(0))[0]
             value = linearised_objective(f, labels, delta, "cross_entropy", damping)
             slope = float(gradient @ direction)
             step = 1.0
             while step > 1e-10:  # backtracking (Armijo): the full Newton step is taken near the minimiser
-                trial = linearised_objective(f + step * change, labels, delta + step * direction, "cross_entropy",
-                                             damping)
+                trial = linearised_objective(
+                    f + step * change, labels, delta + step * direction, "cross_entropy", damping
+                )
                 if float(trial) <= float(value) + 1e-4 * step * slope:
                     break
                 step /= 2
@@ -101,9 +135,19 @@ def _cross_entropy_step(net: FunctionalNetwork, x: Tensor, f0: Tensor, labels: T
     return delta
 
 
-def gauss_newton_step(model: nn.Module | FunctionalNetwork, x: Tensor, targets: Tensor, loss: str = "mse",
-                      damping: float = 1.0, params=None, space: str = "auto", tolerance: float | None = None,
-                      max_iter: int | None = None, newton_steps: int = 50, progress: bool = False) -> Tensor:
+def gauss_newton_step(
+    model: nn.Module | FunctionalNetwork,
+    x: Tensor,
+    targets: Tensor,
+    loss: str = "mse",
+    damping: float = 1.0,
+    params=None,
+    space: str = "auto",
+    tolerance: float | None = None,
+    max_iter: int | None = None,
+    newton_steps: int = 50,
+    progress: bool = False,
+) -> Tensor:
     """The damped Gauss-Newton step Δ (p,) at the network's current weights θ_s (module docstring): θ_s + Δ minimises
     the linearised loss on (x (n, ...), targets) plus (λ/2)‖θ − θ_s‖². The model is not changed.
 
@@ -122,8 +166,9 @@ def gauss_newton_step(model: nn.Module | FunctionalNetwork, x: Tensor, targets: 
     check_choice(space, "space", ("auto", "function", "parameter"))
     damping = as_nonnegative_float(damping, "damping (λ, the weight of (1/2)‖θ − θ_s‖²)")
     check_inputs(x, net.dtype, "x", net.device)
-    tolerance = (max(1e-10, 10 * torch.finfo(net.dtype).eps) if tolerance is None
-                 else as_positive_float(tolerance, "tolerance"))
+    tolerance = (
+        max(1e-10, 10 * torch.finfo(net.dtype).eps) if tolerance is None else as_positive_float(tolerance, "tolerance")
+    )
     max_iter = 10 * net.num_params if max_iter is None else as_count(max_iter, "max_iter")
     newton_steps = as_count(newton_steps, "newton_steps")
     f0 = net.outputs(x)
@@ -131,16 +176,20 @@ def gauss_newton_step(model: nn.Module | FunctionalNetwork, x: Tensor, targets: 
     with torch.no_grad():
         if loss == "cross_entropy":
             if damping == 0:
-                raise ValueError("damping must be > 0 for loss='cross_entropy': the linearised cross-entropy of "
-                                 "separable data has no minimiser without it")
+                raise ValueError(
+                    "damping must be > 0 for loss='cross_entropy': the linearised cross-entropy of "
+                    "separable data has no minimiser without it"
+                )
             return _cross_entropy_step(net, x, f0, targets, damping, tolerance, max_iter, newton_steps, progress)
         size, p = f0.numel(), net.num_params
         if space == "auto":  # λ = 0: the space of the smaller Gram, the one that is nonsingular
             space = "function" if size <= (p if damping == 0 else min(p, 4096)) else "parameter"
         if space == "parameter" and damping == 0 and p > size:
-            raise ValueError(f"damping = 0 with p = {p} > n·C = {size}: JᵀJ (p × p) is singular, so the undamped step "
-                             "is not defined in parameter space; use space='function' or 'auto' (the minimum-norm step "
-                             "through the n·C × n·C NTK), or damping > 0")
+            raise ValueError(
+                f"damping = 0 with p = {p} > n·C = {size}: JᵀJ (p × p) is singular, so the undamped step "
+                "is not defined in parameter space; use space='function' or 'auto' (the minimum-norm step "
+                "through the n·C × n·C NTK), or damping > 0"
+            )
         return _mse_step(net, x, f0 - targets, damping, space, tolerance, max_iter, progress)
 
 
@@ -154,8 +203,16 @@ class DampedGaussNewton:
         lr: the fraction of the step taken (1: the damped Gauss-Newton step itself).
     """
 
-    def __init__(self, model: nn.Module, damping: float, loss: str = "mse", params=None, space: str = "auto",
-                 lr: float = 1.0, tolerance: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        damping: float,
+        loss: str = "mse",
+        params=None,
+        space: str = "auto",
+        lr: float = 1.0,
+        tolerance: float | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model, self.loss, self.space, self.tolerance = model, check_choice(loss, "loss", _LOSSES), space, tolerance
@@ -169,12 +226,12 @@ class DampedGaussNewton:
         """One damped Gauss-Newton step on (x, targets); returns the summed loss before it."""
         theta = torch.cat([p.detach().reshape(-1) for p in self.parameters])
         net = self.network0.at(theta)
-        delta = gauss_newton_step(net, x, targets, self.loss, self.damping, space=self.space,
-                                  tolerance=self.tolerance)
+        delta = gauss_newton_step(net, x, targets, self.loss, self.damping, space=self.space, tolerance=self.tolerance)
         with torch.no_grad():
             f = net.outputs(x)
-            value = float(linearised_objective(f, _as_targets(targets, f, self.loss), delta.new_zeros(()),
-                                               self.loss, 0.0))
+            value = float(
+                linearised_objective(f, _as_targets(targets, f, self.loss), delta.new_zeros(()), self.loss, 0.0)
+            )
             for param, change in zip(self.parameters, delta.split(self.network0.numels)):
                 param.add_(change.view_as(param), alpha=self.lr)
         return value

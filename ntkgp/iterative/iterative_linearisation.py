@@ -48,18 +48,24 @@ class History:
 
 def _check_optimizer(optimizer, names: list[str], parameters: list[Tensor]) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer over the trainer's parameters, got "
-                        f"{type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer over the trainer's parameters, got {type(optimizer).__name__}"
+        )
     held = [p for group in optimizer.param_groups for p in group["params"]]
     ours, theirs = {id(p) for p in parameters}, {id(p) for p in held}
     foreign = sum(id(p) not in ours for p in held)
     missing = [n for n, p in zip(names, parameters) if id(p) not in theirs]
     if foreign or missing:
-        what = (f"{foreign} tensor(s) that are not the model's selected parameters" if foreign else
-                f"not the selected parameter(s) {missing[:4]}")
-        raise ValueError(f"the optimizer must be bound to exactly the parameters the trainer linearises (params=...): "
-                         f"it holds {what}; build it from those, e.g. torch.optim.SGD(trainer_parameters, lr=...) "
-                         "with the model's parameters named by params (all of them by default)")
+        what = (
+            f"{foreign} tensor(s) that are not the model's selected parameters"
+            if foreign
+            else f"not the selected parameter(s) {missing[:4]}"
+        )
+        raise ValueError(
+            f"the optimizer must be bound to exactly the parameters the trainer linearises (params=...): "
+            f"it holds {what}; build it from those, e.g. torch.optim.SGD(trainer_parameters, lr=...) "
+            "with the model's parameters named by params (all of them by default)"
+        )
 
 
 class IterativeLinearisation:
@@ -80,13 +86,24 @@ class IterativeLinearisation:
     Use :meth:`step` in your own loop, or :meth:`fit` for minibatches, evaluations, a progress bar and checkpoints.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, period: int | float | None = UNSET,
-                 loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy", params=None,
-                 relinearise: Relinearisation | None = None, probe: Tensor | None = None, chunk_size: int = 32):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        period: int | float | None = UNSET,
+        loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
+        params=None,
+        relinearise: Relinearisation | None = None,
+        probe: Tensor | None = None,
+        chunk_size: int = 32,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_eval_mode(model, "iterative linearisation linearises the network in eval mode (BatchNorm with its "
-                               "running statistics frozen, Dropout off)")
+        check_eval_mode(
+            model,
+            "iterative linearisation linearises the network in eval mode (BatchNorm with its "
+            "running statistics frozen, Dropout off)",
+        )
         self.policy = as_policy(period, relinearise)
         self.loss = as_loss(loss)
         self.model = model
@@ -133,8 +150,10 @@ class IterativeLinearisation:
 
         self.optimizer.step(closure)
         if not values:
-            raise RuntimeError(f"{type(self.optimizer).__name__}.step(closure) did not call the closure: the trainer "
-                               "needs an optimizer that evaluates the loss through it (as torch.optim's all do)")
+            raise RuntimeError(
+                f"{type(self.optimizer).__name__}.step(closure) did not call the closure: the trainer "
+                "needs an optimizer that evaluates the loss through it (as torch.optim's all do)"
+            )
         loss = float(values[0])
         self.steps += 1
         self.since += 1
@@ -185,9 +204,11 @@ class IterativeLinearisation:
         theta = self.theta().detach()
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
-                xb, yb = x[start:start + batch_size], targets[start:start + batch_size]
-                for kind, out in (("network", self.network0(xb, theta)),
-                                  ("proxy", self.network.linearised_outputs(xb, theta - self.network.theta0))):
+                xb, yb = x[start : start + batch_size], targets[start : start + batch_size]
+                for kind, out in (
+                    ("network", self.network0(xb, theta)),
+                    ("proxy", self.network.linearised_outputs(xb, theta - self.network.theta0)),
+                ):
                     sums[f"{kind}_loss"] += float(self.loss(out, yb)) * xb.shape[0]
                     if labels:
                         sums[f"{kind}_accuracy"] += float((out.argmax(-1) == yb).sum())
@@ -207,10 +228,18 @@ class IterativeLinearisation:
         return entry
 
     # --- training loop -------------------------------------------------------------------------------------------
-    def fit(self, train: tuple[Tensor, Tensor], steps: int, batch_size: int | None = None,
-            test: tuple[Tensor, Tensor] | None = None, eval_every: int | None = None, seed: int = 0,
-            checkpoint: str | os.PathLike | None = None, progress: bool = True,
-            callback: Callable[[IterativeLinearisation, dict], None] | None = None) -> History:
+    def fit(
+        self,
+        train: tuple[Tensor, Tensor],
+        steps: int,
+        batch_size: int | None = None,
+        test: tuple[Tensor, Tensor] | None = None,
+        eval_every: int | None = None,
+        seed: int = 0,
+        checkpoint: str | os.PathLike | None = None,
+        progress: bool = True,
+        callback: Callable[[IterativeLinearisation, dict], None] | None = None,
+    ) -> History:
         """Train until ``steps`` proxy steps in all (a resumed run continues its count).
 
         Args:
@@ -246,23 +275,31 @@ class IterativeLinearisation:
 
         if not self.history.evaluations:
             evaluate()
-        with tqdm(total=steps, initial=min(self.steps, steps), desc="iterative linearisation", unit="step",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=steps,
+            initial=min(self.steps, steps),
+            desc="iterative linearisation",
+            unit="step",
+            disable=not progress,
+        ) as bar:
             while self.steps < steps:
                 if batch_size == n:
                     rows = None
                 else:
                     if position + batch_size > n:
                         order, position = torch.randperm(n, generator=generator), 0
-                    rows, position = order[position:position + batch_size], position + batch_size
+                    rows, position = order[position : position + batch_size], position + batch_size
                 updates = self.feature_updates
                 xb = x if rows is None else self.network0.take(x, rows)
                 loss = self.step(xb, targets if rows is None else targets[rows])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", updates=self.feature_updates)
                 long_enough = self._linearisation_length() >= (0 if eval_every == math.inf else eval_every)
-                if self.steps % eval_every == 0 or self.steps == steps or (self.feature_updates != updates
-                                                                            and long_enough):
+                if (
+                    self.steps % eval_every == 0
+                    or self.steps == steps
+                    or (self.feature_updates != updates and long_enough)
+                ):
                     evaluate()
         return self.history
 
@@ -272,11 +309,19 @@ class IterativeLinearisation:
         return at[-1] - at[-2] if len(at) > 1 else 0
 
     def _save(self, path: Path, generator: torch.Generator, order: Tensor, position: int) -> None:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "theta_s": self.network.theta0, "steps": self.steps, "since": self.since,
-                 "feature_updates": self.feature_updates, "policy": self.policy.state_dict(),
-                 "history": self.history.__dict__, "generator": generator.get_state(), "order": order,
-                 "position": position}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "theta_s": self.network.theta0,
+            "steps": self.steps,
+            "since": self.since,
+            "feature_updates": self.feature_updates,
+            "policy": self.policy.state_dict(),
+            "history": self.history.__dict__,
+            "generator": generator.get_state(),
+            "order": order,
+            "position": position,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         torch.save(state, partial)

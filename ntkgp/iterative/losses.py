@@ -22,8 +22,10 @@ def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * (outputs - targets.reshape(outputs.shape)).pow(2).sum(-1).mean()
 
 
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cross_entropy": nn.functional.cross_entropy,
-                                                         "mse": squared_error}
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "cross_entropy": nn.functional.cross_entropy,
+    "mse": squared_error,
+}
 
 
 def as_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
@@ -33,13 +35,16 @@ def as_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor,
             raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable loss(outputs, targets), got {loss!r}")
         return LOSSES[loss]
     if not callable(loss):
-        raise TypeError(f"loss must be one of {sorted(LOSSES)} or a callable loss(outputs, targets), got "
-                        f"{type(loss).__name__}")
+        raise TypeError(
+            f"loss must be one of {sorted(LOSSES)} or a callable loss(outputs, targets), got {type(loss).__name__}"
+        )
     try:
         inspect.signature(loss).bind(None, None)
     except TypeError as err:
-        raise TypeError(f"loss must take (outputs, targets) and return a scalar; {loss!r} cannot be called with two "
-                        f"arguments: {err}") from err
+        raise TypeError(
+            f"loss must take (outputs, targets) and return a scalar; {loss!r} cannot be called with two "
+            f"arguments: {err}"
+        ) from err
     except ValueError:  # a builtin without a signature: checked at its first use
         pass
     return loss
@@ -51,10 +56,13 @@ def check_loss_value(value, outputs: Tensor) -> Tensor:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"loss(outputs, targets) must return a scalar tensor, got {shape}")
     if outputs.requires_grad and not value.requires_grad:
-        raise ValueError("loss(outputs, targets) does not depend on the outputs (its value has no gradient in them): "
-                         "the loss must be computed from the outputs it is given, e.g. "
-                         "lambda f, y: torch.nn.functional.cross_entropy(f, y)")
+        raise ValueError(
+            "loss(outputs, targets) does not depend on the outputs (its value has no gradient in them): "
+            "the loss must be computed from the outputs it is given, e.g. "
+            "lambda f, y: torch.nn.functional.cross_entropy(f, y)"
+        )
     if not torch.isfinite(value):
-        raise FloatingPointError(f"the loss is {float(value)}: the training diverged (lower the learning rate) or "
-                                 "the targets are not finite")
+        raise FloatingPointError(
+            f"the loss is {float(value)}: the training diverged (lower the learning rate) or the targets are not finite"
+        )
     return value.reshape(())

@@ -39,8 +39,9 @@ class FixedPeriod(Relinearisation):
         if period is None or period == math.inf:
             self.period = math.inf
         else:
-            self.period = as_count(period, "period (K, the steps between re-linearisations: an integer >= 1, or "
-                                           "None / math.inf for never)")
+            self.period = as_count(
+                period, "period (K, the steps between re-linearisations: an integer >= 1, or None / math.inf for never)"
+            )
 
     def due(self, since: int, loss: float, distance: Callable[[], float]) -> bool:
         return since >= self.period
@@ -105,7 +106,9 @@ def as_policy(period, relinearise: Relinearisation | None) -> Relinearisation:
         if period is not UNSET:
             raise ValueError("pass either period=K or relinearise=policy, not both")
         if not isinstance(relinearise, Relinearisation):
-            raise TypeError(f"relinearise must be a Relinearisation policy (FixedPeriod, LossPlateau, "
-                            f"KernelDistanceThreshold), got {type(relinearise).__name__}")
+            raise TypeError(
+                f"relinearise must be a Relinearisation policy (FixedPeriod, LossPlateau, "
+                f"KernelDistanceThreshold), got {type(relinearise).__name__}"
+            )
         return relinearise
     return FixedPeriod(1 if period is UNSET else period)

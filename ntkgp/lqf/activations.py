@@ -19,10 +19,17 @@ from ..validation import as_positive_float, check_tensor
 __all__ = ["LeakyReLU6", "leaky_relu"]
 
 # functions that compute a ReLU or ReLU6 outside a module (ReLU6 is hardtanh(0, 6))
-_FUNCTIONAL_RELUS = {F.relu: "torch.nn.functional.relu", F.relu_: "torch.nn.functional.relu_",
-                     torch.relu: "torch.relu", torch.relu_: "torch.relu_", Tensor.relu: "Tensor.relu",
-                     Tensor.relu_: "Tensor.relu_", F.relu6: "torch.nn.functional.relu6",
-                     F.hardtanh: "torch.nn.functional.hardtanh", F.hardtanh_: "torch.nn.functional.hardtanh_"}
+_FUNCTIONAL_RELUS = {
+    F.relu: "torch.nn.functional.relu",
+    F.relu_: "torch.nn.functional.relu_",
+    torch.relu: "torch.relu",
+    torch.relu_: "torch.relu_",
+    Tensor.relu: "Tensor.relu",
+    Tensor.relu_: "Tensor.relu_",
+    F.relu6: "torch.nn.functional.relu6",
+    F.hardtanh: "torch.nn.functional.hardtanh",
+    F.hardtanh_: "torch.nn.functional.hardtanh_",
+}
 
 
 class LeakyReLU6(nn.Module):
@@ -56,15 +63,19 @@ def leaky_relu(model: nn.Module, negative_slope: float = 0.01, example_input: Te
     converted = copy.deepcopy(model)
     swapped = _swap(converted, slope)
     if not swapped:
-        raise ValueError("the network has no nn.ReLU or nn.ReLU6 module to make leaky (a network that calls F.relu "
-                         "in its forward cannot be converted by swapping modules: use nn.ReLU modules)")
+        raise ValueError(
+            "the network has no nn.ReLU or nn.ReLU6 module to make leaky (a network that calls F.relu "
+            "in its forward cannot be converted by swapping modules: use nn.ReLU modules)"
+        )
     x = _probe(converted) if example_input is None else example_input
     check_tensor(x, "example_input", "(b, ...) inputs of the network")
     calls = _functional_relu_calls(converted, x)
     if calls:
-        raise ValueError(f"the network calls {', '.join(sorted(calls))} in its forward: a ReLU that is not an "
-                         f"nn.ReLU/nn.ReLU6 module cannot be made leaky by swapping modules ({len(swapped)} modules "
-                         "were swappable); replace those calls by modules, or write the leaky version yourself")
+        raise ValueError(
+            f"the network calls {', '.join(sorted(calls))} in its forward: a ReLU that is not an "
+            f"nn.ReLU/nn.ReLU6 module cannot be made leaky by swapping modules ({len(swapped)} modules "
+            "were swappable); replace those calls by modules, or write the leaky version yourself"
+        )
     return converted
 
 
@@ -101,9 +112,11 @@ def _functional_relu_calls(model: nn.Module, x: Tensor) -> set[str]:
         with torch.no_grad(), watch:
             model.eval()(x)
     except Exception as err:
-        raise ValueError(f"the probe forward pass on inputs of shape {tuple(x.shape)} failed "
-                         f"({type(err).__name__}: {str(err).splitlines()[0]}); pass example_input=, a batch of the "
-                         "network's inputs") from err
+        raise ValueError(
+            f"the probe forward pass on inputs of shape {tuple(x.shape)} failed "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); pass example_input=, a batch of the "
+            "network's inputs"
+        ) from err
     finally:
         model.train(training)
     return watch.calls

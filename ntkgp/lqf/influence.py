@@ -27,8 +27,9 @@ from .kfac import KFACPreconditioner
 __all__ = ["kfac_influence"]
 
 
-def kfac_influence(network: FunctionalNetwork, train_x: Tensor, x_test: Tensor, residual: Tensor,
-                   preconditioner: KFACPreconditioner) -> Tensor:
+def kfac_influence(
+    network: FunctionalNetwork, train_x: Tensor, x_test: Tensor, residual: Tensor, preconditioner: KFACPreconditioner
+) -> Tensor:
     """Eq. (8) for every training sample: (m, n, C) from per-sample Jacobians (train (n, C, p) and test
     (m, C, p), in chunks) and ``residual`` e (n, C) = targets − f_lin(train_x). Holds one (n, p) matrix."""
     n = train_x.shape[0]
@@ -40,7 +41,7 @@ def kfac_influence(network: FunctionalNetwork, train_x: Tensor, x_test: Tensor, 
             scaled = 2 * (preconditioner @ jac.reshape(b * k, p).mT).mT.reshape(b, k, p)  # Â⁻¹ g_iᵀ, as rows
             leverage = jac @ scaled.mT  # Ĥ_i (b, C, C)
             eye = torch.eye(k, dtype=jac.dtype, device=jac.device)
-            factor = (n - 1) * torch.linalg.solve((n - 1) * eye + n * leverage, residual[start:start + b, :, None])
+            factor = (n - 1) * torch.linalg.solve((n - 1) * eye + n * leverage, residual[start : start + b, :, None])
             weighted.append(torch.einsum("bcp,bc->bp", scaled, factor.squeeze(-1)))
             start += b
         weighted = torch.cat(weighted)  # (n, p)

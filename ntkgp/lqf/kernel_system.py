@@ -17,9 +17,11 @@ __all__ = ["KernelSystem"]
 def _cholesky(matrix: Tensor, what: str) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(0.5 * (matrix + matrix.mT))
     if int(info) != 0:
-        raise FloatingPointError(f"{what} is numerically singular (its Cholesky factorisation failed at row "
-                                 f"{int(info)}): repeated inputs with a weight decay below what the network's dtype "
-                                 "resolves; raise weight_decay, remove duplicate inputs, or use float64")
+        raise FloatingPointError(
+            f"{what} is numerically singular (its Cholesky factorisation failed at row "
+            f"{int(info)}): repeated inputs with a weight decay below what the network's dtype "
+            "resolves; raise weight_decay, remove duplicate inputs, or use float64"
+        )
     return factor
 
 

@@ -41,14 +41,22 @@ def kfac_layers(module: nn.Module, names: list[str]) -> tuple[list[str], list[st
     Grouped (depthwise) convolutions go to the diagonal too: curvlinops' K-FAC shares one input covariance,
     averaged over the groups, between all of them, which on MobileNetV2's depthwise 3 × 3 convolution
     underestimated the curvature of one channel's filter 8·10⁴-fold (the top eigenvalue of P⁻¹H, 30 images)."""
-    owners = {f"{prefix}.{n}" if prefix else n: m for prefix, m in module.named_modules()
-              for n, _ in m.named_parameters(recurse=False)}
-    supported = [n for n in names if isinstance(owners[n], nn.Linear)
-                 or (isinstance(owners[n], nn.Conv2d) and owners[n].groups == 1)]
+    owners = {
+        f"{prefix}.{n}" if prefix else n: m
+        for prefix, m in module.named_modules()
+        for n, _ in m.named_parameters(recurse=False)
+    }
+    supported = [
+        n
+        for n in names
+        if isinstance(owners[n], nn.Linear) or (isinstance(owners[n], nn.Conv2d) and owners[n].groups == 1)
+    ]
     if not supported:
-        raise ValueError(f"preconditioner='kfac' needs parameters of Linear or ungrouped Conv2d layers in scope "
-                         f"(curvlinops supports only those); the scope {names[:4]} has none: add such a layer to "
-                         "params, or use preconditioner=None")
+        raise ValueError(
+            f"preconditioner='kfac' needs parameters of Linear or ungrouped Conv2d layers in scope "
+            f"(curvlinops supports only those); the scope {names[:4]} has none: add such a layer to "
+            "params, or use preconditioner=None"
+        )
     return supported, [n for n in names if n not in supported]
 
 
@@ -102,14 +110,15 @@ class KFACPreconditioner:
     Conv2d layer; warns once naming the layers that get a diagonal block instead.
     """
 
-    def __init__(self, network: FunctionalNetwork, x: Tensor, damping: float, loss: str = "mse",
-                 batch_size: int = 64):
+    def __init__(self, network: FunctionalNetwork, x: Tensor, damping: float, loss: str = "mse", batch_size: int = 64):
         try:  # imported here: `import ntkgp` stays light and works where curvlinops is not installed
             from curvlinops import KFACLinearOperator
             from curvlinops.kfac import FisherType
         except ImportError as err:
-            raise ImportError("preconditioner='kfac' needs curvlinops-for-pytorch 3.0.x: pip install "
-                              "'curvlinops-for-pytorch>=3.0.1,<3.1' (or use preconditioner=None)") from err
+            raise ImportError(
+                "preconditioner='kfac' needs curvlinops-for-pytorch 3.0.x: pip install "
+                "'curvlinops-for-pytorch>=3.0.1,<3.1' (or use preconditioner=None)"
+            ) from err
         check_choice(loss, "loss", tuple(_LOSSES))
         self.damping = as_positive_float(damping, "damping (the weight decay λ, > 0 for K-FAC)")
         batch_size = as_count(batch_size, "batch_size")
@@ -122,37 +131,64 @@ class KFACPreconditioner:
             modules = dict(module.named_modules())
             layers = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self.diagonal_names})
             layers = [f"{name or 'the network'} ({type(modules[name]).__name__})" for name in layers]
-            warnings.warn(f"K-FAC covers Linear and ungrouped Conv2d layers only: the parameters of {len(layers)} "
-                          f"other layer(s) in scope ({', '.join(layers[:6])}{', …' if len(layers) > 6 else ''}) get a "
-                          "diagonal block, the exact diagonal of the curvature", RuntimeWarning, stacklevel=3)
-        self.diagonal_index = torch.cat([_positions(network, n) for n in self.diagonal_names]) \
-            if self.diagonal_names else torch.zeros(0, dtype=torch.long, device=network.device)
+            warnings.warn(
+                f"K-FAC covers Linear and ungrouped Conv2d layers only: the parameters of {len(layers)} "
+                f"other layer(s) in scope ({', '.join(layers[:6])}{', …' if len(layers) > 6 else ''}) get a "
+                "diagonal block, the exact diagonal of the curvature",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.diagonal_index = (
+            torch.cat([_positions(network, n) for n in self.diagonal_names])
+            if self.diagonal_names
+            else torch.zeros(0, dtype=torch.long, device=network.device)
+        )
         likelihood, scale = _LOSSES[loss]
-        targets = (torch.zeros(x.shape[0], num_outputs, dtype=x.dtype, device=x.device) if loss == "mse"
-                   else torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
-        data = [(x[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        targets = (
+            torch.zeros(x.shape[0], num_outputs, dtype=x.dtype, device=x.device)
+            if loss == "mse"
+            else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        )
+        data = [(x[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
         params = dict(module.named_parameters())
         loss_func = nn.MSELoss(reduction="sum") if loss == "mse" else nn.CrossEntropyLoss(reduction="sum")
         flat = _Flat(module)
-        self.kfac = KFACLinearOperator(flat, loss_func, [params[n] for n in self.supported], data,
-                                       fisher_type=FisherType.TYPE2, check_deterministic=False,
-                                       separate_weight_and_bias=False, num_data=x.shape[0])
+        self.kfac = KFACLinearOperator(
+            flat,
+            loss_func,
+            [params[n] for n in self.supported],
+            data,
+            fisher_type=FisherType.TYPE2,
+            check_deterministic=False,
+            separate_weight_and_bias=False,
+            num_data=x.shape[0],
+        )
         self.kfac.compute_kronecker_factors()  # now: the factors are lazy, and the weights must be θ0
         factors = self.kfac.state_dict()
         if network.is_sharded(source):  # ntkgp.distributed: G = Σ g gᵀ, and A = Σ a aᵀ / n over this rank's n inputs
             share = {"input_covariances": x.shape[0] / num_data, "gradient_covariances": 1.0}
             for kind in ("input_covariances", "gradient_covariances"):
-                factors[kind] = {name: network.sum_over_shards(source, share[kind] * factor)
-                                 for name, factor in sorted(factors[kind].items())}
+                factors[kind] = {
+                    name: network.sum_over_shards(source, share[kind] * factor)
+                    for name, factor in sorted(factors[kind].items())
+                }
         mapping = self.kfac.compute_parameter_mapping([params[n] for n in self.supported], flat)
-        self.blocks = [_block(network, [self.supported[i] for i in positions.values()],
-                              factors["input_covariances"].get(name), factors["gradient_covariances"][name])
-                       for name, positions in mapping.items()]
+        self.blocks = [
+            _block(
+                network,
+                [self.supported[i] for i in positions.values()],
+                factors["input_covariances"].get(name),
+                factors["gradient_covariances"][name],
+            )
+            for name, positions in mapping.items()
+        ]
         self.diagonal = x.new_zeros(0)
         if self.diagonal_names:
             rest = network.restricted(self.diagonal_names)  # shares the prefix outputs of ``source``
-            self.diagonal = scale * network.sum_over_shards(source, FisherOperator(
-                source, network=rest, likelihood=likelihood, method="exact", epsilon=1.0)._diagonal())  # (exact)
+            self.diagonal = scale * network.sum_over_shards(
+                source,
+                FisherOperator(source, network=rest, likelihood=likelihood, method="exact", epsilon=1.0)._diagonal(),
+            )  # (exact)
         self.diagonal = self.diagonal.to(network.dtype)
 
     def _blockwise(self, v: Tensor, inverse: bool) -> Tensor:
@@ -206,8 +242,9 @@ class _Block:
         return (scale * m + back).reshape(k, -1).mT
 
 
-def _block(network: FunctionalNetwork, names: list[str], input_covariance: Tensor | None,
-           gradient_covariance: Tensor) -> _Block:
+def _block(
+    network: FunctionalNetwork, names: list[str], input_covariance: Tensor | None, gradient_covariance: Tensor
+) -> _Block:
     """The block of one layer: its parameters ``names`` (weight and/or bias, in θ order) and K-FAC factors."""
     weight = next((n for n in names if n.endswith("weight")), None)
     bias = next((n for n in names if n.endswith("bias")), None)

@@ -30,8 +30,7 @@ from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import LayerKernel, cheap_layer_kernel, dense_ntk
 from ..operators.ntk_operator import NTKOperator
 from ..posteriors.minibatches import Minibatches
-from ..validation import (as_count, as_nonnegative_float, as_positive_float, check_choice, check_inputs,
-                          check_prediction)
+from ..validation import as_count, as_nonnegative_float, as_positive_float, check_choice, check_inputs, check_prediction
 from .influence import kfac_influence
 from .kernel_system import KernelSystem
 from .kfac import KFACPreconditioner, kfac_layers
@@ -64,10 +63,18 @@ class LQF:
     accuracy for classification, lr), ``lr`` (the learning rate used).
     """
 
-    def __init__(self, model: nn.Module | FunctionalNetwork, params: Sequence[str] | str | None = None,
-                 alpha: float | None = None, weight_decay: float = 1e-4, loss: str = "mse",
-                 preconditioner: str | None = "kfac", task: str = "classification", momentum: float = 0.9,
-                 chunk_size: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module | FunctionalNetwork,
+        params: Sequence[str] | str | None = None,
+        alpha: float | None = None,
+        weight_decay: float = 1e-4,
+        loss: str = "mse",
+        preconditioner: str | None = "kfac",
+        task: str = "classification",
+        momentum: float = 0.9,
+        chunk_size: int | None = None,
+    ):
         self.task = check_choice(task, "task", ("classification", "regression"))
         self.loss = check_choice(loss, "loss", LOSSES)
         if preconditioner is not None:
@@ -75,8 +82,10 @@ class LQF:
         if self.task == "regression" and self.loss == "cross_entropy":
             raise ValueError("loss='cross_entropy' is a classification loss; regression uses loss='mse'")
         if alpha is not None and (self.task == "regression" or self.loss == "cross_entropy"):
-            raise ValueError(f"alpha scales one-hot targets for the MSE loss; {self.task} with loss={self.loss!r} "
-                             "takes no alpha: leave it None")
+            raise ValueError(
+                f"alpha scales one-hot targets for the MSE loss; {self.task} with loss={self.loss!r} "
+                "takes no alpha: leave it None"
+            )
         self.alpha = 15.0 if alpha is None and self.task == "classification" else alpha
         if self.alpha is not None:
             self.alpha = as_positive_float(self.alpha, "alpha")
@@ -86,8 +95,10 @@ class LQF:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum:g}")
         self.preconditioner = preconditioner
         if preconditioner == "kfac" and self.weight_decay == 0:
-            raise ValueError("preconditioner='kfac' applies (K + λI)⁻¹ and needs weight_decay λ > 0 (K-FAC factors "
-                             "are singular); pass weight_decay > 0 or preconditioner=None")
+            raise ValueError(
+                "preconditioner='kfac' applies (K + λI)⁻¹ and needs weight_decay λ > 0 (K-FAC factors "
+                "are singular); pass weight_decay > 0 or preconditioner=None"
+            )
         self.network = as_functional_network(model, params, chunk_size)
         if preconditioner == "kfac":
             kfac_layers(self.network.module, self.network.names)  # raises if K-FAC has nothing to cover
@@ -111,12 +122,15 @@ class LQF:
         """θ = θ0 + δ (p,), in the order of the network's ``named_parameters()`` restricted to the scope."""
         return self.network.theta0 + self.delta
 
-    def _minibatches(self, x, y, batch_size: int | None, generator: torch.Generator | None,
-                     input_shape: tuple[int, ...] | None) -> Minibatches:
+    def _minibatches(
+        self, x, y, batch_size: int | None, generator: torch.Generator | None, input_shape: tuple[int, ...] | None
+    ) -> Minibatches:
         if self.task == "classification" and isinstance(y, Tensor) and y.is_floating_point():
-            raise TypeError(f"train_y holds floats of shape {tuple(y.shape)}: classification takes integer labels "
-                            "(n,); for regression targets (n, C) use LQF(..., task='regression'), for one-hot "
-                            "targets pass train_y.argmax(-1)")
+            raise TypeError(
+                f"train_y holds floats of shape {tuple(y.shape)}: classification takes integer labels "
+                "(n,); for regression targets (n, C) use LQF(..., task='regression'), for one-hot "
+                "targets pass train_y.argmax(-1)"
+            )
         return Minibatches(self.network, self.task, x, y, batch_size, generator, input_shape=input_shape)
 
     def _targets(self, targets: Tensor) -> Tensor:
@@ -149,8 +163,9 @@ class LQF:
         """L(θ) on the training data at the current δ (one JVP over the training inputs)."""
         self._require_fit("objective()")
         f = self._train_linearised()
-        return float(self._data_loss(f, self.train_targets)[0]) + 0.5 * self.weight_decay * float(self.delta @
-                                                                                                 self.delta)
+        return float(self._data_loss(f, self.train_targets)[0]) + 0.5 * self.weight_decay * float(
+            self.delta @ self.delta
+        )
 
     def _linearised(self, x: Tensor, outputs: Tensor | None = None) -> Tensor:
         """f_lin(x) = f(x; θ0) + J(x)δ (m, C); f(x; θ0) computed unless given."""
@@ -162,9 +177,18 @@ class LQF:
         return self._linearised(self.train_x, self.train_outputs)
 
     # --- fitting -------------------------------------------------------------------------------------
-    def fit(self, train_x, train_y: Tensor | None = None, epochs: int = 10, lr: float | None = None,
-            batch_size: int = 32, solver: str = "sgd", seed: int = 0, progress: bool = True,
-            callback: Callable[[LQF, dict], None] | None = None) -> LQF:
+    def fit(
+        self,
+        train_x,
+        train_y: Tensor | None = None,
+        epochs: int = 10,
+        lr: float | None = None,
+        batch_size: int = 32,
+        solver: str = "sgd",
+        seed: int = 0,
+        progress: bool = True,
+        callback: Callable[[LQF, dict], None] | None = None,
+    ) -> LQF:
         """Fit on inputs ``train_x`` (n, ...) with labels (n,) or regression targets (n, C) ``train_y``, or on a
         DataLoader of (x, y) batches (its batches are the SGD steps; its data is gathered once for K-FAC and the
         closed form). Starts from θ0.
@@ -193,8 +217,13 @@ class LQF:
         self._store(*data.tensors())
         self.delta = torch.zeros_like(self.delta)
         self.history = []
-        self._fit_options = {"solver": solver, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                             "progress": progress}
+        self._fit_options = {
+            "solver": solver,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "progress": progress,
+        }
         if solver == "closed_form":
             self.lr = None
             return self.solve(progress=progress)
@@ -212,8 +241,14 @@ class LQF:
         largest = float(self.hessian_ritz_values(steps=20)[-1])
         return 1.0 / largest
 
-    def _sgd(self, data: Minibatches, epochs: int, lr: float | None, progress: bool,
-             callback: Callable[[LQF, dict], None] | None) -> LQF:
+    def _sgd(
+        self,
+        data: Minibatches,
+        epochs: int,
+        lr: float | None,
+        progress: bool,
+        callback: Callable[[LQF, dict], None] | None,
+    ) -> LQF:
         decay = self.weight_decay
         num_data = self._check_shard_batches(data)
         precondition = self._preconditioner()
@@ -228,14 +263,16 @@ class LQF:
                 if self.task == "classification":
                     correct += int((f.argmax(-1) == targets).sum())
             if self.network.is_sharded(self.train_x):  # the epoch's loss and hits over every rank's shard
-                sums = self.network.sum_over_shards(self.train_x, torch.tensor([total, float(correct)],
-                                                                               dtype=torch.float64))
+                sums = self.network.sum_over_shards(
+                    self.train_x, torch.tensor([total, float(correct)], dtype=torch.float64)
+                )
                 total, correct = float(sums[0]), int(sums[1])
             self.delta = w.detach().clone()
             loss = total + 0.5 * decay * float(self.delta @ self.delta)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"LQF diverged at epoch {epoch + 1} (loss {loss}): lower the learning rate "
-                                         f"(lr = {self.lr:g})")
+                raise FloatingPointError(
+                    f"LQF diverged at epoch {epoch + 1} (loss {loss}): lower the learning rate (lr = {self.lr:g})"
+                )
             record = {"epoch": epoch + 1, "loss": loss, "lr": self.lr}
             if self.task == "classification":
                 record["accuracy"] = correct / num_data
@@ -251,16 +288,27 @@ class LQF:
             return data.num_data
         size = data.num_data if data.batch_size is None else data.batch_size
         steps = float(math.ceil(data.num_data / size))
-        sums = self.network.sum_over_shards(self.train_x, torch.tensor([steps, steps**2, float(data.num_data), 1.0],
-                                                                       dtype=torch.float64))
+        sums = self.network.sum_over_shards(
+            self.train_x, torch.tensor([steps, steps**2, float(data.num_data), 1.0], dtype=torch.float64)
+        )
         if abs(float(sums[3] * sums[1] - sums[0] ** 2)) > 0.5:
-            raise ValueError(f"the shards give the ranks different numbers of minibatches per epoch (this rank "
-                             f"{int(steps)}): give every rank a shard of the same size, or a batch_size that divides "
-                             "them into as many batches")
+            raise ValueError(
+                f"the shards give the ranks different numbers of minibatches per epoch (this rank "
+                f"{int(steps)}): give every rank a shard of the same size, or a batch_size that divides "
+                "them into as many batches"
+            )
         return int(sums[2])
 
-    def _step(self, w: Tensor, optimizer: torch.optim.Optimizer, x: Tensor, targets: Tensor, f0: Tensor,
-              num_data: int, precondition: KFACPreconditioner | None) -> tuple[Tensor, Tensor]:
+    def _step(
+        self,
+        w: Tensor,
+        optimizer: torch.optim.Optimizer,
+        x: Tensor,
+        targets: Tensor,
+        f0: Tensor,
+        num_data: int,
+        precondition: KFACPreconditioner | None,
+    ) -> tuple[Tensor, Tensor]:
         """One SGD step on a batch x (b, ...): f_lin = f0 + J δ (one JVP), the gradient of the objective scaled
         to the data set, (N/b)·Jᵀ ∂ℓ/∂f + λδ (one VJP), preconditioned. Returns (Σ_batch ℓ, f_lin (b, C)).
         On shards (``network.shard``) the VJP sums every rank's batch, and N and b count them all."""
@@ -286,8 +334,10 @@ class LQF:
         size = self.train_x.shape[0] * self.num_outputs
         if self.network.is_sharded(self.train_x):  # ntkgp.distributed: only p-vectors are shared by the ranks
             if space == "function":
-                raise ValueError("the training inputs are sharded across processes (network.shard): the function-space "
-                                 "system needs them all on one process; use space='parameter' (CG on p-vectors)")
+                raise ValueError(
+                    "the training inputs are sharded across processes (network.shard): the function-space "
+                    "system needs them all on one process; use space='parameter' (CG on p-vectors)"
+                )
             space = "parameter"
         if space == "function" or (space == "auto" and size <= 4096):
             self._update_delta_from_system()
@@ -298,8 +348,14 @@ class LQF:
         gram, c = GramOperator(self.train_x, network=net), self.weight_decay / 2
         with torch.no_grad(), net.linearised(self.train_x):  # one forward pass for all the CG products
             b = net.vjp(self.train_x, self._residual().reshape(1, n, k))[0]
-            self.delta = conjugate_gradients(lambda v: gram._matmul(v) + c * v, b, max(1e-10, 10 * torch.finfo(
-                net.dtype).eps), 10 * b.numel(), desc="LQF closed form (CG products)", progress=progress)
+            self.delta = conjugate_gradients(
+                lambda v: gram._matmul(v) + c * v,
+                b,
+                max(1e-10, 10 * torch.finfo(net.dtype).eps),
+                10 * b.numel(),
+                desc="LQF closed form (CG products)",
+                progress=progress,
+            )
         return self
 
     def _residual(self) -> Tensor:
@@ -350,8 +406,10 @@ class LQF:
             check_prediction(x, mean=mean)
             return mean
         if self.loss != "mse" or self.weight_decay == 0:
-            raise ValueError("variance=True is the NTK-GP's, defined for the MSE loss with weight_decay > 0; for "
-                             "cross-entropy use ntkgp.Laplace(model, 'classification')")
+            raise ValueError(
+                "variance=True is the NTK-GP's, defined for the MSE loss with weight_decay > 0; for "
+                "cross-entropy use ntkgp.Laplace(model, 'classification')"
+            )
         if self._gp is None:
             targets = self.train_targets.squeeze(-1) if self.num_outputs == 1 else self.train_targets
             self._gp = NTKGP(self.network, self.train_x, targets, noise=0.5, outputscale=1 / self.weight_decay)
@@ -382,8 +440,9 @@ class LQF:
         self._require_fit("update()")
         check_inputs(new_x, self.network.dtype, "new_x", self.network.device)
         if tuple(new_x.shape[1:]) != self.input_shape:
-            raise ValueError(f"new_x has per-input shape {tuple(new_x.shape[1:])} but the training inputs have "
-                             f"{self.input_shape}")
+            raise ValueError(
+                f"new_x has per-input shape {tuple(new_x.shape[1:])} but the training inputs have {self.input_shape}"
+            )
         data = self._minibatches(new_x, new_y, None, None, self.input_shape)
         x_new, targets_new, outputs_new = data.tensors()
         targets_new = self._targets(targets_new)
@@ -399,10 +458,23 @@ class LQF:
             return self.solve()
         options = self._fit_options
         generator = torch.Generator().manual_seed(len(self.history))
-        union = Minibatches(self.network, self.task, self.train_x, self._union_labels(), options["batch_size"],
-                            generator, input_shape=self.input_shape, outputs=self.train_outputs)
-        return self._sgd(union, options["epochs"] if epochs is None else epochs, options["lr"] if lr is None else lr,
-                         options["progress"], None)
+        union = Minibatches(
+            self.network,
+            self.task,
+            self.train_x,
+            self._union_labels(),
+            options["batch_size"],
+            generator,
+            input_shape=self.input_shape,
+            outputs=self.train_outputs,
+        )
+        return self._sgd(
+            union,
+            options["epochs"] if epochs is None else epochs,
+            options["lr"] if lr is None else lr,
+            options["progress"],
+            None,
+        )
 
     def _union_labels(self) -> Tensor:
         """The stored targets in the form the minibatches take (labels for classification)."""
@@ -429,8 +501,10 @@ class LQF:
         check_choice(method, "method", ("exact", "kfac"))
         self._require_fit("influence()")
         if self.loss != "mse":
-            raise ValueError("influence and informativeness are those of the MSE (linear-quadratic) model; this LQF "
-                             "uses loss='cross_entropy'")
+            raise ValueError(
+                "influence and informativeness are those of the MSE (linear-quadratic) model; this LQF "
+                "uses loss='cross_entropy'"
+            )
         check_inputs(x_test, self.network.dtype, "x_test", self.network.device, input_shape=self.input_shape)
         if method == "kfac":
             precondition = self._kfac or KFACPreconditioner(self.network, self.train_x, self.weight_decay, "mse")
@@ -469,5 +543,12 @@ class LQF:
         if not preconditioned:
             return ritz_values(apply, net.num_params, steps, net.dtype, net.device)
         precondition = self._preconditioner() or KFACPreconditioner(net, x, self.weight_decay, self.loss)
-        return ritz_values(apply, net.num_params, steps, net.dtype, net.device, metric=precondition.curvature,
-                           solve=lambda v: precondition @ v)
+        return ritz_values(
+            apply,
+            net.num_params,
+            steps,
+            net.dtype,
+            net.device,
+            metric=precondition.curvature,
+            solve=lambda v: precondition @ v,
+        )

@@ -54,8 +54,10 @@ class SqrtCovariancePooling(nn.Module):
         if reduction is not None:
             reduction = as_count(reduction, "reduction")
             if reduction > self.in_channels:
-                raise ValueError(f"reduction = {reduction} exceeds in_channels = {self.in_channels}: it is the "
-                                 "number of channels kept")
+                raise ValueError(
+                    f"reduction = {reduction} exceeds in_channels = {self.in_channels}: it is the "
+                    "number of channels kept"
+                )
             self.reduce = nn.Conv2d(self.in_channels, reduction, 1, bias=False)
             with torch.no_grad():
                 weight = torch.empty(reduction, self.in_channels)
@@ -72,8 +74,9 @@ class SqrtCovariancePooling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"SqrtCovariancePooling takes feature maps (n, {self.in_channels}, h, w), got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"SqrtCovariancePooling takes feature maps (n, {self.in_channels}, h, w), got {tuple(x.shape)}"
+            )
         if self.reduce is not None:
             x = self.reduce(x)
         features = x.flatten(2)  # (n, d, M)
@@ -91,6 +94,6 @@ class SqrtCovariancePooling(nn.Module):
         channels = feature_maps.transpose(0, 1).flatten(1)  # (c, n·M)
         centred = channels - channels.mean(-1, keepdim=True)
         _, vectors = torch.linalg.eigh(centred @ centred.mT)
-        top = vectors[:, -self.channels:].flip(-1).mT  # (d, c), largest first
+        top = vectors[:, -self.channels :].flip(-1).mT  # (d, c), largest first
         self.reduce.weight.copy_(top.to(self.reduce.weight)[:, :, None, None])
         return self

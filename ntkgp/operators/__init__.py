@@ -7,5 +7,13 @@ from .layer_kernel import LayerKernel
 from .network_operator import NetworkOperator
 from .ntk_operator import NTKOperator, ntk_operator
 
-__all__ = ["FisherOperator", "GramOperator", "LayerKernel", "NTKOperator", "NetworkOperator", "fisher_operator",
-           "gram_operator", "ntk_operator"]
+__all__ = [
+    "FisherOperator",
+    "GramOperator",
+    "LayerKernel",
+    "NTKOperator",
+    "NetworkOperator",
+    "fisher_operator",
+    "gram_operator",
+    "ntk_operator",
+]

@@ -55,16 +55,24 @@ def check_epsilon(epsilon, theta0: Tensor, method: str = "finite_difference") ->
     step = as_positive_float(epsilon, "epsilon")
     norm = float(theta0.norm())
     rounding = torch.finfo(theta0.dtype).eps * (1 + norm) / step
-    advice = (f"the default for these weights is {default_epsilon(theta0, method):.2g} "
-              "(leave epsilon=None), or use method='exact'")
+    advice = (
+        f"the default for these weights is {default_epsilon(theta0, method):.2g} "
+        "(leave epsilon=None), or use method='exact'"
+    )
     if rounding > 1e3:
-        raise ValueError(f"epsilon = {step:g} is too small for {theta0.dtype} weights of norm {norm:.3g}: the step "
-                         f"θ0 + εv/‖v‖ is lost in rounding (estimated relative error eps·(1 + ‖θ0‖)/ε = "
-                         f"{rounding:.2g}); {advice}")
+        raise ValueError(
+            f"epsilon = {step:g} is too small for {theta0.dtype} weights of norm {norm:.3g}: the step "
+            f"θ0 + εv/‖v‖ is lost in rounding (estimated relative error eps·(1 + ‖θ0‖)/ε = "
+            f"{rounding:.2g}); {advice}"
+        )
     if rounding > 1:
-        warnings.warn(f"epsilon = {step:g} is small for {theta0.dtype} weights of norm {norm:.3g}: the "
-                      f"finite-difference products are dominated by rounding (estimated relative error "
-                      f"{rounding:.2g}); {advice}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"epsilon = {step:g} is small for {theta0.dtype} weights of norm {norm:.3g}: the "
+            f"finite-difference products are dominated by rounding (estimated relative error "
+            f"{rounding:.2g}); {advice}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return step
 
 
@@ -82,12 +90,30 @@ class FisherOperator(GramOperator):
 
     _derived = ("f0",)
 
-    def __init__(self, x: Tensor, *, network: FunctionalNetwork, likelihood: str, method: str, epsilon: float,
-                 at: Tensor | None = None, f0: Tensor | None = None, batch_shape: torch.Size | tuple[int, ...] = ()):
+    def __init__(
+        self,
+        x: Tensor,
+        *,
+        network: FunctionalNetwork,
+        likelihood: str,
+        method: str,
+        epsilon: float,
+        at: Tensor | None = None,
+        f0: Tensor | None = None,
+        batch_shape: torch.Size | tuple[int, ...] = (),
+    ):
         if f0 is None and (method != "exact" or at is None):
             f0 = network.outputs(x)
-        super().__init__(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at, f0=f0,
-                         batch_shape=batch_shape)
+        super().__init__(
+            x,
+            network=network,
+            likelihood=likelihood,
+            method=method,
+            epsilon=epsilon,
+            at=at,
+            f0=f0,
+            batch_shape=batch_shape,
+        )
         self.likelihood, self.method, self.epsilon, self.at = get_likelihood(likelihood), method, epsilon, at
         self.f0 = f0
 
@@ -113,10 +139,12 @@ class FisherOperator(GramOperator):
             with torch.no_grad():
                 value = self._finite_difference(v)
         except FloatingPointError as err:
-            raise FloatingPointError(f"the {self.method.replace('_', '-')} Fisher product with step epsilon = "
-                                     f"{self.epsilon:.3g} is not finite: the step θ0 + εv/‖v‖ moves the outputs too "
-                                     "far for a difference quotient (saturated logits?) or they overflow at these "
-                                     "inputs; use a smaller epsilon or method='exact'") from err
+            raise FloatingPointError(
+                f"the {self.method.replace('_', '-')} Fisher product with step epsilon = "
+                f"{self.epsilon:.3g} is not finite: the step θ0 + εv/‖v‖ moves the outputs too "
+                "far for a difference quotient (saturated logits?) or they overflow at these "
+                "inputs; use a smaller epsilon or method='exact'"
+            ) from err
         if self._differentiating():
             exact = self._exact(v)
             value = value + (exact - exact.detach())
@@ -151,16 +179,22 @@ class FisherOperator(GramOperator):
         f, diag, start = self.hessian_outputs(), torch.zeros(self.shape[-1], dtype=self.dtype, device=self.device), 0
         for jac in self.network.jacobian_chunks(self.x):  # (b, C, p)
             cols = jac.transpose(-1, -2)  # (b, p, C)
-            weighted = self.likelihood.fisher(f[start:start + len(jac)].unsqueeze(1), cols)
+            weighted = self.likelihood.fisher(f[start : start + len(jac)].unsqueeze(1), cols)
             diag = diag + (cols * weighted).sum((0, 2))
             start += len(jac)
         return self.network.sum_over_shards(self.x, diag)  # over the ranks too when x is a shard
 
 
-def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood: str = "gaussian",
-                    method: str = "finite_difference", epsilon: float | None = None,
-                    params: Sequence[str] | str | None = None, chunk_size: int | None = None,
-                    at: Tensor | None = None) -> FisherOperator:
+def fisher_operator(
+    model: nn.Module | FunctionalNetwork,
+    x: Tensor,
+    likelihood: str = "gaussian",
+    method: str = "finite_difference",
+    epsilon: float | None = None,
+    params: Sequence[str] | str | None = None,
+    chunk_size: int | None = None,
+    at: Tensor | None = None,
+) -> FisherOperator:
     """The (p × p) Fisher of ``model`` on inputs x (n, ...) for ``likelihood``.
 
     Args:
@@ -179,12 +213,15 @@ def fisher_operator(model: nn.Module | FunctionalNetwork, x: Tensor, likelihood:
     check_inputs(x, network.dtype, "x", network.device)
     num_outputs = network.num_outputs(x)
     lik.check(num_outputs)
-    epsilon = default_epsilon(network.theta0, method) if epsilon is None else check_epsilon(epsilon, network.theta0,
-                                                                                             method)
+    epsilon = (
+        default_epsilon(network.theta0, method) if epsilon is None else check_epsilon(epsilon, network.theta0, method)
+    )
     if at is not None:
         check_tensor(at, "at", "(n, C)")
         if at.shape != (x.shape[0], num_outputs) or at.dtype != network.dtype:
-            raise ValueError(f"at must hold the outputs (n, C) = {(x.shape[0], num_outputs)} in {network.dtype} at "
-                             f"which H is evaluated, got {tuple(at.shape)} in {at.dtype}")
+            raise ValueError(
+                f"at must hold the outputs (n, C) = {(x.shape[0], num_outputs)} in {network.dtype} at "
+                f"which H is evaluated, got {tuple(at.shape)} in {at.dtype}"
+            )
         check_finite(at, "at", "pass finite outputs")
     return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at)

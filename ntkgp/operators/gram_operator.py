@@ -25,8 +25,9 @@ class GramOperator(NetworkOperator):
     keyword arguments through ``**kwargs`` and override ``_product`` and ``_diagonal_matrix``.
     """
 
-    def __init__(self, x: Tensor, *, network: FunctionalNetwork, batch_shape: torch.Size | tuple[int, ...] = (),
-                 **kwargs):
+    def __init__(
+        self, x: Tensor, *, network: FunctionalNetwork, batch_shape: torch.Size | tuple[int, ...] = (), **kwargs
+    ):
         super().__init__(x, network=network, batch_shape=batch_shape, **kwargs)
         self.x = x
 
@@ -49,8 +50,12 @@ class GramOperator(NetworkOperator):
         return self.network.sum_over_shards(self.x, diag)  # over the ranks too when x is a shard
 
 
-def gram_operator(model: nn.Module | FunctionalNetwork, x: Tensor, params: Sequence[str] | str | None = None,
-                  chunk_size: int | None = None) -> GramOperator:
+def gram_operator(
+    model: nn.Module | FunctionalNetwork,
+    x: Tensor,
+    params: Sequence[str] | str | None = None,
+    chunk_size: int | None = None,
+) -> GramOperator:
     """The (p × p) operator J(x)ᵀ J(x) of ``model`` on inputs x (n, ...); ``params``, ``chunk_size`` as in
     :func:`ntkgp.ntk_operator`."""
     network = as_functional_network(model, params, chunk_size)

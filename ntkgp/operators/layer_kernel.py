@@ -63,8 +63,12 @@ def _factorable(module: nn.Module) -> bool:
         return False
     if stock is nn.Linear:
         return True
-    return (type(module)._conv_forward is nn.Conv2d._conv_forward and module.groups == 1
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+    return (
+        type(module)._conv_forward is nn.Conv2d._conv_forward
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
 
 
 #: ``FunctionalNetwork.shortcut_checks`` key of the layer-factor kernel's check against NTK products.
@@ -95,8 +99,12 @@ class LayerKernel:
             bias = module.bias is not None and f"{prefix}bias" in selected
             if weight or bias:
                 self.layers.append(_Layer(name, module, weight, bias))
-        covered = {f"{layer.name}.{kind}" if layer.name else kind for layer in self.layers
-                   for kind, on in (("weight", layer.weight), ("bias", layer.bias)) if on}
+        covered = {
+            f"{layer.name}.{kind}" if layer.name else kind
+            for layer in self.layers
+            for kind, on in (("weight", layer.weight), ("bias", layer.bias))
+            if on
+        }
         self.rest_names = [n for n in network.names if n not in covered]
         self._rest: FunctionalNetwork | None = None
 
@@ -135,10 +143,14 @@ class LayerKernel:
                 difference = relative_difference(ours, reference.to_dense())
             checks[CHECK] = difference <= 10 * torch.finfo(self.network.dtype).eps ** 0.5
             if not checks[CHECK]:
-                warnings.warn(f"the layer-factor kernel of this network disagrees with NTK products (relative "
-                              f"difference {difference:.2g}): a factored Linear / Conv2d does not compute its output from its own "
-                              "weight alone (a weight used elsewhere too?); using NTK products or per-sample Jacobians "
-                              "instead (correct, slower)", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"the layer-factor kernel of this network disagrees with NTK products (relative "
+                    f"difference {difference:.2g}): a factored Linear / Conv2d does not compute its output from its own "
+                    "weight alone (a weight used elsewhere too?); using NTK products or per-sample Jacobians "
+                    "instead (correct, slower)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         return checks[CHECK]
 
     def factors(self, x: Tensor) -> LayerFactors:
@@ -154,6 +166,7 @@ class LayerKernel:
                 inputs[name] = args[0].detach()
                 epsilons[name] = torch.zeros_like(output, requires_grad=True)
                 return output + epsilons[name]
+
             return keep
 
         h = net.features(x).detach()  # first: the first use of a split checks it with a forward pass
@@ -165,11 +178,15 @@ class LayerKernel:
                 for handle in handles:
                     handle.remove()
             if any(count != 1 for count in calls.values()):
-                raise NotImplementedError("a factored layer ran more than once in one forward pass (a shared "
-                                          "module): use variance_path='jacobians'")
+                raise NotImplementedError(
+                    "a factored layer ran more than once in one forward pass (a shared "
+                    "module): use variance_path='jacobians'"
+                )
             order = [epsilons[layer.name] for layer in self.layers]
-            per_output = [torch.autograd.grad(out[:, c].sum(), order, retain_graph=c + 1 < out.shape[1],
-                                              allow_unused=True) for c in range(out.shape[1])]
+            per_output = [
+                torch.autograd.grad(out[:, c].sum(), order, retain_graph=c + 1 < out.shape[1], allow_unused=True)
+                for c in range(out.shape[1])
+            ]
         grads, patches = [], []
         for k, layer in enumerate(self.layers):
             g = torch.stack([torch.zeros_like(order[k]) if d[k] is None else d[k] for d in per_output], 1)
@@ -201,8 +218,11 @@ class LayerKernel:
             k = torch.zeros(rows.stop - rows.start, c, b2, c, dtype=self.network.dtype, device=self.network.device)
             for a1, a2, g1, g2, layer in zip(first.inputs, second.inputs, first.grads, second.grads, self.layers):
                 a1, g1 = a1[rows], g1[rows]
-                shared = (torch.einsum("isd,jtd->isjt", a1, a2) if layer.weight
-                          else a1.new_zeros(a1.shape[0], a1.shape[1], b2, a2.shape[1]))
+                shared = (
+                    torch.einsum("isd,jtd->isjt", a1, a2)
+                    if layer.weight
+                    else a1.new_zeros(a1.shape[0], a1.shape[1], b2, a2.shape[1])
+                )
                 if layer.bias:
                     shared = shared + 1
                 outer = (g1.flatten(0, 2) @ g2.flatten(0, 2).mT).reshape(*g1.shape[:3], *g2.shape[:3])
@@ -242,8 +262,9 @@ def cheap_layer_kernel(network: FunctionalNetwork, x: Tensor) -> LayerKernel | N
         return None
 
 
-def dense_ntk(network: FunctionalNetwork, x1: Tensor, x2: Tensor | None = None,
-              kernel: LayerKernel | None | bool = True) -> Tensor:
+def dense_ntk(
+    network: FunctionalNetwork, x1: Tensor, x2: Tensor | None = None, kernel: LayerKernel | None | bool = True
+) -> Tensor:
     """The NTK K(x1, x2) (n1·C × n2·C, rows i·C + c; x2 defaults to x1) at θ0 as a dense matrix: from the layer
     factors of ``kernel`` (True: :func:`cheap_layer_kernel` decides; None or False: never), else from n2·C NTK
     products (:class:`~ntkgp.operators.NTKOperator`)."""

@@ -54,9 +54,11 @@ class NetworkOperator(LinearOperator):
 
     def __init__(self, *args, network: FunctionalNetwork, batch_shape: torch.Size | tuple[int, ...] = (), **kwargs):
         if not isinstance(network, FunctionalNetwork):
-            raise TypeError(f"network must be a FunctionalNetwork (ntkgp.FunctionalNetwork(model)), got "
-                            f"{type(network).__name__}; or build the operator with ntk_operator / gram_operator / "
-                            "fisher_operator, which take the module")
+            raise TypeError(
+                f"network must be a FunctionalNetwork (ntkgp.FunctionalNetwork(model)), got "
+                f"{type(network).__name__}; or build the operator with ntk_operator / gram_operator / "
+                "fisher_operator, which take the module"
+            )
         batch_shape = torch.Size(batch_shape)
         super().__init__(*args, network=network, batch_shape=batch_shape, **kwargs)
         self.network = network
@@ -125,8 +127,9 @@ class NetworkOperator(LinearOperator):
         """``product`` (2-d, unbatched, ``out_rows`` rows out) applied to rhs (N,), (N, k) or (..., N, k),
         broadcast over the batch."""
         if rhs.dtype != self.dtype:
-            raise TypeError(f"the right-hand side has dtype {rhs.dtype} but the operator is {self.dtype}: convert one "
-                            "of them")
+            raise TypeError(
+                f"the right-hand side has dtype {rhs.dtype} but the operator is {self.dtype}: convert one of them"
+            )
         if rhs.dim() == 1:
             return self._broadcast(product, out_rows, rhs.unsqueeze(-1)).squeeze(-1)
         rhs_batch, (rows, k) = rhs.shape[:-2], rhs.shape[-2:]
@@ -170,8 +173,10 @@ class NetworkOperator(LinearOperator):
             if new == -1:
                 batch_shape[i] = old
             elif old not in (1, new):
-                raise RuntimeError(f"cannot expand an operator of batch shape {tuple(self._batch)} to "
-                                   f"{tuple(batch_shape)}: dimension {i} has size {old}")
+                raise RuntimeError(
+                    f"cannot expand an operator of batch shape {tuple(self._batch)} to "
+                    f"{tuple(batch_shape)}: dimension {i} has size {old}"
+                )
         return self._rebuild(batch_shape=torch.Size(batch_shape))
 
     def _unsqueeze_batch(self, dim: int) -> NetworkOperator:
@@ -188,7 +193,7 @@ class NetworkOperator(LinearOperator):
         parts = index if isinstance(index, tuple) else (index,)
         if Ellipsis in parts:
             at = parts.index(Ellipsis)
-            parts = parts[:at] + (slice(None),) * (self.dim() - len(parts) + 1) + parts[at + 1:]
+            parts = parts[:at] + (slice(None),) * (self.dim() - len(parts) + 1) + parts[at + 1 :]
         if len(parts) > self.dim():
             raise IndexError(f"too many indices ({len(parts)}) for an operator of shape {tuple(self.shape)}")
         normalised = []
@@ -196,8 +201,10 @@ class NetworkOperator(LinearOperator):
             if isinstance(part, list):
                 part = torch.tensor(part)
             if _index_length(part, self.shape[dim]) == 0:
-                raise IndexError(f"index {part} selects nothing from dimension {dim} (size {self.shape[dim]}) of an "
-                                 f"operator of shape {tuple(self.shape)}")
+                raise IndexError(
+                    f"index {part} selects nothing from dimension {dim} (size {self.shape[dim]}) of an "
+                    f"operator of shape {tuple(self.shape)}"
+                )
             if isinstance(part, int) and part < 0:  # linear_operator turns K[-1] into the empty slice [-1:0]
                 part += self.shape[dim]
             normalised.append(part)

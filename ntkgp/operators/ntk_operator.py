@@ -33,8 +33,15 @@ class NTKOperator(NetworkOperator):
         batch_shape: the matrix repeated over these batch dimensions (keyword, default none).
     """
 
-    def __init__(self, x1: Tensor, x2: Tensor, *, network: FunctionalNetwork, num_outputs: int,
-                 batch_shape: torch.Size | tuple[int, ...] = ()):
+    def __init__(
+        self,
+        x1: Tensor,
+        x2: Tensor,
+        *,
+        network: FunctionalNetwork,
+        num_outputs: int,
+        batch_shape: torch.Size | tuple[int, ...] = (),
+    ):
         super().__init__(x1, x2, network=network, num_outputs=num_outputs, batch_shape=batch_shape)
         self.x1, self.x2 = x1, x2
         self.num_outputs = num_outputs
@@ -44,8 +51,9 @@ class NTKOperator(NetworkOperator):
         return self.x1.shape[0] * c, self.x2.shape[0] * c
 
     def _transpose_nonbatch(self) -> NTKOperator:
-        return NTKOperator(self.x2, self.x1, network=self.network, num_outputs=self.num_outputs,
-                           batch_shape=self._batch)
+        return NTKOperator(
+            self.x2, self.x1, network=self.network, num_outputs=self.num_outputs, batch_shape=self._batch
+        )
 
     def _product(self, left: Tensor, right: Tensor, rhs: Tensor) -> Tensor:
         """J(left) J(right)ᵀ rhs for rhs (n_right·C, k) -> (n_left·C, k)."""
@@ -96,8 +104,9 @@ class NTKOperator(NetworkOperator):
         whole = [_whole_inputs(ids, c) for ids in (rows, cols)]
         if whole[0] is None or whole[1] is None:
             return super()._getitem_matrix(row_index, col_index)
-        return NTKOperator(self.x1[whole[0]], self.x2[whole[1]], network=self.network, num_outputs=c,
-                           batch_shape=self._batch)
+        return NTKOperator(
+            self.x1[whole[0]], self.x2[whole[1]], network=self.network, num_outputs=c, batch_shape=self._batch
+        )
 
 
 def _whole_inputs(ids: Tensor, c: int) -> Tensor | None:
@@ -110,8 +119,13 @@ def _whole_inputs(ids: Tensor, c: int) -> Tensor | None:
     return inputs if torch.equal(groups, expected) else None
 
 
-def ntk_operator(model: nn.Module | FunctionalNetwork, x1: Tensor, x2: Tensor | None = None,
-                 params: Sequence[str] | str | None = None, chunk_size: int | None = None) -> NTKOperator:
+def ntk_operator(
+    model: nn.Module | FunctionalNetwork,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    params: Sequence[str] | str | None = None,
+    chunk_size: int | None = None,
+) -> NTKOperator:
     """The finite NTK of ``model`` between x1 (n1, ...) and x2 (n2, ...; default x1): shape (n1·C, n2·C).
 
     ``params`` selects the parameters to linearise in (names or module prefixes, default all with

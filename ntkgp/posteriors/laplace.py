@@ -50,8 +50,7 @@ from ..operators.fisher_operator import FISHER_METHODS, FisherOperator, default_
 from ..functional import FunctionalNetwork, as_functional_network, map_blocks
 from ..operators.network_operator import NetworkOperator
 from ..likelihoods import get_likelihood
-from .linearised_model import (TASKS, check_task, log_likelihood, mc_class_probabilities,
-                               prepare_data, randn)
+from .linearised_model import TASKS, check_task, log_likelihood, mc_class_probabilities, prepare_data, randn
 from ..gp.ntk_gp import Prediction
 from ..distributed import global_rows
 from ..gp.parameter_space import lanczos_spectrum
@@ -76,8 +75,15 @@ class PosteriorCovariance(NetworkOperator):
     the products are not differentiable in x (x is used detached); they are in M and δ.
     """
 
-    def __init__(self, x: Tensor, middle: Tensor, delta: Tensor, *, network: FunctionalNetwork,
-                 batch_shape: torch.Size | tuple[int, ...] = ()):
+    def __init__(
+        self,
+        x: Tensor,
+        middle: Tensor,
+        delta: Tensor,
+        *,
+        network: FunctionalNetwork,
+        batch_shape: torch.Size | tuple[int, ...] = (),
+    ):
         super().__init__(x, middle, delta, network=network, batch_shape=batch_shape)
         self.x, self.middle, self.delta = x, middle, delta
 
@@ -148,11 +154,21 @@ class Laplace:
     #: Test inputs of each matrix-free prediction whose exact GLM variance (by CG) estimates the low-rank error.
     PROBES = 8
 
-    def __init__(self, model: nn.Module | FunctionalNetwork, likelihood: str = "regression",
-                 params: Sequence[str] | str | None = None, hessian: str = "exact", prior_precision: float = 1.0,
-                 noise: float | None = None, num_classes: int | None = None, chunk_size: int | None = None,
-                 max_size: int = 8192, solver: Solver | str | None = None, memory_budget: int | None = None,
-                 progress: bool = True):
+    def __init__(
+        self,
+        model: nn.Module | FunctionalNetwork,
+        likelihood: str = "regression",
+        params: Sequence[str] | str | None = None,
+        hessian: str = "exact",
+        prior_precision: float = 1.0,
+        noise: float | None = None,
+        num_classes: int | None = None,
+        chunk_size: int | None = None,
+        max_size: int = 8192,
+        solver: Solver | str | None = None,
+        memory_budget: int | None = None,
+        progress: bool = True,
+    ):
         self.noise = check_task(likelihood, noise, prior_precision)
         self.task, self.hessian = likelihood, check_choice(hessian, "hessian", FISHER_METHODS)
         self.prior_precision = as_positive_float(prior_precision, "prior_precision")
@@ -160,8 +176,9 @@ class Laplace:
         self.num_classes = None if num_classes is None else as_count(num_classes, "num_classes", minimum=2)
         self.max_size = as_count(max_size, "max_size")
         self.solver = as_solver(solver)
-        self.memory_budget = (default_budget(self.network.device) if memory_budget is None
-                              else as_count(memory_budget, "memory_budget"))
+        self.memory_budget = (
+            default_budget(self.network.device) if memory_budget is None else as_count(memory_budget, "memory_budget")
+        )
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False, got {progress!r}")
         self.progress = progress
@@ -196,13 +213,21 @@ class Laplace:
         self._update(self.prior_precision)
         if self.approximate:
             size, rank = self.f0.numel(), min(self.solver.lanczos_rank, self.network.num_params)
-            reason = ("solver='cg'" if self.solver.method == "cg" else
-                      f"n·C = {size} > max_size = {self.max_size}" if size > self.max_size else
-                      "the dense posterior does not fit memory_budget or train_x is a shard")
-            warnings.warn(f"Laplace: {reason}, so the posterior covariance is the rank-{rank} Lanczos approximation "
-                          f"(exact only from rank min(n·C, p) = {min(size, self.network.num_params)}); predict reports "
-                          "its estimated error (variance_error, probability_error). For the exact posterior raise "
-                          "max_size (dense in n·C) or Solver.lanczos_rank", RuntimeWarning, stacklevel=2)
+            reason = (
+                "solver='cg'"
+                if self.solver.method == "cg"
+                else f"n·C = {size} > max_size = {self.max_size}"
+                if size > self.max_size
+                else "the dense posterior does not fit memory_budget or train_x is a shard"
+            )
+            warnings.warn(
+                f"Laplace: {reason}, so the posterior covariance is the rank-{rank} Lanczos approximation "
+                f"(exact only from rank min(n·C, p) = {min(size, self.network.num_params)}); predict reports "
+                "its estimated error (variance_error, probability_error). For the exact posterior raise "
+                "max_size (dense in n·C) or Solver.lanczos_rank",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return self
 
     @property
@@ -217,13 +242,17 @@ class Laplace:
         if method == "cg":
             return False
         if method == "cholesky" and sharded:
-            raise ValueError("solver='cholesky' needs every training input on one process, but train_x is a shard "
-                             "(network.shard): use solver='auto' or 'cg' (matrix-free, runs on shards)")
+            raise ValueError(
+                "solver='cholesky' needs every training input on one process, but train_x is a shard "
+                "(network.shard): use solver='auto' or 'cg' (matrix-free, runs on shards)"
+            )
         size = global_rows(self.network, x) * num_outputs
         if method == "cholesky":
             if size > self.max_size:
-                raise ValueError(f"n·C = {size} exceeds max_size = {self.max_size}: the dense Laplace posterior holds "
-                                 "N × N matrices; use solver='auto' or 'cg' (matrix-free), or raise max_size")
+                raise ValueError(
+                    f"n·C = {size} exceeds max_size = {self.max_size}: the dense Laplace posterior holds "
+                    "N × N matrices; use solver='auto' or 'cg' (matrix-free), or raise max_size"
+                )
             return True
         return not sharded and size <= self.max_size and 3 * 8 * size**2 <= self.memory_budget
 
@@ -299,8 +328,9 @@ class Laplace:
         eye = torch.eye(self.kernel.shape[0], dtype=self.kernel.dtype, device=self.kernel.device)
         if self.task == "regression":
             residual = (self._targets64() - self.f0.double()).reshape(-1)
-            return torch.cholesky_solve(residual.unsqueeze(-1),
-                                        torch.linalg.cholesky(self.kernel + self.noise * delta * eye)).squeeze(-1)
+            return torch.cholesky_solve(
+                residual.unsqueeze(-1), torch.linalg.cholesky(self.kernel + self.noise * delta * eye)
+            ).squeeze(-1)
         n, c = self.f0.shape
         f0 = self.f0.double().reshape(-1)
         onehot = torch.nn.functional.one_hot(self.targets, c).double().reshape(-1)
@@ -340,8 +370,15 @@ class Laplace:
         return value - 0.5 * delta * step.double().square().sum()
 
     def _cg(self, product, rhs: Tensor, start: Tensor | None = None) -> Tensor:
-        return conjugate_gradients(product, rhs, self.solver.cg_tolerance, self.solver.max_cg_iterations, start,
-                                   desc="Laplace MAP (CG products)", progress=self.progress)
+        return conjugate_gradients(
+            product,
+            rhs,
+            self.solver.cg_tolerance,
+            self.solver.max_cg_iterations,
+            start,
+            desc="Laplace MAP (CG products)",
+            progress=self.progress,
+        )
 
     def _map_step_matrix_free(self, delta: float, start: Tensor) -> Tensor:
         """Δ_MAP (p,): CG on (JᵀJ + σ²δ I)Δ = Jᵀr for regression; Newton-CG from ``start`` for classification."""
@@ -377,8 +414,14 @@ class Laplace:
         """F (p × p) at the training inputs with H at outputs f (n, C) (1/σ²-scaled for regression), products by
         ``method`` (default ``hessian``)."""
         method = self.hessian if method is None else method
-        op = FisherOperator(self.train_x, network=self.network, likelihood=TASKS[self.task], method=method,
-                            epsilon=default_epsilon(self.network.theta0, method), at=f.to(self.network.dtype))
+        op = FisherOperator(
+            self.train_x,
+            network=self.network,
+            likelihood=TASKS[self.task],
+            method=method,
+            epsilon=default_epsilon(self.network.theta0, method),
+            at=f.to(self.network.dtype),
+        )
         return op if self.task == "classification" else op * (1.0 / self.noise)
 
     def _fisher_trace(self) -> float:
@@ -397,8 +440,9 @@ class Laplace:
             self._posterior = (lam, q, rho)
         return self._posterior
 
-    def _slq_logdet(self, delta: float, f: Tensor, steps: int, probes: int,
-                    generator: torch.Generator | None) -> Tensor:
+    def _slq_logdet(
+        self, delta: float, f: Tensor, steps: int, probes: int, generator: torch.Generator | None
+    ) -> Tensor:
         """log det(I + F/δ) by stochastic Lanczos quadrature on F at outputs f; the nodes of the defaults are kept
         while F stays (regression, or classification until the MAP moves). Default probes: a generator seeded 0,
         the same on every rank."""
@@ -407,8 +451,7 @@ class Laplace:
         nodes = self._nodes if default and not self.dense and f is self._f_map else None
         if nodes is None:
             with torch.no_grad(), self.network.linearised(self.train_x, budget=self.memory_budget):
-                nodes = lanczos_quadrature(self._fisher_at(f), min(steps, self.network.num_params), probes,
-                                           generator)
+                nodes = lanczos_quadrature(self._fisher_at(f), min(steps, self.network.num_params), probes, generator)
             if default and not self.dense and f is self._f_map:
                 self._nodes = nodes
         theta, weights = nodes
@@ -454,12 +497,14 @@ class Laplace:
     @property
     def precision(self) -> LinearOperator:
         """F + δI as a lazy (p × p) operator, products by ``hessian``."""
-        eye = torch.full((self.network.num_params,), self.prior_precision, dtype=self.network.dtype,
-                         device=self.network.device)
+        eye = torch.full(
+            (self.network.num_params,), self.prior_precision, dtype=self.network.dtype, device=self.network.device
+        )
         return self.fisher().add_diagonal(eye)
 
-    def log_marginal_likelihood(self, rank: int | None = None, probes: int | None = None,
-                                generator: torch.Generator | None = None) -> Tensor:
+    def log_marginal_likelihood(
+        self, rank: int | None = None, probes: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Laplace evidence log p(y | f_MAP) − δ/2 ‖Δ_MAP‖² − ½ log det(I + F/δ) (exact for regression).
 
         The log-determinant:
@@ -522,8 +567,12 @@ class Laplace:
                 best, best_value = delta, value
         if grid.numel() > 1 and best in (float(grid.min()), float(grid.max())):
             end = "largest" if best == float(grid.max()) else "smallest"
-            warnings.warn(f"the evidence is highest at the {end} prior precision of the grid (δ = {best:g}); the "
-                          "optimum may lie beyond it: extend the grid", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"the evidence is highest at the {end} prior precision of the grid (δ = {best:g}); the "
+                "optimum may lie beyond it: extend the grid",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._update(best)
         return best
 
@@ -575,8 +624,14 @@ class Laplace:
             return NTKOperator(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double()
         return net.jvp(x, self._jacobian).detach().reshape(size, -1).mT.double()
 
-    def predict(self, x: Tensor, link: str = "probit", num_samples: int = 1000,
-                generator: torch.Generator | None = None, batch_size: int = 256) -> Prediction | Tensor:
+    def predict(
+        self,
+        x: Tensor,
+        link: str = "probit",
+        num_samples: int = 1000,
+        generator: torch.Generator | None = None,
+        batch_size: int = 256,
+    ) -> Prediction | Tensor:
         """Linearised (GLM) predictive at x (m, ...).
 
         Regression: a :class:`Prediction` of the latent function, mean and variance (m,) for C = 1,
@@ -591,13 +646,13 @@ class Laplace:
         num_samples, batch_size = as_count(num_samples, "num_samples"), as_count(batch_size, "batch_size")
         check_generator(generator)
         kind = "diag" if self.task == "regression" else {"probit": "diag", "mc": "full", "map": "none"}[link]
-        parts = [self._latent(x[i:i + batch_size], kind) for i in range(0, x.shape[0], batch_size)]
+        parts = [self._latent(x[i : i + batch_size], kind) for i in range(0, x.shape[0], batch_size)]
         mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
         spread = None if kind == "none" else torch.cat([s for _, s in parts])
         check_prediction(x, mean=mean, variance=spread)
         self.variance_error = self.probability_error = None
         if self.approximate and spread is not None:
-            self._estimate_error(x[:self.PROBES], mean[:self.PROBES], spread[:self.PROBES])
+            self._estimate_error(x[: self.PROBES], mean[: self.PROBES], spread[: self.PROBES])
         if self.task == "regression":
             squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
             return Prediction(squeeze(mean).to(dtype), squeeze(spread).to(dtype), self.variance_error)
@@ -619,9 +674,15 @@ class Laplace:
         with torch.no_grad(), net.linearised(self.train_x, budget=self.memory_budget):
             rows = net.vjp(x, eye)  # J(x) (b·C, p)
             precision, approximate_inverse = self.precision, self.covariance
-            solved = conjugate_gradients(lambda v: precision @ v, rows.mT, min(self.solver.cg_tolerance, 1e-4),
-                                         self.solver.max_cg_iterations, desc="Laplace error estimate (CG products)",
-                                         progress=self.progress, preconditioner=lambda v: approximate_inverse @ v)
+            solved = conjugate_gradients(
+                lambda v: precision @ v,
+                rows.mT,
+                min(self.solver.cg_tolerance, 1e-4),
+                self.solver.max_cg_iterations,
+                desc="Laplace error estimate (CG products)",
+                progress=self.progress,
+                preconditioner=lambda v: approximate_inverse @ v,
+            )
         exact = (rows.mT * solved).sum(0).double().reshape(-1, c)
         approximate = spread.diagonal(dim1=-2, dim2=-1) if spread.dim() == 3 else spread
         self.variance_error = float((approximate - exact).abs().max() / exact.abs().max().clamp_min(1e-300))
@@ -631,8 +692,12 @@ class Laplace:
             self.probability_error = float((probit(approximate) - probit(exact)).abs().max())
             message += f", probit probabilities {self.probability_error:.2g}"
         if self.variance_error > 1e-2 or (self.probability_error or 0.0) > 1e-2:
-            warnings.warn(f"Laplace.predict: the low-rank posterior's error on {x.shape[0]} probe inputs: {message}. "
-                          "For the exact posterior raise max_size or Solver.lanczos_rank", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"Laplace.predict: the low-rank posterior's error on {x.shape[0]} probe inputs: {message}. "
+                "For the exact posterior raise max_size or Solver.lanczos_rank",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def sample(self, k: int, rank: int | None = None, generator: torch.Generator | None = None) -> Tensor:
         """k parameter vectors θ ~ N(θ_MAP, Σ): (k, p).

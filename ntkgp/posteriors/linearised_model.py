@@ -12,8 +12,15 @@ from ..functional import FunctionalNetwork
 from ..likelihoods import get_likelihood
 from ..validation import as_positive_float, check_choice, check_generator, check_inputs, check_labels, check_targets
 
-__all__ = ["TASKS", "check_task", "linearised_outputs", "log_likelihood", "mc_class_probabilities",
-           "prepare_data", "randn"]
+__all__ = [
+    "TASKS",
+    "check_task",
+    "linearised_outputs",
+    "log_likelihood",
+    "mc_class_probabilities",
+    "prepare_data",
+    "randn",
+]
 
 # task -> likelihood of :mod:`ntkgp.likelihoods` whose Fisher is the task's Hessian in the outputs
 TASKS = {"regression": "gaussian", "classification": "categorical"}
@@ -26,22 +33,26 @@ def check_task(likelihood: str, noise: float | None, prior_precision: float) -> 
     noise = as_positive_float(noise, "noise", allow_none=True)
     if likelihood == "classification":
         if noise is not None:
-            raise ValueError("noise is a regression setting (the Gaussian variance σ²); leave it None for "
-                             "classification")
+            raise ValueError(
+                "noise is a regression setting (the Gaussian variance σ²); leave it None for classification"
+            )
         return None
     return 1.0 if noise is None else noise
 
 
-def prepare_data(task: str, network: FunctionalNetwork, x: Tensor, y: Tensor,
-                 num_classes: int | None) -> tuple[Tensor, int]:
+def prepare_data(
+    task: str, network: FunctionalNetwork, x: Tensor, y: Tensor, num_classes: int | None
+) -> tuple[Tensor, int]:
     """Checked targets — regression (n, C) floats, classification (n,) labels — and C."""
     check_inputs(x, network.dtype, "train_x", network.device)
     c = network.num_outputs(x)
     if task == "regression":
         return check_targets(y, x.shape[0], c, network.dtype), c
     if num_classes is not None and num_classes != c:
-        raise ValueError(f"num_classes = {num_classes} but the network has {c} outputs: classification needs one "
-                         "logit per class (replace the network's last layer)")
+        raise ValueError(
+            f"num_classes = {num_classes} but the network has {c} outputs: classification needs one "
+            "logit per class (replace the network's last layer)"
+        )
     get_likelihood(TASKS[task]).check(c)
     return check_labels(y, x.shape[0], c), c
 
@@ -49,8 +60,10 @@ def prepare_data(task: str, network: FunctionalNetwork, x: Tensor, y: Tensor,
 def log_likelihood(task: str, f: Tensor, targets: Tensor, noise: float | Tensor | None) -> Tensor:
     """Σ_i log p(y_i | f_i) for outputs f (..., n, C): Gaussian with variance ``noise`` or categorical."""
     if task == "regression":
-        return -0.5 * (((targets - f) ** 2 / noise).sum((-1, -2))
-                       + targets.numel() * (math.log(2 * math.pi) + torch.log(torch.as_tensor(noise))))
+        return -0.5 * (
+            ((targets - f) ** 2 / noise).sum((-1, -2))
+            + targets.numel() * (math.log(2 * math.pi) + torch.log(torch.as_tensor(noise)))
+        )
     logp = torch.log_softmax(f, dim=-1)
     return logp.gather(-1, targets.expand(*f.shape[:-1]).unsqueeze(-1)).squeeze(-1).sum(-1)
 
@@ -68,8 +81,7 @@ def randn(*shape: int, dtype: torch.dtype, device: torch.device, generator: torc
     return torch.randn(*shape, dtype=dtype, device=source, generator=generator).to(device)
 
 
-def mc_class_probabilities(mean: Tensor, cov: Tensor, num_samples: int,
-                           generator: torch.Generator | None) -> Tensor:
+def mc_class_probabilities(mean: Tensor, cov: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
     """E[softmax(f)] for f ~ N(mean (m, C), cov (m, C, C)) per input, by ``num_samples`` draws: (m, C)."""
     c = mean.shape[-1]
     jitter = 1e-10 * cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)

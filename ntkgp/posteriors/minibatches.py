@@ -26,15 +26,24 @@ class Minibatches:
     (n, C) of tensor inputs when the caller has it already.
     """
 
-    def __init__(self, network: FunctionalNetwork, task: str, x, y: Tensor | None = None,
-                 batch_size: int | None = None, generator: torch.Generator | None = None,
-                 num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
-                 outputs: Tensor | None = None):
+    def __init__(
+        self,
+        network: FunctionalNetwork,
+        task: str,
+        x,
+        y: Tensor | None = None,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        outputs: Tensor | None = None,
+    ):
         if isinstance(x, Tensor) and y is None:
             raise ValueError("give train_y with tensor inputs, or pass a DataLoader of (x, y) batches")
         if not isinstance(x, (Tensor, torch.utils.data.DataLoader)):
-            raise TypeError(f"train_x must be a torch.Tensor (n, ...) or a DataLoader of (x, y) batches, got "
-                            f"{type(x).__name__}")
+            raise TypeError(
+                f"train_x must be a torch.Tensor (n, ...) or a DataLoader of (x, y) batches, got {type(x).__name__}"
+            )
         if isinstance(x, torch.utils.data.DataLoader) and y is not None:
             raise ValueError("train_y must be None when train_x is a DataLoader (its batches hold the targets)")
         self.network, self.task, self.num_classes = network, task, num_classes
@@ -59,8 +68,9 @@ class Minibatches:
         if self.input_shape is None:
             self.input_shape = tuple(x.shape[1:])
         elif tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"{name} has per-input shape {tuple(x.shape[1:])} but the training inputs have "
-                             f"{self.input_shape}")
+            raise ValueError(
+                f"{name} has per-input shape {tuple(x.shape[1:])} but the training inputs have {self.input_shape}"
+            )
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         if self.loader is None:
@@ -68,15 +78,17 @@ class Minibatches:
             size = n if self.batch_size is None else self.batch_size
             order = torch.randperm(n, generator=self.generator, device="cpu").to(self.x.device)
             for i in range(0, n, size):
-                batch = order[i:i + size]
+                batch = order[i : i + size]
                 yield self.network.take(self.x, batch), self.targets[batch], self.outputs[batch]
             return
         net = self.network
         for batch in self.loader:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                raise TypeError(f"train_x is a DataLoader whose batches are {kind}; it must yield (x, y) pairs (a "
-                                "TensorDataset(x, y), for example)")
+                raise TypeError(
+                    f"train_x is a DataLoader whose batches are {kind}; it must yield (x, y) pairs (a "
+                    "TensorDataset(x, y), for example)"
+                )
             x, y = batch
             self._check_input_shape(x, "the DataLoader's x")
             x, y = x.to(net.device), y.to(net.device)

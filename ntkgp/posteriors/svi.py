@@ -18,8 +18,14 @@ from torch.nn.functional import softplus
 from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
-from .linearised_model import (check_task, linearised_outputs, log_likelihood, mc_class_probabilities,
-                               prepare_data, randn)
+from .linearised_model import (
+    check_task,
+    linearised_outputs,
+    log_likelihood,
+    mc_class_probabilities,
+    prepare_data,
+    randn,
+)
 from ..gp.ntk_gp import Prediction
 from .minibatches import Minibatches
 from ..validation import as_count, as_positive_float, check_generator, check_inputs, check_prediction
@@ -40,9 +46,17 @@ class SVI:
         init_scale: initial standard deviations s, relative to the prior's 1/√δ.
     """
 
-    def __init__(self, model: nn.Module | FunctionalNetwork, likelihood: str = "regression",
-                 params: Sequence[str] | str | None = None, prior_precision: float = 1.0, noise: float | None = None,
-                 num_classes: int | None = None, chunk_size: int | None = None, init_scale: float = 1.0):
+    def __init__(
+        self,
+        model: nn.Module | FunctionalNetwork,
+        likelihood: str = "regression",
+        params: Sequence[str] | str | None = None,
+        prior_precision: float = 1.0,
+        noise: float | None = None,
+        num_classes: int | None = None,
+        chunk_size: int | None = None,
+        init_scale: float = 1.0,
+    ):
         self.noise = check_task(likelihood, noise, prior_precision)
         init_scale = as_positive_float(init_scale, "init_scale")
         self.task, self.prior_precision = likelihood, as_positive_float(prior_precision, "prior_precision")
@@ -70,9 +84,18 @@ class SVI:
         d, s = self.prior_precision, self.scale
         return 0.5 * (d * (s.square() + self.loc.square()) - 1 - torch.log(d * s.square())).sum()
 
-    def fit(self, train_x, train_y: Tensor | None = None, epochs: int = 100, batch_size: int | None = None,
-            lr: float = 1e-2, num_samples: int = 1, anneal: bool = True, progress: bool = True,
-            generator: torch.Generator | None = None) -> SVI:
+    def fit(
+        self,
+        train_x,
+        train_y: Tensor | None = None,
+        epochs: int = 100,
+        batch_size: int | None = None,
+        lr: float = 1e-2,
+        num_samples: int = 1,
+        anneal: bool = True,
+        progress: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> SVI:
         """Maximise the ELBO over ``epochs`` passes.
 
         Args:
@@ -87,8 +110,9 @@ class SVI:
         epochs, num_samples = as_count(epochs, "epochs"), as_count(num_samples, "num_samples")
         lr, generator = as_positive_float(lr, "lr"), check_generator(generator)
         net = self.network
-        batches = Minibatches(net, self.task, train_x, train_y, batch_size, generator, self.num_classes,
-                              self.input_shape)
+        batches = Minibatches(
+            net, self.task, train_x, train_y, batch_size, generator, self.num_classes, self.input_shape
+        )
         self.input_shape, num_data = batches.input_shape, batches.num_data
         optimizer = torch.optim.Adam([self.loc, self.raw_scale], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if anneal else None
@@ -109,9 +133,11 @@ class SVI:
                 optimizer.step()
                 values.append(float(expected.detach()) - float(kl.detach()))  # both at the pre-step q
                 if not math.isfinite(values[-1]):
-                    raise FloatingPointError(f"SVI diverged at epoch {epoch + 1}, step {len(values)}: the ELBO "
-                                             f"estimate is {values[-1]}; lower the learning rate (lr = {lr:g}) or "
-                                             "pass a smaller init_scale")
+                    raise FloatingPointError(
+                        f"SVI diverged at epoch {epoch + 1}, step {len(values)}: the ELBO "
+                        f"estimate is {values[-1]}; lower the learning rate (lr = {lr:g}) or "
+                        "pass a smaller init_scale"
+                    )
             self.history.append(sum(values) / len(values))
             if schedule is not None:
                 schedule.step()
@@ -132,16 +158,18 @@ class SVI:
     def elbo(self, x: Tensor, y: Tensor) -> Tensor:
         """The ELBO on (x, y), exact for regression (E‖y − f0 − JΔ‖² needs Σ_j J_ij² s_j²)."""
         if self.task != "regression":
-            raise NotImplementedError("the exact ELBO is available for regression; classification records its "
-                                      "Monte Carlo estimate in history")
+            raise NotImplementedError(
+                "the exact ELBO is available for regression; classification records its Monte Carlo estimate in history"
+            )
         targets, _ = prepare_data(self.task, self.network, x, y, self.num_classes)
         mean, cov = self.latent(x)
         variance = cov.diagonal(dim1=-2, dim2=-1)
         expected = log_likelihood(self.task, mean, targets, self.noise) - 0.5 * variance.sum() / self.noise
         return expected - self.kl().detach()
 
-    def predict(self, x: Tensor, num_samples: int = 100,
-                generator: torch.Generator | None = None) -> Prediction | Tensor:
+    def predict(
+        self, x: Tensor, num_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Prediction | Tensor:
         """Predictive at x (m, ...) of the linearised network under q.
 
         The outputs are Gaussian under q, N(f0 + J m, J diag(s²) Jᵀ) (:meth:`latent`, from per-input
@@ -155,4 +183,3 @@ class SVI:
             return mc_class_probabilities(mean, cov, num_samples, generator)
         var = cov.diagonal(dim1=-2, dim2=-1)
         return Prediction(mean.squeeze(-1), var.squeeze(-1)) if mean.shape[-1] == 1 else Prediction(mean, var)
-
