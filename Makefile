@@ -1,17 +1,18 @@
 # make run   — create .venv, install ntkgp, run the sinusoid experiment
 # make test  — create .venv, install ntkgp with its test extra, run the test suite
+# make lint  — ruff check and ruff format --check (what CI runs before the tests)
 # make bench — the NTK-MVM benchmark and the comparison with laplace-torch (benchmarks/)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,lint]"
 	touch $@
 
 run: $(VENV)/.installed
@@ -19,6 +20,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q --durations=15
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/ntk_mvm.py

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timing import mlp_and_resnet
 
 from ntkgp import FunctionalNetwork, fisher_operator, gram_operator, ntk_operator
-from timing import mlp_and_resnet
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torchvision
+from timing import header, measure, write_results
 from torch import nn
 
 from ntkgp import IterativeLinearisation, gauss_newton_step
-from timing import header, measure, write_results
 
 
 def lenet(channels: int = 50) -> nn.Sequential:

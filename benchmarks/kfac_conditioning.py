@@ -21,12 +21,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from timing import write_results
 from torch import nn
 
+from ntkgp import LQF
 from ntkgp_experiments.datasets import load_fashion_mnist
 from ntkgp_experiments.fashion_fewshot import load_mobilenet, preprocess
-from ntkgp import LQF
-from timing import write_results
 
 SCOPES = {"last layer": ["classifier."], "last block": ["features.17.", "features.18.", "classifier."]}
 

@@ -4,9 +4,9 @@ Prints, measured in one run: one LQF step (f_lin by one JVP, its gradient by one
 the momentum update) / one gradient (forward + backward of the summed outputs over the batch, with respect to
 the parameters in scope), and their peak memory above the baseline (CUDA's allocator statistics; on the CPU
 the running sum of the profiler's memory events, ``timing.cpu_peak_bytes``); the time to build the K-FAC
-factors once (on ``--kfac-n`` inputs) and one preconditioner application / one gradient. Models: torchvision's MobileNetV2
-(ImageNet weights when $NTKGP_DATA/torch_home holds them, else random) with a new 10-way head, its last block
-and head in scope, batch 64 at 64 × 64; ResNet-18 (10 classes, random weights), all parameters, batch 64 at
+factors once (on ``--kfac-n`` inputs) and one preconditioner application / one gradient. Models: torchvision's
+MobileNetV2 (ImageNet weights when $NTKGP_DATA/torch_home holds them, else random) with a new 10-way head, its last
+block and head in scope, batch 64 at 64 × 64; ResNet-18 (10 classes, random weights), all parameters, batch 64 at
 32 × 32. Writes ``results/benchmarks/lqf_step.json``. Usage::
 
     python benchmarks/lqf_step.py                   # cuda if available
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 import torchvision
+from timing import cpu_peak_bytes, header, measure, sync, write_results
 from torch import nn
 
 from ntkgp import LQF, KFACPreconditioner
-from timing import cpu_peak_bytes, header, measure, sync, write_results
 
 MOBILENET_SCOPE = ["features.17.", "features.18.", "classifier."]
 

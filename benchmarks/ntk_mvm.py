@@ -17,10 +17,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from timing import header, measure, mlp_and_resnet, write_results
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
-from timing import header, measure, mlp_and_resnet, write_results
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size: int) -> dict:

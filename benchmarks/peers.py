@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from curvlinops import GGNLinearOperator
 from laplace.curvature import CurvlinopsGGN
+from timing import cpu_peak_bytes, header, measure, mlp_and_resnet, write_results
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
-from timing import cpu_peak_bytes, header, measure, mlp_and_resnet, write_results
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib: float) -> list[dict]:

@@ -6,7 +6,8 @@ last block in scope (features.17–18 and the head: 898,890 parameters), 10-way 
 a ratio to one gradient of the whole network (forward + backward of the summed squared outputs) over the same
 m test images, measured in the same run. Variants:
 
-- ``before``: what predict did before the frozen prefix and the projection paths — the whole network in every product (``frozen_prefix=False``),
+- ``before``: what predict did before the frozen prefix and the projection paths — the whole network in every
+  product (``frozen_prefix=False``),
   K(X, X) by N VJPs and N JVPs, the variance by N tangents over the test images (``variance_path="tangents"``);
 - ``exact``: the defaults — frozen prefix once per input tensor, K(X, X), K(x*, X) and diag K** from layer factors
   (:mod:`ntkgp.operators.layer_kernel`) where that is cheaper, else the path :mod:`ntkgp.gp.variance_projections`
@@ -32,13 +33,13 @@ import time
 from pathlib import Path
 
 import torch
+from timing import device_name, sync, write_results
 from torch import nn
 
-from ntkgp_experiments.datasets import load_fashion_mnist, support_indices
-from ntkgp_experiments.fashion_fewshot import SCOPES, load_mobilenet, preprocess, with_head
 from ntkgp import NTKGP, FunctionalNetwork
 from ntkgp.gp.parameter_space import ntk_eigh
-from timing import device_name, sync, write_results
+from ntkgp_experiments.datasets import load_fashion_mnist, support_indices
+from ntkgp_experiments.fashion_fewshot import SCOPES, load_mobilenet, preprocess, with_head
 
 
 def timed(fn, device: torch.device):
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for m in args.tests:
             test = preprocess(test_images[:m].to(device), args.size)
 
-            def gradient():
+            def gradient(test=test):
                 model.zero_grad()
                 model(test).square().sum().backward()
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 net = FunctionalNetwork(model, params, **net_options)
                 gp = NTKGP(net, x, y, mean="zero", noise=0.1)
 
-                def predict():
+                def predict(name=name, gp=gp, net=net, x=x, test=test, predict_options=predict_options):
                     if name == "before":  # K(X, X) by N VJPs and N JVPs, as before (the first prediction forms it)
                         gp._ntk = ntk_eigh(net, x, 10)
                     return gp.predict(test.clone(), **predict_options)

@@ -103,11 +103,11 @@ def train_cross_entropy(net: FunctionalNetwork, x: Tensor, y: Tensor, steps: int
 def adapt(
     config: dict, net: FunctionalNetwork, pooled_net: FunctionalNetwork, support: dict, test: dict, seed: int
 ) -> dict:
-    """Run every method on one support draw: method -> (test probabilities, seconds); and the prior
-    precision δ used by the MAP, Laplace and SVI: ``config["prior_precision"]`` if set, else the grid
-    value of largest Laplace evidence."""
+    """Run the methods of ``config["methods"]`` on one support draw (and only those): method -> (test probabilities,
+    seconds); and the prior precision δ used by the MAP, Laplace and SVI: ``config["prior_precision"]`` if set, else
+    the grid value of largest Laplace evidence."""
     x, y = support["inputs"], support["labels"]
-    out, generator = {}, torch.Generator().manual_seed(seed)
+    out, generator, wanted = {}, torch.Generator().manual_seed(seed), set(config["methods"])
     clock = time.perf_counter()
     fixed = config["prior_precision"]
     laplace = Laplace(
@@ -121,42 +121,48 @@ def adapt(
         delta = laplace.prior_precision
     shared = time.perf_counter() - clock
     for method, link in (("linearised MAP", "map"), ("Laplace (probit)", "probit")):
+        if method in wanted:
+            clock = time.perf_counter()
+            probs = laplace.predict(test["inputs"], link=link, batch_size=config["predict_batch"])
+            out[method] = (probs, shared + time.perf_counter() - clock)
+    if "SVI" in wanted:
         clock = time.perf_counter()
-        probs = laplace.predict(test["inputs"], link=link, batch_size=config["predict_batch"])
-        out[method] = (probs, shared + time.perf_counter() - clock)
-    clock = time.perf_counter()
-    svi = SVI(net, "classification", prior_precision=delta, num_classes=NUM_CLASSES)
-    svi.fit(
-        x,
-        y,
-        epochs=config["svi_epochs"],
-        lr=config["svi_lr"],
-        num_samples=config["svi_samples"],
-        progress=False,
-        generator=generator,
-    )
-    out["SVI"] = (
-        svi.predict(test["inputs"], num_samples=config["predictive_samples"], generator=generator),
-        time.perf_counter() - clock,
-    )
-    clock = time.perf_counter()
-    onehot = nn.functional.one_hot(y, NUM_CLASSES).to(x.dtype)
-    gp = NTKGP(net, x, onehot, mean="zero")
-    gp.fit()
-    pred = gp.predict(test["inputs"])
-    out["NTK-GP one-hot"] = (
-        gp_class_probabilities(pred.mean.detach(), pred.variance.detach(), config["predictive_samples"], generator),
-        time.perf_counter() - clock,
-    )
-    clock = time.perf_counter()
-    head = train_cross_entropy(pooled_net, x, y, config["retrain_steps"], config["retrain_lr"])
-    with torch.no_grad():
-        out["retrain last layer"] = (torch.softmax(pooled_net(test["inputs"], head), -1), time.perf_counter() - clock)
-    clock = time.perf_counter()
-    tuned = train_cross_entropy(net, x, y, config["finetune_steps"], config["finetune_lr"])
-    with torch.no_grad():
-        probs = torch.softmax(net(test["inputs"], tuned), -1)
-    out["fine-tune"] = (probs, time.perf_counter() - clock)
+        svi = SVI(net, "classification", prior_precision=delta, num_classes=NUM_CLASSES)
+        svi.fit(
+            x,
+            y,
+            epochs=config["svi_epochs"],
+            lr=config["svi_lr"],
+            num_samples=config["svi_samples"],
+            progress=False,
+            generator=generator,
+        )
+        out["SVI"] = (
+            svi.predict(test["inputs"], num_samples=config["predictive_samples"], generator=generator),
+            time.perf_counter() - clock,
+        )
+    if "NTK-GP one-hot" in wanted:
+        clock = time.perf_counter()
+        onehot = nn.functional.one_hot(y, NUM_CLASSES).to(x.dtype)
+        gp = NTKGP(net, x, onehot, mean="zero")
+        gp.fit()
+        pred = gp.predict(test["inputs"])
+        probs = gp_class_probabilities(
+            pred.mean.detach(), pred.variance.detach(), config["predictive_samples"], generator
+        )
+        out["NTK-GP one-hot"] = (probs, time.perf_counter() - clock)
+    if "retrain last layer" in wanted:
+        clock = time.perf_counter()
+        head = train_cross_entropy(pooled_net, x, y, config["retrain_steps"], config["retrain_lr"])
+        with torch.no_grad():
+            probs = torch.softmax(pooled_net(test["inputs"], head), -1)
+        out["retrain last layer"] = (probs, time.perf_counter() - clock)
+    if "fine-tune" in wanted:
+        clock = time.perf_counter()
+        tuned = train_cross_entropy(net, x, y, config["finetune_steps"], config["finetune_lr"])
+        with torch.no_grad():
+            probs = torch.softmax(net(test["inputs"], tuned), -1)
+        out["fine-tune"] = (probs, time.perf_counter() - clock)
     return {m: out[m] for m in config["methods"]}, delta
 
 
@@ -199,6 +205,9 @@ def plot(rows: list[dict], shots: list[int], methods: list[str], path: Path) -> 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
     seed_everything(seed)
+    unknown = [m for m in config["methods"] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; the methods are {METHODS}")
     start = time.perf_counter()
     size, scope = config["image_size"], config["scope"]
     train_images, train_labels = load_fashion_mnist(train=True)

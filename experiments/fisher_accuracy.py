@@ -26,7 +26,6 @@ from ntkgp import fisher_operator
 from .common import Experiment, format_table, save_figure_atomic, seed_everything, write_json_atomic
 from .datasets import load_fashion_mnist
 
-
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import torch
 from torch import nn
 

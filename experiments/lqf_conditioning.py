@@ -203,7 +203,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
             record(
                 "curves",
                 key,
-                lambda: lqf_curve(
+                lambda preconditioner=preconditioner, lr=lr: lqf_curve(
                     model, params, x, y, test, config, preconditioner, None if lr == "auto" else lr, seed
                 ),
             )

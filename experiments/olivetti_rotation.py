@@ -296,7 +296,8 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     rows, shots, methods = payload["rows"], config["shots"], config["methods"]
     plot(rows, shots, methods, out_dir / "olivetti.png")
     print(
-        f"pretrained {stats['steps']} Adam steps in {stats['seconds']:.0f} s: train RMSE {stats['train_rmse_deg']:.2f}°,"
+        f"pretrained {stats['steps']} Adam steps in {stats['seconds']:.0f} s: "
+        f"train RMSE {stats['train_rmse_deg']:.2f}°,"
         f" mean predicted variance {stats['noise']:.3g} (standardised; angle sd {stats['angle_std']:.1f}°)"
     )
     for metric, title in (("rmse", "test RMSE (degrees)"), ("nll", "test NLL (degrees)")):

@@ -10,11 +10,11 @@
   does not say how), then its NTK-GP as above.
 
 Two NTK-GPs per network: output scale and noise by the exact marginal likelihood ("ML"), and the noise fixed at the
-generating variance with the output scale by the marginal likelihood ("known noise"). Reported per network: train RMSE of the network and of the NTK-GP means, the
-hyperparameters, and the predictive standard deviation (observation noise excluded) at the data (|x| = 5), in the
-gap between the clusters (x = 0) and away from the data (|x| = 10): the claim is that the NTK-GP's variance grows
-away from the data, and that its shape depends on the architecture. Figures ``clusters.png`` and ``architectures.png``; results written per
-network as they finish.
+generating variance with the output scale by the marginal likelihood ("known noise"). Reported per network: train
+RMSE of the network and of the NTK-GP means, the hyperparameters, and the predictive standard deviation
+(observation noise excluded) at the data (|x| = 5), in the gap between the clusters (x = 0) and away from the data
+(|x| = 10): the claim is that the NTK-GP's variance grows away from the data, and that its shape depends on the
+architecture. Figures ``clusters.png`` and ``architectures.png``; results written per network as they finish.
 """
 
 from __future__ import annotations

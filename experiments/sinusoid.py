@@ -408,7 +408,8 @@ TINY = {
 
 EXPERIMENT = Experiment(
     name="sinusoid",
-    description="few-shot sinusoid regression: NTK-GP against fine-tuning, last-layer retraining and a Bayesian last layer",
+    description="few-shot sinusoid regression: NTK-GP against fine-tuning, last-layer retraining and a Bayesian "
+    "last layer",
     run=run,
     configs={"default": DEFAULT, "tiny": TINY},
 )

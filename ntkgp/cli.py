@@ -1,4 +1,5 @@
-"""The ``ntkgp`` command: ``ntkgp list`` and ``ntkgp run NAME [--config tiny] [--device cpu] [--seed 0] [--out results]``.
+"""The ``ntkgp`` command: ``ntkgp list``, ``ntkgp --version`` and
+``ntkgp run NAME [--config tiny] [--device cpu] [--seed 0] [--out results]``.
 
 Experiments are found through the ``ntkgp.experiments`` entry-point group, and through the package
 ``ntkgp_experiments`` (the folder ``experiments/`` of the repository, installed under that name) if importable. The
@@ -8,8 +9,8 @@ library itself never imports them.
 from __future__ import annotations
 
 import argparse
-import json
 import importlib
+import json
 import pkgutil
 import sys
 from importlib.metadata import entry_points

@@ -11,7 +11,7 @@ from torch.func import functional_call, jacrev
 
 botorch = pytest.importorskip("botorch")
 
-from botorch.acquisition import qLogExpectedImprovement, qKnowledgeGradient  # noqa: E402
+from botorch.acquisition import qKnowledgeGradient, qLogExpectedImprovement  # noqa: E402
 from botorch.models.transforms import Standardize  # noqa: E402
 from botorch.optim import optimize_acqf  # noqa: E402
 from botorch.sampling import SobolQMCNormalSampler  # noqa: E402

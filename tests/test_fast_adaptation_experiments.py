@@ -4,9 +4,9 @@ import json
 import math
 
 import pytest
+from test_experiments import run_tiny
 
 from ntkgp.cli import main
-from test_experiments import run_tiny
 
 
 @pytest.mark.slow
@@ -57,8 +57,9 @@ def test_jacobian_spectra_tiny_run_against_a_dense_spectrum(tmp_path):
 
 @pytest.mark.slow
 def test_transfer_bo_tiny_run(tmp_path):
-    from ntkgp_experiments.transfer_bo import METHODS, branin, task_minimum
     import torch
+
+    from ntkgp_experiments.transfer_bo import METHODS, branin, task_minimum
 
     argv, out, payload = run_tiny("transfer-bo", tmp_path)
     assert sorted({r["method"] for r in payload["runs"]}) == sorted(METHODS) and len(payload["runs"]) == 10

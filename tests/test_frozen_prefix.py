@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torchvision
+from conftest import dense_jacobian, make_case, rel_err
 from torch import nn
 
-from conftest import ResidualBlock, dense_jacobian, make_case, rel_err
 from ntkgp import NTKGP, FunctionalNetwork, ntk_operator
 
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from test_experiments import run_tiny
 
+from ntkgp.cli import main
 from ntkgp_experiments.gauss_newton_damping import quintic, relu_mlp
 from ntkgp_experiments.iterative_linearisation import lenet, specs, updates_to_reach
-from ntkgp.cli import main
-from test_experiments import run_tiny
 
 
 def test_pieces():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator
 
-from ntkgp.lanczos import rademacher_probes, stochastic_lanczos_quadrature
 from ntkgp.gp.parameter_space import lanczos_spectrum
+from ntkgp.lanczos import rademacher_probes, stochastic_lanczos_quadrature
 
 
 def low_rank_psd(p: int = 200, rank: int = 40) -> torch.Tensor:

@@ -13,8 +13,8 @@ from conftest import dense_jacobian, dense_output_fisher, make_case, rel_err
 
 from ntkgp import NTKGP, Laplace
 from ntkgp.functional import FunctionalNetwork
-from ntkgp.lanczos import rademacher_probes
 from ntkgp.gp.parameter_space import lanczos_spectrum
+from ntkgp.lanczos import rademacher_probes
 
 DELTA = 0.7
 

@@ -3,7 +3,6 @@
 import math
 
 import mpmath
-
 import pytest
 import torch
 from torch import nn

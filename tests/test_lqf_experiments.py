@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from test_experiments import run_tiny
 
+from ntkgp.cli import main
+from ntkgp_experiments import lqf_methods
 from ntkgp_experiments.datasets import load_digits, load_mnist, load_olivetti, support_indices
 from ntkgp_experiments.lqf_hyperparameters import best_runs, effective_lr, shared_setting
-from ntkgp_experiments import lqf_methods
 from ntkgp_experiments.lqf_online import increments
 from ntkgp_experiments.lqf_tasks import draw_task, load_pool
-from ntkgp.cli import main
-from test_experiments import run_tiny
 
 
 def test_offline_loaders_shapes_and_labels():
@@ -148,9 +148,9 @@ def test_fresh_discards_the_results_to_resume_from(tmp_path, monkeypatch):
 def test_backbone_heads_are_shared_by_both_activations_and_bilinear_keeps_the_scopes(tmp_path):
     from torch import nn
 
-    from ntkgp_experiments.lqf_backbones import Backbone, bilinear_mobilenet
     from ntkgp import LeakyReLU6
     from ntkgp.functional import select_parameters
+    from ntkgp_experiments.lqf_backbones import Backbone, bilinear_mobilenet
 
     backbone = Backbone("mobilenet", 32, "cpu", tmp_path)
     relu, leaky = backbone.network(7, "relu", seed=3), backbone.network(7, "leaky", seed=3)

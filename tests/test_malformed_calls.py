@@ -19,13 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ntkgp import (
+    NTKGP,
     SVI,
     FunctionalNetwork,
-    Laplace,
-    NTKGP,
     JacobianKernel,
-    NTKOperator,
+    Laplace,
     NetworkMean,
+    NTKOperator,
     Prediction,
     Solver,
     fisher_operator,
@@ -382,7 +382,10 @@ for entry, arg, call, kind, none_ok, shape in NUMERIC:
         bad.pop("None")
         good["None (the default)"] = None
     if arg == "lr":  # a string times 1e-2 fails in the test itself: pass the bad value unscaled
-        call = lambda v: SVI(MLP).fit(X, Y, epochs=1, lr=v, progress=False).predict(XS).mean
+
+        def call(v):
+            return SVI(MLP).fit(X, Y, epochs=1, lr=v, progress=False).predict(XS).mean
+
     for what, (value, exc) in bad.items():
         case(entry, f"{arg}={what}", lambda call=call, value=value: call(value), raises(exc, arg))
     for what, value in good.items():

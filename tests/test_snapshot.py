@@ -4,8 +4,8 @@ parameters are shared and an in-place change raises. The module's mode is checke
 
 import pytest
 import torch
-from torch import nn
 from conftest import make_case
+from torch import nn
 
 from ntkgp import NTKGP, FunctionalNetwork, ntk_operator
 

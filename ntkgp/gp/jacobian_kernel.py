@@ -28,7 +28,8 @@ class JacobianKernel(gpytorch.kernels.Kernel):
     them. Batched inputs (..., n, d) — BoTorch's (b × q × d) candidates, batched multi-output models —
     give a dense (..., n·C, m·C) kernel from per-sample Jacobians (differentiable in the inputs); the
     Jacobians of the last unbatched input (the training inputs, which GPyTorch puts first in every batch of
-    a prediction) are kept and reused, not recomputed per batch member. With C > 1 outputs the covariance is (n·C × n'·C), interleaved as in
+    a prediction) are kept and reused, not recomputed per batch member. With C > 1 outputs the covariance is
+    (n·C × n'·C), interleaved as in
     :class:`~gpytorch.distributions.MultitaskMultivariateNormal` with ``interleaved=True``.
     Wrap it in :class:`~gpytorch.kernels.ScaleKernel` for an output scale. :meth:`fisher` gives the
     (p × p) Fisher JᵀHJ of the same network and parameters on any inputs. The network is held as a

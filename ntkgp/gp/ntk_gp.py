@@ -27,11 +27,22 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
+from ..memory import check_fits, default_budget
 from ..operators.gram_operator import GramOperator
-from .jacobian_kernel import JacobianKernel
-from .mean import NetworkMean
 from ..operators.layer_kernel import LayerKernel
 from ..operators.ntk_operator import NTKOperator
+from ..validation import (
+    as_count,
+    as_positive_float,
+    check_choice,
+    check_finite,
+    check_inputs,
+    check_not_sharded,
+    check_prediction,
+    check_targets,
+)
+from .jacobian_kernel import JacobianKernel
+from .mean import NetworkMean
 from .parameter_space import (
     GramSpectrum,
     gram_spectrum,
@@ -45,17 +56,6 @@ from .parameter_space import (
     train_jacobian,
 )
 from .solver import Solver, as_solver
-from ..memory import check_fits, default_budget
-from ..validation import (
-    as_count,
-    as_positive_float,
-    check_choice,
-    check_finite,
-    check_inputs,
-    check_not_sharded,
-    check_prediction,
-    check_targets,
-)
 from .variance_projections import PATHS, choose_path, parameter_projections, tangent_projections
 
 __all__ = ["NTKGP", "Prediction"]
@@ -204,7 +204,7 @@ class NTKGP(nn.Module):
         )
         self.register_buffer("train_targets", targets, persistent=False)  # (n, C)
         self._clear_caches()
-        self._residual  # checks the network's outputs at train_x now, not at the first prediction
+        _ = self._residual  # checks the network's outputs at train_x now, not at the first prediction
 
     def _clear_caches(self) -> None:
         self._residual_cache: Tensor | None = None

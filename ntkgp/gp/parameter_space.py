@@ -28,8 +28,8 @@ from torch import Tensor
 
 from ..distributed import global_rows
 from ..functional import FunctionalNetwork
-from ..operators.gram_operator import GramOperator
 from ..lanczos import reorthogonalisation_tolerance
+from ..operators.gram_operator import GramOperator
 from ..operators.ntk_operator import NTKOperator
 from ..validation import check_finite
 from .solver import Solver

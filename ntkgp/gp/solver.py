@@ -6,9 +6,9 @@ whole process; every solve of ntkgp runs inside :meth:`Solver.settings`, so it d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
 
 import gpytorch
 import linear_operator

@@ -113,7 +113,7 @@ def _cross_entropy_step(
                 break
             fisher = FisherOperator(x, network=net, likelihood="categorical", method="exact", epsilon=1.0, at=f)
             direction = conjugate_gradients(
-                lambda v: fisher._matmul(v) + damping * v,
+                lambda v, fisher=fisher: fisher._matmul(v) + damping * v,
                 -gradient,
                 tolerance,
                 max_iter,

@@ -5,7 +5,6 @@ NTKs of two linearisations of one network on a probe batch (Fort et al. 2020), 0
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..functional import FunctionalNetwork

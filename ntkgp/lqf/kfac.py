@@ -21,7 +21,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-
 from torch import Tensor, nn
 
 from ..distributed import global_rows

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network
-from .gram_operator import GramOperator
 from ..likelihoods import get_likelihood
 from ..validation import as_positive_float, check_choice, check_finite, check_inputs, check_tensor
+from .gram_operator import GramOperator
 
 __all__ = ["FISHER_METHODS", "FisherOperator", "check_epsilon", "default_epsilon", "fisher_operator"]
 

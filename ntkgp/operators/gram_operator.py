@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network, map_blocks
-from .network_operator import NetworkOperator
 from ..validation import check_inputs
+from .network_operator import NetworkOperator
 
 __all__ = ["GramOperator", "gram_operator"]
 

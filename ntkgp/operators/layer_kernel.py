@@ -145,8 +145,8 @@ class LayerKernel:
             if not checks[CHECK]:
                 warnings.warn(
                     f"the layer-factor kernel of this network disagrees with NTK products (relative "
-                    f"difference {difference:.2g}): a factored Linear / Conv2d does not compute its output from its own "
-                    "weight alone (a weight used elsewhere too?); using NTK products or per-sample Jacobians "
+                    f"difference {difference:.2g}): a factored Linear / Conv2d does not compute its output from its "
+                    "own weight alone (a weight used elsewhere too?); using NTK products or per-sample Jacobians "
                     "instead (correct, slower)",
                     RuntimeWarning,
                     stacklevel=3,

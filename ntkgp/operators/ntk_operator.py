@@ -13,8 +13,8 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network, map_blocks
-from .network_operator import NetworkOperator
 from ..validation import check_inputs
+from .network_operator import NetworkOperator
 
 __all__ = ["NTKOperator", "ntk_operator"]
 

@@ -46,21 +46,21 @@ from linear_operator.operators import LinearOperator, MatmulLinearOperator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..operators.fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
-from ..functional import FunctionalNetwork, as_functional_network, map_blocks
-from ..operators.network_operator import NetworkOperator
-from ..likelihoods import get_likelihood
-from .linearised_model import TASKS, check_task, log_likelihood, mc_class_probabilities, prepare_data, randn
-from ..gp.ntk_gp import Prediction
 from ..distributed import global_rows
+from ..functional import FunctionalNetwork, as_functional_network, map_blocks
+from ..gp.ntk_gp import Prediction
 from ..gp.parameter_space import lanczos_spectrum
 from ..gp.solver import Solver, as_solver, conjugate_gradients
 from ..gp.variance_projections import parameter_projections
 from ..lanczos import lanczos_quadrature
+from ..likelihoods import get_likelihood
 from ..memory import default_budget
+from ..operators.fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
 from ..operators.gram_operator import GramOperator
+from ..operators.network_operator import NetworkOperator
 from ..operators.ntk_operator import NTKOperator
 from ..validation import as_count, as_positive_float, check_choice, check_generator, check_inputs, check_prediction
+from .linearised_model import TASKS, check_task, log_likelihood, mc_class_probabilities, prepare_data, randn
 
 __all__ = ["Laplace", "PosteriorCovariance"]
 
@@ -382,7 +382,7 @@ class Laplace:
 
     def _map_step_matrix_free(self, delta: float, start: Tensor) -> Tensor:
         """Δ_MAP (p,): CG on (JᵀJ + σ²δ I)Δ = Jᵀr for regression; Newton-CG from ``start`` for classification."""
-        net, x, n, c = self.network, self.train_x, *self.f0.shape
+        net, x, c = self.network, self.train_x, self.f0.shape[-1]
         with torch.no_grad(), net.linearised(x, budget=self.memory_budget):
             if self.task == "regression":
                 gram, shift = GramOperator(x, network=net), self.noise * delta
@@ -394,7 +394,7 @@ class Laplace:
             for _ in range(self.max_iter):
                 gradient = net.vjp(x, (torch.softmax(f, -1).to(net.dtype) - onehot).unsqueeze(0))[0] + delta * step
                 hessian = self._fisher_at(f, "exact")
-                direction = self._cg(lambda v: hessian._matmul(v) + delta * v, -gradient)
+                direction = self._cg(lambda v, hessian=hessian: hessian._matmul(v) + delta * v, -gradient)
                 moved = net.jvp(x, direction.unsqueeze(0))[0].double()  # the line search costs no more passes
                 t = 1.0
                 while True:

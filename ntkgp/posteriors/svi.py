@@ -18,6 +18,8 @@ from torch.nn.functional import softplus
 from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
+from ..gp.ntk_gp import Prediction
+from ..validation import as_count, as_positive_float, check_generator, check_inputs, check_prediction
 from .linearised_model import (
     check_task,
     linearised_outputs,
@@ -26,9 +28,7 @@ from .linearised_model import (
     prepare_data,
     randn,
 )
-from ..gp.ntk_gp import Prediction
 from .minibatches import Minibatches
-from ..validation import as_count, as_positive_float, check_generator, check_inputs, check_prediction
 
 __all__ = ["SVI"]
 
