@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,15 @@ def _scalar(value, name: str, kind: str):
     return value
 
 
-def as_positive_float(value, name: str, allow_none: bool = False) -> float | None:
+@overload
+def as_positive_float(value: object, name: str, allow_none: Literal[False] = False) -> float: ...
+
+
+@overload
+def as_positive_float(value: object, name: str, allow_none: bool) -> float | None: ...
+
+
+def as_positive_float(value: object, name: str, allow_none: bool = False) -> float | None:
     """``value`` as a finite float > 0 (None passes through when ``allow_none``)."""
     if value is None and allow_none:
         return None

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import gpytorch
 import torch
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from ..functional import FunctionalNetwork, as_functional_network
 from ..memory import check_fits, default_budget
 from ..operators.gram_operator import GramOperator
-from ..operators.layer_kernel import LayerKernel
+from ..operators.layer_kernel import LayerFactors, LayerKernel
 from ..operators.ntk_operator import NTKOperator
 from ..validation import (
     as_count,
@@ -133,6 +134,9 @@ class NTKGP(nn.Module):
     ``.to(dtype/device)``, ``.double()``, ``.float()`` convert the network snapshot with the GP.
     """
 
+    train_x: Tensor  # (n, ...), a buffer
+    train_targets: Tensor  # (n, C), a buffer
+
     #: Test inputs on which a low-rank variance is also computed exactly, to choose its rank and report its error
     #: (8 understated the error over 200 MobileNetV2 test images thirteenfold: 9.8e-3 against 0.13).
     PROBES = 64
@@ -210,11 +214,11 @@ class NTKGP(nn.Module):
         self._residual_cache: Tensor | None = None
         self._ntk: tuple[Tensor, Tensor, float] | None = None
         self._jacobian: Tensor | None = None  # J(X) (N × p), kept when K(X, X) was formed from it
-        self._layer_kernel: tuple | None = None  # (LayerKernel or False, its cost relative to p)
-        self._factors = None  # the layer factors of train_x
+        self._layer_kernel: tuple[LayerKernel | Literal[False], float] | None = None  # (kernel or False, cost / p)
+        self._factors: LayerFactors | None = None  # the layer factors of train_x
         self._spectrum: GramSpectrum | None = None
         self._gradient: Tensor | None = None
-        self._terms: tuple[Tensor, Tensor, Tensor] | None = None
+        self._terms: tuple[Tensor, Tensor, Tensor, float] | None = None
         self.gp.prediction_strategy = None
 
     def _apply(self, fn, *args, **kwargs):
@@ -280,7 +284,8 @@ class NTKGP(nn.Module):
             )
             factored = self._factored()
             if factored is not None:  # K(X, X) from layer factors: no Jacobian of the factored layers
-                kernel = factored.kernel(self._factors, self._factors, self._block_elements())
+                factors = self._train_factors()
+                kernel = factored.kernel(factors, factors, self._block_elements())
                 self._ntk = resolved_eigh(
                     check_finite(
                         kernel.detach(),
@@ -301,14 +306,16 @@ class NTKGP(nn.Module):
         """The layer-factor kernel (:mod:`ntkgp.operators.layer_kernel`) in function space when it is cheaper than
         per-sample Jacobians (its cost per pair of rows at most half of p) or ``required``; else None."""
         if self._layer_kernel is None:
-            kernel = LayerKernel(self.network) if self.space == "function" else None
-            usable = kernel is not None and bool(kernel.layers)
-            try:
-                cost = kernel.cost(self.train_x) if usable else float("inf")
-                usable = usable and kernel.agrees(self.train_x)
-            except NotImplementedError:  # a shared layer
-                usable, cost = False, float("inf")
-            self._layer_kernel = (kernel if usable else False, cost)
+            candidate = LayerKernel(self.network) if self.space == "function" else None
+            chosen: LayerKernel | Literal[False] = False
+            cost = float("inf")
+            if candidate is not None and candidate.layers:
+                try:
+                    cost = candidate.cost(self.train_x)
+                    chosen = candidate if candidate.agrees(self.train_x) else False
+                except NotImplementedError:  # a shared layer
+                    cost = float("inf")
+            self._layer_kernel = (chosen, cost)
         kernel, cost = self._layer_kernel
         if required and kernel is False:
             raise ValueError(
@@ -323,6 +330,12 @@ class NTKGP(nn.Module):
                 self._factors = kernel.factors(self.train_x)
         return kernel
 
+    def _train_factors(self) -> LayerFactors:
+        """The layer factors of train_x, which :meth:`_factored` computes with the kernel."""
+        if self._factors is None:
+            raise RuntimeError("the layer factors of train_x are made by _factored() first")
+        return self._factors
+
     def _block_elements(self) -> int:
         """Elements of the largest intermediate of a layer-factor kernel block: 2^25, or a quarter of the budget."""
         return max(1, min(2**25, self.memory_budget // (4 * self.network.theta0.element_size())))
@@ -334,7 +347,7 @@ class NTKGP(nn.Module):
             self.network.features(x)  # the frozen prefix once for all of x: its chunks are row blocks of it
             for start in tqdm(range(0, x.shape[0], step), desc="test kernel", delay=1.0, disable=not self.progress):
                 factors = kernel.factors(x[start : start + step])
-                cross.append(kernel.kernel(factors, self._factors, self._block_elements()) @ columns)
+                cross.append(kernel.kernel(factors, self._train_factors(), self._block_elements()) @ columns)
                 diagonal.append(kernel.diagonal_blocks(factors).diagonal(dim1=-2, dim2=-1).reshape(-1))
         return torch.cat(cross), torch.cat(diagonal)
 
@@ -347,6 +360,8 @@ class NTKGP(nn.Module):
                 )
                 n, c = self.train_x.shape[0], self.num_outputs
                 self._gradient = self.network.vjp(self.train_x, self._residual.reshape(1, n, c))[0]
+        if self._gradient is None:
+            raise RuntimeError("Jᵀr is computed with the spectrum")
         return self._spectrum, self._gradient
 
     def _spectral_terms(self) -> tuple[Tensor, Tensor, Tensor, float] | None:
@@ -394,9 +409,11 @@ class NTKGP(nn.Module):
         float32 the value would round away the changes L-BFGS looks for)."""
         terms = self._spectral_terms()
         if terms is not None:
-            *spectral, floor = terms
+            evals, projected, b_sq, floor = terms
             r_sq, num_data = self._residual_summary()
-            return spectral_log_marginal_likelihood(*spectral, r_sq, num_data, self.outputscale, self.noise, floor)
+            return spectral_log_marginal_likelihood(
+                evals, projected, b_sq, r_sq, num_data, self.outputscale, self.noise, floor
+            )
         self.gp.train()
         with self.solver.settings(), self._memoized(), self._explained_singularity(), self._linearised():
             prior = self.gp(*self.gp.train_inputs)
@@ -495,8 +512,10 @@ class NTKGP(nn.Module):
         else:
             noises = self.noise.detach().double().reshape(1)
         with torch.no_grad():
-            *spectral, floor = terms
-            values = spectral_log_marginal_likelihood(*spectral, r_sq, num_data, scales.unsqueeze(-1), noises, floor)
+            evals, projected, b_sq, floor = terms
+            values = spectral_log_marginal_likelihood(
+                evals, projected, b_sq, r_sq, num_data, scales.unsqueeze(-1), noises, floor
+            )
             values = torch.nan_to_num(values, nan=-math.inf)
             if not torch.isfinite(values).any():
                 raise FloatingPointError(self._non_finite_evidence_message())
@@ -539,8 +558,9 @@ class NTKGP(nn.Module):
             mean, var, error, used = *self._predict_gpytorch(x), None, None
         else:
             setup = self._parameter_directions if self.space == "parameter" else self._function_directions
+            columns, coefficients, directions = setup()
             mean, var, error, used = self._predict_from_directions(
-                x, *setup(), variance, rank, tolerance, variance_path
+                x, columns, coefficients, directions, variance, rank, tolerance, variance_path
             )
         if self.num_outputs == 1:
             mean, var = mean.squeeze(-1), var.squeeze(-1)
