@@ -182,7 +182,9 @@ class Laplace:
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False, got {progress!r}")
         self.progress = progress
-        self.train_x: Tensor | None = None
+        self._train_x: Tensor | None = None
+        self._jacobian: Tensor | None = None
+        self._step: Tensor | None = None
         self.variance_error: float | None = None  # of the last prediction, when the posterior is low rank
         self.probability_error: float | None = None
 
@@ -198,7 +200,7 @@ class Laplace:
         if not isinstance(find_map, bool):
             raise TypeError(f"find_map must be True or False, got {find_map!r}")
         self.dense = self._dense(train_x, c)
-        self.train_x, self.targets, self.num_outputs, self.max_iter = train_x, targets, c, max_iter
+        self._train_x, self.targets, self.num_outputs, self.max_iter = train_x, targets, c, max_iter
         self.find_map = find_map
         self.f0 = self.network.outputs(train_x, "train_x")
         self._jacobian = None
@@ -329,7 +331,7 @@ class Laplace:
         if self.task == "regression":
             residual = (self._targets64() - self.f0.double()).reshape(-1)
             return torch.cholesky_solve(
-                residual.unsqueeze(-1), torch.linalg.cholesky(self.kernel + self.noise * delta * eye)
+                residual.unsqueeze(-1), torch.linalg.cholesky(self.kernel + self._sigma2 * delta * eye)
             ).squeeze(-1)
         n, c = self.f0.shape
         f0 = self.f0.double().reshape(-1)
@@ -385,7 +387,7 @@ class Laplace:
         net, x, c = self.network, self.train_x, self.f0.shape[-1]
         with torch.no_grad(), net.linearised(x, budget=self.memory_budget):
             if self.task == "regression":
-                gram, shift = GramOperator(x, network=net), self.noise * delta
+                gram, shift = GramOperator(x, network=net), self._sigma2 * delta
                 rhs = net.vjp(x, (self.targets - self.f0).unsqueeze(0))[0]
                 return self._cg(lambda v: gram._matmul(v) + shift * v, rhs, start)
             onehot = torch.nn.functional.one_hot(self.targets, c).to(net.dtype)
@@ -422,7 +424,7 @@ class Laplace:
             epsilon=default_epsilon(self.network.theta0, method),
             at=f.to(self.network.dtype),
         )
-        return op if self.task == "classification" else op * (1.0 / self.noise)
+        return op if self.task == "classification" else op * (1.0 / self._sigma2)
 
     def _fisher_trace(self) -> float:
         """tr F: the eigenvalues' sum when dense, else exact from per-sample Jacobians (kept until δ changes)."""
@@ -458,8 +460,22 @@ class Laplace:
         return (weights * torch.log1p(theta / delta)).sum().double()
 
     def _check_fitted(self) -> None:
-        if self.train_x is None:
+        if self._train_x is None:
             raise RuntimeError("call .fit(train_x, train_y) first")
+
+    @property
+    def train_x(self) -> Tensor:
+        """The training inputs (n, ...) of the last :meth:`fit`."""
+        if self._train_x is None:
+            raise RuntimeError("call .fit(train_x, train_y) first")
+        return self._train_x
+
+    @property
+    def _sigma2(self) -> float:
+        """σ², the noise of a regression (what the regression formulas use)."""
+        if self.noise is None:
+            raise RuntimeError("a classification Laplace has no noise σ²")
+        return self.noise
 
     # ------------------------------------------------------------------ posterior
     @property
@@ -486,8 +502,8 @@ class Laplace:
             delta, p = self.prior_precision, self.network.num_params
             rest = torch.full((p,), 1.0 / (delta + rho), dtype=q.dtype, device=q.device)
             return MatmulLinearOperator(q * (1.0 / (lam + delta) - 1.0 / (delta + rho)), q.mT).add_diagonal(rest)
-        delta = torch.tensor(self.prior_precision, dtype=torch.float64, device=self.kernel.device)
-        return PosteriorCovariance(self.train_x, self._middle, delta, network=self.network)
+        precision = torch.tensor(self.prior_precision, dtype=torch.float64, device=self.kernel.device)
+        return PosteriorCovariance(self.train_x, self._middle, precision, network=self.network)
 
     def fisher(self) -> LinearOperator:
         """F (p × p) at the training inputs, H at the MAP outputs (1/σ²-scaled for regression)."""
@@ -560,7 +576,7 @@ class Laplace:
         """
         self._check_fitted()
         grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else _as_grid(grid)
-        best, best_value = None, -math.inf
+        best, best_value = float(grid[0]), -math.inf
         for delta in tqdm(grid.tolist(), desc="prior precision", disable=not progress):
             value = self._evidence(delta)
             if value > best_value:
@@ -648,16 +664,17 @@ class Laplace:
         kind = "diag" if self.task == "regression" else {"probit": "diag", "mc": "full", "map": "none"}[link]
         parts = [self._latent(x[i : i + batch_size], kind) for i in range(0, x.shape[0], batch_size)]
         mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
-        spread = None if kind == "none" else torch.cat([s for _, s in parts])
-        check_prediction(x, mean=mean, variance=spread)
         self.variance_error = self.probability_error = None
-        if self.approximate and spread is not None:
+        if kind == "none":
+            check_prediction(x, mean=mean)
+            return torch.softmax(mean, -1).to(dtype)
+        spread = torch.cat([s for _, s in parts if s is not None])
+        check_prediction(x, mean=mean, variance=spread)
+        if self.approximate:
             self._estimate_error(x[: self.PROBES], mean[: self.PROBES], spread[: self.PROBES])
         if self.task == "regression":
             squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
             return Prediction(squeeze(mean).to(dtype), squeeze(spread).to(dtype), self.variance_error)
-        if link == "map":
-            return torch.softmax(mean, -1).to(dtype)
         if link == "probit":
             return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * spread), -1).to(dtype)
         return mc_class_probabilities(mean, spread, num_samples, generator).to(dtype)
