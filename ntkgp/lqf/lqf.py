@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +38,18 @@ from .kernel_system import KernelSystem
 from .kfac import KFACPreconditioner, kfac_layers
 
 __all__ = ["LQF"]
+
+
+@dataclass
+class _TrainingData:
+    """What a fit keeps: inputs x (n, ...), loss targets, f(X; θ0) (n, C), the per-input shape and C."""
+
+    x: Tensor
+    targets: Tensor
+    outputs: Tensor
+    input_shape: tuple[int, ...]
+    num_outputs: int
+
 
 LOSSES = ("mse", "cross_entropy")
 SOLVERS = ("sgd", "closed_form")
@@ -105,15 +119,11 @@ class LQF:
         self.delta = torch.zeros(self.network.num_params, dtype=self.network.dtype, device=self.network.device)
         self.history: list[dict] = []
         self.lr: float | None = None
-        self.train_x: Tensor | None = None
-        self.train_targets: Tensor | None = None  # the regression targets, α·one-hot or labels (cross-entropy)
-        self.train_outputs: Tensor | None = None  # f(X; θ0) (n, C)
-        self.input_shape: tuple[int, ...] | None = None
-        self.num_outputs: int | None = None
+        self._data: _TrainingData | None = None
         self._kfac: KFACPreconditioner | None = None
         self._system: KernelSystem | None = None
         self._gp: NTKGP | None = None
-        self._layer_kernel: LayerKernel | bool | None = None  # None: not yet decided; False: NTK products
+        self._layer_kernel: LayerKernel | Literal[False] | None = None  # None: not yet decided; False: NTK products
         self._fit_options: dict = {}
 
     # --- data --------------------------------------------------------------------------------------
@@ -133,21 +143,50 @@ class LQF:
             )
         return Minibatches(self.network, self.task, x, y, batch_size, generator, input_shape=input_shape)
 
-    def _targets(self, targets: Tensor) -> Tensor:
+    def _targets(self, targets: Tensor, num_outputs: int) -> Tensor:
         """What the loss compares f_lin with: α·one-hot (n, C) for MSE classification, else the targets."""
         if self.task == "classification" and self.loss == "mse":
-            return self.alpha * nn.functional.one_hot(targets, self.num_outputs).to(self.network.dtype)
+            assert self.alpha is not None  # set for classification in __init__
+            return self.alpha * nn.functional.one_hot(targets, num_outputs).to(self.network.dtype)
         return targets
 
     def _store(self, x: Tensor, targets: Tensor, outputs: Tensor) -> None:
         """Keep the training data, the loss targets and f(X; θ0)."""
-        self.input_shape, self.num_outputs = tuple(x.shape[1:]), self.network.num_outputs(x)
-        self.train_x, self.train_targets, self.train_outputs = x, self._targets(targets), outputs
+        num_outputs = self.network.num_outputs(x)
+        self._data = _TrainingData(x, self._targets(targets, num_outputs), outputs, tuple(x.shape[1:]), num_outputs)
         self._kfac = self._system = self._gp = None  # they describe the training data
 
     def _require_fit(self, what: str) -> None:
-        if self.train_x is None:
+        if self._data is None:
             raise RuntimeError(f"{what} needs a fitted LQF: call fit(train_x, train_y) first")
+
+    def _fitted(self) -> _TrainingData:
+        if self._data is None:
+            raise RuntimeError("this needs a fitted LQF: call fit(train_x, train_y) first")
+        return self._data
+
+    @property
+    def train_x(self) -> Tensor:
+        """The training inputs (n, ...)."""
+        return self._fitted().x
+
+    @property
+    def train_targets(self) -> Tensor:
+        """The loss targets: regression targets, α·one-hot (MSE classification) or labels (cross-entropy)."""
+        return self._fitted().targets
+
+    @property
+    def train_outputs(self) -> Tensor:
+        """f(X; θ0) (n, C)."""
+        return self._fitted().outputs
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._fitted().input_shape
+
+    @property
+    def num_outputs(self) -> int:
+        return self._fitted().num_outputs
 
     # --- the objective -------------------------------------------------------------------------------
     def _data_loss(self, f: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -258,7 +297,9 @@ class LQF:
         for epoch in tqdm(range(as_count(epochs, "epochs")), desc="LQF", disable=not progress):
             total, correct = 0.0, 0
             for x, targets, f0 in data:
-                value, f = self._step(w, optimizer, x, self._targets(targets), f0, num_data, precondition)
+                value, f = self._step(
+                    w, optimizer, x, self._targets(targets, self.num_outputs), f0, num_data, precondition
+                )
                 total += float(value)
                 if self.task == "classification":
                     correct += int((f.argmax(-1) == targets).sum())
@@ -395,6 +436,12 @@ class LQF:
             self.delta = self.network.vjp(self.train_x, cotangent)[0]
 
     # --- prediction ----------------------------------------------------------------------------------
+    @overload
+    def predict(self, x: Tensor, variance: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def predict(self, x: Tensor, variance: Literal[True]) -> Prediction: ...
+
     def predict(self, x: Tensor, variance: bool = False) -> Tensor | Prediction:
         """f_lin(x) (m, C) at inputs x (m, ...); with ``variance=True`` a :class:`Prediction` whose mean is
         f_lin(x) and whose variance (m, C) is the NTK-GP's of which the LQF minimiser is the mean (σ² = ½,
@@ -445,14 +492,14 @@ class LQF:
             )
         data = self._minibatches(new_x, new_y, None, None, self.input_shape)
         x_new, targets_new, outputs_new = data.tensors()
-        targets_new = self._targets(targets_new)
+        targets_new = self._targets(targets_new, self.num_outputs)
         closed_form = self._fit_options["solver"] == "closed_form"
         if closed_form and self._system is not None:  # bordered first: a singular system changes nothing
             cross, corner = self.kernel_matrix(self.train_x, x_new), self.kernel_matrix(x_new)
             self._system.add(cross, corner, (targets_new - outputs_new).reshape(-1))
-        self.train_x = torch.cat([self.train_x, x_new])
-        self.train_targets = torch.cat([self.train_targets, targets_new])
-        self.train_outputs = torch.cat([self.train_outputs, outputs_new])
+        kept = self._fitted()
+        kept.x, kept.targets = torch.cat([kept.x, x_new]), torch.cat([kept.targets, targets_new])
+        kept.outputs = torch.cat([kept.outputs, outputs_new])
         self._kfac = self._gp = None
         if closed_form:
             return self.solve()
