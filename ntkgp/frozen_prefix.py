@@ -89,7 +89,7 @@ def _split_graph(
         return None
     later = set(nodes[j:])
     (h,) = [node for node in nodes[:j] if any(user in later for user in node.users)]
-    prefix_graph, env = fx.Graph(), {}
+    prefix_graph, env = fx.Graph(), dict[fx.Node, fx.Node]()
     for node in nodes[:j]:
         env[node] = prefix_graph.node_copy(node, lambda n: env[n])
     prefix_graph.output(env[h])

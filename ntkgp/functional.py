@@ -9,6 +9,7 @@ Shapes: n inputs, C outputs per input, p selected parameters, k tangent/cotangen
 
 from __future__ import annotations
 
+import builtins
 import copy
 import re
 import warnings
@@ -16,6 +17,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +100,12 @@ def _missing_forward_rule(err: Exception) -> str | None:
     if "implement the jvp function for custom autograd.Function" in str(err):
         return "a custom autograd.Function with no jvp"
     return None
+
+
+def _vjp(f: Callable[[Tensor], Tensor], primal: Tensor) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:
+    """``torch.func.vjp`` of a function with no auxiliary output (its stubs type the result as a triple)."""
+    out, vjp_fn = cast(tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]], vjp(f, primal))
+    return out, vjp_fn
 
 
 def relative_difference(a: Tensor, b: Tensor) -> float:
@@ -533,7 +541,7 @@ class FunctionalNetwork:
         return self._scaled(x, lambda sizes: max(sizes, default=0))
 
     @contextmanager
-    def linearised(self, *inputs: Tensor, budget: float | None = None) -> Iterator[bool]:
+    def linearised(self, *inputs: Tensor, budget: builtins.float | None = None) -> Iterator[bool]:
         """Within this context, VJPs and JVPs at these input tensors reuse one forward pass each: torch.func's
         ``vjp_fn`` and ``linearize``'s ``jvp_fn``, built here (outside any autograd Function of
         linear_operator) for inputs whose :meth:`saved_activation_bytes` fit ``budget`` (default half of the
@@ -562,7 +570,7 @@ class FunctionalNetwork:
         """(u -> Jᵀu, v -> J v or None where an op has no forward rule, the output shape (n, C)) from one forward
         pass at x."""
         f = self._f(x)
-        out, vjp_fn = vjp(f, self.theta0)
+        out, vjp_fn = _vjp(f, self.theta0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # torch.fx const folding inside linearize
@@ -589,7 +597,9 @@ class FunctionalNetwork:
         return None
 
     # --- batched products ----------------------------------------------------------------------------
-    def _map(self, fn: Callable[[Tensor], Tensor], batch: Tensor, product: str, tol: float | None = None) -> Tensor:
+    def _map(
+        self, fn: Callable[[Tensor], Tensor], batch: Tensor, product: str, tol: builtins.float | None = None
+    ) -> Tensor:
         """fn over the rows of batch (k, ...), vmapped in chunks.
 
         One row is a plain call (vmap over a single parameter tangent turns every convolution into a slow
@@ -616,7 +626,7 @@ class FunctionalNetwork:
         self._disagrees(product, difference)
         return torch.stack([fn(row) for row in batch.unbind(0)])
 
-    def _disagrees(self, product: str, difference: float) -> None:
+    def _disagrees(self, product: str, difference: builtins.float) -> None:
         """Record that the batched ``product`` disagreed with one-vector products, and say so."""
         self._unbatched.add(product)
         warnings.warn(
@@ -665,7 +675,7 @@ class FunctionalNetwork:
         passes (vmapped)."""
         cached = self._cached(x)
         if cached is None:
-            out, vjp_fn = vjp(self._f(x), self.theta0)
+            out, vjp_fn = _vjp(self._f(x), self.theta0)
             shape = tuple(out.shape)
         else:
             vjp_fn, _, shape = cached
@@ -703,7 +713,7 @@ class FunctionalNetwork:
         self._check_vectors(delta.unsqueeze(0), "delta", (self.num_params,), "a parameter-space vector")
         if not self.use_double_vjp:
             try:
-                out, tangent = jvp(self._f(x), (self.theta0,), (delta,))
+                out, tangent = jvp(self._f(x), (self.theta0,), (delta,))[:2]
                 return check_finite(out + tangent, "the linearised outputs f(x) + J(x)δ", _OVERFLOW_HINT)
             except (RuntimeError, NotImplementedError) as err:
                 if _missing_forward_rule(err) is None:
@@ -714,8 +724,8 @@ class FunctionalNetwork:
 
     def _jvp_double_vjp(self, x: Tensor, tangents: Tensor) -> Tensor:
         """J V as the VJP of the linear map u -> Jᵀ u (two reverse passes)."""
-        out, vjp_fn = vjp(self._f(x), self.theta0)
-        _, vjp_of_vjp = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
+        out, vjp_fn = _vjp(self._f(x), self.theta0)
+        _, vjp_of_vjp = _vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
         return self._map(lambda v: vjp_of_vjp(v)[0], tangents, "double-VJP Jacobian-vector products")
 
     def _check_double_vjp(self, x: Tensor, op: str) -> None:

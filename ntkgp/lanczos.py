@@ -42,7 +42,8 @@ def rademacher_probes(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """(size, count) independent ±1 entries, drawn on the generator's device (CPU by default), then moved."""
-    draw_device = check_generator(generator).device if generator is not None else "cpu"
+    checked = check_generator(generator)
+    draw_device = checked.device if checked is not None else "cpu"
     bits = torch.randint(0, 2, (size, count), generator=generator, device=draw_device)
     return (2 * bits - 1).to(dtype=dtype or torch.get_default_dtype(), device=device)
 

@@ -46,6 +46,8 @@ class SqrtCovariancePooling(nn.Module):
         seed: for the random initialisation of the reduction.
     """
 
+    index: Tensor  # flat positions of the upper triangle, a buffer
+
     def __init__(self, in_channels: int, reduction: int | None = None, iterations: int = 5, seed: int = 0):
         super().__init__()
         self.in_channels = as_count(in_channels, "in_channels")

@@ -63,8 +63,8 @@ def _factorable(module: nn.Module) -> bool:
         return False
     if stock is nn.Linear:
         return True
-    return (
-        type(module)._conv_forward is nn.Conv2d._conv_forward
+    return bool(
+        getattr(type(module), "_conv_forward", None) is nn.Conv2d._conv_forward
         and module.groups == 1
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
@@ -193,7 +193,9 @@ class LayerKernel:
             a = inputs[layer.name]
             if isinstance(layer.module, nn.Conv2d):
                 m = layer.module
-                a = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).mT  # (b, S, d_in)
+                padding = m.padding
+                assert not isinstance(padding, str)  # string paddings are not factored (_factorable)
+                a = nn.functional.unfold(a, m.kernel_size, m.dilation, padding, m.stride).mT  # (b, S, d_in)
                 g = g.flatten(3).mT  # (b, C, S, d_out)
             else:
                 a = a.reshape(a.shape[0], -1, a.shape[-1])
@@ -209,7 +211,7 @@ class LayerKernel:
         """K (b1·C × b2·C) between two inputs' factors, rows interleaved (input-major), in blocks of the first's
         rows so that no intermediate exceeds ``block_elements``."""
         b1, b2 = _rows(first), _rows(second)
-        c = first.grads[0].shape[1] if first.grads else first.rest.shape[1]
+        c = _outputs(first)
         widest = max([a.shape[1] * a2.shape[1] for a, a2 in zip(first.inputs, second.inputs)] or [1])
         step = max(1, block_elements // (c * c * b2 * widest))
         blocks = []
@@ -235,7 +237,7 @@ class LayerKernel:
     def diagonal_blocks(self, factors: LayerFactors) -> Tensor:
         """The C × C blocks K[(i,·), (i,·)] of each input (b, C, C)."""
         b = _rows(factors)
-        c = factors.grads[0].shape[1] if factors.grads else factors.rest.shape[1]
+        c = _outputs(factors)
         out = torch.zeros(b, c, c, dtype=self.network.dtype, device=self.network.device)
         for a, g, layer in zip(factors.inputs, factors.grads, self.layers):
             shared = a @ a.mT if layer.weight else a.new_zeros(b, a.shape[1], a.shape[1])
@@ -247,8 +249,19 @@ class LayerKernel:
         return out
 
 
+def _rest(factors: LayerFactors) -> Tensor:
+    if factors.rest is None:
+        raise ValueError("layer factors hold neither a factored layer nor another parameter")
+    return factors.rest
+
+
 def _rows(factors: LayerFactors) -> int:
-    return factors.inputs[0].shape[0] if factors.inputs else factors.rest.shape[0]
+    return factors.inputs[0].shape[0] if factors.inputs else _rest(factors).shape[0]
+
+
+def _outputs(factors: LayerFactors) -> int:
+    """C, the network's outputs."""
+    return factors.grads[0].shape[1] if factors.grads else _rest(factors).shape[1]
 
 
 def cheap_layer_kernel(network: FunctionalNetwork, x: Tensor) -> LayerKernel | None:

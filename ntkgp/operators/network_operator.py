@@ -165,19 +165,19 @@ class NetworkOperator(LinearOperator):
         return self._getitem_matrix(row_index, col_index)
 
     def _expand_batch(self, batch_shape: torch.Size | tuple[int, ...]) -> NetworkOperator:
-        batch_shape = list(batch_shape)
-        current = [1] * (len(batch_shape) - len(self._batch)) + list(self._batch)
-        if len(current) != len(batch_shape):
-            raise RuntimeError(f"cannot expand an operator of batch shape {tuple(self._batch)} to {tuple(batch_shape)}")
-        for i, (new, old) in enumerate(zip(batch_shape, current)):
+        sizes = list(batch_shape)
+        current = [1] * (len(sizes) - len(self._batch)) + list(self._batch)
+        if len(current) != len(sizes):
+            raise RuntimeError(f"cannot expand an operator of batch shape {tuple(self._batch)} to {tuple(sizes)}")
+        for i, (new, old) in enumerate(zip(sizes, current)):
             if new == -1:
-                batch_shape[i] = old
+                sizes[i] = old
             elif old not in (1, new):
                 raise RuntimeError(
                     f"cannot expand an operator of batch shape {tuple(self._batch)} to "
-                    f"{tuple(batch_shape)}: dimension {i} has size {old}"
+                    f"{tuple(sizes)}: dimension {i} has size {old}"
                 )
-        return self._rebuild(batch_shape=torch.Size(batch_shape))
+        return self._rebuild(batch_shape=torch.Size(sizes))
 
     def _unsqueeze_batch(self, dim: int) -> NetworkOperator:
         batch = list(self._batch)

@@ -60,6 +60,8 @@ def prepare_data(
 def log_likelihood(task: str, f: Tensor, targets: Tensor, noise: float | Tensor | None) -> Tensor:
     """Σ_i log p(y_i | f_i) for outputs f (..., n, C): Gaussian with variance ``noise`` or categorical."""
     if task == "regression":
+        if noise is None:
+            raise ValueError("a regression log-likelihood needs the noise σ²")
         return -0.5 * (
             ((targets - f) ** 2 / noise).sum((-1, -2))
             + targets.numel() * (math.log(2 * math.pi) + torch.log(torch.as_tensor(noise)))

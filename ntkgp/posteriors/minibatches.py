@@ -51,15 +51,16 @@ class Minibatches:
         self.generator = check_generator(generator)
         self.input_shape = input_shape
         self.loader = x if isinstance(x, torch.utils.data.DataLoader) else None
-        if self.loader is None:
+        if isinstance(x, torch.utils.data.DataLoader):
+            self.num_data = len(x.dataset)  # type: ignore[arg-type]  # a DataLoader over a sized dataset
+        else:
+            assert y is not None  # refused above for tensor inputs
             self._check_input_shape(x, "train_x")
             x = x.to(network.device)
-            y = y.to(network.device) if isinstance(y, Tensor) else y
+            y = y.to(network.device)
             self.x, self.targets = x, prepare_data(task, network, x, y, num_classes)[0]
             self.outputs = network.outputs(x, "train_x") if outputs is None else outputs
             self.num_data = x.shape[0]
-        else:
-            self.num_data = len(self.loader.dataset)
 
     def _check_input_shape(self, x, name: str) -> None:
         """The first inputs fix the per-input shape; later ones must share it."""
