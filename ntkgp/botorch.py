@@ -183,7 +183,9 @@ class NTKGPModel(Model, FantasizeMixin):
     def batch_shape(self) -> torch.Size:
         return self.train_residual.shape[:-1]
 
-    def posterior(
+    # Model.posterior's signature; FantasizeMixin declares a narrower one (X, *args, observation_noise) that no
+    # BoTorch model with output_indices can match
+    def posterior(  # type: ignore[override]
         self,
         X: Tensor,
         output_indices: list[int] | None = None,

@@ -13,7 +13,7 @@ import importlib
 import json
 import pkgutil
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from . import __version__
@@ -23,7 +23,7 @@ __all__ = ["discover_experiments", "main"]
 
 def discover_experiments() -> dict:
     """name -> Experiment, from entry points, then from the ``ntkgp_experiments`` package if importable."""
-    found = {}
+    found: dict[str, EntryPoint | str] = {}
     for entry in entry_points(group="ntkgp.experiments"):
         found[entry.name] = entry
     try:
@@ -35,7 +35,7 @@ def discover_experiments() -> dict:
             found.setdefault(info.name, f"ntkgp_experiments.{info.name}")
     experiments = {}
     for source in found.values():
-        loaded = source.load() if hasattr(source, "load") else importlib.import_module(source)
+        loaded = importlib.import_module(source) if isinstance(source, str) else source.load()
         experiment = loaded if hasattr(loaded, "configs") else getattr(loaded, "EXPERIMENT", None)
         if experiment is not None:
             experiments[experiment.name] = experiment

@@ -118,7 +118,12 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         prediction) take its Jacobians, computed once, instead of recomputing them for each batch member."""
         train = self._train_inputs
         n = 0 if train is None else train.shape[0]
-        if n and x.shape[-2] >= n and torch.equal(x[..., :n, :].detach(), train.expand(*x.shape[:-2], *train.shape)):
+        if (
+            train is not None
+            and n > 0
+            and x.shape[-2] >= n
+            and torch.equal(x[..., :n, :].detach(), train.expand(*x.shape[:-2], *train.shape))
+        ):
             if self._train_jacobians is None:
                 self._train_jacobians = self._jacobian_rows(train, name).detach()
             known = self._train_jacobians.expand(*x.shape[:-2], *self._train_jacobians.shape)

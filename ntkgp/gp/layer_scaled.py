@@ -234,12 +234,12 @@ class LayerScaledNTKGP(nn.Module):
         scales, noise = self._hyperparameters()
         dtype, x = self.network.dtype, self.train_x
         if self.space == "function":
-            if self._dense:
-                weights = scales / noise  # c_g (G,)
-                gram = sum(w * part.matrix for w, part in zip(weights, self._parts))
-                norm = sum(float(w.detach()) * part.top for w, part in zip(weights, self._parts))
+            if self._parts is not None:  # dense
+                parts, weights = self._parts, scales / noise  # c_g (G,)
+                gram = torch.stack([w * part.matrix for w, part in zip(weights, parts)]).sum(0)
+                norm = sum(float(w.detach()) * part.top for w, part in zip(weights, parts))
                 return identity_plus_factor(
-                    gram, lambda: torch.cat([w.sqrt() * part.root for w, part in zip(weights, self._parts)], -1), norm
+                    gram, lambda: torch.cat([w.sqrt() * part.root for w, part in zip(weights, parts)], -1), norm
                 )
             ops = [
                 NTKOperator(x, x, network=net, num_outputs=self.num_outputs) * (s / noise).to(dtype)
@@ -248,7 +248,7 @@ class LayerScaledNTKGP(nn.Module):
             total = ops[0] if len(ops) == 1 else SumLinearOperator(*ops)
         else:
             weights = (scales / noise).sqrt()[self._group_of]  # S/σ (p,)
-            if self._dense:
+            if self._parts is not None:  # dense
                 (part,) = self._parts
                 gram = weights[:, None] * part.matrix * weights[None, :]
                 norm = float(weights.detach().max()) ** 2 * part.top
@@ -261,6 +261,7 @@ class LayerScaledNTKGP(nn.Module):
 
     def _scaled_gradient(self) -> Tensor:
         """b̃ = S Jᵀr (p,) (parameter space), differentiable in the scales."""
+        assert self._gradient is not None  # parameter space (set in __init__)
         return self._hyperparameters()[0].sqrt()[self._group_of] * self._gradient
 
     @contextmanager

@@ -104,7 +104,7 @@ def dense_gram(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: 
     a chunk, p Gram products otherwise (and when ``budget`` is None); over the ranks when x is a shard."""
     if budget is None or choose_path(network, x, num_outputs, network.num_params, "auto", budget) != "jacobians":
         return GramOperator(x, network=network).to_dense()
-    gram = 0
+    gram = torch.zeros(network.num_params, network.num_params, dtype=network.dtype, device=network.device)
     for jac in network.jacobian_chunks(x):
         rows = jac.reshape(-1, network.num_params)
         gram = gram + rows.mT @ rows

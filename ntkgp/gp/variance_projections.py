@@ -102,7 +102,10 @@ def jacobian_projections(
         "lower jacobian_chunk_elements (FunctionalNetwork) or raise memory_budget",
     )
     block_elements = max(min(block_elements, int(budget / 2 / size)), 1)
-    cross, diagonal, pending, rows = [], [], [], 0
+    cross: list[Tensor] = []
+    diagonal: list[Tensor] = []
+    pending: list[Tensor] = []
+    rows = 0
 
     def flush() -> None:
         nonlocal pending, rows

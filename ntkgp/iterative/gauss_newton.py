@@ -112,8 +112,12 @@ def _cross_entropy_step(
             if norm <= tolerance * max(first, 1e-300) or norm == 0.0:
                 break
             fisher = FisherOperator(x, network=net, likelihood="categorical", method="exact", epsilon=1.0, at=f)
+
+            def product(v: Tensor, fisher: FisherOperator = fisher) -> Tensor:
+                return fisher._matmul(v) + damping * v
+
             direction = conjugate_gradients(
-                lambda v, fisher=fisher: fisher._matmul(v) + damping * v,
+                product,
                 -gradient,
                 tolerance,
                 max_iter,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,7 @@ class History:
     evaluations: list[dict] = field(default_factory=list)
 
 
-def _check_optimizer(optimizer, names: list[str], parameters: list[Tensor]) -> None:
+def _check_optimizer(optimizer: object, names: Sequence[str], parameters: Sequence[Tensor]) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer over the trainer's parameters, got {type(optimizer).__name__}"
@@ -90,7 +90,7 @@ class IterativeLinearisation:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        period: int | float | None = UNSET,
+        period: int | float | object | None = UNSET,
         loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
         params=None,
         relinearise: Relinearisation | None = None,
@@ -148,7 +148,7 @@ class IterativeLinearisation:
             values.append(value.detach())
             return value
 
-        self.optimizer.step(closure)
+        self.optimizer.step(closure)  # type: ignore[arg-type]  # torch.optim's closures may return the loss tensor
         if not values:
             raise RuntimeError(
                 f"{type(self.optimizer).__name__}.step(closure) did not call the closure: the trainer "
@@ -218,7 +218,7 @@ class IterativeLinearisation:
     def record(self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor] | None = None) -> dict:
         """Evaluate on ``train`` (and ``test``), with the kernel distance to θ0 when there is a probe batch; appended
         to ``history.evaluations`` and returned."""
-        entry = {"step": self.steps, "feature_updates": self.feature_updates}
+        entry: dict[str, float] = {"step": self.steps, "feature_updates": self.feature_updates}
         for split, data in (("train", train), ("test", test)):
             if data is not None:
                 entry.update({f"{split}_{k}": v for k, v in self.evaluate(*data).items()})
@@ -259,7 +259,7 @@ class IterativeLinearisation:
         steps = as_count(steps, "steps", minimum=0)
         n = x.shape[0]
         batch_size = n if batch_size is None else min(as_count(batch_size, "batch_size"), n)
-        eval_every = math.inf if eval_every is None else as_count(eval_every, "eval_every")
+        every: float = math.inf if eval_every is None else as_count(eval_every, "eval_every")
         generator = torch.Generator().manual_seed(seed)
         order, position = torch.randperm(n, generator=generator), 0
         path = None if checkpoint is None else Path(checkpoint)
@@ -294,12 +294,8 @@ class IterativeLinearisation:
                 loss = self.step(xb, targets if rows is None else targets[rows])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", updates=self.feature_updates)
-                long_enough = self._linearisation_length() >= (0 if eval_every == math.inf else eval_every)
-                if (
-                    self.steps % eval_every == 0
-                    or self.steps == steps
-                    or (self.feature_updates != updates and long_enough)
-                ):
+                long_enough = self._linearisation_length() >= (0 if every == math.inf else every)
+                if self.steps % every == 0 or self.steps == steps or (self.feature_updates != updates and long_enough):
                     evaluate()
         return self.history
 

@@ -44,5 +44,5 @@ def kfac_influence(
             factor = (n - 1) * torch.linalg.solve((n - 1) * eye + n * leverage, residual[start : start + b, :, None])
             weighted.append(torch.einsum("bcp,bc->bp", scaled, factor.squeeze(-1)))
             start += b
-        weighted = torch.cat(weighted)  # (n, p)
-        return torch.cat([torch.einsum("mcp,np->mnc", jac, weighted) for jac in network.jacobian_chunks(x_test)])
+        rows = torch.cat(weighted)  # (n, p)
+        return torch.cat([torch.einsum("mcp,np->mnc", jac, rows) for jac in network.jacobian_chunks(x_test)])

@@ -247,7 +247,7 @@ def _block(
     """The block of one layer: its parameters ``names`` (weight and/or bias, in θ order) and K-FAC factors."""
     weight = next((n for n in names if n.endswith("weight")), None)
     bias = next((n for n in names if n.endswith("bias")), None)
-    rows = network.shapes[network.names.index(weight or bias)][0]
+    rows = network.shapes[network.names.index(weight or names[0])][0]  # names: the weight and/or the bias
     parts = [_positions(network, n).reshape(rows, -1) for n in (weight, bias) if n is not None]
     index = torch.cat(parts, dim=1).reshape(-1)
     input_vectors = input_values = None

@@ -126,7 +126,7 @@ class FisherOperator(GramOperator):
         when gradients in x are wanted, so that they include H's dependence on x)."""
         if self.at is not None:
             return self.at
-        return self.network(self.x) if self._differentiating() else self.f0
+        return self.network(self.x) if self._differentiating() or self.f0 is None else self.f0
 
     def _product(self, v: Tensor) -> Tensor:
         """F v for v (k, p) -> (k, p). Finite differences give the value; when gradients in x are wanted
@@ -160,6 +160,7 @@ class FisherOperator(GramOperator):
         norms = v.norm(dim=-1, keepdim=True)
         scale = torch.where(norms > 0, self.epsilon / norms, 0.0)  # (k, 1): θ = θ0 + scale·v = θ0 + εv̂
         f0, at = self.f0, self.at
+        assert f0 is not None  # finite-difference products always hold f(x; θ0) (__init__)
 
         def surrogate(f: Tensor) -> Tensor:  # gradient in f is the (accurately computed) KL gradient
             if at is None:

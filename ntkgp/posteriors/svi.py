@@ -164,7 +164,9 @@ class SVI:
         targets, _ = prepare_data(self.task, self.network, x, y, self.num_classes)
         mean, cov = self.latent(x)
         variance = cov.diagonal(dim1=-2, dim2=-1)
-        expected = log_likelihood(self.task, mean, targets, self.noise) - 0.5 * variance.sum() / self.noise
+        noise = self.noise
+        assert noise is not None  # regression (checked above)
+        expected = log_likelihood(self.task, mean, targets, noise) - 0.5 * variance.sum() / noise
         return expected - self.kl().detach()
 
     def predict(
