@@ -1,12 +1,13 @@
 # make run   — create .venv, install ntkgp, run the sinusoid experiment
 # make test  — create .venv, install ntkgp with its test extra, run the test suite
 # make lint  — ruff check and ruff format --check (what CI runs before the tests)
+# make typecheck — mypy on ntkgp/ (configured in pyproject.toml)
 # make bench — the NTK-MVM benchmark and the comparison with laplace-torch (benchmarks/)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/ntk_mvm.py

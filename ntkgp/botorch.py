@@ -29,6 +29,7 @@ float64 BoTorch code. ``train_Y`` and every later X and Y must then have that dt
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from botorch.models.model import FantasizeMixin, Model
@@ -78,8 +79,8 @@ class NTKGPModel(Model, FantasizeMixin):
         mean: str = "network",
         outputscale: float | None = None,
         noise: float | None = None,
-        outcome_transform=None,
-        input_transform=None,
+        outcome_transform: Any = None,
+        input_transform: Any = None,
     ):
         super().__init__()
         self.network = as_functional_network(model, params)
@@ -190,8 +191,8 @@ class NTKGPModel(Model, FantasizeMixin):
         X: Tensor,
         output_indices: list[int] | None = None,
         observation_noise: bool | Tensor = False,
-        posterior_transform=None,
-        **kwargs,
+        posterior_transform: Any = None,
+        **kwargs: Any,
     ) -> GPyTorchPosterior:
         """The joint posterior at X (batch × q × d): a ``GPyTorchPosterior`` over (batch × q × 1)."""
         if output_indices not in (None, [0]):
@@ -214,7 +215,7 @@ class NTKGPModel(Model, FantasizeMixin):
             return posterior_transform(posterior)
         return posterior
 
-    def condition_on_observations(self, X: Tensor, Y: Tensor, **kwargs) -> NTKGPModel:
+    def condition_on_observations(self, X: Tensor, Y: Tensor, **kwargs: Any) -> NTKGPModel:
         """A copy conditioned on (X (batch × q × d), Y (batch' × q × 1), raw): the GP posterior with the same
         hyperparameters, batched over the broadcast of the batch shapes (fantasies included)."""
         if Y.shape[-1] != 1 or X.shape[-2] != Y.shape[-2]:
@@ -240,5 +241,5 @@ class NTKGPModel(Model, FantasizeMixin):
         )
         return new
 
-    def transform_inputs(self, X: Tensor, input_transform=None) -> Tensor:
+    def transform_inputs(self, X: Tensor, input_transform: Any = None) -> Tensor:
         return X  # posterior() applies the input transform itself

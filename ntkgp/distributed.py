@@ -12,9 +12,14 @@ torch.func.jvp does not work through it (pytorch #102197).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:  # functional.py imports this module
+    from .functional import FunctionalNetwork
 
 __all__ = ["all_reduce_sum", "global_rows", "world_size"]
 
@@ -36,7 +41,7 @@ def all_reduce_sum(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     return total if not t.requires_grad else t + (total - t.detach())
 
 
-def global_rows(network, x: Tensor) -> int:
+def global_rows(network: FunctionalNetwork, x: Tensor) -> int:
     """The number of inputs in x, summed over the ranks when x is a shard (``FunctionalNetwork.shard``)."""
     if not network.is_sharded(x):
         return x.shape[0]

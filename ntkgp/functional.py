@@ -17,7 +17,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -226,7 +226,7 @@ class FunctionalNetwork:
         self._reset_checks()
         return self
 
-    def to(self, *args, **kwargs) -> FunctionalNetwork:
+    def to(self, *args: Any, **kwargs: Any) -> FunctionalNetwork:
         """A converted copy, like ``Tensor.to`` / ``nn.Module.to``: floating tensors to the dtype, all to the
         device; self when nothing changes."""
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
@@ -473,7 +473,7 @@ class FunctionalNetwork:
             ) from err
 
     # --- data parallelism ------------------------------------------------------------------------------------
-    def shard(self, x: Tensor, group=None) -> Tensor:
+    def shard(self, x: Tensor, group: Any = None) -> Tensor:
         """Mark x (n_local, ...) as this rank's shard of the training inputs (``ntkgp.distributed``): products
         at x (or at its row blocks and ``take`` minibatches) that sum over inputs are summed over the ranks of
         ``group`` too. Returns x."""
@@ -482,7 +482,7 @@ class FunctionalNetwork:
         self._shards[id(x)] = (weakref.ref(x), group)
         return x
 
-    def _shard_group(self, x: Tensor):
+    def _shard_group(self, x: Tensor) -> tuple[bool, Any]:
         """(True, group) if x is a marked shard or views its memory, else (False, None)."""
         for ref, group in self._shards.values():
             t = ref()
@@ -651,7 +651,7 @@ class FunctionalNetwork:
             stacklevel=4,
         )
 
-    def _f(self, x: Tensor):
+    def _f(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """θ -> f(x; θ) (n, C), the frozen prefix evaluated (or found cached) now, once."""
         self._check_state()
         h = self.features(x)
@@ -857,7 +857,7 @@ def as_functional_network(
     return FunctionalNetwork(model, params, 32 if chunk_size is None else chunk_size)
 
 
-def map_blocks(fn, vectors: Tensor, block: int) -> Tensor:
+def map_blocks(fn: Callable[[Tensor], Tensor], vectors: Tensor, block: int) -> Tensor:
     """Apply ``fn`` to row blocks of ``vectors`` (k, ...) and concatenate: bounds peak memory to one block."""
     if vectors.shape[0] <= block:
         return fn(vectors)

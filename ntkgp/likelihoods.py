@@ -92,7 +92,7 @@ class HeteroscedasticGaussian:
 _LIKELIHOODS = {cls.name: cls for cls in (Gaussian, Categorical, HeteroscedasticGaussian)}
 
 
-def get_likelihood(name: str):
+def get_likelihood(name: str) -> Gaussian | Categorical | HeteroscedasticGaussian:
     """The likelihood called ``name`` ("gaussian", "categorical", "heteroscedastic")."""
     if not isinstance(name, str) or name not in _LIKELIHOODS:
         raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(_LIKELIHOODS)}")

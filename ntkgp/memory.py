@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,11 +50,13 @@ class LargestTensor(TorchDispatchMode):
     torch operation produced (views included): a check that a computation never formed, say, an N × N matrix.
     ``seen.op`` names the operation. Costs a Python call per operation."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self.elements, self.shape, self.op = 0, (), None
+        self.elements: int = 0
+        self.shape: tuple[int, ...] = ()
+        self.op: str | None = None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.numel() > self.elements:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ def check_eval_mode(module: nn.Module, why: str = "the NTK is defined for the ne
         )
 
 
-def _scalar(value, name: str, kind: str):
+def _scalar(value: Any, name: str, kind: str) -> Any:
     """``value`` as a Python number if it is one (a bool is not), or a one-element tensor / NumPy scalar."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
@@ -49,14 +49,14 @@ def _scalar(value, name: str, kind: str):
 
 
 @overload
-def as_positive_float(value: object, name: str, allow_none: Literal[False] = False) -> float: ...
+def as_positive_float(value: Any, name: str, allow_none: Literal[False] = False) -> float: ...
 
 
 @overload
-def as_positive_float(value: object, name: str, allow_none: bool) -> float | None: ...
+def as_positive_float(value: Any, name: str, allow_none: bool) -> float | None: ...
 
 
-def as_positive_float(value: object, name: str, allow_none: bool = False) -> float | None:
+def as_positive_float(value: Any, name: str, allow_none: bool = False) -> float | None:
     """``value`` as a finite float > 0 (None passes through when ``allow_none``)."""
     if value is None and allow_none:
         return None
@@ -66,7 +66,7 @@ def as_positive_float(value: object, name: str, allow_none: bool = False) -> flo
     return v
 
 
-def as_nonnegative_float(value, name: str) -> float:
+def as_nonnegative_float(value: Any, name: str) -> float:
     """``value`` as a finite float >= 0."""
     v = float(_scalar(value, name, "a finite number >= 0"))
     if not (v >= 0 and math.isfinite(v)):
@@ -74,7 +74,7 @@ def as_nonnegative_float(value, name: str) -> float:
     return v
 
 
-def as_count(value, name: str, minimum: int = 1) -> int:
+def as_count(value: Any, name: str, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` (integral floats such as 4.0 are refused: they hide mistakes)."""
     v = _scalar(value, name, f"an integer >= {minimum}")
     if not isinstance(v, numbers.Integral):
@@ -84,14 +84,14 @@ def as_count(value, name: str, minimum: int = 1) -> int:
     return int(v)
 
 
-def check_choice(value, name: str, choices: Sequence[str]) -> str:
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """``value`` if it is one of the strings ``choices``."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 
 
-def check_generator(generator) -> torch.Generator | None:
+def check_generator(generator: Any) -> torch.Generator | None:
     """``generator`` if it is a torch.Generator or None (a seed is not: pass torch.Generator().manual_seed(seed))."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
@@ -111,7 +111,7 @@ def check_precision(dtype: torch.dtype, name: str) -> None:
         )
 
 
-def check_tensor(value, name: str, shape: str) -> Tensor:
+def check_tensor(value: Any, name: str, shape: str) -> Tensor:
     """Raise a TypeError naming ``name`` unless ``value`` is a tensor (lists and arrays are not converted:
     the dtype would be a guess)."""
     if not isinstance(value, Tensor):
@@ -123,7 +123,7 @@ def check_tensor(value, name: str, shape: str) -> Tensor:
 
 
 def check_inputs(
-    x,
+    x: Any,
     dtype: torch.dtype,
     name: str = "x",
     device: torch.device | None = None,
@@ -156,7 +156,7 @@ def check_inputs(
     return x
 
 
-def check_targets(y, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
+def check_targets(y: Any, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
     """Validate regression targets against n inputs and C outputs; return them as (n, C)."""
     check_tensor(y, "train_y", "(n,) or (n, C)")
     if not y.is_floating_point():
@@ -180,7 +180,7 @@ def check_targets(y, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
     return y
 
 
-def check_labels(y, n: int, num_classes: int) -> Tensor:
+def check_labels(y: Any, n: int, num_classes: int) -> Tensor:
     """Validate class labels (n,) of integer dtype in [0, num_classes); return them as torch.long."""
     check_tensor(y, "train_y", "(n,) of class indices")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -245,7 +245,7 @@ def check_finite_tensors(tensors: dict[str, Tensor], kind: str) -> None:
             )
 
 
-def check_not_sharded(network, x, what: str) -> None:
+def check_not_sharded(network: Any, x: Tensor, what: str) -> None:
     """Raise if x is a shard of inputs across processes (``network.shard``) for a method that needs them all."""
     if isinstance(x, Tensor) and network.is_sharded(x):
         raise NotImplementedError(

@@ -4,12 +4,13 @@ Fisher operator of the same network for any inputs."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import gpytorch
 import torch
-from linear_operator.operators import DenseLinearOperator
+from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network
@@ -51,7 +52,7 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         params: Sequence[str] | str | None = None,
         input_shape: Sequence[int] | int | None = None,
         chunk_size: int | None = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.network = as_functional_network(model, params, chunk_size)
@@ -73,8 +74,13 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         self._train_jacobians: Tensor | None = None  # its per-sample Jacobians, computed on first batched use
 
     def __call__(
-        self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
-    ):
+        self,
+        x1: Tensor,
+        x2: Tensor | None = None,
+        diag: bool = False,
+        last_dim_is_batch: bool = False,
+        **params: Any,
+    ) -> Any:
         """GPyTorch's kernel call, after a check of the inputs' types and feature counts (GPyTorch's own errors
         for these come from deep inside it)."""
         for name, x in (("x1", x1), ("x2", x2)):
@@ -86,7 +92,7 @@ class JacobianKernel(gpytorch.kernels.Kernel):
             raise ValueError(f"x1 has {x1.shape[-1]} features per input but x2 has {x2.shape[-1]}; they must match")
         return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> Any:
         """Conversions (``.to``, ``.double()``, …) reach the network snapshot, as they reach a submodule."""
         self.network._apply(fn)
         return super()._apply(fn, *args, **kwargs)
@@ -147,7 +153,9 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         kernel = torch.einsum("...ncp,...mdp->...ncmd", j1, j2)
         return DenseLinearOperator(kernel.reshape(*kernel.shape[:-4], kernel.shape[-4] * kernel.shape[-3], -1))
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
+    ) -> Tensor | LinearOperator:
         if last_dim_is_batch:
             raise ValueError("JacobianKernel does not support last_dim_is_batch=True (deprecated in GPyTorch)")
         if x1.dim() > 2 or x2.dim() > 2:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import gpytorch
 import torch
@@ -105,7 +106,7 @@ class _System(AddedDiagLinearOperator):
     eps = 1e-10 clamps r·z and stalls CG near a relative residual of 1e-5 (Solver's note), so that
     ``inv_quad_logdet`` with its probe vectors ran all 2000 iterations at a residual of 1.2e-4."""
 
-    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int | None = 0):
+    def _solve(self, rhs: Tensor, preconditioner: Any = None, num_tridiag: int | None = 0) -> Any:
         tiny = torch.finfo(rhs.dtype).tiny
         return linear_cg(
             self._matmul,
@@ -141,7 +142,7 @@ class LayerScaledNTKGP(nn.Module):
         train_x: Tensor,
         train_y: Tensor,
         groups: Mapping[str, Sequence[str] | str] | None = None,
-        params=None,
+        params: Sequence[str] | str | None = None,
         space: str = "function",
         mean: str = "network",
         outputscales: float | Sequence[float] = 1.0,
@@ -314,7 +315,7 @@ class LayerScaledNTKGP(nn.Module):
         params = [self.raw_log_scales] + ([self.raw_log_noise] if self.learn_noise else [])
         optimizer = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure() -> Tensor:
             optimizer.zero_grad()
             try:
                 loss = -self.log_marginal_likelihood()

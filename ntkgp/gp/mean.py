@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gpytorch
 from torch import Tensor
@@ -28,7 +29,7 @@ class NetworkMean(gpytorch.means.Mean):
         self.network = network
         self.input_shape = None if input_shape is None else tuple(input_shape)
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> Any:
         self.network._apply(fn)
         return super()._apply(fn, *args, **kwargs)
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import gpytorch
 import torch
@@ -86,11 +86,13 @@ class Prediction:
 
 
 class _ExactNTKModel(gpytorch.models.ExactGP):
-    def __init__(self, train_x: Tensor, train_y: Tensor, likelihood, mean_module, covar_module, num_outputs: int):
+    def __init__(
+        self, train_x: Tensor, train_y: Tensor, likelihood: Any, mean_module: Any, covar_module: Any, num_outputs: int
+    ):
         super().__init__(train_x, train_y, likelihood)
         self.mean_module, self.covar_module, self.num_outputs = mean_module, covar_module, num_outputs
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor) -> Any:
         mean, covar = self.mean_module(x), self.covar_module(x)
         if self.num_outputs == 1:
             return gpytorch.distributions.MultivariateNormal(mean, covar)
@@ -221,7 +223,7 @@ class NTKGP(nn.Module):
         self._terms: tuple[Tensor, Tensor, Tensor, float] | None = None
         self.gp.prediction_strategy = None
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> Any:
         """``.to``, ``.double()``, …: the GP's tensors, the network snapshot (through the kernel and the mean)
         and the training data are converted; caches computed in the old dtype are dropped."""
         super()._apply(fn, *args, **kwargs)  # the kernel and the mean convert the shared network snapshot
@@ -442,7 +444,7 @@ class NTKGP(nn.Module):
         )
         scale = float(self._residual_summary()[1])
 
-        def closure():
+        def closure() -> Tensor:
             optimizer.zero_grad()
             loss = -self._evidence() / scale
             if not torch.isfinite(loss):
@@ -454,14 +456,14 @@ class NTKGP(nn.Module):
             optimizer.step(closure)
         return self
 
-    def _memoized(self):
+    def _memoized(self) -> AbstractContextManager[Any]:
         """Within: the dense K(X, X) is computed once and reused while the hyperparameters change, when the solver is
         dense; a no-op for CG, which never forms an N × N matrix."""
         if self.solver.dense(self._residual.numel()):
             return self.gp.covar_module.base_kernel.memoize()
         return nullcontext()
 
-    def _linearised(self):
+    def _linearised(self) -> AbstractContextManager[Any]:
         """Within: products at the training inputs reuse one forward pass (FunctionalNetwork.linearised), when
         iterative solvers will run (CG or Lanczos) and it fits the memory budget; a no-op otherwise."""
         iterative = self.space == "parameter" or not self.solver.dense(self._residual.numel())
@@ -578,7 +580,7 @@ class NTKGP(nn.Module):
             posterior = self.gp(x.reshape(x.shape[0], -1))
             return posterior.mean.reshape(x.shape[0], -1), posterior.variance.reshape(x.shape[0], -1)
 
-    def _function_directions(self) -> tuple[Tensor, Tensor, object]:
+    def _function_directions(self) -> tuple[Tensor, Tensor, Callable[[int], Tensor]]:
         """Function space, dense: from the eigenpairs (λ, U) of K in float64, w = 1/(λ + c) on the resolved
         directions, mean = m(X*) + K*X a with a = U (w ⊙ Uᵀr), variance = s²·diag K** − s² Σ_i w_i (K*X u_i)².
         Returns the output-space columns [a, u_1, …] (N, 1 + r) by decreasing λ, the coefficients s²·w (r,),
@@ -605,7 +607,7 @@ class NTKGP(nn.Module):
 
         return columns, (s2 * weights[keep]).to(self.network.dtype), directions
 
-    def _parameter_directions(self) -> tuple[None, Tensor, object]:
+    def _parameter_directions(self) -> tuple[None, Tensor, Callable[[int], Tensor]]:
         """Parameter space: mean = m(X*) + J*α with α = (JᵀJ + cI)⁻¹Jᵀr, variance = s²·diag K** −
         σ² Σ_k λ_k/(c(λ_k + c)) (J* q_k)² over the eigenpairs (λ_k, q_k) of JᵀJ, by decreasing λ."""
         spectrum, b = self._parameter_cache()
@@ -622,7 +624,7 @@ class NTKGP(nn.Module):
         return None, noise * evals / (c * (evals + c)), lambda count: tangents[:, :count]
 
     def _projections(
-        self, x: Tensor, columns: Tensor | None, directions, count: int, path: str
+        self, x: Tensor, columns: Tensor | None, directions: Callable[[int], Tensor], count: int, path: str
     ) -> tuple[Tensor, Tensor]:
         """(J(x) D (m·C, count), diag K(x, x) (m·C,)) for the first ``count`` directions D, by ``path``; in function
         space (D = J(X)ᵀ columns) by the layer-factor kernel K(x, X) columns where it is cheaper (or asked for)."""
@@ -657,7 +659,7 @@ class NTKGP(nn.Module):
         x: Tensor,
         columns: Tensor | None,
         coefficients: Tensor,
-        directions,
+        directions: Callable[[int], Tensor],
         variance: str,
         rank: int | None,
         tolerance: float,

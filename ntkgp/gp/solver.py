@@ -47,7 +47,7 @@ class Solver:
     preconditioner_size: int = 20
     lanczos_rank: int = 512
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_choice(self.method, "solver method", _METHODS)
         set_ = object.__setattr__  # the dataclass is frozen: store the checked (normalised) values
         set_(self, "cholesky_max_size", as_count(self.cholesky_max_size, "cholesky_max_size", minimum=0))

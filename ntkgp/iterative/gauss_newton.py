@@ -16,6 +16,8 @@ With f = f(X; θ_s) (n, C), J = J(X; θ_s) and the summed loss, the step Δ = θ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -145,7 +147,7 @@ def gauss_newton_step(
     targets: Tensor,
     loss: str = "mse",
     damping: float = 1.0,
-    params=None,
+    params: Sequence[str] | str | None = None,
     space: str = "auto",
     tolerance: float | None = None,
     max_iter: int | None = None,
@@ -212,7 +214,7 @@ class DampedGaussNewton:
         model: nn.Module,
         damping: float,
         loss: str = "mse",
-        params=None,
+        params: Sequence[str] | str | None = None,
         space: str = "auto",
         lr: float = 1.0,
         tolerance: float | None = None,

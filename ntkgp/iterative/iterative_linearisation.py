@@ -92,7 +92,7 @@ class IterativeLinearisation:
         optimizer: torch.optim.Optimizer,
         period: int | float | object | None = UNSET,
         loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
-        params=None,
+        params: Sequence[str] | str | None = None,
         relinearise: Relinearisation | None = None,
         probe: Tensor | None = None,
         chunk_size: int = 32,

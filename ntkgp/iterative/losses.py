@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,7 @@ def as_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor,
     return loss
 
 
-def check_loss_value(value, outputs: Tensor) -> Tensor:
+def check_loss_value(value: Any, outputs: Tensor) -> Tensor:
     """``value`` (a loss of ``outputs``) if it is a finite scalar tensor that depends on ``outputs``, else raise."""
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 from ..validation import as_count, as_positive_float
 
@@ -100,7 +101,7 @@ class KernelDistanceThreshold(Relinearisation):
 UNSET = object()  # ``period`` not given
 
 
-def as_policy(period, relinearise: Relinearisation | None) -> Relinearisation:
+def as_policy(period: Any, relinearise: Relinearisation | None) -> Relinearisation:
     """The policy of ``period`` (K; :data:`UNSET`: 1) or ``relinearise`` (one of them)."""
     if relinearise is not None:
         if period is not UNSET:

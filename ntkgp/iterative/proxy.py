@@ -6,6 +6,8 @@ through θ − θ_s.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -18,13 +20,13 @@ class _Linearised(torch.autograd.Function):
     """δ (p,) -> f(x; θ_s) + J δ (n, C); backward: u -> Jᵀu."""
 
     @staticmethod
-    def forward(ctx, delta: Tensor, x: Tensor, network: FunctionalNetwork) -> Tensor:
+    def forward(ctx: Any, delta: Tensor, x: Tensor, network: FunctionalNetwork) -> Tensor:
         ctx.x, ctx.network = x, network
         with torch.no_grad():
             return network.linearised_outputs(x, delta.detach())
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         return ctx.network.vjp(ctx.x, grad.unsqueeze(0).contiguous())[0], None, None
 
 

@@ -8,6 +8,7 @@ as they are: a network pretrained with ReLU then runs slightly differently (no r
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +96,11 @@ def _swap(module: nn.Module, slope: float) -> list[str]:
 
 
 class _Watch(TorchFunctionMode):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.calls: set[str] = set()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func in _FUNCTIONAL_RELUS:
             self.calls.add(_FUNCTIONAL_RELUS[func])
         return func(*args, **(kwargs or {}))

@@ -133,7 +133,12 @@ class LQF:
         return self.network.theta0 + self.delta
 
     def _minibatches(
-        self, x, y, batch_size: int | None, generator: torch.Generator | None, input_shape: tuple[int, ...] | None
+        self,
+        x: Tensor | torch.utils.data.DataLoader,
+        y: Tensor | None,
+        batch_size: int | None,
+        generator: torch.Generator | None,
+        input_shape: tuple[int, ...] | None,
     ) -> Minibatches:
         if self.task == "classification" and isinstance(y, Tensor) and y.is_floating_point():
             raise TypeError(
@@ -218,7 +223,7 @@ class LQF:
     # --- fitting -------------------------------------------------------------------------------------
     def fit(
         self,
-        train_x,
+        train_x: Tensor | torch.utils.data.DataLoader,
         train_y: Tensor | None = None,
         epochs: int = 10,
         lr: float | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,7 @@ def default_epsilon(theta0: Tensor, method: str = "finite_difference") -> float:
     return (eps * (1.0 + float(theta0.norm()))) ** 0.5
 
 
-def check_epsilon(epsilon, theta0: Tensor, method: str = "finite_difference") -> float:
+def check_epsilon(epsilon: Any, theta0: Tensor, method: str = "finite_difference") -> float:
     """``epsilon`` as a finite step > 0 that survives the rounding of θ0 + εv/‖v‖.
 
     The relative rounding error of a difference quotient is about eps·(1 + ‖θ0‖)/ε (see

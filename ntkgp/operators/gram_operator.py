@@ -7,6 +7,7 @@ then one VJP at X per block of columns; peak memory O(n·C + p) per vector.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,12 @@ class GramOperator(NetworkOperator):
     """
 
     def __init__(
-        self, x: Tensor, *, network: FunctionalNetwork, batch_shape: torch.Size | tuple[int, ...] = (), **kwargs
+        self,
+        x: Tensor,
+        *,
+        network: FunctionalNetwork,
+        batch_shape: torch.Size | tuple[int, ...] = (),
+        **kwargs: Any,
     ):
         super().__init__(x, network=network, batch_shape=batch_shape, **kwargs)
         self.x = x

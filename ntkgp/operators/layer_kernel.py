@@ -24,6 +24,7 @@ network is checked against NTK products on two inputs, and a disagreement warns 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -160,7 +161,7 @@ class LayerKernel:
         epsilons: dict[str, Tensor] = {}
         calls = dict.fromkeys((layer.name for layer in self.layers), 0)
 
-        def hook(name: str):
+        def hook(name: str) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
             def keep(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
                 calls[name] += 1
                 inputs[name] = args[0].detach()

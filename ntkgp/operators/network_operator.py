@@ -13,6 +13,9 @@ where they can do better than the defaults, ``_t_matmul_matrix``, ``_diagonal_ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
@@ -23,7 +26,7 @@ from ..validation import check_precision
 __all__ = ["NetworkOperator"]
 
 
-def _index_length(index, size: int) -> int | None:
+def _index_length(index: Any, size: int) -> int | None:
     """How many positions ``index`` (an int, slice or tensor) selects from range(size); raise IndexError if
     an int or tensor entry is out of range."""
     if isinstance(index, bool):
@@ -52,7 +55,9 @@ class NetworkOperator(LinearOperator):
 
     _derived: tuple[str, ...] = ()
 
-    def __init__(self, *args, network: FunctionalNetwork, batch_shape: torch.Size | tuple[int, ...] = (), **kwargs):
+    def __init__(
+        self, *args: Any, network: FunctionalNetwork, batch_shape: torch.Size | tuple[int, ...] = (), **kwargs: Any
+    ):
         if not isinstance(network, FunctionalNetwork):
             raise TypeError(
                 f"network must be a FunctionalNetwork (ntkgp.FunctionalNetwork(model)), got "
@@ -87,11 +92,11 @@ class NetworkOperator(LinearOperator):
         positions = torch.arange(self._matrix_shape()[0], device=self.device)
         return self._entries(positions, positions)
 
-    def _getitem_matrix(self, row_index, col_index) -> LinearOperator:
+    def _getitem_matrix(self, row_index: Any, col_index: Any) -> LinearOperator:
         """A sub-block of the (unbatched) matrix; by default linear_operator's interpolation."""
         return super()._getitem(row_index, col_index)
 
-    def _rebuild(self, **changes) -> NetworkOperator:
+    def _rebuild(self, **changes: Any) -> NetworkOperator:
         """The same operator with some keywords changed (the batch shape, for example)."""
         return self.__class__(*self._args, **{**self._kwargs, **changes})
 
@@ -99,7 +104,7 @@ class NetworkOperator(LinearOperator):
     def _recompute_derived(self, converted: NetworkOperator) -> NetworkOperator:
         return converted._rebuild(**{name: None for name in self._derived}) if self._derived else converted
 
-    def to(self, *args, **kwargs) -> NetworkOperator:
+    def to(self, *args: Any, **kwargs: Any) -> NetworkOperator:
         dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
         if dtype is not None:
             check_precision(dtype, "dtype")
@@ -123,7 +128,7 @@ class NetworkOperator(LinearOperator):
     def _transpose_nonbatch(self) -> LinearOperator:
         return self
 
-    def _broadcast(self, product, out_rows: int, rhs: Tensor) -> Tensor:
+    def _broadcast(self, product: Callable[[Tensor], Tensor], out_rows: int, rhs: Tensor) -> Tensor:
         """``product`` (2-d, unbatched, ``out_rows`` rows out) applied to rhs (N,), (N, k) or (..., N, k),
         broadcast over the batch."""
         if rhs.dtype != self.dtype:
@@ -158,7 +163,7 @@ class NetworkOperator(LinearOperator):
         rows, cols = (i.expand(shape).reshape(-1) for i in (row_index, col_index))
         return self._entries(rows, cols).reshape(shape)
 
-    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+    def _getitem(self, row_index: Any, col_index: Any, *batch_indices: Any) -> LinearOperator:
         if batch_indices:
             batch = torch.zeros((), device="cpu").expand(self._batch)[tuple(batch_indices)].shape
             return self._rebuild(batch_shape=batch)._getitem(row_index, col_index)
@@ -187,7 +192,7 @@ class NetworkOperator(LinearOperator):
     def _permute_batch(self, *dims: int) -> NetworkOperator:
         return self._rebuild(batch_shape=torch.Size([self._batch[d] for d in dims]))
 
-    def __getitem__(self, index) -> LinearOperator | Tensor:
+    def __getitem__(self, index: Any) -> LinearOperator | Tensor:
         """linear_operator's indexing, after a check that every int or tensor index is in range (an out-of-range
         index raises IndexError here, not an arithmetic error deep inside) and selects something."""
         parts = index if isinstance(index, tuple) else (index,)

@@ -7,6 +7,7 @@ JVP at X1 per block of columns; no Jacobian of the data set is ever formed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from linear_operator.operators import LinearOperator
@@ -19,7 +20,7 @@ from .network_operator import NetworkOperator
 __all__ = ["NTKOperator", "ntk_operator"]
 
 
-def _as_index_tensor(index, size: int, device: torch.device) -> Tensor:
+def _as_index_tensor(index: Any, size: int, device: torch.device) -> Tensor:
     """A slice or tensor index into range(size) as a long tensor of positions."""
     return torch.arange(size, device=device)[index]
 
@@ -96,7 +97,7 @@ class NTKOperator(NetworkOperator):
         krows = map_blocks(block, onehot, net.chunk_size)  # (rows, n_cols, C)
         return krows[row_pos, col_input_pos, cols % c]
 
-    def _getitem_matrix(self, row_index, col_index) -> LinearOperator:
+    def _getitem_matrix(self, row_index: Any, col_index: Any) -> LinearOperator:
         """Sub-blocks that select whole inputs stay NTK operators; other index patterns interpolate."""
         c = self.num_outputs
         rows = _as_index_tensor(row_index, self.shape[-2], self.device)

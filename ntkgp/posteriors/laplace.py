@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from linear_operator.operators import LinearOperator, MatmulLinearOperator
@@ -107,7 +108,7 @@ def _blockwise(blocks: Tensor, vectors: Tensor) -> Tensor:
     return torch.einsum("iab,...ib->...ia", blocks, vectors.reshape(*vectors.shape[:-1], n, c)).flatten(-2)
 
 
-def _as_grid(grid) -> Tensor:
+def _as_grid(grid: Any) -> Tensor:
     """A grid of prior precisions (a sequence or tensor) as a 1-d float64 tensor of finite values > 0."""
     try:
         values = torch.as_tensor(grid, dtype=torch.float64)
@@ -371,7 +372,7 @@ class Laplace:
         value = self.network.sum_over_shards(self.train_x, value)[0]
         return value - 0.5 * delta * step.double().square().sum()
 
-    def _cg(self, product, rhs: Tensor, start: Tensor | None = None) -> Tensor:
+    def _cg(self, product: Callable[[Tensor], Tensor], rhs: Tensor, start: Tensor | None = None) -> Tensor:
         return conjugate_gradients(
             product,
             rhs,
@@ -396,7 +397,11 @@ class Laplace:
             for _ in range(self.max_iter):
                 gradient = net.vjp(x, (torch.softmax(f, -1).to(net.dtype) - onehot).unsqueeze(0))[0] + delta * step
                 hessian = self._fisher_at(f, "exact")
-                direction = self._cg(lambda v, hessian=hessian: hessian._matmul(v) + delta * v, -gradient)
+
+                def product(v: Tensor, hessian: LinearOperator = hessian) -> Tensor:
+                    return hessian._matmul(v) + delta * v
+
+                direction = self._cg(product, -gradient)
                 moved = net.jvp(x, direction.unsqueeze(0))[0].double()  # the line search costs no more passes
                 t = 1.0
                 while True:

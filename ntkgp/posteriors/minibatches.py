@@ -30,7 +30,7 @@ class Minibatches:
         self,
         network: FunctionalNetwork,
         task: str,
-        x,
+        x: Tensor | torch.utils.data.DataLoader,
         y: Tensor | None = None,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
@@ -62,7 +62,7 @@ class Minibatches:
             self.outputs = network.outputs(x, "train_x") if outputs is None else outputs
             self.num_data = x.shape[0]
 
-    def _check_input_shape(self, x, name: str) -> None:
+    def _check_input_shape(self, x: Tensor, name: str) -> None:
         """The first inputs fix the per-input shape; later ones must share it."""
         if not isinstance(x, Tensor):
             return  # prepare_data names the type

@@ -86,7 +86,7 @@ class SVI:
 
     def fit(
         self,
-        train_x,
+        train_x: Tensor | torch.utils.data.DataLoader,
         train_y: Tensor | None = None,
         epochs: int = 100,
         batch_size: int | None = None,
