@@ -57,7 +57,7 @@ class Minibatches:
             assert y is not None  # refused above for tensor inputs
             self._check_input_shape(x, "train_x")
             x = x.to(network.device)
-            y = y.to(network.device)
+            y = y.to(network.device) if isinstance(y, Tensor) else y  # anything else: prepare_data says what is wrong
             self.x, self.targets = x, prepare_data(task, network, x, y, num_classes)[0]
             self.outputs = network.outputs(x, "train_x") if outputs is None else outputs
             self.num_data = x.shape[0]
