@@ -24,24 +24,7 @@ from timing import header, measure, write_results
 from torch import nn
 
 from ntkgp import IterativeLinearisation, gauss_newton_step
-
-
-def lenet(channels: int = 50) -> nn.Sequential:
-    """The modified LeNet of the paper for 32 × 32 × 3 inputs."""
-    return nn.Sequential(
-        nn.Conv2d(3, channels, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(channels, channels, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(channels * 25, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, 10),
-    )
+from ntkgp_experiments.iterative_linearisation import lenet
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, newton: int, cg: int, gn_batch: int) -> dict:
@@ -111,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     models = {
-        "lenet": ("LeNet-50 32x32", lambda: lenet(50)),
+        "lenet": ("LeNet-50 32x32", lambda: lenet(50, in_channels=3, size=32)),
         "resnet18": ("ResNet-18 32x32", lambda: torchvision.models.resnet18(num_classes=10)),
     }
     rows = []

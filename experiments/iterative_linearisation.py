@@ -46,20 +46,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 MEAN, STD = 0.2860, 0.3530
 
 
-def lenet(channels: int) -> nn.Sequential:
-    """The paper's modified LeNet for 28 × 28 inputs: conv 5 × 5 (``channels``) – ReLU – max pool, twice, then dense
+def lenet(channels: int, in_channels: int = 1, size: int = 28) -> nn.Sequential:
+    """The paper's modified LeNet for ``in_channels`` × ``size`` × ``size`` inputs (Fashion-MNIST's 1 × 28 × 28 by
+    default; the paper's CIFAR-10 is 3 × 32 × 32): conv 5 × 5 (``channels``) – ReLU – max pool, twice, then dense
     120 – ReLU – 84 – ReLU – 10; He (Kaiming normal, fan-in, ReLU gain) weights and zero biases, drawn from torch's
     global generator (PyTorch's default initialisation leaves this network on a plateau of the loss for hundreds of
     steps at the small learning rates that the linearised proxies need)."""
+    side = ((size - 4) // 2 - 4) // 2  # after two 5 × 5 convolutions and two 2 × 2 pools
     model = nn.Sequential(
-        nn.Conv2d(1, channels, 5),
+        nn.Conv2d(in_channels, channels, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(channels, channels, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(channels * 16, 120),
+        nn.Linear(channels * side * side, 120),
         nn.ReLU(),
         nn.Linear(120, 84),
         nn.ReLU(),

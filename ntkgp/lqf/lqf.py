@@ -161,13 +161,10 @@ class LQF:
         self._data = _TrainingData(x, self._targets(targets, num_outputs), outputs, tuple(x.shape[1:]), num_outputs)
         self._kfac = self._system = self._gp = None  # they describe the training data
 
-    def _require_fit(self, what: str) -> None:
+    def _fitted(self, what: str = "this") -> _TrainingData:
+        """The training data of the last fit; before one, a RuntimeError saying that ``what`` needs it."""
         if self._data is None:
             raise RuntimeError(f"{what} needs a fitted LQF: call fit(train_x, train_y) first")
-
-    def _fitted(self) -> _TrainingData:
-        if self._data is None:
-            raise RuntimeError("this needs a fitted LQF: call fit(train_x, train_y) first")
         return self._data
 
     @property
@@ -205,7 +202,7 @@ class LQF:
 
     def objective(self) -> float:
         """L(θ) on the training data at the current δ (one JVP over the training inputs)."""
-        self._require_fit("objective()")
+        self._fitted("objective()")
         f = self._train_linearised()
         return float(self._data_loss(f, self.train_targets)[0]) + 0.5 * self.weight_decay * float(
             self.delta @ self.delta
@@ -373,7 +370,7 @@ class LQF:
         Cholesky factor of the dense N × N NTK (N = n·C ≤ 4096 for ``"auto"``); in parameter space by CG on
         JᵀJ + (λ/2)I (p × p, lazy Gram operator; the linearisation at X cached for its products when it fits,
         a tqdm bar over them shown after 1 s). Returns self."""
-        self._require_fit("solve()")
+        self._fitted("solve()")
         check_choice(space, "space", ("auto", "function", "parameter"))
         if self.loss != "mse":
             raise ValueError("the closed form is the minimiser of the MSE loss; loss='cross_entropy' is fitted by SGD")
@@ -410,7 +407,7 @@ class LQF:
 
     def kernel_system(self) -> KernelSystem:
         """The function-space system K(X, X) + (λ/2)I of the training data (built on first use: N products)."""
-        self._require_fit("the closed form, leave-one-out and influence")
+        self._fitted("the closed form, leave-one-out and influence")
         if self.loss != "mse":
             raise ValueError("leave-one-out, influence and the closed form are exact for the MSE loss only")
         if self._system is None:
@@ -422,7 +419,7 @@ class LQF:
         """The NTK K(x1, x2) of the network at θ0 (n1·C × n2·C, rows interleaved: i·C + c) as a dense matrix, x2
         defaulting to x1: from per-layer factors (:class:`~ntkgp.operators.LayerKernel`: one forward and C
         backward passes per input) when they cost at most half of p per pair of rows, else n2·C NTK products."""
-        self._require_fit("kernel_matrix()")
+        self._fitted("kernel_matrix()")
         x2 = x1 if x2 is None else x2
         for x, name in ((x1, "x1"), (x2, "x2")):
             check_inputs(x, self.network.dtype, name, self.network.device, input_shape=self.input_shape)
@@ -451,7 +448,7 @@ class LQF:
         """f_lin(x) (m, C) at inputs x (m, ...); with ``variance=True`` a :class:`Prediction` whose mean is
         f_lin(x) and whose variance (m, C) is the NTK-GP's of which the LQF minimiser is the mean (σ² = ½,
         s² = 1/λ; :class:`~ntkgp.NTKGP`; MSE loss and λ > 0)."""
-        self._require_fit("predict()")
+        self._fitted("predict()")
         check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.input_shape)
         mean = self._linearised(x)
         if not variance:
@@ -489,7 +486,7 @@ class LQF:
         the function-space Cholesky factor with the new rows (:class:`KernelSystem`; no refactorisation), SGD
         warm-started from the current δ on the union (``epochs``, ``lr``: default those of the last fit; K-FAC
         recomputed on the union). Returns self."""
-        self._require_fit("update()")
+        self._fitted("update()")
         check_inputs(new_x, self.network.dtype, "new_x", self.network.device)
         if tuple(new_x.shape[1:]) != self.input_shape:
             raise ValueError(
@@ -551,7 +548,7 @@ class LQF:
         eq. (8) with K-FAC for the inverse curvature, at the current δ (:func:`~ntkgp.lqf.influence.kfac_influence`).
         """
         check_choice(method, "method", ("exact", "kfac"))
-        self._require_fit("influence()")
+        self._fitted("influence()")
         if self.loss != "mse":
             raise ValueError(
                 "influence and informativeness are those of the MSE (linear-quadratic) model; this LQF "
@@ -582,7 +579,7 @@ class LQF:
         Jᵀ(diag π − ππᵀ)J + λI for cross-entropy — or, ``preconditioned``, of P⁻¹H with P = K + λI the K-FAC
         preconditioner (eigenvalues of the pencil (H, P)); ``steps`` Lanczos steps. H's condition number is
         that of F + (λ/2)I (they differ by the factor 2)."""
-        self._require_fit("hessian_ritz_values()")
+        self._fitted("hessian_ritz_values()")
         steps = as_count(steps, "steps")
         net, x = self.network, self.train_x
         likelihood, scale = ("gaussian", 2.0) if self.loss == "mse" else ("categorical", 1.0)

@@ -464,16 +464,16 @@ class Laplace:
         theta, weights = nodes
         return (weights * torch.log1p(theta / delta)).sum().double()
 
-    def _check_fitted(self) -> None:
+    def _check_fitted(self) -> Tensor:
+        """The training inputs of the last :meth:`fit`; before one, a RuntimeError saying to fit first."""
         if self._train_x is None:
             raise RuntimeError("call .fit(train_x, train_y) first")
+        return self._train_x
 
     @property
     def train_x(self) -> Tensor:
         """The training inputs (n, ...) of the last :meth:`fit`."""
-        if self._train_x is None:
-            raise RuntimeError("call .fit(train_x, train_y) first")
-        return self._train_x
+        return self._check_fitted()
 
     @property
     def _sigma2(self) -> float:
