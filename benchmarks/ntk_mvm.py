@@ -4,11 +4,15 @@ Prints, measured in one run: NTK-MVM time / gradient time (forward + backward of
 over the batch), the same with the linearisation cached as inside CG (``FunctionalNetwork.linearised``: one
 forward pass for all products; its relative difference from the plain product and its estimated memory),
 finite-difference Fisher-vector product time / gradient time (categorical
-likelihood, forward pass at θ0 cached as in a CG loop; forward and central differences) and, on CUDA,
-peak memory of each product / peak memory of the gradient. Writes ``results/benchmarks/ntk_mvm.json``. Usage::
+likelihood, forward pass at θ0 cached as in a CG loop; forward and central differences), the exact GGN product
+(JVP then VJP) and, on CUDA, peak memory of each product / peak memory of the gradient. Transformers (a torchvision
+ViT on 224 × 224 images and a HuggingFace BERT encoder on 128 tokens, ``--transformers base|small|tiny|none``): the
+gradient runs on the network's default attention backend (torch's fused kernels), our products on the math one
+(:mod:`ntkgp.functional.attention`); the gradient on the math backend is printed too, to show what the switch costs.
+Writes ``results/benchmarks/ntk_mvm.json``. Usage::
 
-    python benchmarks/ntk_mvm.py                    # cuda if available: MLP n=4096, ResNet-18 n=512, 30 rounds
-    python benchmarks/ntk_mvm.py --device cpu --n-mlp 512 --n-resnet 32 --repeats 3
+    python benchmarks/ntk_mvm.py                    # cuda if available: MLP n=4096, ResNet-18 n=512, ViT-B, BERT-base
+    python benchmarks/ntk_mvm.py --device cpu --n-mlp 512 --n-resnet 32 --transformers small --repeats 3
 """
 
 from __future__ import annotations
@@ -17,36 +21,49 @@ import argparse
 from pathlib import Path
 
 import torch
-from timing import header, measure, mlp_and_resnet, write_results
+from timing import TRANSFORMER_SIZES, Logits, header, measure, mlp_and_resnet, transformers_vit_and_bert, write_results
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
+from ntkgp.functional.attention import differentiable_attention
+from ntkgp.inputs import Inputs, length
 
 
-def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size: int) -> dict:
-    device = x.device
+def bench(name: str, model: nn.Module, x: Inputs, device: torch.device, repeats: int, chunk_size: int) -> dict:
     model = model.to(device).eval()
     params = [p for p in model.parameters() if p.requires_grad]
+    f = Logits(model)
 
     def gradient():
-        grads = torch.autograd.grad(model(x).sum(), params)
-        return grads
+        return torch.autograd.grad(f(x).sum(), params)
+
+    def gradient_math():
+        with differentiable_attention():
+            return torch.autograd.grad(f(x).sum(), params)
 
     op = ntk_operator(model, x, chunk_size=chunk_size)
-    v = torch.randn(op.shape[-1], device=device, dtype=x.dtype)
+    dtype = op.network.dtype
+    v = torch.randn(op.shape[-1], device=device, dtype=dtype)
 
     def mvm():
         with torch.no_grad():
             return op @ v
 
-    w = torch.randn(op.network.num_params, device=device, dtype=x.dtype)
+    w = torch.randn(op.network.num_params, device=device, dtype=dtype)
     fvps = {}
-    for method in ("finite_difference", "central_difference"):
+    for method in ("finite_difference", "central_difference", "exact"):
         fisher = fisher_operator(op.network, x, "categorical", method=method)  # runs the forward pass at θ0
         fvps[method] = lambda fisher=fisher: fisher @ w
 
     timings = measure(
-        {"gradient": gradient, "mvm": mvm, "fvp": fvps["finite_difference"], "central": fvps["central_difference"]},
+        {
+            "gradient": gradient,
+            "gradient_math": gradient_math,
+            "mvm": mvm,
+            "fvp": fvps["finite_difference"],
+            "central": fvps["central_difference"],
+            "ggn": fvps["exact"],
+        },
         device,
         repeats,
     )
@@ -57,10 +74,14 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, chunk_size
         difference = float((mvm() - plain).norm() / plain.norm())
     row = {
         "model": name,
-        "n": x.shape[0],
-        "outputs": op.shape[0] // x.shape[0],
+        "n": length(x),
+        "outputs": op.shape[0] // length(x),
         "params": op.network.num_params,
         "gradient_ms": 1e3 * t_grad,
+        "gradient_math_ms": 1e3 * timings["gradient_math"][0],
+        "math_backend_ratio": timings["gradient_math"][0] / t_grad,
+        "ggn_ms": 1e3 * timings["ggn"][0],
+        "ggn_ratio": timings["ggn"][0] / t_grad,
         "ntk_mvm_ms": 1e3 * t_mvm,
         "time_ratio": t_mvm / t_grad,
         "cached_ntk_mvm_ms": 1e3 * cached["mvm"][0],
@@ -92,13 +113,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n-resnet", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument(
+        "--transformers",
+        choices=[*TRANSFORMER_SIZES, "none"],
+        default=None,
+        help="ViT and BERT sizes (default: base on cuda, small on the CPU)",
+    )
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ntk_mvm.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = [
-        bench(name, model, x, args.repeats, args.chunk_size)
-        for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)
-    ]
+    size = args.transformers or ("base" if device.type == "cuda" else "small")
+    networks = mlp_and_resnet(device, args.n_mlp, args.n_resnet)
+    if size != "none":
+        networks += transformers_vit_and_bert(device, size, args.seq_len)
+    rows = [bench(name, model, x, device, args.repeats, args.chunk_size) for name, model, x in networks]
     print(header(device, args.repeats))
     for r in rows:
         mem = (
@@ -108,6 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         print(
             f"{r['model']:22s} n={r['n']:5d} p={r['params']:9d}  gradient {r['gradient_ms']:8.2f} ms  "
+            f"(math attention {r['math_backend_ratio']:.2f}×)  GGN {r['ggn_ms']:8.2f} ms  ratio {r['ggn_ratio']:.2f}  "
             f"NTK-MVM {r['ntk_mvm_ms']:8.2f} ms  ratio {r['time_ratio']:.2f}{mem}  "
             f"cached {r['cached_ntk_mvm_ms']:8.2f} ms  ratio {r['cached_time_ratio']:.2f} (difference "
             f"{r['cached_relative_difference']:.1e}, estimate {r['cached_estimate_gib']:.2f} GiB)  "

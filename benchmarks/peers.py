@@ -6,6 +6,9 @@ networks of ``benchmarks/ntk_mvm.py`` (MLP 784-1024-1024-10, ResNet-18 at 32 × 
   JVP then VJP), its finite-difference version (one gradient per product) and the NTK product K u;
 - curvlinops: ``GGNLinearOperator(model, CrossEntropyLoss(reduction="sum"), params, [(x, y)])`` @ v, the same
   matrix (its agreement with ours is printed);
+- transformers (``--transformers small|base|tiny|none``, :func:`timing.transformers_vit_and_bert`): a torchvision ViT
+  and a HuggingFace BERT encoder on 128 tokens (dict inputs); the gradient and curvlinops run on the network's default
+  attention backend, ours on the math one;
 - laplace-torch 0.3 has no matrix-free product: its GLM predictive and full GGN go through per-sample
   Jacobians, ``CurvlinopsGGN(model, "classification").jacobians(x)`` (n, C, p), and then Jᵀ(H(J v)); timed
   when n·C·p floats fit ``--jacobian-budget-gib``, else reported as skipped with the memory it needs.
@@ -18,31 +21,63 @@ CPU. Needs the ``bench`` extra (laplace-torch). Writes ``results/benchmarks/peer
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from curvlinops import GGNLinearOperator
 from laplace.curvature import CurvlinopsGGN
-from timing import cpu_peak_bytes, header, measure, mlp_and_resnet, write_results
+from timing import (
+    TRANSFORMER_SIZES,
+    Logits,
+    cpu_peak_bytes,
+    header,
+    measure,
+    mlp_and_resnet,
+    transformers_vit_and_bert,
+    write_results,
+)
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
+from ntkgp.functional.attention import differentiable_attention
+from ntkgp.inputs import Inputs, length
 
 
-def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib: float) -> list[dict]:
-    device = x.device
+def peer_product(peer: GGNLinearOperator, v: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """curvlinops' product on the network's default attention backend; where that raises (its GGN product is a
+    torch.func JVP too: no forward-mode rule for torch's fused attention), on the math one, which ntkgp selects."""
+    try:
+        peer @ v
+    except NotImplementedError as err:
+        print(f"curvlinops on the default attention backend: {str(err).splitlines()[0][:120]}; timed on the math one")
+
+        def on_math() -> torch.Tensor:
+            with differentiable_attention():
+                return peer @ v
+
+        return on_math
+    return lambda: peer @ v
+
+
+def bench(name: str, model: nn.Module, x: Inputs, device: torch.device, repeats: int, budget_gib: float) -> list[dict]:
     model = model.to(device).eval()
+    f = Logits(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    y = torch.randint(0, 10, (x.shape[0],), device=device)
+    n = length(x)
+    y = torch.randint(0, 10, (n,), device=device)
     fisher = fisher_operator(model, x, "categorical", method="exact")
     finite = fisher_operator(fisher.network, x, "categorical", method="finite_difference")
     ntk = ntk_operator(fisher.network, x)
-    peer = GGNLinearOperator(model, nn.CrossEntropyLoss(reduction="sum"), params, [(x, y)], check_deterministic=False)
-    v = torch.randn(fisher.shape[-1], device=device, dtype=x.dtype)
-    u = torch.randn(ntk.shape[-1], device=device, dtype=x.dtype)
+    peer = GGNLinearOperator(
+        f, nn.CrossEntropyLoss(reduction="sum"), params, [(x, y)], check_deterministic=False, batch_size_fn=length
+    )
+    dtype = fisher.network.dtype
+    v = torch.randn(fisher.shape[-1], device=device, dtype=dtype)
+    u = torch.randn(ntk.shape[-1], device=device, dtype=dtype)
 
     def gradient():
-        return torch.autograd.grad(model(x).sum(), params)
+        return torch.autograd.grad(f(x).sum(), params)
 
     def no_grad(fn):
         def run():
@@ -58,12 +93,12 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib
         "ours: GGN (JVP + VJP)": no_grad(lambda: fisher._matmul(v[:, None])),
         "ours: GGN finite difference": no_grad(lambda: finite._matmul(v[:, None])),
         "ours: NTK K u": no_grad(lambda: ntk._matmul(u[:, None])),
-        "curvlinops: GGNLinearOperator": lambda: peer @ v,
+        "curvlinops: GGNLinearOperator": peer_product(peer, v),
     }
-    needed = x.shape[0] * 10 * fisher.shape[-1] * x.element_size() / 2**30
+    needed = n * 10 * fisher.shape[-1] * v.element_size() / 2**30
     skipped = needed > budget_gib
     if not skipped:
-        interface = CurvlinopsGGN(model, "classification")
+        interface = CurvlinopsGGN(f, "classification")
 
         def laplace_torch():
             js, f = interface.jacobians(x)  # (n, C, p), (n, C)
@@ -74,7 +109,7 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib
         products["laplace-torch: Jacobians, then JᵀHJ v"] = laplace_torch
     timings = measure(products, device, repeats)
     reference = (fisher @ v).reshape(-1)
-    agreement = {"curvlinops: GGNLinearOperator": peer @ v}
+    agreement = {"curvlinops: GGNLinearOperator": products["curvlinops: GGNLinearOperator"]()}
     if not skipped:
         agreement["laplace-torch: Jacobians, then JᵀHJ v"] = products["laplace-torch: Jacobians, then JᵀHJ v"]()
     rows = []
@@ -85,7 +120,7 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib
         grad_peak = peak if method == "gradient" else grad_peak
         row = {
             "model": name,
-            "n": x.shape[0],
+            "n": n,
             "params": fisher.shape[-1],
             "method": method,
             "ms": 1e3 * seconds,
@@ -100,7 +135,7 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, budget_gib
         rows.append(
             {
                 "model": name,
-                "n": x.shape[0],
+                "n": n,
                 "params": fisher.shape[-1],
                 "method": "laplace-torch: Jacobians, then JᵀHJ v",
                 "skipped": f"needs {needed:.1f} GiB",
@@ -116,13 +151,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n-resnet", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--jacobian-budget-gib", type=float, default=4.0)
+    parser.add_argument(
+        "--transformers",
+        choices=[*TRANSFORMER_SIZES, "none"],
+        default=None,
+        help="ViT and BERT sizes (default: base on cuda, small on the CPU)",
+    )
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/peers.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    size = args.transformers or ("base" if device.type == "cuda" else "small")
+    networks = mlp_and_resnet(device, args.n_mlp, args.n_resnet)
+    if size != "none":
+        networks += transformers_vit_and_bert(device, size, args.seq_len)
     rows = [
         row
-        for name, model, x in mlp_and_resnet(device, args.n_mlp, args.n_resnet)
-        for row in bench(name, model, x, args.repeats, args.jacobian_budget_gib)
+        for name, model, x in networks
+        for row in bench(name, model, x, device, args.repeats, args.jacobian_budget_gib)
     ]
     print(header(device, args.repeats))
     for r in rows:

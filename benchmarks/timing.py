@@ -12,6 +12,9 @@ import torchvision
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from ntkgp.functional.network_output import select_output
+from ntkgp.inputs import Inputs, call_arguments
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -75,4 +78,52 @@ def mlp_and_resnet(device: torch.device, n_mlp: int, n_resnet: int) -> list[tupl
     return [
         ("MLP 784-1024-1024-10", mlp, torch.randn(n_mlp, 784, device=device)),
         ("ResNet-18 32x32", resnet, torch.randn(n_resnet, 3, 32, 32, device=device)),
+    ]
+
+
+#: transformer sizes: (layers, hidden, heads, batch) — "base" is ViT-B/16 and BERT-base (a GPU's), "small" fits a
+#: 2-core CPU run, "tiny" the test suite
+TRANSFORMER_SIZES = {"base": (12, 768, 12, 32), "small": (4, 256, 4, 8), "tiny": (1, 32, 2, 2)}
+
+
+class Logits(nn.Module):
+    """f of a network with any inputs, as one tensor: ``model(x)``, ``model(*x)`` or ``model(**x)``, a ModelOutput's
+    logits (what curvlinops and a plain gradient need)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Inputs) -> torch.Tensor:
+        args, kwargs = call_arguments(x)
+        return select_output(self.model(*args, **kwargs), None)
+
+
+def transformers_vit_and_bert(
+    device: torch.device, size: str, seq_len: int = 128
+) -> list[tuple[str, nn.Module, Inputs]]:
+    """(name, network, inputs) of a torchvision ViT on 224 × 224 images (patch 16) and a HuggingFace BERT encoder on
+    ``seq_len`` tokens (dict inputs), ``size`` from :data:`TRANSFORMER_SIZES`, 10 outputs, random weights (seed 0)."""
+    from torchvision.models import VisionTransformer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    layers, hidden, heads, n = TRANSFORMER_SIZES[size]
+    torch.manual_seed(0)
+    vit = VisionTransformer(224, 16, layers, heads, hidden, 4 * hidden, num_classes=10)
+    config = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        num_labels=10,
+        max_position_embeddings=max(512, seq_len),
+    )
+    bert = BertForSequenceClassification(config)
+    tokens = {
+        "input_ids": torch.randint(1, config.vocab_size, (n, seq_len), device=device),
+        "attention_mask": torch.ones(n, seq_len, dtype=torch.long, device=device),
+    }
+    return [
+        (f"ViT {layers}x{hidden} 224px", vit, torch.randn(n, 3, 224, 224, device=device)),
+        (f"BERT {layers}x{hidden} seq {seq_len}", bert, tokens),
     ]

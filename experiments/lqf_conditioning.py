@@ -51,7 +51,7 @@ SPECTRA = ["LQF Hessian", "LQF, K-FAC preconditioned", "NLFT start", "NLFT end"]
 
 def ggn_ritz_values(network: FunctionalNetwork, x: Tensor, weight_decay: float, steps: int) -> Tensor:
     """Ritz values (ascending) of Σ Jᵢᵀ(diag π − ππᵀ)Jᵢ + λI at the network's θ0 (the cross-entropy GGN)."""
-    fisher = FisherOperator(x, network=network, likelihood="categorical", method="exact", epsilon=1.0)
+    fisher = FisherOperator.of(x, network=network, likelihood="categorical", method="exact", epsilon=1.0)
 
     def apply(v: Tensor) -> Tensor:
         with torch.no_grad():

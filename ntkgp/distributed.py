@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .inputs import Inputs, length
+
 if TYPE_CHECKING:  # functional.py imports this module
     from .functional import FunctionalNetwork
 
@@ -41,9 +43,9 @@ def all_reduce_sum(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     return total if not t.requires_grad else t + (total - t.detach())
 
 
-def global_rows(network: FunctionalNetwork, x: Tensor) -> int:
+def global_rows(network: FunctionalNetwork, x: Inputs) -> int:
     """The number of inputs in x, summed over the ranks when x is a shard (``FunctionalNetwork.shard``)."""
     if not network.is_sharded(x):
-        return x.shape[0]
-    count = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
+        return length(x)
+    count = torch.tensor([float(length(x))], dtype=torch.float64, device=network.device)
     return int(network.sum_over_shards(x, count).item())

@@ -17,6 +17,8 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
+from .inputs import magnitude
+
 _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
@@ -122,40 +124,6 @@ def check_tensor(value: Any, name: str, shape: str) -> Tensor:
     return value
 
 
-def check_inputs(
-    x: Any,
-    dtype: torch.dtype,
-    name: str = "x",
-    device: torch.device | None = None,
-    input_shape: Sequence[int] | None = None,
-    shape_of: str = "the training inputs",
-) -> Tensor:
-    """Raise unless ``x`` is a finite floating tensor (n, ...) with n >= 1 in ``dtype`` (and on ``device``,
-    with per-input shape ``input_shape``, that of ``shape_of``, when given); return it."""
-    check_tensor(x, name, "(n, ...)")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{name} has dtype {x.dtype}; the network needs floating inputs: convert with {name}.to({dtype})"
-        )
-    if x.dtype != dtype:
-        raise TypeError(
-            f"{name} has dtype {x.dtype} but the network's parameters are {dtype}: "
-            f"convert with {name}.to({dtype}) or the network with .to({x.dtype})"
-        )
-    if device is not None and x.device != torch.device(device):
-        raise ValueError(f"{name} is on {x.device} but the network is on {device}: move it with {name}.to('{device}')")
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (n, ...) with n >= 1, got {tuple(x.shape)}")
-    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(
-            f"{name} has per-input shape {tuple(x.shape[1:])}, but {tuple(input_shape)} is expected (that "
-            f"of {shape_of}); pass inputs (n, {', '.join(map(str, input_shape))})"
-        )
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf values; remove or impute them first")
-    return x
-
-
 def check_targets(y: Any, n: int, num_outputs: int, dtype: torch.dtype) -> Tensor:
     """Validate regression targets against n inputs and C outputs; return them as (n, C)."""
     check_tensor(y, "train_y", "(n,) or (n, C)")
@@ -222,7 +190,7 @@ def check_finite(t: Tensor, what: str, hint: str) -> Tensor:
     return t
 
 
-def check_prediction(x: Tensor, **parts: Tensor | None) -> None:
+def check_prediction(x: Any, **parts: Tensor | None) -> None:
     """Raise a FloatingPointError if a predictive quantity (name -> tensor) at inputs x is not finite."""
     for name, t in parts.items():
         if t is not None:
@@ -230,7 +198,7 @@ def check_prediction(x: Tensor, **parts: Tensor | None) -> None:
                 t,
                 f"the predictive {name} at x",
                 f"the network's Jacobian at these inputs is too large for "
-                f"{t.dtype} (|x| up to {float(x.detach().abs().max()):.3g}): rescale or normalise the inputs",
+                f"{t.dtype} (|x| up to {magnitude(x):.3g}): rescale or normalise the inputs",
             )
 
 
@@ -245,9 +213,9 @@ def check_finite_tensors(tensors: dict[str, Tensor], kind: str) -> None:
             )
 
 
-def check_not_sharded(network: Any, x: Tensor, what: str) -> None:
+def check_not_sharded(network: Any, x: Any, what: str) -> None:
     """Raise if x is a shard of inputs across processes (``network.shard``) for a method that needs them all."""
-    if isinstance(x, Tensor) and network.is_sharded(x):
+    if network.is_sharded(x):
         raise NotImplementedError(
             f"{what} needs all its training inputs on one process, but train_x is a shard "
             "(network.shard; docs/distributed.md): pass the whole training set, or use what "

@@ -186,7 +186,9 @@ def test_lqf_bad_data_and_calls():
     with pytest.raises(RuntimeError, match="call fit"):
         lqf.predict(x)
     lqf.fit(x, y, epochs=1, progress=False)
-    with pytest.raises(ValueError, match=r"new_x has per-input shape \(4,\) but the training inputs have \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"new_x has per-input shape \(4,\), but \(3,\) is expected \(that of the training inputs\)"
+    ):
         lqf.update(torch.randn(2, 4), y[:2])
     with pytest.raises(ValueError, match="solver"):
         lqf.fit(x, y, solver="lbfgs", progress=False)

@@ -42,15 +42,31 @@ def test_ntk_mvm_benchmark_runs(tmp_path):
             "2",
             "--repeats",
             "1",
+            "--transformers",
+            "tiny",
+            "--seq-len",
+            "16",
             "--out",
             str(tmp_path / "ntk_mvm.json"),
         ],
     )
-    assert [r["model"] for r in rows] == ["MLP 784-1024-1024-10", "ResNet-18 32x32"]
+    assert [r["model"] for r in rows] == [
+        "MLP 784-1024-1024-10",
+        "ResNet-18 32x32",
+        "ViT 1x32 224px",
+        "BERT 1x32 seq 16",
+    ]
     assert all(
         math.isfinite(r[key]) and r[key] > 0
         for r in rows
-        for key in ("time_ratio", "cached_time_ratio", "fd_fisher_ratio", "central_fisher_ratio")
+        for key in (
+            "time_ratio",
+            "cached_time_ratio",
+            "fd_fisher_ratio",
+            "central_fisher_ratio",
+            "ggn_ratio",
+            "math_backend_ratio",
+        )
     )
     assert all(r["cached_relative_difference"] < 1e-5 for r in rows)
     assert (tmp_path / "ntk_mvm.json").exists()
@@ -124,8 +140,24 @@ def test_peers_benchmark_runs_and_agrees(tmp_path):
     pytest.importorskip("laplace", reason="laplace-torch (the bench/test extra) is not installed")
     rows = run_in_float32(
         "peers",
-        ["--device", "cpu", "--n-mlp", "4", "--n-resnet", "2", "--repeats", "1", "--out", str(tmp_path / "peers.json")],
+        [
+            "--device",
+            "cpu",
+            "--n-mlp",
+            "4",
+            "--n-resnet",
+            "2",
+            "--repeats",
+            "1",
+            "--transformers",
+            "tiny",
+            "--seq-len",
+            "16",
+            "--out",
+            str(tmp_path / "peers.json"),
+        ],
     )
+    assert {r["model"] for r in rows} >= {"ViT 1x32 224px", "BERT 1x32 seq 16"}
     methods = {r["method"] for r in rows}
     assert {
         "ours: GGN (JVP + VJP)",

@@ -14,9 +14,10 @@ from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network
+from ..inputs import Inputs, check_inputs
 from ..operators.fisher_operator import FisherOperator, fisher_operator
 from ..operators.ntk_operator import NTKOperator
-from ..validation import as_count, check_inputs, check_tensor
+from ..validation import as_count, check_tensor
 
 __all__ = ["JacobianKernel"]
 
@@ -24,9 +25,13 @@ __all__ = ["JacobianKernel"]
 class JacobianKernel(gpytorch.kernels.Kernel):
     """k(x, x') = J(x) J(x')ᵀ of a network with C outputs, for use in any GPyTorch model.
 
-    GPyTorch passes inputs as (n, d) matrices; ``input_shape`` (default ``(d,)``) is the per-example
+    GPyTorch passes inputs as (n, d) float matrices; ``input_shape`` (default ``(d,)``) is the per-example
     shape the network expects, and inputs are reshaped to (n, *input_shape) before the network sees
-    them. Batched inputs (..., n, d) — BoTorch's (b × q × d) candidates, batched multi-output models —
+    them. A network that takes something else — token ids, several tensors, a mapping (:mod:`ntkgp.inputs`) — gets
+    them from ``inputs``, a function from the (n, d) float matrix to the network's inputs: ``lambda x: x.long()`` for
+    token ids carried as floats, or ``ntkgp.inputs.Unpack(structure)`` for inputs flattened by
+    ``ntkgp.inputs.pack`` (what :class:`~ntkgp.NTKGP` does).
+    Batched inputs (..., n, d) — BoTorch's (b × q × d) candidates, batched multi-output models —
     give a dense (..., n·C, m·C) kernel from per-sample Jacobians (differentiable in the inputs); the
     Jacobians of the last unbatched input (the training inputs, which GPyTorch puts first in every batch of
     a prediction) are kept and reused, not recomputed per batch member. With C > 1 outputs the covariance is
@@ -42,6 +47,8 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         params: the parameters to linearise in (names or module prefixes; default all trainable).
         input_shape: per-example input shape of the network (a sequence of sizes, or one int).
         chunk_size: vectors pushed through the network at once (default 32).
+        inputs: a function from GPyTorch's (n, d) float inputs to the network's n inputs (instead of
+            ``input_shape``).
     """
 
     has_lengthscale = False
@@ -52,11 +59,18 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         params: Sequence[str] | str | None = None,
         input_shape: Sequence[int] | int | None = None,
         chunk_size: int | None = None,
+        inputs: Callable[[Tensor], Inputs] | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.network = as_functional_network(model, params, chunk_size)
         self.input_shape = _as_shape(input_shape)
+        if inputs is not None and (not callable(inputs) or self.input_shape is not None):
+            raise TypeError(
+                "inputs must be a function from (n, d) float inputs to the network's inputs, given instead of "
+                f"input_shape; got {type(inputs).__name__} with input_shape {self.input_shape}"
+            )
+        self.inputs = inputs
         if self.input_shape is not None and not isinstance(model, FunctionalNetwork):
             # one forward pass on a zero input: a shape the network refuses fails here, not at the first call (a
             # FunctionalNetwork comes from NTKGP and the like, which check their inputs themselves)
@@ -97,8 +111,17 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         self.network._apply(fn)
         return super()._apply(fn, *args, **kwargs)
 
-    def _inputs(self, x: Tensor, name: str = "x") -> Tensor:
+    def _inputs(self, x: Tensor, name: str = "x") -> Inputs:
+        """The network's inputs for GPyTorch's (n, d) float inputs x."""
+        check_tensor(x, name, "(n, d)")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name} has dtype {x.dtype}: GPyTorch's inputs are (n, d) float matrices; carry token ids as floats "
+                "and map them back with JacobianKernel(..., inputs=lambda x: x.long())"
+            )
         check_inputs(x, self.network.dtype, name, self.network.device)
+        if self.inputs is not None:
+            return check_inputs(self.inputs(x), self.network.dtype, f"inputs({name})", self.network.device)
         if self.input_shape is None:
             return x
         if x.shape[-1] != math.prod(self.input_shape):
@@ -170,7 +193,7 @@ class JacobianKernel(gpytorch.kernels.Kernel):
         if x2.dim() == 2 and x2.shape[-1] != x1.shape[-1]:
             raise ValueError(f"x1 has {x1.shape[-1]} features per input but x2 has {x2.shape[-1]}; they must match")
         b = a if (x2 is x1 or (x2.shape == x1.shape and torch.equal(x1, x2))) else self._inputs(x2, "x2")
-        op = NTKOperator(a, b, network=self.network, num_outputs=self.num_outputs(x1))
+        op = NTKOperator.of(a, b, network=self.network, num_outputs=self.num_outputs(x1))
         if diag:
             return op._diagonal()
         if self._memo is None or x1.requires_grad or x2.requires_grad:

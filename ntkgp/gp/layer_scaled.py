@@ -55,11 +55,12 @@ from linear_operator.utils.linear_cg import linear_cg
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network, select_parameters
+from ..inputs import Inputs, check_inputs, length, structure
 from ..memory import default_budget
 from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import dense_ntk
 from ..operators.ntk_operator import NTKOperator
-from ..validation import as_count, as_positive_float, check_choice, check_inputs, check_targets
+from ..validation import as_count, as_positive_float, check_choice, check_targets
 from .identity_plus_gram import identity_plus_factor, log_determinant, psd_root
 from .ntk_gp import Prediction
 from .parameter_space import dense_gram
@@ -124,7 +125,8 @@ class LayerScaledNTKGP(nn.Module):
     """Exact GP regression with K = Σ_g s_g² J_g J_gᵀ (module docstring).
 
     Args:
-        model: the network (eval mode) or a FunctionalNetwork; train_x (n, ...), train_y (n,) or (n, C).
+        model: the network (eval mode) or a FunctionalNetwork; n inputs train_x (:mod:`ntkgp.inputs`), train_y (n,)
+            or (n, C).
         groups: None (one group per layer, i.e. per module holding parameters) or name -> parameter names /
             module prefixes.
         params: the parameters linearised (default all); space: ``"function"`` (N = n·C rows) or ``"parameter"``
@@ -139,7 +141,7 @@ class LayerScaledNTKGP(nn.Module):
     def __init__(
         self,
         model: nn.Module | FunctionalNetwork,
-        train_x: Tensor,
+        train_x: Inputs,
         train_y: Tensor,
         groups: Mapping[str, Sequence[str] | str] | None = None,
         params: Sequence[str] | str | None = None,
@@ -155,9 +157,9 @@ class LayerScaledNTKGP(nn.Module):
         check_choice(space, "space", ("function", "parameter"))
         self.solver, self.trace_samples = as_solver(solver), as_count(trace_samples, "trace_samples")
         self.network = as_functional_network(model, params)
-        check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
+        train_x = check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
         self.num_outputs = self.network.num_outputs(train_x)
-        targets = check_targets(train_y, train_x.shape[0], self.num_outputs, self.network.dtype)
+        targets = check_targets(train_y, length(train_x), self.num_outputs, self.network.dtype)
         self.groups = parameter_groups(self.network, groups)
         self.group_names = list(self.groups)
         self.space, self.mean_kind, self.train_x = space, mean, train_x
@@ -182,7 +184,7 @@ class LayerScaledNTKGP(nn.Module):
             if space == "function" and self._dense:
                 self._parts = [psd_root(dense_ntk(net, train_x)) for net in self._nets]  # K_g (N × N) each
             elif space == "parameter":
-                n, c = train_x.shape[0], self.num_outputs
+                n, c = length(train_x), self.num_outputs
                 residual = self._residual.to(self.network.dtype).reshape(1, n, c)
                 self._gradient = self.network.vjp(train_x, residual)[0].double()  # Jᵀr (p,)
                 if self._dense:
@@ -218,9 +220,9 @@ class LayerScaledNTKGP(nn.Module):
         """σ² (scalar), detached."""
         return self._hyperparameters()[1].detach()
 
-    def _mean(self, x: Tensor) -> Tensor:
+    def _mean(self, x: Inputs) -> Tensor:
         if self.mean_kind == "zero":
-            return torch.zeros(x.shape[0], self.num_outputs, dtype=self.network.dtype, device=self.network.device)
+            return torch.zeros(length(x), self.num_outputs, dtype=self.network.dtype, device=self.network.device)
         return self.network.outputs(x)
 
     def _hyperparameters(self) -> tuple[Tensor, Tensor]:
@@ -243,7 +245,7 @@ class LayerScaledNTKGP(nn.Module):
                     gram, lambda: torch.cat([w.sqrt() * part.root for w, part in zip(weights, parts)], -1), norm
                 )
             ops = [
-                NTKOperator(x, x, network=net, num_outputs=self.num_outputs) * (s / noise).to(dtype)
+                NTKOperator.of(x, x, network=net, num_outputs=self.num_outputs) * (s / noise).to(dtype)
                 for s, net in zip(scales, self._nets)
             ]
             total = ops[0] if len(ops) == 1 else SumLinearOperator(*ops)
@@ -255,10 +257,9 @@ class LayerScaledNTKGP(nn.Module):
                 norm = float(weights.detach().max()) ** 2 * part.top
                 return identity_plus_factor(gram, lambda: weights[:, None] * part.root, norm)
             scaling = DiagLinearOperator(weights.to(dtype))
-            total = scaling @ GramOperator(x, network=self.network) @ scaling
-        return _System(
-            total, ConstantDiagLinearOperator(torch.ones(1, dtype=dtype, device=x.device), diag_shape=total.shape[-1])
-        )
+            total = scaling @ GramOperator.of(x, network=self.network) @ scaling
+        unit = torch.ones(1, dtype=dtype, device=self.network.device)
+        return _System(total, ConstantDiagLinearOperator(unit, diag_shape=total.shape[-1]))
 
     def _scaled_gradient(self) -> Tensor:
         """b̃ = S Jᵀr (p,) (parameter space), differentiable in the scales."""
@@ -337,9 +338,9 @@ class LayerScaledNTKGP(nn.Module):
             "everywhere), a fixed noise, or float64"
         )
 
-    def predict(self, x: Tensor, observation_noise: bool = False) -> Prediction:
+    def predict(self, x: Inputs, observation_noise: bool = False) -> Prediction:
         """Predictive mean and variance at x (m, ...): (m,) for one output, (m, C) otherwise."""
-        check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.train_x.shape[1:])
+        x = check_inputs(x, self.network.dtype, "x", self.network.device, like=structure(self.train_x))
         with torch.no_grad():
             system, (scales, noise) = self._system(), self._hyperparameters()
             if self.space == "function":  # C⁻¹ = M⁻¹/σ²
@@ -356,6 +357,6 @@ class LayerScaledNTKGP(nn.Module):
             mean = self._mean(x).reshape(-1).double() + cross @ solved[:, 0]
             if observation_noise:
                 variance = variance + self.noise
-        shape = (x.shape[0],) if self.num_outputs == 1 else (x.shape[0], self.num_outputs)
+        shape = (length(x),) if self.num_outputs == 1 else (length(x), self.num_outputs)
         dtype = self.network.dtype
         return Prediction(mean.to(dtype).reshape(shape), variance.clamp_min(0).to(dtype).reshape(shape))

@@ -9,18 +9,25 @@ import gpytorch
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs
 
 __all__ = ["NetworkMean"]
 
 
 class NetworkMean(gpytorch.means.Mean):
-    """m(x) = f(x; θ0) for inputs x (n, d), reshaped to (n, *input_shape); output (n,) if C = 1 else (n, C).
+    """m(x) = f(x; θ0) for inputs x (n, d), reshaped to (n, *input_shape) or mapped to the network's inputs by
+    ``inputs`` (as in :class:`~ntkgp.JacobianKernel`); output (n,) if C = 1 else (n, C).
 
     The network is a frozen snapshot (not a submodule): no gradient reaches its weights, while ``.to(...)``,
     ``.double()``, … convert it.
     """
 
-    def __init__(self, network: FunctionalNetwork, input_shape: Sequence[int] | None = None):
+    def __init__(
+        self,
+        network: FunctionalNetwork,
+        input_shape: Sequence[int] | None = None,
+        inputs: Callable[[Tensor], Inputs] | None = None,
+    ):
         super().__init__()
         if not isinstance(network, FunctionalNetwork):
             raise TypeError(
@@ -28,12 +35,15 @@ class NetworkMean(gpytorch.means.Mean):
             )
         self.network = network
         self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.inputs = inputs
 
     def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> Any:
         self.network._apply(fn)
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        inputs = x if self.input_shape is None else x.reshape(x.shape[0], *self.input_shape)
-        out = self.network(inputs)
+        if self.inputs is not None:
+            out = self.network(self.inputs(x))
+        else:
+            out = self.network(x if self.input_shape is None else x.reshape(x.shape[0], *self.input_shape))
         return out.squeeze(-1) if out.shape[-1] == 1 else out

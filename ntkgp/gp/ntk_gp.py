@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
+from ..inputs import Inputs, Unpack, check_inputs, inputs_at, length, pack, requires_grad, structure
 from ..memory import check_fits, default_budget
 from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import LayerFactors, LayerKernel
@@ -37,7 +38,6 @@ from ..validation import (
     as_positive_float,
     check_choice,
     check_finite,
-    check_inputs,
     check_not_sharded,
     check_prediction,
     check_targets,
@@ -105,7 +105,7 @@ class _ZeroMean(gpytorch.means.Mean):
         self.num_outputs = num_outputs
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (x.shape[0],) if self.num_outputs == 1 else (x.shape[0], self.num_outputs)
+        shape = (length(x),) if self.num_outputs == 1 else (length(x), self.num_outputs)
         return torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
@@ -136,8 +136,8 @@ class NTKGP(nn.Module):
     ``.to(dtype/device)``, ``.double()``, ``.float()`` convert the network snapshot with the GP.
     """
 
-    train_x: Tensor  # (n, ...), a buffer
     train_targets: Tensor  # (n, C), a buffer
+    _train_inputs: Tensor  # a buffer: train_x itself, or packed (ntkgp.inputs.pack) when it is not one float tensor
 
     #: Test inputs on which a low-rank variance is also computed exactly, to choose its rank and report its error
     #: (8 understated the error over 200 MobileNetV2 test images thirteenfold: 9.8e-3 against 0.13).
@@ -146,7 +146,7 @@ class NTKGP(nn.Module):
     def __init__(
         self,
         model: nn.Module | FunctionalNetwork,
-        train_x: Tensor,
+        train_x: Inputs,
         train_y: Tensor,
         params: Sequence[str] | str | None = None,
         space: str = "function",
@@ -173,20 +173,25 @@ class NTKGP(nn.Module):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.progress, self.cache_linearisation = progress, cache_linearisation
-        check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
+        train_x = check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
         if space == "function":
             check_not_sharded(self.network, train_x, "NTKGP in function space (space='parameter' runs on shards)")
         self.num_outputs = self.network.num_outputs(train_x)
-        targets = check_targets(train_y, train_x.shape[0], self.num_outputs, self.network.dtype)
+        targets = check_targets(train_y, length(train_x), self.num_outputs, self.network.dtype)
         self.space, self.mean_kind = space, mean
-        self.register_buffer("train_x", train_x, persistent=False)
-        self.input_shape = tuple(train_x.shape[1:])
+        self.train_structure = structure(train_x)
+        floating = isinstance(train_x, Tensor) and train_x.is_floating_point()
+        #: GPyTorch's (n, d) float inputs -> the network's (None: a reshape to the training inputs' shape)
+        self._unpack = None if floating else Unpack(self.train_structure)
+        held = train_x if isinstance(train_x, Tensor) and floating else pack(train_x, self.network.dtype)
+        self.register_buffer("_train_inputs", held, persistent=False)
         self.learn_noise = noise is None
 
         # converted before any value is set: GPyTorch's setters go through a tensor of the module's dtype (and a float
         # through torch's default dtype), which held s² = 1 − 4.5e-10 and σ² = 0.1 + 1.5e-9 for a float64 network
         as_network_tensor = partial(torch.tensor, dtype=self.network.dtype, device=self.network.device)
-        kernel = gpytorch.kernels.ScaleKernel(JacobianKernel(self.network, input_shape=self.input_shape))
+        shape = None if self._unpack else self.train_structure.shapes[0]
+        kernel = gpytorch.kernels.ScaleKernel(JacobianKernel(self.network, input_shape=shape, inputs=self._unpack))
         kernel = kernel.to(device=self.network.device, dtype=self.network.dtype)
         kernel.outputscale = as_network_tensor(outputscale)
         floor = 1e-6 if noise is None else min(1e-6, noise / 2)
@@ -203,14 +208,31 @@ class NTKGP(nn.Module):
         else:
             likelihood.noise = as_network_tensor(noise)
             likelihood.raw_noise.requires_grad_(False)
-        mean_module = NetworkMean(self.network, self.input_shape) if mean == "network" else _ZeroMean(self.num_outputs)
-        y = targets.squeeze(-1) if self.num_outputs == 1 else targets
-        self.gp = _ExactNTKModel(
-            train_x.reshape(train_x.shape[0], -1), y, likelihood, mean_module, kernel, self.num_outputs
+        mean_module = (
+            NetworkMean(self.network, shape, inputs=self._unpack) if mean == "network" else _ZeroMean(self.num_outputs)
         )
+        y = targets.squeeze(-1) if self.num_outputs == 1 else targets
+        self.gp = _ExactNTKModel(self._packed(train_x), y, likelihood, mean_module, kernel, self.num_outputs)
         self.register_buffer("train_targets", targets, persistent=False)  # (n, C)
         self._clear_caches()
         _ = self._residual  # checks the network's outputs at train_x now, not at the first prediction
+
+    @property
+    def train_x(self) -> Inputs:
+        """The training inputs (n of them, as given: a tensor, a tuple or a dict; :mod:`ntkgp.inputs`)."""
+        return self._train_inputs if self._unpack is None else self._unpack(self._train_inputs)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The per-input shape of one-tensor training inputs."""
+        return self.train_structure.shapes[0]
+
+    def _packed(self, x: Inputs) -> Tensor:
+        """GPyTorch's (n, d) float inputs for inputs x of the training inputs' structure."""
+        if self._unpack is None:
+            assert isinstance(x, Tensor)
+            return x.reshape(length(x), -1)
+        return pack(x, self.network.dtype)
 
     def _clear_caches(self) -> None:
         self._residual_cache: Tensor | None = None
@@ -241,7 +263,7 @@ class NTKGP(nn.Module):
         """s² (scalar)."""
         return self.gp.covar_module.outputscale.reshape(())
 
-    def _prior_mean(self, x: Tensor) -> Tensor:
+    def _prior_mean(self, x: Inputs) -> Tensor:
         """m(x) as (m, C)."""
         out = self.network(x)
         return out if self.mean_kind == "network" else torch.zeros_like(out)
@@ -272,7 +294,7 @@ class NTKGP(nn.Module):
         return float((total[1] - total[0] ** 2 / count) / (count - 1)) if count > 1 else 1.0
 
     def _gram(self) -> GramOperator:
-        return GramOperator(self.train_x, network=self.network)
+        return GramOperator.of(self.train_x, network=self.network)
 
     def _ntk_eigenpairs(self) -> tuple[Tensor, Tensor, float]:
         """All eigenpairs of the dense NTK K(X, X) in float64 and the floor of the network's dtype."""
@@ -342,13 +364,13 @@ class NTKGP(nn.Module):
         """Elements of the largest intermediate of a layer-factor kernel block: 2^25, or a quarter of the budget."""
         return max(1, min(2**25, self.memory_budget // (4 * self.network.theta0.element_size())))
 
-    def _kernel_projections(self, kernel: LayerKernel, x: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+    def _kernel_projections(self, kernel: LayerKernel, x: Inputs, columns: Tensor) -> tuple[Tensor, Tensor]:
         """(K(x, X) columns (m·C, k), diag K(x, x) (m·C,)) from layer factors, test inputs in chunks (tqdm bar)."""
         cross, diagonal, step = [], [], max(1, self.network.chunk_size * 8)
         with torch.no_grad():
             self.network.features(x)  # the frozen prefix once for all of x: its chunks are row blocks of it
-            for start in tqdm(range(0, x.shape[0], step), desc="test kernel", delay=1.0, disable=not self.progress):
-                factors = kernel.factors(x[start : start + step])
+            for start in tqdm(range(0, length(x), step), desc="test kernel", delay=1.0, disable=not self.progress):
+                factors = kernel.factors(inputs_at(x, slice(start, start + step)))
                 cross.append(kernel.kernel(factors, self._train_factors(), self._block_elements()) @ columns)
                 diagonal.append(kernel.diagonal_blocks(factors).diagonal(dim1=-2, dim2=-1).reshape(-1))
         return torch.cat(cross), torch.cat(diagonal)
@@ -360,7 +382,7 @@ class NTKGP(nn.Module):
                 self._spectrum = gram_spectrum(
                     self.network, self.train_x, self.num_outputs, self.solver, budget=self.memory_budget
                 )
-                n, c = self.train_x.shape[0], self.num_outputs
+                n, c = length(self.train_x), self.num_outputs
                 self._gradient = self.network.vjp(self.train_x, self._residual.reshape(1, n, c))[0]
         if self._gradient is None:
             raise RuntimeError("Jᵀr is computed with the spectrum")
@@ -529,7 +551,7 @@ class NTKGP(nn.Module):
     # --- prediction ------------------------------------------------------------------------------
     def predict(
         self,
-        x: Tensor,
+        x: Inputs,
         observation_noise: bool = False,
         variance: str = "exact",
         rank: int | None = None,
@@ -549,7 +571,7 @@ class NTKGP(nn.Module):
         that do not require grad), ``"jacobians"`` or ``"tangents"`` (:mod:`ntkgp.gp.variance_projections`). The mean
         is differentiable with respect to x. Shapes (m,) for C = 1, (m, C) otherwise.
         """
-        check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.input_shape)
+        x = check_inputs(x, self.network.dtype, "x", self.network.device, like=self.train_structure)
         if not isinstance(observation_noise, bool):
             raise TypeError(f"observation_noise must be True or False, got {observation_noise!r}")
         check_choice(variance, "variance", ("exact", "low_rank"))
@@ -569,16 +591,16 @@ class NTKGP(nn.Module):
         if observation_noise:
             var = var + self.noise
         check_prediction(x, mean=mean, variance=var)
-        if not x.requires_grad:
+        if not requires_grad(x):
             mean, var = mean.detach(), var.detach()
         return Prediction(mean, var, error, used)
 
-    def _predict_gpytorch(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict_gpytorch(self, x: Inputs) -> tuple[Tensor, Tensor]:
         """GPyTorch's exact GP (CG for the mean, LOVE for the variance) beyond dense sizes: (m, C) each."""
         self.gp.eval()
         with self.solver.settings(), self._explained_singularity(), self._linearised():
-            posterior = self.gp(x.reshape(x.shape[0], -1))
-            return posterior.mean.reshape(x.shape[0], -1), posterior.variance.reshape(x.shape[0], -1)
+            posterior = self.gp(self._packed(x))
+            return posterior.mean.reshape(length(x), -1), posterior.variance.reshape(length(x), -1)
 
     def _function_directions(self) -> tuple[Tensor, Tensor, Callable[[int], Tensor]]:
         """Function space, dense: from the eigenpairs (λ, U) of K in float64, w = 1/(λ + c) on the resolved
@@ -593,7 +615,7 @@ class NTKGP(nn.Module):
         keep = torch.nonzero(weights > 0).squeeze(-1).flip(0)  # eigh's order is ascending
         a = spectral_solve(evals, evecs, self._residual, c, floor)
         columns = torch.cat([a.unsqueeze(-1), evecs[:, keep]], dim=-1).to(self.network.dtype)
-        n, k = self.train_x.shape[0], self.num_outputs
+        n, k = length(self.train_x), self.num_outputs
 
         made: list[Tensor] = []  # the widest direction matrix so far: a low-rank prediction asks twice
 
@@ -624,11 +646,11 @@ class NTKGP(nn.Module):
         return None, noise * evals / (c * (evals + c)), lambda count: tangents[:, :count]
 
     def _projections(
-        self, x: Tensor, columns: Tensor | None, directions: Callable[[int], Tensor], count: int, path: str
+        self, x: Inputs, columns: Tensor | None, directions: Callable[[int], Tensor], count: int, path: str
     ) -> tuple[Tensor, Tensor]:
         """(J(x) D (m·C, count), diag K(x, x) (m·C,)) for the first ``count`` directions D, by ``path``; in function
         space (D = J(X)ᵀ columns) by the layer-factor kernel K(x, X) columns where it is cheaper (or asked for)."""
-        if columns is not None and path in ("auto", "kernel") and not (x.requires_grad and torch.is_grad_enabled()):
+        if columns is not None and path in ("auto", "kernel") and not requires_grad(x):
             kernel = self._factored(required=path == "kernel")
             if kernel is not None:
                 return self._kernel_projections(kernel, x, columns[:, :count])
@@ -644,7 +666,7 @@ class NTKGP(nn.Module):
             return parameter_projections(
                 self.network, x, self.num_outputs, directions(count), path, self.memory_budget, self.progress
             )
-        cross = NTKOperator(x, self.train_x, network=self.network, num_outputs=self.num_outputs)
+        cross = NTKOperator.of(x, self.train_x, network=self.network, num_outputs=self.num_outputs)
         return tangent_projections(
             self.network,
             x,
@@ -656,7 +678,7 @@ class NTKGP(nn.Module):
 
     def _predict_from_directions(
         self,
-        x: Tensor,
+        x: Inputs,
         columns: Tensor | None,
         coefficients: Tensor,
         directions: Callable[[int], Tensor],
@@ -669,7 +691,7 @@ class NTKGP(nn.Module):
         s2, total = self.outputscale.detach(), coefficients.numel()
         error, used = None, total
         if variance == "low_rank":
-            probe = x[: self.PROBES]
+            probe = inputs_at(x, slice(0, self.PROBES))
             cross, prior = self._projections(probe, columns, directions, 1 + total, path)
             terms = (cross[:, 1:].square() * coefficients).cumsum(-1)  # reductions of rank 1, …, r
             reductions = torch.cat([torch.zeros_like(prior).unsqueeze(-1), terms], dim=-1)  # rank 0, …, r
@@ -683,7 +705,7 @@ class NTKGP(nn.Module):
                 used = min(rank, total)
             error = float(errors[used])
         cross, prior = self._projections(x, columns, directions, 1 + used, path)
-        mean = self._prior_mean(x) + cross[:, 0].reshape(x.shape[0], -1)
+        mean = self._prior_mean(x) + cross[:, 0].reshape(length(x), -1)
         reduction = (cross[:, 1:].square() * coefficients[:used]).sum(-1)
         var = (s2 * prior - reduction).reshape(mean.shape)
         return mean, var, error, (used if variance == "low_rank" else None)
@@ -694,7 +716,7 @@ class NTKGP(nn.Module):
         dtype = self.network.dtype
         if spectrum.ntk is not None:
             cotangent = spectral_solve(*spectrum.ntk, self._residual, c, spectrum.floor)
-            n, k = self.train_x.shape[0], self.num_outputs
+            n, k = length(self.train_x), self.num_outputs
             return self.network.vjp(self.train_x, cotangent.to(dtype).reshape(1, n, k))[0]
         if spectrum.gram is not None:
             return spectral_solve(*spectrum.gram, b, c, spectrum.floor).to(dtype)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..distributed import global_rows
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs, length
 from ..lanczos import reorthogonalisation_tolerance
 from ..operators.gram_operator import GramOperator
 from ..operators.ntk_operator import NTKOperator
@@ -89,21 +90,21 @@ def resolved_eigh(matrix: Tensor) -> tuple[Tensor, Tensor, float]:
     return evals.clamp_min(0), evecs, _rank_floor(evals, matrix.shape[-1], matrix.dtype)
 
 
-def train_jacobian(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None) -> Tensor | None:
+def train_jacobian(network: FunctionalNetwork, x: Inputs, num_outputs: int, budget: float | None) -> Tensor | None:
     """J(x) (N × p) from per-sample Jacobians when it fits ``budget`` bytes and
     :func:`~ntkgp.gp.variance_projections.choose_path` finds that cheaper than N products; None otherwise."""
-    size = x.shape[0] * num_outputs
+    size = length(x) * num_outputs
     if budget is None or choose_path(network, x, num_outputs, size, "auto", budget) != "jacobians":
         return None
     return torch.cat(list(network.jacobian_chunks(x))).reshape(size, -1)
 
 
-def dense_gram(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None = None) -> Tensor:
+def dense_gram(network: FunctionalNetwork, x: Inputs, num_outputs: int, budget: float | None = None) -> Tensor:
     """G = J(x)ᵀ J(x) (p × p) in the network's dtype: Σ over chunks of per-sample Jacobians JcᵀJc where
     :func:`~ntkgp.gp.variance_projections.choose_path` finds them cheaper than p products and ``budget`` holds G beside
     a chunk, p Gram products otherwise (and when ``budget`` is None); over the ranks when x is a shard."""
     if budget is None or choose_path(network, x, num_outputs, network.num_params, "auto", budget) != "jacobians":
-        return GramOperator(x, network=network).to_dense()
+        return GramOperator.of(x, network=network).to_dense()
     gram = torch.zeros(network.num_params, network.num_params, dtype=network.dtype, device=network.device)
     for jac in network.jacobian_chunks(x):
         rows = jac.reshape(-1, network.num_params)
@@ -120,17 +121,17 @@ def kernel_of_rows(jac: Tensor) -> Tensor:
     )
 
 
-def dense_ntk(network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None = None) -> Tensor:
+def dense_ntk(network: FunctionalNetwork, x: Inputs, num_outputs: int, budget: float | None = None) -> Tensor:
     """K(x, x) (N × N) in the network's dtype: J Jᵀ from :func:`train_jacobian` where it applies, N VJPs and N
     JVPs at x otherwise (and when ``budget`` is None)."""
     jac = train_jacobian(network, x, num_outputs, budget)
     if jac is not None:
         return kernel_of_rows(jac)
-    return NTKOperator(x, x, network=network, num_outputs=num_outputs).to_dense()
+    return NTKOperator.of(x, x, network=network, num_outputs=num_outputs).to_dense()
 
 
 def ntk_eigh(
-    network: FunctionalNetwork, x: Tensor, num_outputs: int, budget: float | None = None
+    network: FunctionalNetwork, x: Inputs, num_outputs: int, budget: float | None = None
 ) -> tuple[Tensor, Tensor, float]:
     """:func:`resolved_eigh` of the dense NTK K(x, x) (N × N) (:func:`dense_ntk`)."""
     return resolved_eigh(dense_ntk(network, x, num_outputs, budget))
@@ -138,7 +139,7 @@ def ntk_eigh(
 
 def gram_spectrum(
     network: FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     num_outputs: int,
     solver: Solver,
     max_dense_elements: int = 2**27,
@@ -159,9 +160,9 @@ def gram_spectrum(
     if big_n < p and solver.dense(big_n) and big_n * p <= max_dense_elements and not network.is_sharded(x):
         evals, evecs, floor = ntk_eigh(network, x, num_outputs, budget)
         keep = evals > floor
-        cotangents = (evecs[:, keep] / evals[keep].sqrt()).mT.to(dtype).reshape(-1, x.shape[0], num_outputs)
+        cotangents = (evecs[:, keep] / evals[keep].sqrt()).mT.to(dtype).reshape(-1, length(x), num_outputs)
         return GramSpectrum(evals[keep].to(dtype), network.vjp(x, cotangents).mT, floor=floor, ntk=(evals, evecs))
-    return lanczos_spectrum(GramOperator(x, network=network), solver.lanczos_rank)
+    return lanczos_spectrum(GramOperator.of(x, network=network), solver.lanczos_rank)
 
 
 def lanczos_spectrum(operator: LinearOperator, rank: int) -> GramSpectrum:

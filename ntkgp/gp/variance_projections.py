@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs, inputs_at, length, map_leaves
 from ..memory import check_fits
 from ..validation import check_choice
 
@@ -38,19 +39,22 @@ PATHS = ("auto", "jacobians", "tangents", "kernel")
 NETWORK_FLOP_COST = 2.5
 
 
-def forward_flops(network: FunctionalNetwork, x: Tensor) -> int:
+def forward_flops(network: FunctionalNetwork, x: Inputs) -> int:
     """Flops of the network's forward pass on one input after its frozen prefix (computed for all of x here, once,
     as the products will need it), counted by torch."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad():
         features = network.features(x)
         with counter:
-            network._head(features[:1].detach(), x[:1].detach())
+            first = slice(0, 1)
+            network._head(
+                map_leaves(Tensor.detach, inputs_at(features, first)), map_leaves(Tensor.detach, inputs_at(x, first))
+            )
     return int(counter.get_total_flops())
 
 
 def choose_path(
-    network: FunctionalNetwork, x: Tensor, num_outputs: int, directions: int, path: str, budget: float
+    network: FunctionalNetwork, x: Inputs, num_outputs: int, directions: int, path: str, budget: float
 ) -> str:
     """``path`` itself, checked, or for ``"auto"`` the cheaper exact path of those that fit ``budget`` bytes
     (the jacobian path holds the p × ``directions`` matrix D). (``"kernel"``, the layer-factor kernel of function
@@ -76,7 +80,7 @@ def choose_path(
 
 def jacobian_projections(
     network: FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     directions: Tensor,
     budget: float = float("inf"),
     progress: bool = True,
@@ -94,7 +98,7 @@ def jacobian_projections(
         f"the per-sample Jacobian of one input ({per_input // (p * size)} outputs × {p:,} parameters)",
         "linearise fewer parameters (params=...) or raise memory_budget",
     )
-    chunk = min(network.jacobian_chunk_elements * size, max(per_input, x.shape[0] * per_input))
+    chunk = min(network.jacobian_chunk_elements * size, max(per_input, length(x) * per_input))
     check_fits(
         chunk,
         budget,
@@ -115,7 +119,7 @@ def jacobian_projections(
             diagonal.append(block.square().sum(-1))
             pending, rows = [], 0
 
-    with tqdm(total=x.shape[0], desc="test Jacobians", unit="input", delay=1.0, disable=not progress) as bar:
+    with tqdm(total=length(x), desc="test Jacobians", unit="input", delay=1.0, disable=not progress) as bar:
         for jac in network.jacobian_chunks(x):
             pending.append(jac.reshape(-1, p))
             rows += pending[-1].shape[0]
@@ -128,7 +132,7 @@ def jacobian_projections(
 
 def tangent_projections(
     network: FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     count: int,
     product: Callable[[int, int], Tensor],
     budget: float = float("inf"),
@@ -142,7 +146,7 @@ def tangent_projections(
     check_fits(
         need,
         budget,
-        f"{network.chunk_size} tangents at once over {x.shape[0]} inputs",
+        f"{network.chunk_size} tangents at once over {length(x)} inputs",
         "lower chunk_size, predict on fewer inputs at a time, or pass variance_path='jacobians'",
     )
     starts = range(0, count, network.chunk_size)
@@ -156,7 +160,7 @@ def tangent_projections(
 
 def parameter_projections(
     network: FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     num_outputs: int,
     directions: Tensor,
     path: str,

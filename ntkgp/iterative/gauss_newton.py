@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network
 from ..gp.solver import conjugate_gradients
+from ..inputs import Inputs, check_inputs
 from ..operators.fisher_operator import FisherOperator
 from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import dense_ntk
-from ..validation import as_count, as_nonnegative_float, as_positive_float, check_choice, check_inputs
+from ..validation import as_count, as_nonnegative_float, as_positive_float, check_choice
 
 __all__ = ["DampedGaussNewton", "gauss_newton_step", "linearised_objective"]
 
@@ -60,7 +61,7 @@ def linearised_objective(f: Tensor, targets: Tensor, delta: Tensor, loss: str, d
 
 def _mse_step(
     net: FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     residual: Tensor,
     damping: float,
     space: str,
@@ -79,7 +80,7 @@ def _mse_step(
         else:  # λ = 0 and a singular NTK: the least-squares (minimum-norm) solution
             coefficients = torch.linalg.lstsq(system, rhs, driver="gelsd").solution
         return -net.vjp(x, coefficients.to(net.dtype).reshape(1, n, c))[0]
-    gram = GramOperator(x, network=net)
+    gram = GramOperator.of(x, network=net)
     with net.linearised(x):
         b = -net.vjp(x, residual.unsqueeze(0))[0]
         return conjugate_gradients(
@@ -94,7 +95,7 @@ def _mse_step(
 
 def _cross_entropy_step(
     net: FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     f0: Tensor,
     labels: Tensor,
     damping: float,
@@ -113,7 +114,7 @@ def _cross_entropy_step(
             first = norm if first is None else first
             if norm <= tolerance * max(first, 1e-300) or norm == 0.0:
                 break
-            fisher = FisherOperator(x, network=net, likelihood="categorical", method="exact", epsilon=1.0, at=f)
+            fisher = FisherOperator.of(x, network=net, likelihood="categorical", method="exact", epsilon=1.0, at=f)
 
             def product(v: Tensor, fisher: FisherOperator = fisher) -> Tensor:
                 return fisher._matmul(v) + damping * v
@@ -143,7 +144,7 @@ def _cross_entropy_step(
 
 def gauss_newton_step(
     model: nn.Module | FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     targets: Tensor,
     loss: str = "mse",
     damping: float = 1.0,
@@ -155,7 +156,7 @@ def gauss_newton_step(
     progress: bool = False,
 ) -> Tensor:
     """The damped Gauss-Newton step Δ (p,) at the network's current weights θ_s (module docstring): θ_s + Δ minimises
-    the linearised loss on (x (n, ...), targets) plus (λ/2)‖θ − θ_s‖². The model is not changed.
+    the linearised loss on (n inputs x (:mod:`ntkgp.inputs`), targets) plus (λ/2)‖θ − θ_s‖². The model is not changed.
 
     Args:
         loss: ``"mse"`` (targets (n, C), or (n,) for one output) or ``"cross_entropy"`` (labels (n,)).
@@ -171,7 +172,7 @@ def gauss_newton_step(
     check_choice(loss, "loss", _LOSSES)
     check_choice(space, "space", ("auto", "function", "parameter"))
     damping = as_nonnegative_float(damping, "damping (λ, the weight of (1/2)‖θ − θ_s‖²)")
-    check_inputs(x, net.dtype, "x", net.device)
+    x = check_inputs(x, net.dtype, "x", net.device)
     tolerance = (
         max(1e-10, 10 * torch.finfo(net.dtype).eps) if tolerance is None else as_positive_float(tolerance, "tolerance")
     )
@@ -228,7 +229,7 @@ class DampedGaussNewton:
         named = dict(model.named_parameters())
         self.parameters = [named[n] for n in self.network0.names]
 
-    def step(self, x: Tensor, targets: Tensor) -> float:
+    def step(self, x: Inputs, targets: Tensor) -> float:
         """One damped Gauss-Newton step on (x, targets); returns the summed loss before it."""
         theta = torch.cat([p.detach().reshape(-1) for p in self.parameters])
         net = self.network0.at(theta)

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork
-from ..validation import as_count, check_eval_mode, check_tensor
+from ..inputs import Inputs, check_inputs, inputs_at, length
+from ..validation import as_count, check_eval_mode
 from .kernel_distance import kernel_distance, probe_kernel
 from .losses import as_loss, check_loss_value
 from .policies import UNSET, Relinearisation, as_policy
@@ -94,7 +95,7 @@ class IterativeLinearisation:
         loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
         params: Sequence[str] | str | None = None,
         relinearise: Relinearisation | None = None,
-        probe: Tensor | None = None,
+        probe: Inputs | None = None,
         chunk_size: int = 32,
     ):
         if not isinstance(model, nn.Module):
@@ -112,7 +113,9 @@ class IterativeLinearisation:
         self.parameters = [named[n] for n in self.network0.names]
         _check_optimizer(optimizer, self.network0.names, self.parameters)
         self.optimizer = optimizer
-        self.probe = None if probe is None else check_tensor(probe, "probe", "(m, ...)").to(self.network0.dtype)
+        if isinstance(probe, Tensor) and probe.is_floating_point():  # the network's precision, as a convenience
+            probe = probe.to(self.network0.dtype)
+        self.probe = None if probe is None else check_inputs(probe, self.network0.dtype, "probe", self.network0.device)
         self.network = self.network0  # the linearisation at θ_s
         self.steps = self.since = self.feature_updates = 0
         self.history = History()
@@ -123,16 +126,16 @@ class IterativeLinearisation:
         """θ (p,), the model's selected parameters flattened (differentiable)."""
         return torch.cat([p.reshape(-1) for p in self.parameters])
 
-    def proxy(self, x: Tensor) -> Tensor:
+    def proxy(self, x: Inputs) -> Tensor:
         """f_lin(x; θ) = f(x; θ_s) + J(x; θ_s)(θ − θ_s) (n, C), differentiable in the model's parameters."""
         return linearised_forward(self.network, x, self.theta())
 
-    def outputs(self, x: Tensor) -> Tensor:
+    def outputs(self, x: Inputs) -> Tensor:
         """f(x; θ) (n, C), the network at its current weights (no gradient)."""
         with torch.no_grad():
             return self.network0(x, self.theta())
 
-    def step(self, x: Tensor, targets: Tensor) -> float:
+    def step(self, x: Inputs, targets: Tensor) -> float:
         """One optimizer step on the proxy's loss at the batch (x (b, ...), targets); re-linearises afterwards if
         the policy says so. Returns the proxy's loss before the step.
 
@@ -191,31 +194,31 @@ class IterativeLinearisation:
         """Kernel distance between the NTK at θ now and at θ0 on the probe batch."""
         return kernel_distance(self._kernel_now(), self._probe_kernel("0"))
 
-    def _require_probe(self) -> Tensor:
+    def _require_probe(self) -> Inputs:
         if self.probe is None:
             raise ValueError("the kernel distance needs a probe batch: pass probe=inputs (m, ...) to the trainer")
         return self.probe
 
     # --- evaluation ----------------------------------------------------------------------------------------------
-    def evaluate(self, x: Tensor, targets: Tensor, batch_size: int = 1024) -> dict[str, float]:
+    def evaluate(self, x: Inputs, targets: Tensor, batch_size: int = 1024) -> dict[str, float]:
         """Loss and (for labels) accuracy of the network and of the proxy on (x, targets), in batches."""
         sums = {"network_loss": 0.0, "proxy_loss": 0.0, "network_accuracy": 0.0, "proxy_accuracy": 0.0}
         labels = not targets.is_floating_point()
         theta = self.theta().detach()
         with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                xb, yb = x[start : start + batch_size], targets[start : start + batch_size]
+            for start in range(0, length(x), batch_size):
+                xb, yb = inputs_at(x, slice(start, start + batch_size)), targets[start : start + batch_size]
                 for kind, out in (
                     ("network", self.network0(xb, theta)),
                     ("proxy", self.network.linearised_outputs(xb, theta - self.network.theta0)),
                 ):
-                    sums[f"{kind}_loss"] += float(self.loss(out, yb)) * xb.shape[0]
+                    sums[f"{kind}_loss"] += float(self.loss(out, yb)) * length(xb)
                     if labels:
                         sums[f"{kind}_accuracy"] += float((out.argmax(-1) == yb).sum())
-        result = {k: v / x.shape[0] for k, v in sums.items()}
+        result = {k: v / length(x) for k, v in sums.items()}
         return result if labels else {k: v for k, v in result.items() if k.endswith("loss")}
 
-    def record(self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor] | None = None) -> dict:
+    def record(self, train: tuple[Inputs, Tensor], test: tuple[Inputs, Tensor] | None = None) -> dict:
         """Evaluate on ``train`` (and ``test``), with the kernel distance to θ0 when there is a probe batch; appended
         to ``history.evaluations`` and returned."""
         entry: dict[str, float] = {"step": self.steps, "feature_updates": self.feature_updates}
@@ -230,10 +233,10 @@ class IterativeLinearisation:
     # --- training loop -------------------------------------------------------------------------------------------
     def fit(
         self,
-        train: tuple[Tensor, Tensor],
+        train: tuple[Inputs, Tensor],
         steps: int,
         batch_size: int | None = None,
-        test: tuple[Tensor, Tensor] | None = None,
+        test: tuple[Inputs, Tensor] | None = None,
         eval_every: int | None = None,
         seed: int = 0,
         checkpoint: str | os.PathLike | None = None,
@@ -243,7 +246,7 @@ class IterativeLinearisation:
         """Train until ``steps`` proxy steps in all (a resumed run continues its count).
 
         Args:
-            train: (x (n, ...), targets (n, ...)).
+            train: (x (n inputs, :mod:`ntkgp.inputs`), targets (n, ...)).
             steps: the total number of steps.
             batch_size: minibatches drawn without replacement in a seeded order per epoch; None: full batch.
             test: (x, targets) evaluated with the training set.
@@ -254,10 +257,11 @@ class IterativeLinearisation:
                 written atomically at every evaluation; when it exists the run resumes from it.
             callback: called with (trainer, evaluation) after each evaluation.
         """
-        x, targets = train
-        check_tensor(x, "train[0] (the training inputs)", "(n, ...)")
+        inputs, targets = train
+        x = check_inputs(inputs, self.network0.dtype, "train[0] (the training inputs)", self.network0.device)
+        train = (x, targets)
         steps = as_count(steps, "steps", minimum=0)
-        n = x.shape[0]
+        n = length(x)
         batch_size = n if batch_size is None else min(as_count(batch_size, "batch_size"), n)
         every: float = math.inf if eval_every is None else as_count(eval_every, "eval_every")
         generator = torch.Generator().manual_seed(seed)
@@ -284,14 +288,14 @@ class IterativeLinearisation:
         ) as bar:
             while self.steps < steps:
                 if batch_size == n:
-                    rows = None
+                    batch = None
                 else:
                     if position + batch_size > n:
                         order, position = torch.randperm(n, generator=generator), 0
-                    rows, position = order[position : position + batch_size], position + batch_size
+                    batch, position = order[position : position + batch_size], position + batch_size
                 updates = self.feature_updates
-                xb = x if rows is None else self.network0.take(x, rows)
-                loss = self.step(xb, targets if rows is None else targets[rows])
+                xb = x if batch is None else self.network0.take(x, batch)
+                loss = self.step(xb, targets if batch is None else targets[batch])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", updates=self.feature_updates)
                 long_enough = self._linearisation_length() >= (0 if every == math.inf else every)

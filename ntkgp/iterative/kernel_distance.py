@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs
 from ..operators.layer_kernel import dense_ntk
 
 __all__ = ["kernel_distance"]
@@ -22,6 +23,6 @@ def kernel_distance(first: Tensor, second: Tensor) -> float:
     return float(1 - cosine)
 
 
-def probe_kernel(network: FunctionalNetwork, probe: Tensor) -> Tensor:
+def probe_kernel(network: FunctionalNetwork, probe: Inputs) -> Tensor:
     """The NTK K(probe, probe) (m·C × m·C) of ``network`` at its θ0."""
     return dense_ntk(network, probe)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs
 
 __all__ = ["linearised_forward"]
 
@@ -20,7 +21,7 @@ class _Linearised(torch.autograd.Function):
     """δ (p,) -> f(x; θ_s) + J δ (n, C); backward: u -> Jᵀu."""
 
     @staticmethod
-    def forward(ctx: Any, delta: Tensor, x: Tensor, network: FunctionalNetwork) -> Tensor:
+    def forward(ctx: Any, delta: Tensor, x: Inputs, network: FunctionalNetwork) -> Tensor:
         ctx.x, ctx.network = x, network
         with torch.no_grad():
             return network.linearised_outputs(x, delta.detach())
@@ -30,7 +31,7 @@ class _Linearised(torch.autograd.Function):
         return ctx.network.vjp(ctx.x, grad.unsqueeze(0).contiguous())[0], None, None
 
 
-def linearised_forward(network: FunctionalNetwork, x: Tensor, theta: Tensor) -> Tensor:
-    """f_lin(x; θ) (n, C) for inputs x (n, ...) and parameters θ (p,) (differentiable in θ), linearised at
+def linearised_forward(network: FunctionalNetwork, x: Inputs, theta: Tensor) -> Tensor:
+    """f_lin(x; θ) (n, C) for n inputs x and parameters θ (p,) (differentiable in θ), linearised at
     ``network.theta0`` = θ_s."""
     return _Linearised.apply(theta - network.theta0, x, network)

@@ -22,17 +22,18 @@ import torch
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs, length
 from .kfac import KFACPreconditioner
 
 __all__ = ["kfac_influence"]
 
 
 def kfac_influence(
-    network: FunctionalNetwork, train_x: Tensor, x_test: Tensor, residual: Tensor, preconditioner: KFACPreconditioner
+    network: FunctionalNetwork, train_x: Inputs, x_test: Inputs, residual: Tensor, preconditioner: KFACPreconditioner
 ) -> Tensor:
     """Eq. (8) for every training sample: (m, n, C) from per-sample Jacobians (train (n, C, p) and test
     (m, C, p), in chunks) and ``residual`` e (n, C) = targets − f_lin(train_x). Holds one (n, p) matrix."""
-    n = train_x.shape[0]
+    n = length(train_x)
     weighted = []  # per training sample i: the p-vector Â⁻¹ g_iᵀ F_i e_i
     with torch.no_grad():
         start = 0

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from ..distributed import global_rows
 from ..functional import FunctionalNetwork
+from ..functional.network_output import OutputSelector, select_output
+from ..inputs import Inputs, Layout, call_arguments, convert, inputs_at, layout, leaves, length
 from ..operators.fisher_operator import FisherOperator
 from ..validation import as_count, as_positive_float, check_choice
 
@@ -81,14 +83,22 @@ def _range_eigenpairs(matrix: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
 
 
 class _Flat(nn.Module):
-    """The network's outputs as (n, C), the shape curvlinops' losses take."""
+    """The network's f as (n, C), the shape curvlinops' losses take, for inputs as curvlinops holds them: a tensor, or
+    a dict of the tensors of inputs of ``held`` layout (curvlinops takes a tensor or a mapping)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, held: Layout, output: OutputSelector | None):
         super().__init__()
-        self.net = net
+        self.net, self.held, self.output = net, held, output
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).reshape(x.shape[0], -1)
+    def forward(self, x: Tensor | dict[str, Tensor]) -> Tensor:
+        inputs = x if isinstance(x, Tensor) else self.held.build(list(x.values()))
+        args, kwargs = call_arguments(inputs)
+        return select_output(self.net(*args, **kwargs), self.output).reshape(length(inputs), -1)
+
+
+def _as_curvlinops_inputs(x: Inputs) -> Tensor | dict[str, Tensor]:
+    """x as curvlinops takes inputs: a tensor, or a dict of its tensors by name or position."""
+    return x if isinstance(x, Tensor) else {f"{i}": t for i, t in enumerate(leaves(x))}
 
 
 class KFACPreconditioner:
@@ -109,7 +119,7 @@ class KFACPreconditioner:
     Conv2d layer; warns once naming the layers that get a diagonal block instead.
     """
 
-    def __init__(self, network: FunctionalNetwork, x: Tensor, damping: float, loss: str = "mse", batch_size: int = 64):
+    def __init__(self, network: FunctionalNetwork, x: Inputs, damping: float, loss: str = "mse", batch_size: int = 64):
         try:  # imported here: `import ntkgp` stays light and works where curvlinops is not installed
             from curvlinops import KFACLinearOperator
             from curvlinops.kfac import FisherType
@@ -123,35 +133,22 @@ class KFACPreconditioner:
         batch_size = as_count(batch_size, "batch_size")
         num_outputs = network.num_outputs(x)
         source, num_data = x, global_rows(network, x)
-        x = network.features(x).double()  # the frozen prefix's output (computed once, or cached): the rest only
-        module = network.module_copy(suffix=True).double()  # float64 factors (see above)
+        x = convert(network.features(x), dtype=torch.float64)  # the frozen prefix's output (cached): the rest only
+        module = network.module_copy(suffix=network.splits(source)).double()  # float64 factors (see above)
         self.supported, self.diagonal_names = kfac_layers(module, network.names)
-        if self.diagonal_names:
-            modules = dict(module.named_modules())
-            layers = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self.diagonal_names})
-            layers = [f"{name or 'the network'} ({type(modules[name]).__name__})" for name in layers]
-            warnings.warn(
-                f"K-FAC covers Linear and ungrouped Conv2d layers only: the parameters of {len(layers)} "
-                f"other layer(s) in scope ({', '.join(layers[:6])}{', …' if len(layers) > 6 else ''}) get a "
-                "diagonal block, the exact diagonal of the curvature",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        self.diagonal_index = (
-            torch.cat([_positions(network, n) for n in self.diagonal_names])
-            if self.diagonal_names
-            else torch.zeros(0, dtype=torch.long, device=network.device)
-        )
         likelihood, scale = _LOSSES[loss]
         targets = (
-            torch.zeros(x.shape[0], num_outputs, dtype=x.dtype, device=x.device)
+            torch.zeros(length(x), num_outputs, dtype=torch.float64, device=network.device)
             if loss == "mse"
-            else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            else torch.zeros(length(x), dtype=torch.long, device=network.device)
         )
-        data = [(x[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        data = [
+            (_as_curvlinops_inputs(inputs_at(x, slice(i, i + batch_size))), targets[i : i + batch_size])
+            for i in range(0, length(x), batch_size)
+        ]
         params = dict(module.named_parameters())
         loss_func = nn.MSELoss(reduction="sum") if loss == "mse" else nn.CrossEntropyLoss(reduction="sum")
-        flat = _Flat(module)
+        flat = _Flat(module, layout(x), network.output)
         self.kfac = KFACLinearOperator(
             flat,
             loss_func,
@@ -160,18 +157,25 @@ class KFACPreconditioner:
             fisher_type=FisherType.TYPE2,
             check_deterministic=False,
             separate_weight_and_bias=False,
-            num_data=x.shape[0],
+            num_data=length(x),
+            batch_size_fn=lambda inputs: length(inputs),
         )
         self.kfac.compute_kronecker_factors()  # now: the factors are lazy, and the weights must be θ0
         factors = self.kfac.state_dict()
         if network.is_sharded(source):  # ntkgp.distributed: G = Σ g gᵀ, and A = Σ a aᵀ / n over this rank's n inputs
-            share = {"input_covariances": x.shape[0] / num_data, "gradient_covariances": 1.0}
+            share = {"input_covariances": length(x) / num_data, "gradient_covariances": 1.0}
             for kind in ("input_covariances", "gradient_covariances"):
                 factors[kind] = {
                     name: network.sum_over_shards(source, share[kind] * factor)
                     for name, factor in sorted(factors[kind].items())
                 }
         mapping = self.kfac.compute_parameter_mapping([params[n] for n in self.supported], flat)
+        # a layer whose weights the network uses without calling the module (nn.MultiheadAttention's out_proj goes
+        # through F.multi_head_attention_forward) has no factors: it gets a diagonal block like unsupported layers
+        unseen = [name for name in mapping if name not in factors["gradient_covariances"]]
+        for name in unseen:
+            self.diagonal_names += [self.supported[i] for i in mapping[name].values()]
+        self.diagonal_names = [n for n in network.names if n in set(self.diagonal_names)]
         self.blocks = [
             _block(
                 network,
@@ -180,13 +184,30 @@ class KFACPreconditioner:
                 factors["gradient_covariances"][name],
             )
             for name, positions in mapping.items()
+            if name not in unseen
         ]
-        self.diagonal = x.new_zeros(0)
+        if self.diagonal_names:
+            modules = dict(module.named_modules())
+            layers = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self.diagonal_names})
+            layers = [f"{name or 'the network'} ({type(modules[name]).__name__})" for name in layers]
+            warnings.warn(
+                f"K-FAC covers Linear and ungrouped Conv2d layers called as modules only: the parameters of "
+                f"{len(layers)} other layer(s) in scope ({', '.join(layers[:6])}{', …' if len(layers) > 6 else ''}) "
+                "get a diagonal block, the exact diagonal of the curvature",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.diagonal_index = (
+            torch.cat([_positions(network, n) for n in self.diagonal_names])
+            if self.diagonal_names
+            else torch.zeros(0, dtype=torch.long, device=network.device)
+        )
+        self.diagonal = torch.zeros(0, dtype=torch.float64, device=network.device)
         if self.diagonal_names:
             rest = network.restricted(self.diagonal_names)  # shares the prefix outputs of ``source``
             self.diagonal = scale * network.sum_over_shards(
                 source,
-                FisherOperator(source, network=rest, likelihood=likelihood, method="exact", epsilon=1.0)._diagonal(),
+                FisherOperator.of(source, network=rest, likelihood=likelihood, method="exact", epsilon=1.0)._diagonal(),
             )  # (exact)
         self.diagonal = self.diagonal.to(network.dtype)
 

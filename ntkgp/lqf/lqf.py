@@ -26,13 +26,14 @@ from ..distributed import global_rows
 from ..functional import FunctionalNetwork, as_functional_network
 from ..gp.ntk_gp import NTKGP, Prediction
 from ..gp.solver import conjugate_gradients
+from ..inputs import Inputs, Structure, cat, check_inputs, length, structure
 from ..lanczos import ritz_values
 from ..operators.fisher_operator import FisherOperator
 from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import LayerKernel, cheap_layer_kernel, dense_ntk
 from ..operators.ntk_operator import NTKOperator
 from ..posteriors.minibatches import Minibatches
-from ..validation import as_count, as_nonnegative_float, as_positive_float, check_choice, check_inputs, check_prediction
+from ..validation import as_count, as_nonnegative_float, as_positive_float, check_choice, check_prediction
 from .influence import kfac_influence
 from .kernel_system import KernelSystem
 from .kfac import KFACPreconditioner, kfac_layers
@@ -42,12 +43,12 @@ __all__ = ["LQF"]
 
 @dataclass
 class _TrainingData:
-    """What a fit keeps: inputs x (n, ...), loss targets, f(X; θ0) (n, C), the per-input shape and C."""
+    """What a fit keeps: n inputs x, loss targets, f(X; θ0) (n, C), the inputs' structure and C."""
 
-    x: Tensor
+    x: Inputs
     targets: Tensor
     outputs: Tensor
-    input_shape: tuple[int, ...]
+    structure: Structure
     num_outputs: int
 
 
@@ -134,11 +135,11 @@ class LQF:
 
     def _minibatches(
         self,
-        x: Tensor | torch.utils.data.DataLoader,
+        x: Inputs | torch.utils.data.DataLoader,
         y: Tensor | None,
         batch_size: int | None,
         generator: torch.Generator | None,
-        input_shape: tuple[int, ...] | None,
+        like: Structure | None,
     ) -> Minibatches:
         if self.task == "classification" and isinstance(y, Tensor) and y.is_floating_point():
             raise TypeError(
@@ -146,7 +147,7 @@ class LQF:
                 "(n,); for regression targets (n, C) use LQF(..., task='regression'), for one-hot "
                 "targets pass train_y.argmax(-1)"
             )
-        return Minibatches(self.network, self.task, x, y, batch_size, generator, input_shape=input_shape)
+        return Minibatches(self.network, self.task, x, y, batch_size, generator, like=like)
 
     def _targets(self, targets: Tensor, num_outputs: int) -> Tensor:
         """What the loss compares f_lin with: α·one-hot (n, C) for MSE classification, else the targets."""
@@ -155,10 +156,10 @@ class LQF:
             return self.alpha * nn.functional.one_hot(targets, num_outputs).to(self.network.dtype)
         return targets
 
-    def _store(self, x: Tensor, targets: Tensor, outputs: Tensor) -> None:
+    def _store(self, x: Inputs, targets: Tensor, outputs: Tensor) -> None:
         """Keep the training data, the loss targets and f(X; θ0)."""
         num_outputs = self.network.num_outputs(x)
-        self._data = _TrainingData(x, self._targets(targets, num_outputs), outputs, tuple(x.shape[1:]), num_outputs)
+        self._data = _TrainingData(x, self._targets(targets, num_outputs), outputs, structure(x), num_outputs)
         self._kfac = self._system = self._gp = None  # they describe the training data
 
     def _fitted(self, what: str = "this") -> _TrainingData:
@@ -168,8 +169,8 @@ class LQF:
         return self._data
 
     @property
-    def train_x(self) -> Tensor:
-        """The training inputs (n, ...)."""
+    def train_x(self) -> Inputs:
+        """The n training inputs (:mod:`ntkgp.inputs`)."""
         return self._fitted().x
 
     @property
@@ -183,8 +184,9 @@ class LQF:
         return self._fitted().outputs
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._fitted().input_shape
+    def structure(self) -> Structure:
+        """The training inputs' structure (:class:`ntkgp.inputs.Structure`), which later inputs must have."""
+        return self._fitted().structure
 
     @property
     def num_outputs(self) -> int:
@@ -208,7 +210,7 @@ class LQF:
             self.delta @ self.delta
         )
 
-    def _linearised(self, x: Tensor, outputs: Tensor | None = None) -> Tensor:
+    def _linearised(self, x: Inputs, outputs: Tensor | None = None) -> Tensor:
         """f_lin(x) = f(x; θ0) + J(x)δ (m, C); f(x; θ0) computed unless given."""
         with torch.no_grad():
             outputs = self.network.outputs(x) if outputs is None else outputs
@@ -220,7 +222,7 @@ class LQF:
     # --- fitting -------------------------------------------------------------------------------------
     def fit(
         self,
-        train_x: Tensor | torch.utils.data.DataLoader,
+        train_x: Inputs | torch.utils.data.DataLoader,
         train_y: Tensor | None = None,
         epochs: int = 10,
         lr: float | None = None,
@@ -346,7 +348,7 @@ class LQF:
         self,
         w: Tensor,
         optimizer: torch.optim.Optimizer,
-        x: Tensor,
+        x: Inputs,
         targets: Tensor,
         f0: Tensor,
         num_data: int,
@@ -374,7 +376,7 @@ class LQF:
         check_choice(space, "space", ("auto", "function", "parameter"))
         if self.loss != "mse":
             raise ValueError("the closed form is the minimiser of the MSE loss; loss='cross_entropy' is fitted by SGD")
-        size = self.train_x.shape[0] * self.num_outputs
+        size = length(self.train_x) * self.num_outputs
         if self.network.is_sharded(self.train_x):  # ntkgp.distributed: only p-vectors are shared by the ranks
             if space == "function":
                 raise ValueError(
@@ -387,8 +389,8 @@ class LQF:
             return self
         if self.weight_decay == 0:
             raise ValueError("the parameter-space closed form solves JᵀJ + (λ/2)I and needs weight_decay > 0")
-        net, n, k = self.network, self.train_x.shape[0], self.num_outputs
-        gram, c = GramOperator(self.train_x, network=net), self.weight_decay / 2
+        net, n, k = self.network, length(self.train_x), self.num_outputs
+        gram, c = GramOperator.of(self.train_x, network=net), self.weight_decay / 2
         with torch.no_grad(), net.linearised(self.train_x):  # one forward pass for all the CG products
             b = net.vjp(self.train_x, self._residual().reshape(1, n, k))[0]
             self.delta = conjugate_gradients(
@@ -415,14 +417,14 @@ class LQF:
             self._system = KernelSystem(kernel, self._residual().reshape(-1), self.weight_decay / 2, self.num_outputs)
         return self._system
 
-    def kernel_matrix(self, x1: Tensor, x2: Tensor | None = None) -> Tensor:
+    def kernel_matrix(self, x1: Inputs, x2: Inputs | None = None) -> Tensor:
         """The NTK K(x1, x2) of the network at θ0 (n1·C × n2·C, rows interleaved: i·C + c) as a dense matrix, x2
         defaulting to x1: from per-layer factors (:class:`~ntkgp.operators.LayerKernel`: one forward and C
         backward passes per input) when they cost at most half of p per pair of rows, else n2·C NTK products."""
         self._fitted("kernel_matrix()")
         x2 = x1 if x2 is None else x2
         for x, name in ((x1, "x1"), (x2, "x2")):
-            check_inputs(x, self.network.dtype, name, self.network.device, input_shape=self.input_shape)
+            check_inputs(x, self.network.dtype, name, self.network.device, like=self.structure)
         return dense_ntk(self.network, x1, x2, self._factored() or False)
 
     def _factored(self) -> LayerKernel | None:
@@ -432,24 +434,24 @@ class LQF:
         return self._layer_kernel or None
 
     def _update_delta_from_system(self) -> None:
-        system, n, k = self.kernel_system(), self.train_x.shape[0], self.num_outputs
+        system, n, k = self.kernel_system(), length(self.train_x), self.num_outputs
         cotangent = system.solution.to(self.network.dtype).reshape(1, n, k)
         with torch.no_grad():
             self.delta = self.network.vjp(self.train_x, cotangent)[0]
 
     # --- prediction ----------------------------------------------------------------------------------
     @overload
-    def predict(self, x: Tensor, variance: Literal[False] = False) -> Tensor: ...
+    def predict(self, x: Inputs, variance: Literal[False] = False) -> Tensor: ...
 
     @overload
-    def predict(self, x: Tensor, variance: Literal[True]) -> Prediction: ...
+    def predict(self, x: Inputs, variance: Literal[True]) -> Prediction: ...
 
-    def predict(self, x: Tensor, variance: bool = False) -> Tensor | Prediction:
+    def predict(self, x: Inputs, variance: bool = False) -> Tensor | Prediction:
         """f_lin(x) (m, C) at inputs x (m, ...); with ``variance=True`` a :class:`Prediction` whose mean is
         f_lin(x) and whose variance (m, C) is the NTK-GP's of which the LQF minimiser is the mean (σ² = ½,
         s² = 1/λ; :class:`~ntkgp.NTKGP`; MSE loss and λ > 0)."""
         self._fitted("predict()")
-        check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.input_shape)
+        x = check_inputs(x, self.network.dtype, "x", self.network.device, like=self.structure)
         mean = self._linearised(x)
         if not variance:
             check_prediction(x, mean=mean)
@@ -466,12 +468,12 @@ class LQF:
         check_prediction(x, mean=mean, variance=var)
         return Prediction(mean, var)
 
-    def predict_proba(self, x: Tensor) -> Tensor:
+    def predict_proba(self, x: Inputs) -> Tensor:
         """softmax(f_lin(x)) (m, C) (classification)."""
         self._classification_only("predict_proba")
         return torch.softmax(self.predict(x), -1)
 
-    def classify(self, x: Tensor) -> Tensor:
+    def classify(self, x: Inputs) -> Tensor:
         """argmax_c f_lin(x)_c (m,) labels (classification)."""
         self._classification_only("classify")
         return self.predict(x).argmax(-1)
@@ -481,18 +483,14 @@ class LQF:
             raise ValueError(f"{name}() is for classification; this LQF does regression: use predict()")
 
     # --- online updates ------------------------------------------------------------------------------
-    def update(self, new_x: Tensor, new_y: Tensor, epochs: int | None = None, lr: float | None = None) -> LQF:
+    def update(self, new_x: Inputs, new_y: Tensor, epochs: int | None = None, lr: float | None = None) -> LQF:
         """Add inputs (m, ...) with labels/targets and re-solve as the last fit did: the closed form by bordering
         the function-space Cholesky factor with the new rows (:class:`KernelSystem`; no refactorisation), SGD
         warm-started from the current δ on the union (``epochs``, ``lr``: default those of the last fit; K-FAC
         recomputed on the union). Returns self."""
         self._fitted("update()")
-        check_inputs(new_x, self.network.dtype, "new_x", self.network.device)
-        if tuple(new_x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"new_x has per-input shape {tuple(new_x.shape[1:])} but the training inputs have {self.input_shape}"
-            )
-        data = self._minibatches(new_x, new_y, None, None, self.input_shape)
+        new_x = check_inputs(new_x, self.network.dtype, "new_x", self.network.device, like=self.structure)
+        data = self._minibatches(new_x, new_y, None, None, self.structure)
         x_new, targets_new, outputs_new = data.tensors()
         targets_new = self._targets(targets_new, self.num_outputs)
         closed_form = self._fit_options["solver"] == "closed_form"
@@ -500,7 +498,7 @@ class LQF:
             cross, corner = self.kernel_matrix(self.train_x, x_new), self.kernel_matrix(x_new)
             self._system.add(cross, corner, (targets_new - outputs_new).reshape(-1))
         kept = self._fitted()
-        kept.x, kept.targets = torch.cat([kept.x, x_new]), torch.cat([kept.targets, targets_new])
+        kept.x, kept.targets = cat([kept.x, x_new]), torch.cat([kept.targets, targets_new])
         kept.outputs = torch.cat([kept.outputs, outputs_new])
         self._kfac = self._gp = None
         if closed_form:
@@ -514,7 +512,7 @@ class LQF:
             self._union_labels(),
             options["batch_size"],
             generator,
-            input_shape=self.input_shape,
+            like=self.structure,
             outputs=self.train_outputs,
         )
         return self._sgd(
@@ -539,7 +537,7 @@ class LQF:
         system = self.kernel_system()
         return self.train_targets - system.leave_one_out_residuals().to(self.network.dtype)
 
-    def influence(self, x_test: Tensor, method: str = "exact") -> Tensor:
+    def influence(self, x_test: Inputs, method: str = "exact") -> Tensor:
         """f(x_test) − f_{−i}(x_test) (m, n, C) for every training sample i.
 
         ``"exact"``: the rank-C downdate of the function-space solve, K(x*, X) V (one NTK product with n
@@ -554,7 +552,7 @@ class LQF:
                 "influence and informativeness are those of the MSE (linear-quadratic) model; this LQF "
                 "uses loss='cross_entropy'"
             )
-        check_inputs(x_test, self.network.dtype, "x_test", self.network.device, input_shape=self.input_shape)
+        x_test = check_inputs(x_test, self.network.dtype, "x_test", self.network.device, like=self.structure)
         if method == "kfac":
             precondition = self._kfac or KFACPreconditioner(self.network, self.train_x, self.weight_decay, "mse")
             residual = self.train_targets - self._train_linearised()
@@ -565,8 +563,8 @@ class LQF:
             change = self.kernel_matrix(x_test, self.train_x) @ directions
         else:
             with torch.no_grad():
-                change = NTKOperator(x_test, self.train_x, network=self.network, num_outputs=k) @ directions
-        return change.reshape(x_test.shape[0], k, -1).permute(0, 2, 1)
+                change = NTKOperator.of(x_test, self.train_x, network=self.network, num_outputs=k) @ directions
+        return change.reshape(length(x_test), k, -1).permute(0, 2, 1)
 
     def informativeness(self, x_val: Tensor, method: str = "exact") -> Tensor:
         """F-SI (paper eq. 9) of every training sample (n,): the mean over x_val (m, ...) of
@@ -583,7 +581,7 @@ class LQF:
         steps = as_count(steps, "steps")
         net, x = self.network, self.train_x
         likelihood, scale = ("gaussian", 2.0) if self.loss == "mse" else ("categorical", 1.0)
-        fisher = FisherOperator(x, network=net, likelihood=likelihood, method="exact", epsilon=1.0)
+        fisher = FisherOperator.of(x, network=net, likelihood=likelihood, method="exact", epsilon=1.0)
 
         def apply(v: Tensor) -> Tensor:
             with torch.no_grad():

@@ -21,9 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network
+from ..inputs import Inputs, check_inputs, length, requires_grad
 from ..likelihoods import get_likelihood
-from ..validation import as_positive_float, check_choice, check_finite, check_inputs, check_tensor
+from ..validation import as_positive_float, check_choice, check_finite, check_tensor
 from .gram_operator import GramOperator
+from .network_operator import group_batches
 
 __all__ = ["FISHER_METHODS", "FisherOperator", "check_epsilon", "default_epsilon", "fisher_operator"]
 
@@ -78,7 +80,8 @@ def check_epsilon(epsilon: Any, theta0: Tensor, method: str = "finite_difference
 
 
 class FisherOperator(GramOperator):
-    """F = Σ_i J_iᵀ H_i J_i over inputs x (n, ...), shape (p, p).
+    """F = Σ_i J_iᵀ H_i J_i over n inputs x, shape (p, p): ``FisherOperator(x, ...)`` with a tensor,
+    ``FisherOperator.of(x, ...)`` with any inputs (:mod:`ntkgp.inputs`).
 
     Keywords: ``network`` (a :class:`FunctionalNetwork`), ``likelihood`` (a name), ``method`` (one of
     ``FISHER_METHODS``), ``epsilon`` (the finite-difference step along v/‖v‖), ``at`` (outputs (n, C) at
@@ -93,8 +96,7 @@ class FisherOperator(GramOperator):
 
     def __init__(
         self,
-        x: Tensor,
-        *,
+        *tensors: Tensor,
         network: FunctionalNetwork,
         likelihood: str,
         method: str,
@@ -102,11 +104,13 @@ class FisherOperator(GramOperator):
         at: Tensor | None = None,
         f0: Tensor | None = None,
         batch_shape: torch.Size | tuple[int, ...] = (),
+        layouts: Any = None,
     ):
         if f0 is None and (method != "exact" or at is None):
-            f0 = network.outputs(x)
+            f0 = network.outputs(group_batches(tensors, layouts)[0])
         super().__init__(
-            x,
+            *tensors,
+            layouts=layouts,
             network=network,
             likelihood=likelihood,
             method=method,
@@ -120,7 +124,7 @@ class FisherOperator(GramOperator):
 
     def _differentiating(self) -> bool:
         """Whether autograd wants gradients of the products in x (or in ``at``)."""
-        return torch.is_grad_enabled() and (self.x.requires_grad or (self.at is not None and self.at.requires_grad))
+        return requires_grad(self.x) or (torch.is_grad_enabled() and self.at is not None and self.at.requires_grad)
 
     def hessian_outputs(self) -> Tensor:
         """The outputs (n, C) at which H is evaluated: ``at`` if given, else f(x; θ0) (recomputed with its graph
@@ -189,7 +193,7 @@ class FisherOperator(GramOperator):
 
 def fisher_operator(
     model: nn.Module | FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     likelihood: str = "gaussian",
     method: str = "finite_difference",
     epsilon: float | None = None,
@@ -197,7 +201,7 @@ def fisher_operator(
     chunk_size: int | None = None,
     at: Tensor | None = None,
 ) -> FisherOperator:
-    """The (p × p) Fisher of ``model`` on inputs x (n, ...) for ``likelihood``.
+    """The (p × p) Fisher of ``model`` on n inputs x (:mod:`ntkgp.inputs`) for ``likelihood``.
 
     Args:
         likelihood: "gaussian" (H = I), "categorical" (H = diag(π) − ππᵀ at the softmax of the
@@ -212,7 +216,7 @@ def fisher_operator(
     check_choice(method, "method", FISHER_METHODS)
     lik = get_likelihood(likelihood)
     network = as_functional_network(model, params, chunk_size)
-    check_inputs(x, network.dtype, "x", network.device)
+    x = check_inputs(x, network.dtype, "x", network.device)
     num_outputs = network.num_outputs(x)
     lik.check(num_outputs)
     epsilon = (
@@ -220,10 +224,10 @@ def fisher_operator(
     )
     if at is not None:
         check_tensor(at, "at", "(n, C)")
-        if at.shape != (x.shape[0], num_outputs) or at.dtype != network.dtype:
+        if at.shape != (length(x), num_outputs) or at.dtype != network.dtype:
             raise ValueError(
-                f"at must hold the outputs (n, C) = {(x.shape[0], num_outputs)} in {network.dtype} at "
+                f"at must hold the outputs (n, C) = {(length(x), num_outputs)} in {network.dtype} at "
                 f"which H is evaluated, got {tuple(at.shape)} in {at.dtype}"
             )
         check_finite(at, "at", "pass finite outputs")
-    return FisherOperator(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at)
+    return FisherOperator.of(x, network=network, likelihood=likelihood, method=method, epsilon=epsilon, at=at)

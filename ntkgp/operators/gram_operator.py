@@ -13,14 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network, map_blocks
-from ..validation import check_inputs
+from ..inputs import Inputs, check_inputs
 from .network_operator import NetworkOperator
 
 __all__ = ["GramOperator", "gram_operator"]
 
 
 class GramOperator(NetworkOperator):
-    """G = J(X)ᵀ J(X) over inputs x (n, ...) for a :class:`FunctionalNetwork` (keyword ``network``).
+    """G = J(X)ᵀ J(X) over n inputs x for a :class:`FunctionalNetwork` (keyword ``network``): ``GramOperator(x, ...)``
+    with a tensor, ``GramOperator.of(x, ...)`` with any inputs (:mod:`ntkgp.inputs`).
 
     Subclasses that put an output-space matrix between the Jacobians (the Fisher) pass their own
     keyword arguments through ``**kwargs`` and override ``_product`` and ``_diagonal_matrix``.
@@ -28,14 +29,13 @@ class GramOperator(NetworkOperator):
 
     def __init__(
         self,
-        x: Tensor,
-        *,
+        *tensors: Tensor,
         network: FunctionalNetwork,
         batch_shape: torch.Size | tuple[int, ...] = (),
         **kwargs: Any,
     ):
-        super().__init__(x, network=network, batch_shape=batch_shape, **kwargs)
-        self.x = x
+        super().__init__(*tensors, network=network, batch_shape=batch_shape, **kwargs)
+        (self.x,) = self.batches
 
     def _matrix_shape(self) -> tuple[int, int]:
         p = self.network.num_params
@@ -58,13 +58,13 @@ class GramOperator(NetworkOperator):
 
 def gram_operator(
     model: nn.Module | FunctionalNetwork,
-    x: Tensor,
+    x: Inputs,
     params: Sequence[str] | str | None = None,
     chunk_size: int | None = None,
 ) -> GramOperator:
-    """The (p × p) operator J(x)ᵀ J(x) of ``model`` on inputs x (n, ...); ``params``, ``chunk_size`` as in
-    :func:`ntkgp.ntk_operator`."""
+    """The (p × p) operator J(x)ᵀ J(x) of ``model`` on n inputs x (:mod:`ntkgp.inputs`); ``params``, ``chunk_size``
+    as in :func:`ntkgp.ntk_operator`."""
     network = as_functional_network(model, params, chunk_size)
-    check_inputs(x, network.dtype, "x", network.device)
+    x = check_inputs(x, network.dtype, "x", network.device)
     network.num_outputs(x)
-    return GramOperator(x, network=network)
+    return GramOperator.of(x, network=network)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..functional import FunctionalNetwork, relative_difference
+from ..inputs import Inputs, inputs_at, length, map_leaves
 from .ntk_operator import NTKOperator
 
 __all__ = ["LayerFactors", "LayerKernel", "cheap_layer_kernel", "dense_ntk"]
@@ -85,7 +86,7 @@ class LayerKernel:
 
     def __init__(self, network: FunctionalNetwork):
         self.network = network
-        part = network.module if network.split is None else network.split.suffix
+        part = network.module  # (a split's suffix holds the same submodules, by the same names)
         selected = set(network.names)
         holders: dict[int, int] = {}  # id(parameter) -> how many modules hold it
         for _, module in part.named_modules(remove_duplicate=False):
@@ -117,12 +118,12 @@ class LayerKernel:
             self._rest = self.network.restricted(self.rest_names)
         return self._rest
 
-    def cost(self, x: Tensor) -> float:
+    def cost(self, x: Inputs) -> float:
         """Multiplications per pair of inputs and pair of outputs, over p (the per-sample Jacobian path's): below 1
         this path is the cheaper; from one forward pass on x[:1] (the positions S of each layer), after the frozen
         prefix on all of x (cached: x is about to be factored whole)."""
         self.network.features(x)
-        factors = self.factors(x[:1])
+        factors = self.factors(inputs_at(x, slice(0, 1)))
         c = factors.grads[0].shape[1] if factors.grads else 1
         total = 0.0
         for a, g, layer in zip(factors.inputs, factors.grads, self.layers):
@@ -131,16 +132,16 @@ class LayerKernel:
         rest = 0 if self.rest is None else self.rest.num_params
         return (total + rest) / self.network.num_params
 
-    def agrees(self, x: Tensor) -> bool:
+    def agrees(self, x: Inputs) -> bool:
         """Whether this network's layer-factor kernel equals NTK products on x[:2] (relative 10·√eps), checked once
         per network (``FunctionalNetwork.shortcut_checks``); on a disagreement warns once, and is False from then on."""
         checks = self.network.shortcut_checks
         if CHECK not in checks:
-            rows = x[:2]
+            two = inputs_at(x, slice(0, 2))
             with torch.no_grad():
-                first = self.factors(rows)
+                first = self.factors(two)
                 ours = self.kernel(first, first)
-                reference = NTKOperator(rows, rows, network=self.network, num_outputs=ours.shape[0] // rows.shape[0])
+                reference = NTKOperator.of(two, two, network=self.network, num_outputs=ours.shape[0] // length(two))
                 difference = relative_difference(ours, reference.to_dense())
             checks[CHECK] = difference <= 10 * torch.finfo(self.network.dtype).eps ** 0.5
             if not checks[CHECK]:
@@ -154,8 +155,8 @@ class LayerKernel:
                 )
         return checks[CHECK]
 
-    def factors(self, x: Tensor) -> LayerFactors:
-        """:class:`LayerFactors` of inputs x (b, ...): one forward pass and C backward passes."""
+    def factors(self, x: Inputs) -> LayerFactors:
+        """:class:`LayerFactors` of b inputs x: one forward pass and C backward passes."""
         net = self.network
         inputs: dict[str, Tensor] = {}
         epsilons: dict[str, Tensor] = {}
@@ -170,7 +171,7 @@ class LayerKernel:
 
             return keep
 
-        h = net.features(x).detach()  # first: the first use of a split checks it with a forward pass
+        h = map_leaves(Tensor.detach, net.features(x))  # first: the first use of a split checks it with a forward pass
         handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in self.layers]
         with torch.enable_grad():
             try:
@@ -265,7 +266,7 @@ def _outputs(factors: LayerFactors) -> int:
     return factors.grads[0].shape[1] if factors.grads else _rest(factors).shape[1]
 
 
-def cheap_layer_kernel(network: FunctionalNetwork, x: Tensor) -> LayerKernel | None:
+def cheap_layer_kernel(network: FunctionalNetwork, x: Inputs) -> LayerKernel | None:
     """A :class:`LayerKernel` of ``network`` when its cost on x is at most half of p per pair of rows (the factors
     are then clearly cheaper than NTK products) and it :meth:`~LayerKernel.agrees` with NTK products, else None (no
     factorable layer, a layer called twice, dearer, or wrong)."""
@@ -277,7 +278,7 @@ def cheap_layer_kernel(network: FunctionalNetwork, x: Tensor) -> LayerKernel | N
 
 
 def dense_ntk(
-    network: FunctionalNetwork, x1: Tensor, x2: Tensor | None = None, kernel: LayerKernel | None | bool = True
+    network: FunctionalNetwork, x1: Inputs, x2: Inputs | None = None, kernel: LayerKernel | None | bool = True
 ) -> Tensor:
     """The NTK K(x1, x2) (n1·C × n2·C, rows i·C + c; x2 defaults to x1) at θ0 as a dense matrix: from the layer
     factors of ``kernel`` (True: :func:`cheap_layer_kernel` decides; None or False: never), else from n2·C NTK
@@ -287,7 +288,7 @@ def dense_ntk(
         kernel = cheap_layer_kernel(network, x2)
     with torch.no_grad():
         if not kernel:
-            return NTKOperator(x1, x2, network=network, num_outputs=network.num_outputs(x1)).to_dense()
+            return NTKOperator.of(x1, x2, network=network, num_outputs=network.num_outputs(x1)).to_dense()
         second = kernel.factors(x2)
         first = second if x1 is x2 else kernel.factors(x1)
         return kernel.kernel(first, second)

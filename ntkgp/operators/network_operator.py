@@ -7,13 +7,18 @@ is the same matrix repeated over ``batch_shape``, a keyword, so the network inpu
 the batch and every product is computed once and broadcast. ``.to(...)``, ``.double()``, ``.cpu()`` convert
 the network together with the inputs (linear_operator converts every keyword that has those methods).
 
+Inputs (:mod:`ntkgp.inputs`: a tensor, a tuple of tensors, a mapping) are held as their tensors, the operator's
+positional arguments (linear_operator's representation must be tensors), with their ``layouts`` as a keyword;
+:meth:`NetworkOperator.of` builds an operator from batches of inputs. The operator's dtype and device are the
+network's (token ids are integer); a conversion changes the floating inputs' dtype only.
+
 Subclasses implement the matrix: ``_matrix_shape``, ``_matmul_matrix`` (rhs (N2, k) -> (N1, k)) and,
 where they can do better than the defaults, ``_t_matmul_matrix``, ``_diagonal_matrix`` and ``_entries``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,9 +26,10 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs, Layout, layout, leaves
 from ..validation import check_precision
 
-__all__ = ["NetworkOperator"]
+__all__ = ["NetworkOperator", "group_batches"]
 
 
 def _index_length(index: Any, size: int) -> int | None:
@@ -46,17 +52,41 @@ def _index_length(index: Any, size: int) -> int | None:
     return None
 
 
+def group_batches(tensors: Sequence[Tensor], layouts: Sequence[Layout] | None) -> list[Inputs]:
+    """The batches of inputs that ``tensors`` hold, grouped by ``layouts`` (None: one tensor each)."""
+    if layouts is None:
+        return list(tensors)
+    batches, start = [], 0
+    for held in layouts:
+        batches.append(held.build(tensors[start : start + held.size]))
+        start += held.size
+    return batches
+
+
 class NetworkOperator(LinearOperator):
     """A LinearOperator of a :class:`FunctionalNetwork` (keyword ``network``), repeated over ``batch_shape``.
 
+    Positional arguments: the tensors of the operator's batches of inputs, in order; ``layouts`` (keyword) says how
+    they group into batches (default: each tensor is one batch), held in ``self.batches``.
     ``_derived``: keywords computed from the network and the inputs (a cached forward pass); a conversion
     recomputes them in the new dtype instead of rounding the old values.
     """
 
     _derived: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, *batches: Inputs, **kwargs: Any) -> Any:
+        """The operator of these batches of inputs (each a tensor, a tuple of tensors or a mapping)."""
+        tensors = [t for batch in batches for t in leaves(batch)]
+        return cls(*tensors, layouts=tuple(layout(batch) for batch in batches), **kwargs)
+
     def __init__(
-        self, *args: Any, network: FunctionalNetwork, batch_shape: torch.Size | tuple[int, ...] = (), **kwargs: Any
+        self,
+        *args: Any,
+        network: FunctionalNetwork,
+        batch_shape: torch.Size | tuple[int, ...] = (),
+        layouts: tuple[Layout, ...] | None = None,
+        **kwargs: Any,
     ):
         if not isinstance(network, FunctionalNetwork):
             raise TypeError(
@@ -65,9 +95,19 @@ class NetworkOperator(LinearOperator):
                 "fisher_operator, which take the module"
             )
         batch_shape = torch.Size(batch_shape)
-        super().__init__(*args, network=network, batch_shape=batch_shape, **kwargs)
+        layouts = tuple(Layout("tensor", ()) for _ in args) if layouts is None else layouts
+        super().__init__(*args, network=network, batch_shape=batch_shape, layouts=layouts, **kwargs)
         self.network = network
         self._batch = batch_shape
+        self.batches = group_batches(args, layouts)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
 
     # --- the matrix: subclasses ------------------------------------------------------------------------
     def _matrix_shape(self) -> tuple[int, int]:
@@ -105,10 +145,21 @@ class NetworkOperator(LinearOperator):
         return converted._rebuild(**{name: None for name in self._derived}) if self._derived else converted
 
     def to(self, *args: Any, **kwargs: Any) -> NetworkOperator:
-        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        """The operator converted like ``Tensor.to``: the network and the floating tensors (inputs, keywords) to the
+        dtype, everything to the device; integer inputs (token ids) keep their dtype."""
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
         if dtype is not None:
             check_precision(dtype, "dtype")
-        return self._recompute_derived(super().to(*args, **kwargs))
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+            return value.to(device=device, dtype=dtype) if hasattr(value, "to") else value
+
+        converted = self.__class__(
+            *[convert(a) for a in self._args], **{name: convert(value) for name, value in self._kwargs.items()}
+        )
+        return self._recompute_derived(converted)
 
     def type(self, dtype: torch.dtype) -> NetworkOperator:
         """Conversion to ``dtype`` (``.half()`` comes here: half precision raises a TypeError)."""

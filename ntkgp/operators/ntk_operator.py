@@ -14,7 +14,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
 from ..functional import FunctionalNetwork, as_functional_network, map_blocks
-from ..validation import check_inputs
+from ..inputs import Inputs, check_inputs, inputs_at, length, same, structure
 from .network_operator import NetworkOperator
 
 __all__ = ["NTKOperator", "ntk_operator"]
@@ -28,38 +28,41 @@ def _as_index_tensor(index: Any, size: int, device: torch.device) -> Tensor:
 class NTKOperator(NetworkOperator):
     """K(X1, X2) = J(X1) J(X2)ᵀ for a :class:`FunctionalNetwork` with C outputs.
 
+    ``NTKOperator(x1, x2, network=..., num_outputs=...)`` with tensors, or ``NTKOperator.of(x1, x2, ...)`` with any
+    inputs (:mod:`ntkgp.inputs`).
+
     Args:
-        x1: inputs (n1, ...); x2: inputs (n2, ...), or the same tensor for the symmetric K(X, X).
+        x1: n1 inputs; x2: n2 inputs, or the same inputs for the symmetric K(X, X).
         network: the functional network (keyword); num_outputs: C (keyword).
         batch_shape: the matrix repeated over these batch dimensions (keyword, default none).
+        layouts: how the positional tensors group into x1 and x2 (keyword; :meth:`of` sets it).
     """
 
     def __init__(
         self,
-        x1: Tensor,
-        x2: Tensor,
-        *,
+        *tensors: Tensor,
         network: FunctionalNetwork,
         num_outputs: int,
         batch_shape: torch.Size | tuple[int, ...] = (),
+        layouts: Any = None,
     ):
-        super().__init__(x1, x2, network=network, num_outputs=num_outputs, batch_shape=batch_shape)
-        self.x1, self.x2 = x1, x2
+        super().__init__(*tensors, network=network, num_outputs=num_outputs, batch_shape=batch_shape, layouts=layouts)
+        self.x1, self.x2 = self.batches
         self.num_outputs = num_outputs
 
     def _matrix_shape(self) -> tuple[int, int]:
         c = self.num_outputs
-        return self.x1.shape[0] * c, self.x2.shape[0] * c
+        return length(self.x1) * c, length(self.x2) * c
 
     def _transpose_nonbatch(self) -> NTKOperator:
-        return NTKOperator(
+        return NTKOperator.of(
             self.x2, self.x1, network=self.network, num_outputs=self.num_outputs, batch_shape=self._batch
         )
 
-    def _product(self, left: Tensor, right: Tensor, rhs: Tensor) -> Tensor:
+    def _product(self, left: Inputs, right: Inputs, rhs: Tensor) -> Tensor:
         """J(left) J(right)ᵀ rhs for rhs (n_right·C, k) -> (n_left·C, k)."""
         net = self.network
-        cols = rhs.mT.reshape(-1, right.shape[0], self.num_outputs)
+        cols = rhs.mT.reshape(-1, length(right), self.num_outputs)
 
         def block(u: Tensor) -> Tensor:
             return net.jvp(left, net.vjp(right, u)).reshape(u.shape[0], -1)
@@ -75,7 +78,7 @@ class NTKOperator(NetworkOperator):
     def _diagonal_matrix(self) -> Tensor:
         """Exact diagonal ⟨J1[i,c], J2[i,c]⟩ (n·C,), from per-sample Jacobians in chunks."""
         net = self.network
-        if self.x1 is self.x2:
+        if same(self.x1, self.x2):
             parts = [(j * j).sum(-1) for j in net.jacobian_chunks(self.x1)]
         else:
             parts = [(a * b).sum(-1) for a, b in zip(net.jacobian_chunks(self.x1), net.jacobian_chunks(self.x2))]
@@ -89,7 +92,7 @@ class NTKOperator(NetworkOperator):
         col_inputs, col_input_pos = torch.unique(cols // c, return_inverse=True)
         onehot = torch.zeros(len(rows_needed), len(row_inputs), c, dtype=self.dtype, device=self.device)
         onehot[torch.arange(len(rows_needed), device=self.device), row_input_pos, rows_needed % c] = 1
-        x_rows, x_cols = self.x1[row_inputs], self.x2[col_inputs]
+        x_rows, x_cols = inputs_at(self.x1, row_inputs), inputs_at(self.x2, col_inputs)
 
         def block(u: Tensor) -> Tensor:
             return net.jvp(x_cols, net.vjp(x_rows, u))
@@ -105,8 +108,12 @@ class NTKOperator(NetworkOperator):
         whole = [_whole_inputs(ids, c) for ids in (rows, cols)]
         if whole[0] is None or whole[1] is None:
             return super()._getitem_matrix(row_index, col_index)
-        return NTKOperator(
-            self.x1[whole[0]], self.x2[whole[1]], network=self.network, num_outputs=c, batch_shape=self._batch
+        return NTKOperator.of(
+            inputs_at(self.x1, whole[0]),
+            inputs_at(self.x2, whole[1]),
+            network=self.network,
+            num_outputs=c,
+            batch_shape=self._batch,
         )
 
 
@@ -122,21 +129,24 @@ def _whole_inputs(ids: Tensor, c: int) -> Tensor | None:
 
 def ntk_operator(
     model: nn.Module | FunctionalNetwork,
-    x1: Tensor,
-    x2: Tensor | None = None,
+    x1: Inputs,
+    x2: Inputs | None = None,
     params: Sequence[str] | str | None = None,
     chunk_size: int | None = None,
 ) -> NTKOperator:
-    """The finite NTK of ``model`` between x1 (n1, ...) and x2 (n2, ...; default x1): shape (n1·C, n2·C).
+    """The finite NTK of ``model`` between n1 inputs x1 and n2 inputs x2 (default x1): shape (n1·C, n2·C).
+
+    Inputs are a tensor (n, ...) — floating, or integer token ids — a tuple of tensors (``model(*x)``) or a mapping
+    such as a HuggingFace ``BatchEncoding`` (``model(**x)``); x2 must have x1's structure.
 
     ``params`` selects the parameters to linearise in (names or module prefixes, default all with
     ``requires_grad``); ``chunk_size`` bounds how many vectors go through the network at once (default 32;
     both belong to the snapshot, so leave them None when ``model`` is a FunctionalNetwork).
     """
     network = as_functional_network(model, params, chunk_size)
-    check_inputs(x1, network.dtype, "x1", network.device)
+    x1 = check_inputs(x1, network.dtype, "x1", network.device)
     if x2 is None:
         x2 = x1
     else:
-        check_inputs(x2, network.dtype, "x2", network.device, input_shape=x1.shape[1:], shape_of="x1")
-    return NTKOperator(x1, x2, network=network, num_outputs=network.num_outputs(x1))
+        x2 = check_inputs(x2, network.dtype, "x2", network.device, like=structure(x1), of="x1")
+    return NTKOperator.of(x1, x2, network=network, num_outputs=network.num_outputs(x1))

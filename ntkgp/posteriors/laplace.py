@@ -53,6 +53,7 @@ from ..gp.ntk_gp import Prediction
 from ..gp.parameter_space import lanczos_spectrum
 from ..gp.solver import Solver, as_solver, conjugate_gradients
 from ..gp.variance_projections import parameter_projections
+from ..inputs import Inputs, check_inputs, inputs_at, length, map_leaves, structure
 from ..lanczos import lanczos_quadrature
 from ..likelihoods import get_likelihood
 from ..memory import default_budget
@@ -60,7 +61,7 @@ from ..operators.fisher_operator import FISHER_METHODS, FisherOperator, default_
 from ..operators.gram_operator import GramOperator
 from ..operators.network_operator import NetworkOperator
 from ..operators.ntk_operator import NTKOperator
-from ..validation import as_count, as_positive_float, check_choice, check_generator, check_inputs, check_prediction
+from ..validation import as_count, as_positive_float, check_choice, check_generator, check_prediction
 from .linearised_model import TASKS, check_task, log_likelihood, mc_class_probabilities, prepare_data, randn
 
 __all__ = ["Laplace", "PosteriorCovariance"]
@@ -78,21 +79,21 @@ class PosteriorCovariance(NetworkOperator):
 
     def __init__(
         self,
-        x: Tensor,
-        middle: Tensor,
-        delta: Tensor,
-        *,
+        *tensors: Tensor,
         network: FunctionalNetwork,
         batch_shape: torch.Size | tuple[int, ...] = (),
+        layouts: Any = None,
     ):
-        super().__init__(x, middle, delta, network=network, batch_shape=batch_shape)
-        self.x, self.middle, self.delta = x, middle, delta
+        super().__init__(*tensors, network=network, batch_shape=batch_shape, layouts=layouts)
+        self.x, middle, delta = self.batches
+        assert isinstance(middle, Tensor) and isinstance(delta, Tensor)
+        self.middle, self.delta = middle, delta
 
     def _matrix_shape(self) -> tuple[int, int]:
         return self.network.num_params, self.network.num_params
 
     def _matmul_matrix(self, rhs: Tensor) -> Tensor:
-        net, n, x = self.network, self.x.shape[0], self.x.detach()
+        net, n, x = self.network, length(self.x), map_leaves(Tensor.detach, self.x)
 
         def block(v: Tensor) -> Tensor:
             jv = net.jvp(x, v).reshape(v.shape[0], -1)
@@ -183,14 +184,14 @@ class Laplace:
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False, got {progress!r}")
         self.progress = progress
-        self._train_x: Tensor | None = None
+        self._train_x: Inputs | None = None
         self._jacobian: Tensor | None = None
         self._step: Tensor | None = None
         self.variance_error: float | None = None  # of the last prediction, when the posterior is low rank
         self.probability_error: float | None = None
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train_x: Tensor, train_y: Tensor, max_iter: int = 100, find_map: bool = True) -> Laplace:
+    def fit(self, train_x: Inputs, train_y: Tensor, max_iter: int = 100, find_map: bool = True) -> Laplace:
         """MAP of the linearised model on (train_x (n, ...), train_y) and the posterior around it.
 
         ``find_map=False`` takes the network as the MAP already (θ_MAP = θ0, post-hoc Laplace of a
@@ -206,7 +207,7 @@ class Laplace:
         self.f0 = self.network.outputs(train_x, "train_x")
         self._jacobian = None
         if self.dense:
-            kernel = NTKOperator(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
+            kernel = NTKOperator.of(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
             self.kernel = (0.5 * (kernel + kernel.mT)).double()
             self._alpha = torch.zeros(kernel.shape[0], dtype=torch.float64, device=kernel.device)
         else:
@@ -239,7 +240,7 @@ class Laplace:
         rank = min(self.solver.lanczos_rank, self.network.num_params)
         return not self.dense and rank < min(self.f0.numel(), self.network.num_params)
 
-    def _dense(self, x: Tensor, num_outputs: int) -> bool:
+    def _dense(self, x: Inputs, num_outputs: int) -> bool:
         """Whether the posterior is dense in N = n·C (``solver`` and ``max_size``), or matrix-free."""
         method, sharded = self.solver.method, self.network.is_sharded(x)
         if method == "cg":
@@ -388,7 +389,7 @@ class Laplace:
         net, x, c = self.network, self.train_x, self.f0.shape[-1]
         with torch.no_grad(), net.linearised(x, budget=self.memory_budget):
             if self.task == "regression":
-                gram, shift = GramOperator(x, network=net), self._sigma2 * delta
+                gram, shift = GramOperator.of(x, network=net), self._sigma2 * delta
                 rhs = net.vjp(x, (self.targets - self.f0).unsqueeze(0))[0]
                 return self._cg(lambda v: gram._matmul(v) + shift * v, rhs, start)
             onehot = torch.nn.functional.one_hot(self.targets, c).to(net.dtype)
@@ -421,7 +422,7 @@ class Laplace:
         """F (p × p) at the training inputs with H at outputs f (n, C) (1/σ²-scaled for regression), products by
         ``method`` (default ``hessian``)."""
         method = self.hessian if method is None else method
-        op = FisherOperator(
+        op = FisherOperator.of(
             self.train_x,
             network=self.network,
             likelihood=TASKS[self.task],
@@ -464,14 +465,14 @@ class Laplace:
         theta, weights = nodes
         return (weights * torch.log1p(theta / delta)).sum().double()
 
-    def _check_fitted(self) -> Tensor:
+    def _check_fitted(self) -> Inputs:
         """The training inputs of the last :meth:`fit`; before one, a RuntimeError saying to fit first."""
         if self._train_x is None:
             raise RuntimeError("call .fit(train_x, train_y) first")
         return self._train_x
 
     @property
-    def train_x(self) -> Tensor:
+    def train_x(self) -> Inputs:
         """The training inputs (n, ...) of the last :meth:`fit`."""
         return self._check_fitted()
 
@@ -508,7 +509,7 @@ class Laplace:
             rest = torch.full((p,), 1.0 / (delta + rho), dtype=q.dtype, device=q.device)
             return MatmulLinearOperator(q * (1.0 / (lam + delta) - 1.0 / (delta + rho)), q.mT).add_diagonal(rest)
         precision = torch.tensor(self.prior_precision, dtype=torch.float64, device=self.kernel.device)
-        return PosteriorCovariance(self.train_x, self._middle, precision, network=self.network)
+        return PosteriorCovariance.of(self.train_x, self._middle, precision, network=self.network)
 
     def fisher(self) -> LinearOperator:
         """F (p × p) at the training inputs, H at the MAP outputs (1/σ²-scaled for regression)."""
@@ -598,7 +599,7 @@ class Laplace:
         return best
 
     # ------------------------------------------------------------------ prediction
-    def _latent(self, x: Tensor, spread: str) -> tuple[Tensor, Tensor | None]:
+    def _latent(self, x: Inputs, spread: str) -> tuple[Tensor, Tensor | None]:
         """Mean (m, C) of f_lin at θ_MAP and, for ``spread`` "diag" / "full" / "none", its variance
         (m, C), its covariance blocks (m, C, C) or None."""
         net, c, delta = self.network, self.num_outputs, self.prior_precision
@@ -612,13 +613,13 @@ class Laplace:
         reduced = (cross @ self._middle).reshape(-1, c, cross.shape[-1])
         cross = cross.reshape(-1, c, cross.shape[-1])
         if spread == "diag":
-            prior = NTKOperator(x, x, network=net, num_outputs=c).diagonal().detach().double().reshape(-1, c)
+            prior = NTKOperator.of(x, x, network=net, num_outputs=c).diagonal().detach().double().reshape(-1, c)
             return mean, ((prior - (reduced * cross).sum(-1)) / delta).clamp_min(0)
         prior = torch.cat([j @ j.mT for j in net.jacobian_chunks(x)]).detach().double()
         cov = (prior - reduced @ cross.mT) / delta
         return mean, 0.5 * (cov + cov.mT)
 
-    def _spread_matrix_free(self, x: Tensor, spread: str) -> Tensor:
+    def _spread_matrix_free(self, x: Inputs, spread: str) -> Tensor:
         """J(x) Σ J(x)ᵀ of the rank-r posterior: variances (m, C) or blocks (m, C, C), from J(x)Q and the prior
         J(x)J(x)ᵀ (per-sample Jacobians times Q, or r JVPs: :func:`~ntkgp.gp.variance_projections.choose_path`)."""
         net, c, delta = self.network, self.num_outputs, self.prior_precision
@@ -626,7 +627,7 @@ class Laplace:
         coef = (1.0 / (lam + delta) - 1.0 / (delta + rho)).double()
         with torch.no_grad():
             cross, diagonal = parameter_projections(net, x, c, q, "auto", self.memory_budget, self.progress)
-        cross = cross.double().reshape(x.shape[0], c, -1)
+        cross = cross.double().reshape(length(x), c, -1)
         if spread == "diag":
             prior = diagonal.double().reshape(-1, c)
             return ((cross.square() * coef).sum(-1) + prior / (delta + rho)).clamp_min(0)
@@ -634,7 +635,7 @@ class Laplace:
         cov = (cross * coef) @ cross.mT + prior / (delta + rho)
         return 0.5 * (cov + cov.mT)
 
-    def _cross_kernel(self, x: Tensor) -> Tensor:
+    def _cross_kernel(self, x: Inputs) -> Tensor:
         """K(x, X) (m·C, N), float64. J(X) (N × p) is kept after the first call when N·p is at most
         8 · ``jacobian_chunk_elements``, so later batches and calls need only the JVPs at x."""
         net, c, size = self.network, self.num_outputs, self.kernel.shape[0]
@@ -642,12 +643,12 @@ class Laplace:
             eye = torch.eye(size, dtype=net.dtype, device=net.device).reshape(size, -1, c)
             self._jacobian = net.vjp(self.train_x, eye).detach()  # row k: J(X)ᵀ e_k
         if self._jacobian is None:
-            return NTKOperator(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double()
+            return NTKOperator.of(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double()
         return net.jvp(x, self._jacobian).detach().reshape(size, -1).mT.double()
 
     def predict(
         self,
-        x: Tensor,
+        x: Inputs,
         link: str = "probit",
         num_samples: int = 1000,
         generator: torch.Generator | None = None,
@@ -662,12 +663,12 @@ class Laplace:
         network alone (``link="map"``).
         """
         self._check_fitted()
-        check_inputs(x, self.network.dtype, "x", self.network.device, input_shape=self.train_x.shape[1:])
+        x = check_inputs(x, self.network.dtype, "x", self.network.device, like=structure(self.train_x))
         check_choice(link, "link", _LINKS)
         num_samples, batch_size = as_count(num_samples, "num_samples"), as_count(batch_size, "batch_size")
         check_generator(generator)
         kind = "diag" if self.task == "regression" else {"probit": "diag", "mc": "full", "map": "none"}[link]
-        parts = [self._latent(x[i : i + batch_size], kind) for i in range(0, x.shape[0], batch_size)]
+        parts = [self._latent(inputs_at(x, slice(i, i + batch_size)), kind) for i in range(0, length(x), batch_size)]
         mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
         self.variance_error = self.probability_error = None
         if kind == "none":
@@ -676,7 +677,7 @@ class Laplace:
         spread = torch.cat([s for _, s in parts if s is not None])
         check_prediction(x, mean=mean, variance=spread)
         if self.approximate:
-            self._estimate_error(x[: self.PROBES], mean[: self.PROBES], spread[: self.PROBES])
+            self._estimate_error(inputs_at(x, slice(0, self.PROBES)), mean[: self.PROBES], spread[: self.PROBES])
         if self.task == "regression":
             squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
             return Prediction(squeeze(mean).to(dtype), squeeze(spread).to(dtype), self.variance_error)
@@ -684,15 +685,15 @@ class Laplace:
             return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * spread), -1).to(dtype)
         return mc_class_probabilities(mean, spread, num_samples, generator).to(dtype)
 
-    def _estimate_error(self, x: Tensor, mean: Tensor, spread: Tensor) -> None:
+    def _estimate_error(self, x: Inputs, mean: Tensor, spread: Tensor) -> None:
         """Set ``variance_error`` (and ``probability_error``) of the low-rank posterior from the exact GLM variance
         diag J(x) (F + δI)⁻¹ J(x)ᵀ at probe inputs x (b, ...), one CG solve per output, against the approximate
         ``spread`` ((b, C) variances or (b, C, C) blocks) and ``mean`` (b, C). CG is preconditioned by the low-rank
         posterior itself (it inverts F + δI on the top Ritz directions already) and stops at a relative residual of
         1e-4 (or the solver's, if smaller): the error of vᵀx is CG's squared error in the (F + δI)-norm."""
         net, c = self.network, self.num_outputs
-        size = x.shape[0] * c
-        eye = torch.eye(size, dtype=net.dtype, device=net.device).reshape(size, x.shape[0], c)
+        size = length(x) * c
+        eye = torch.eye(size, dtype=net.dtype, device=net.device).reshape(size, length(x), c)
         with torch.no_grad(), net.linearised(self.train_x, budget=self.memory_budget):
             rows = net.vjp(x, eye)  # J(x) (b·C, p)
             precision, approximate_inverse = self.precision, self.covariance
@@ -715,7 +716,7 @@ class Laplace:
             message += f", probit probabilities {self.probability_error:.2g}"
         if self.variance_error > 1e-2 or (self.probability_error or 0.0) > 1e-2:
             warnings.warn(
-                f"Laplace.predict: the low-rank posterior's error on {x.shape[0]} probe inputs: {message}. "
+                f"Laplace.predict: the low-rank posterior's error on {length(x)} probe inputs: {message}. "
                 "For the exact posterior raise max_size or Solver.lanczos_rank",
                 RuntimeWarning,
                 stacklevel=3,

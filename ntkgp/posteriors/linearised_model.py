@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs, check_inputs, length
 from ..likelihoods import get_likelihood
-from ..validation import as_positive_float, check_choice, check_generator, check_inputs, check_labels, check_targets
+from ..validation import as_positive_float, check_choice, check_generator, check_labels, check_targets
 
 __all__ = [
     "TASKS",
@@ -41,20 +42,20 @@ def check_task(likelihood: str, noise: float | None, prior_precision: float) -> 
 
 
 def prepare_data(
-    task: str, network: FunctionalNetwork, x: Tensor, y: Tensor, num_classes: int | None
+    task: str, network: FunctionalNetwork, x: Inputs, y: Tensor, num_classes: int | None
 ) -> tuple[Tensor, int]:
     """Checked targets — regression (n, C) floats, classification (n,) labels — and C."""
-    check_inputs(x, network.dtype, "train_x", network.device)
+    check_inputs(x, network.dtype, "train_x", network.device)  # (raises for what the network cannot take)
     c = network.num_outputs(x)
     if task == "regression":
-        return check_targets(y, x.shape[0], c, network.dtype), c
+        return check_targets(y, length(x), c, network.dtype), c
     if num_classes is not None and num_classes != c:
         raise ValueError(
             f"num_classes = {num_classes} but the network has {c} outputs: classification needs one "
             "logit per class (replace the network's last layer)"
         )
     get_likelihood(TASKS[task]).check(c)
-    return check_labels(y, x.shape[0], c), c
+    return check_labels(y, length(x), c), c
 
 
 def log_likelihood(task: str, f: Tensor, targets: Tensor, noise: float | Tensor | None) -> Tensor:
@@ -70,7 +71,7 @@ def log_likelihood(task: str, f: Tensor, targets: Tensor, noise: float | Tensor 
     return logp.gather(-1, targets.expand(*f.shape[:-1]).unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
-def linearised_outputs(network: FunctionalNetwork, x: Tensor, f0: Tensor, deltas: Tensor) -> Tensor:
+def linearised_outputs(network: FunctionalNetwork, x: Inputs, f0: Tensor, deltas: Tensor) -> Tensor:
     """f0 + J(x) Δ for parameter offsets Δ (k, p): (k, n, C), by one batched JVP."""
     return f0 + network.jvp(x, deltas)
 

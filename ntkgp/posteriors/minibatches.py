@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
+from ..inputs import Inputs, Structure, cat, check_inputs, convert, length, structure
 from ..validation import as_count, check_generator
 from .linearised_model import prepare_data
 
@@ -16,68 +17,61 @@ __all__ = ["Minibatches"]
 
 
 class Minibatches:
-    """Minibatches (x (b, ...), targets, f(x; θ0) (b, C)) on the network's device, one pass per iteration.
+    """Minibatches (x (b inputs), targets, f(x; θ0) (b, C)) on the network's device, one pass per iteration.
 
-    Targets are checked for ``task`` (regression (b, C) floats, classification (b,) labels,
-    :func:`prepare_data`). With tensors x (n, ...) and y the targets are checked and f(x; θ0) computed
-    once, and every pass is a fresh permutation from ``generator`` in batches of ``batch_size`` (default
-    the full batch); a DataLoader is iterated as it is, each batch checked as it comes. ``input_shape``:
-    the per-input shape the inputs must have (default: that of the first inputs seen). ``outputs``: f(x; θ0)
-    (n, C) of tensor inputs when the caller has it already.
+    Inputs x are a tensor, a tuple of tensors or a mapping (:mod:`ntkgp.inputs`). Targets are checked for ``task``
+    (regression (b, C) floats, classification (b,) labels, :func:`prepare_data`). With inputs x and targets y the
+    targets are checked and f(x; θ0) computed once, and every pass is a fresh permutation from ``generator`` in
+    batches of ``batch_size`` (default the full batch); a DataLoader of (x, y) batches is iterated as it is, each
+    batch checked as it comes. ``like``: the structure the inputs must have (default: that of the first inputs
+    seen). ``outputs``: f(x; θ0) (n, C) of the inputs when the caller has it already.
     """
 
     def __init__(
         self,
         network: FunctionalNetwork,
         task: str,
-        x: Tensor | torch.utils.data.DataLoader,
+        x: Inputs | torch.utils.data.DataLoader,
         y: Tensor | None = None,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
         num_classes: int | None = None,
-        input_shape: tuple[int, ...] | None = None,
+        like: Structure | None = None,
         outputs: Tensor | None = None,
     ):
-        if isinstance(x, Tensor) and y is None:
-            raise ValueError("give train_y with tensor inputs, or pass a DataLoader of (x, y) batches")
-        if not isinstance(x, (Tensor, torch.utils.data.DataLoader)):
-            raise TypeError(
-                f"train_x must be a torch.Tensor (n, ...) or a DataLoader of (x, y) batches, got {type(x).__name__}"
-            )
-        if isinstance(x, torch.utils.data.DataLoader) and y is not None:
+        loader = isinstance(x, torch.utils.data.DataLoader)
+        if not loader and y is None:
+            raise ValueError("give train_y with the inputs train_x, or pass a DataLoader of (x, y) batches")
+        if loader and y is not None:
             raise ValueError("train_y must be None when train_x is a DataLoader (its batches hold the targets)")
         self.network, self.task, self.num_classes = network, task, num_classes
         self.batch_size = None if batch_size is None else as_count(batch_size, "batch_size")
         self.generator = check_generator(generator)
-        self.input_shape = input_shape
+        self.structure = like
         self.loader = x if isinstance(x, torch.utils.data.DataLoader) else None
         if isinstance(x, torch.utils.data.DataLoader):
             self.num_data = len(x.dataset)  # type: ignore[arg-type]  # a DataLoader over a sized dataset
         else:
-            assert y is not None  # refused above for tensor inputs
-            self._check_input_shape(x, "train_x")
-            x = x.to(network.device)
+            assert y is not None  # refused above for inputs
+            x = self._checked(x, "train_x")
             y = y.to(network.device) if isinstance(y, Tensor) else y  # anything else: prepare_data says what is wrong
             self.x, self.targets = x, prepare_data(task, network, x, y, num_classes)[0]
             self.outputs = network.outputs(x, "train_x") if outputs is None else outputs
-            self.num_data = x.shape[0]
+            self.num_data = length(x)
 
-    def _check_input_shape(self, x: Tensor, name: str) -> None:
-        """The first inputs fix the per-input shape; later ones must share it."""
-        if not isinstance(x, Tensor):
-            return  # prepare_data names the type
-        if self.input_shape is None:
-            self.input_shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"{name} has per-input shape {tuple(x.shape[1:])} but the training inputs have {self.input_shape}"
-            )
+    def _checked(self, x: Inputs, name: str) -> Inputs:
+        """x checked and moved to the network's device; the first inputs fix the structure, later ones must share it."""
+        net = self.network
+        x = convert(check_inputs(x, net.dtype, name, like=self.structure), net.device)
+        if self.structure is None:
+            self.structure = structure(x)
+        return x
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Inputs, Tensor, Tensor]]:
         if self.loader is None:
             n = self.num_data
             size = n if self.batch_size is None else self.batch_size
-            order = torch.randperm(n, generator=self.generator, device="cpu").to(self.x.device)
+            order = torch.randperm(n, generator=self.generator, device="cpu").to(self.network.device)
             for i in range(0, n, size):
                 batch = order[i : i + size]
                 yield self.network.take(self.x, batch), self.targets[batch], self.outputs[batch]
@@ -91,14 +85,14 @@ class Minibatches:
                     "TensorDataset(x, y), for example)"
                 )
             x, y = batch
-            self._check_input_shape(x, "the DataLoader's x")
-            x, y = x.to(net.device), y.to(net.device)
+            x = self._checked(x, "the DataLoader's x")
+            y = y.to(net.device) if isinstance(y, Tensor) else y
             targets = prepare_data(self.task, net, x, y, self.num_classes)[0]
             yield x, targets, net.outputs(x, "train_x")  # outside no_grad: a caller's step may need autograd
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """All inputs (n, ...), checked targets and f(x; θ0) (n, C), concatenated (one pass over a DataLoader)."""
+    def tensors(self) -> tuple[Inputs, Tensor, Tensor]:
+        """All inputs (n), checked targets and f(x; θ0) (n, C), concatenated (one pass over a DataLoader)."""
         if self.loader is None:
             return self.x, self.targets, self.outputs
         xs, ys, fs = zip(*self)
-        return torch.cat(xs), torch.cat(ys), torch.cat(fs)
+        return cat(xs), torch.cat(ys), torch.cat(fs)

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
 from ..gp.ntk_gp import Prediction
-from ..validation import as_count, as_positive_float, check_generator, check_inputs, check_prediction
+from ..inputs import Inputs, Structure, check_inputs, length
+from ..validation import as_count, as_positive_float, check_generator, check_prediction
 from .linearised_model import (
     check_task,
     linearised_outputs,
@@ -62,7 +63,7 @@ class SVI:
         self.task, self.prior_precision = likelihood, as_positive_float(prior_precision, "prior_precision")
         self.num_classes = None if num_classes is None else as_count(num_classes, "num_classes", minimum=2)
         self.network = as_functional_network(model, params, chunk_size)
-        self.input_shape: tuple[int, ...] | None = None  # of the training inputs, once fitted
+        self.structure: Structure | None = None  # of the training inputs, once fitted
         net = self.network
         self.loc = torch.zeros(net.num_params, dtype=net.dtype, device=net.device, requires_grad=True)
         scale = torch.full_like(self.loc, init_scale / math.sqrt(self.prior_precision))
@@ -86,7 +87,7 @@ class SVI:
 
     def fit(
         self,
-        train_x: Tensor | torch.utils.data.DataLoader,
+        train_x: Inputs | torch.utils.data.DataLoader,
         train_y: Tensor | None = None,
         epochs: int = 100,
         batch_size: int | None = None,
@@ -99,7 +100,7 @@ class SVI:
         """Maximise the ELBO over ``epochs`` passes.
 
         Args:
-            train_x: inputs (n, ...) with targets ``train_y`` (both moved to the network's device), or a
+            train_x: n inputs (:mod:`ntkgp.inputs`) with targets ``train_y`` (both moved to the network's device), or a
                 DataLoader of (x, y) batches.
             batch_size: minibatch size for tensors (default: the full batch).
             num_samples: reparameterised samples of Δ per step.
@@ -110,10 +111,8 @@ class SVI:
         epochs, num_samples = as_count(epochs, "epochs"), as_count(num_samples, "num_samples")
         lr, generator = as_positive_float(lr, "lr"), check_generator(generator)
         net = self.network
-        batches = Minibatches(
-            net, self.task, train_x, train_y, batch_size, generator, self.num_classes, self.input_shape
-        )
-        self.input_shape, num_data = batches.input_shape, batches.num_data
+        batches = Minibatches(net, self.task, train_x, train_y, batch_size, generator, self.num_classes, self.structure)
+        self.structure, num_data = batches.structure, batches.num_data
         optimizer = torch.optim.Adam([self.loc, self.raw_scale], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if anneal else None
         for epoch in tqdm(range(epochs), desc="SVI", disable=not progress):
@@ -123,7 +122,7 @@ class SVI:
                 delta = self.loc + self.scale * eps
                 with torch.no_grad():
                     f = linearised_outputs(net, x, f0, delta.detach()).requires_grad_(True)
-                expected = log_likelihood(self.task, f, targets, self.noise).mean() * (num_data / x.shape[0])
+                expected = log_likelihood(self.task, f, targets, self.noise).mean() * (num_data / length(x))
                 (grad_f,) = torch.autograd.grad(expected, f)
                 grad_delta = net.vjp(x, grad_f)  # ∂ E[log p] / ∂Δ for each sample
                 kl = self.kl()
@@ -141,13 +140,13 @@ class SVI:
             self.history.append(sum(values) / len(values))
             if schedule is not None:
                 schedule.step()
-        self.input_shape = batches.input_shape  # a DataLoader's first batch sets it
+        self.structure = batches.structure  # a DataLoader's first batch sets it
         return self
 
-    def latent(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def latent(self, x: Inputs) -> tuple[Tensor, Tensor]:
         """Mean f0 + J m (m, C) and covariance J diag(s²) Jᵀ (m, C, C) of the outputs at x under q."""
         net = self.network
-        check_inputs(x, net.dtype, "x", net.device, input_shape=self.input_shape)
+        x = check_inputs(x, net.dtype, "x", net.device, like=self.structure)
         with torch.no_grad():
             mean = linearised_outputs(net, x, net(x), self.loc.detach().unsqueeze(0))[0]
             s2 = self.scale.detach().square()
@@ -155,7 +154,7 @@ class SVI:
         check_prediction(x, mean=mean, covariance=cov)
         return mean, cov
 
-    def elbo(self, x: Tensor, y: Tensor) -> Tensor:
+    def elbo(self, x: Inputs, y: Tensor) -> Tensor:
         """The ELBO on (x, y), exact for regression (E‖y − f0 − JΔ‖² needs Σ_j J_ij² s_j²)."""
         if self.task != "regression":
             raise NotImplementedError(
@@ -170,7 +169,7 @@ class SVI:
         return expected - self.kl().detach()
 
     def predict(
-        self, x: Tensor, num_samples: int = 100, generator: torch.Generator | None = None
+        self, x: Inputs, num_samples: int = 100, generator: torch.Generator | None = None
     ) -> Prediction | Tensor:
         """Predictive at x (m, ...) of the linearised network under q.
 
