@@ -104,3 +104,17 @@ def case(request):
 
 def rel_err(a, b):
     return float(((a - b).norm() / b.norm().clamp_min(1e-300)).detach())
+
+
+class DictModel(nn.Module):
+    """Keyword inputs of mixed dtypes: features, token ids and a boolean mask that rides along."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 3)
+        self.features = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, features: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        tokens = (self.embed(ids) * keep.unsqueeze(-1)).sum(1)
+        return self.head(torch.tanh(self.features(features) + tokens))

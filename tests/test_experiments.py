@@ -259,3 +259,43 @@ def test_lqf_conditioning_tiny_run_and_resume(tmp_path, capsys):
     assert main(argv) == 0  # resumes: nothing left to measure, the same results
     assert json.loads((out / "results.json").read_text())["spectra"] == json.loads(stamp)["spectra"]
     assert "NLFT" not in capsys.readouterr().err  # NLFT did not run again
+
+
+@pytest.mark.slow
+def test_vit_fewshot_tiny_run_and_resume(tmp_path, capsys):
+    """Every method on both networks (LoRA on the ViT only); an interrupted run — its last draw missing — resumes at
+    that draw, from the cached pretrained networks, and ends with the uninterrupted run's results."""
+    from ntkgp_experiments.vit_fewshot import METHODS
+
+    argv, out, payload = run_tiny("vit-fewshot", tmp_path)
+    tiny = payload["config"]
+    for kind in ("vit", "cnn"):
+        methods = [m for m in METHODS if kind == "vit" or m != "NTK-GP LoRA"]
+        rows = [r for r in payload["rows"] if r["model"] == kind]
+        assert len(rows) == len(methods) * len(tiny["shots"]) * tiny["draws"]
+        assert {r["method"] for r in rows} == set(methods)
+    for r in payload["rows"]:
+        assert 0 <= r["accuracy"] <= 1 and r["nll"] > 0 and 0 <= r["ece"] <= 1 and r["seconds"] > 0
+    assert (out / "vit_fewshot.png").stat().st_size > 10_000
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "pretrained").iterdir()}
+    last = payload["done"][-1]
+    interrupted = {
+        **payload,
+        "done": payload["done"][:-1],
+        "rows": [r for r in payload["rows"] if [r["model"], r["shots"], r["draw"]] != last],
+    }
+    (out / "results.json").write_text(json.dumps(interrupted))
+    capsys.readouterr()
+    assert main(argv) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert "pretrained the" not in capsys.readouterr().out  # from the cache
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "pretrained").iterdir()} == stamps
+    assert resumed["done"] == payload["done"]
+    assert len(resumed["rows"]) == len(payload["rows"])
+    for again, first in zip(resumed["rows"], payload["rows"]):
+        assert [again[k] for k in ("model", "shots", "draw", "method")] == [
+            first[k] for k in ("model", "shots", "draw", "method")
+        ]
+        assert [again[k] for k in ("accuracy", "nll", "ece")] == pytest.approx(
+            [first[k] for k in ("accuracy", "nll", "ece")]
+        )

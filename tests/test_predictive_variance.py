@@ -7,7 +7,7 @@ from conftest import make_case, rel_err
 from test_ntk_gp import NOISE, S2, dense_posterior, targets
 
 from ntkgp import NTKGP, FunctionalNetwork
-from ntkgp.gp.parameter_space import dense_ntk
+from ntkgp.gp.parameter_space import ntk_matrix
 from ntkgp.gp.variance_projections import choose_path, jacobian_projections
 
 
@@ -94,8 +94,8 @@ def test_kernel_from_per_sample_jacobians_equals_products(case):
     _, model, x, params = case
     net = FunctionalNetwork(model, params)
     c = net.num_outputs(x)
-    products = dense_ntk(net, x, c)
-    assert rel_err(dense_ntk(net, x, c, budget=2**30), products) < 1e-12
+    products = ntk_matrix(net, x, c)
+    assert rel_err(ntk_matrix(net, x, c, budget=2**30), products) < 1e-12
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from .variance_projections import choose_path
 __all__ = [
     "GramSpectrum",
     "dense_gram",
-    "dense_ntk",
+    "ntk_matrix",
     "gram_spectrum",
     "kernel_of_rows",
     "lanczos_spectrum",
@@ -121,7 +121,7 @@ def kernel_of_rows(jac: Tensor) -> Tensor:
     )
 
 
-def dense_ntk(network: FunctionalNetwork, x: Inputs, num_outputs: int, budget: float | None = None) -> Tensor:
+def ntk_matrix(network: FunctionalNetwork, x: Inputs, num_outputs: int, budget: float | None = None) -> Tensor:
     """K(x, x) (N × N) in the network's dtype: J Jᵀ from :func:`train_jacobian` where it applies, N VJPs and N
     JVPs at x otherwise (and when ``budget`` is None)."""
     jac = train_jacobian(network, x, num_outputs, budget)
@@ -133,8 +133,8 @@ def dense_ntk(network: FunctionalNetwork, x: Inputs, num_outputs: int, budget: f
 def ntk_eigh(
     network: FunctionalNetwork, x: Inputs, num_outputs: int, budget: float | None = None
 ) -> tuple[Tensor, Tensor, float]:
-    """:func:`resolved_eigh` of the dense NTK K(x, x) (N × N) (:func:`dense_ntk`)."""
-    return resolved_eigh(dense_ntk(network, x, num_outputs, budget))
+    """:func:`resolved_eigh` of the dense NTK K(x, x) (N × N) (:func:`ntk_matrix`)."""
+    return resolved_eigh(ntk_matrix(network, x, num_outputs, budget))
 
 
 def gram_spectrum(

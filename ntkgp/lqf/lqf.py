@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from ..distributed import global_rows
 from ..functional import FunctionalNetwork, as_functional_network
 from ..gp.ntk_gp import NTKGP, Prediction
+from ..gp.parameter_space import ntk_matrix
 from ..gp.solver import conjugate_gradients
 from ..inputs import Inputs, Structure, cat, check_inputs, length, structure
 from ..lanczos import ritz_values
+from ..memory import default_budget
 from ..operators.fisher_operator import FisherOperator
 from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import LayerKernel, cheap_layer_kernel, dense_ntk
@@ -420,12 +422,18 @@ class LQF:
     def kernel_matrix(self, x1: Inputs, x2: Inputs | None = None) -> Tensor:
         """The NTK K(x1, x2) of the network at θ0 (n1·C × n2·C, rows interleaved: i·C + c) as a dense matrix, x2
         defaulting to x1: from per-layer factors (:class:`~ntkgp.operators.LayerKernel`: one forward and C
-        backward passes per input) when they cost at most half of p per pair of rows, else n2·C NTK products."""
+        backward passes per input) when they cost at most half of p per pair of rows; else K(x1, x1) from per-sample
+        Jacobians where they are cheaper (:func:`~ntkgp.gp.parameter_space.ntk_matrix`), n2·C NTK products otherwise."""
         self._fitted("kernel_matrix()")
+        symmetric = x2 is None
         x2 = x1 if x2 is None else x2
         for x, name in ((x1, "x1"), (x2, "x2")):
             check_inputs(x, self.network.dtype, name, self.network.device, like=self.structure)
-        return dense_ntk(self.network, x1, x2, self._factored() or False)
+        factored = self._factored()
+        if symmetric and not factored:
+            with torch.no_grad():
+                return ntk_matrix(self.network, x1, self.num_outputs, default_budget(self.network.device))
+        return dense_ntk(self.network, x1, x2, factored or False)
 
     def _factored(self) -> LayerKernel | None:
         """The layer-factor kernel when it costs at most half of p per pair of rows (decided once), else None."""

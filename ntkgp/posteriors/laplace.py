@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ..distributed import global_rows
 from ..functional import FunctionalNetwork, as_functional_network, map_blocks
 from ..gp.ntk_gp import Prediction
-from ..gp.parameter_space import lanczos_spectrum
+from ..gp.parameter_space import lanczos_spectrum, ntk_matrix
 from ..gp.solver import Solver, as_solver, conjugate_gradients
 from ..gp.variance_projections import parameter_projections
 from ..inputs import Inputs, check_inputs, inputs_at, length, map_leaves, structure
@@ -207,8 +207,9 @@ class Laplace:
         self.f0 = self.network.outputs(train_x, "train_x")
         self._jacobian = None
         if self.dense:
-            kernel = NTKOperator.of(train_x, train_x, network=self.network, num_outputs=c).to_dense().detach()
-            self.kernel = (0.5 * (kernel + kernel.mT)).double()
+            with torch.no_grad():  # J Jᵀ from per-sample Jacobians where they are cheaper than N products
+                kernel = ntk_matrix(self.network, train_x, c, self.memory_budget).detach()
+            self.kernel: Any = (0.5 * (kernel + kernel.mT)).double()  # (N × N) when dense, else None
             self._alpha = torch.zeros(kernel.shape[0], dtype=torch.float64, device=kernel.device)
         else:
             self.kernel = None
@@ -607,13 +608,15 @@ class Laplace:
             with torch.no_grad():
                 mean = (net(x) + net.jvp(x, self._map_step().unsqueeze(0))[0]).double()
             return mean, (None if spread == "none" else self._spread_matrix_free(x, spread))
-        cross = self._cross_kernel(x)
+        cross, diagonal = self._cross_kernel(x)
         with torch.no_grad():
             mean = net(x).double() + (cross @ self._alpha).reshape(-1, c)
         reduced = (cross @ self._middle).reshape(-1, c, cross.shape[-1])
         cross = cross.reshape(-1, c, cross.shape[-1])
         if spread == "diag":
-            prior = NTKOperator.of(x, x, network=net, num_outputs=c).diagonal().detach().double().reshape(-1, c)
+            if diagonal is None:
+                diagonal = NTKOperator.of(x, x, network=net, num_outputs=c).diagonal().detach()
+            prior = diagonal.double().reshape(-1, c)
             return mean, ((prior - (reduced * cross).sum(-1)) / delta).clamp_min(0)
         prior = torch.cat([j @ j.mT for j in net.jacobian_chunks(x)]).detach().double()
         cov = (prior - reduced @ cross.mT) / delta
@@ -635,16 +638,20 @@ class Laplace:
         cov = (cross * coef) @ cross.mT + prior / (delta + rho)
         return 0.5 * (cov + cov.mT)
 
-    def _cross_kernel(self, x: Inputs) -> Tensor:
-        """K(x, X) (m·C, N), float64. J(X) (N × p) is kept after the first call when N·p is at most
-        8 · ``jacobian_chunk_elements``, so later batches and calls need only the JVPs at x."""
+    def _cross_kernel(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
+        """(K(x, X) (m·C, N) float64, diag K(x, x) (m·C,) or None). J(X) (N × p) is kept after the first call when
+        N·p is at most 8 · ``jacobian_chunk_elements``; later batches and calls then project the test Jacobians on
+        it by the cheaper of per-sample Jacobians (which give the diagonal too) and N JVPs at x
+        (:func:`~ntkgp.gp.variance_projections.parameter_projections`)."""
         net, c, size = self.network, self.num_outputs, self.kernel.shape[0]
         if self._jacobian is None and size * net.num_params <= 8 * net.jacobian_chunk_elements:
             eye = torch.eye(size, dtype=net.dtype, device=net.device).reshape(size, -1, c)
             self._jacobian = net.vjp(self.train_x, eye).detach()  # row k: J(X)ᵀ e_k
         if self._jacobian is None:
-            return NTKOperator.of(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double()
-        return net.jvp(x, self._jacobian).detach().reshape(size, -1).mT.double()
+            return NTKOperator.of(x, self.train_x, network=net, num_outputs=c).to_dense().detach().double(), None
+        with torch.no_grad():
+            cross, diagonal = parameter_projections(net, x, c, self._jacobian.mT, "auto", self.memory_budget, False)
+        return cross.detach().double(), diagonal.detach()
 
     def predict(
         self,
