@@ -36,7 +36,6 @@ __all__ = [
     "chunks",
     "convert",
     "describe",
-    "floating_leaves",
     "layout",
     "leaves",
     "length",
@@ -122,11 +121,6 @@ def map_leaves(fn: Callable[[Tensor], Tensor], x: Inputs) -> Inputs:
     return _rebuild(x, [fn(t) for t in leaves(x)])
 
 
-def floating_leaves(x: Inputs) -> list[Tensor]:
-    """The batch's floating tensors (the network's continuous inputs)."""
-    return [t for t in leaves(x) if t.is_floating_point()]
-
-
 def length(x: Inputs) -> int:
     """n, the number of inputs (the first dimension every tensor shares)."""
     return leaves(x)[0].shape[0]
@@ -165,7 +159,7 @@ def requires_grad(x: Inputs) -> bool:
 
 def magnitude(x: Inputs) -> float:
     """The largest |value| among x's floating tensors (0 when it has none): for messages about overflow."""
-    values = [float(t.detach().abs().max()) for t in floating_leaves(x) if t.numel()]
+    values = [float(t.detach().abs().max()) for t in leaves(x) if t.is_floating_point() and t.numel()]
     return max(values, default=0.0)
 
 

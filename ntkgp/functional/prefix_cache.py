@@ -9,12 +9,13 @@ tensors or a mapping has more than one input node, and runs whole.
 
 from __future__ import annotations
 
+import copy
 import warnings
 import weakref
 from collections import OrderedDict
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..inputs import Inputs
 from ..validation import as_count
@@ -36,6 +37,22 @@ class PrefixCache(Snapshot):
         self.feature_cache_bytes = as_count(feature_cache_bytes, "feature_cache_bytes", minimum=0)
         self.split = split_network(self.module, self.names) if frozen_prefix else None
         self._split_checked = False
+
+    def module_copy(self, suffix: bool = False) -> nn.Module:
+        """A copy of the module holding the snapshot (θ0, frozen weights, buffers), in eval mode, with
+        ``requires_grad`` on the selected parameters only: for libraries that need a module (curvlinops).
+        ``suffix``: only the part after the frozen prefix, whose inputs are ``features`` (the whole module
+        when there is no split); its parameters keep the module's names."""
+        self._check_state()
+        source = self.split.suffix if suffix and self.split is not None else self.module
+        module = copy.deepcopy(source).to(device=self.device, dtype=self.dtype)
+        values = {**self.frozen, **self.buffers, **self.unflatten(self.theta0)}
+        with torch.no_grad():
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                tensor.copy_(values[name])
+        for name, param in module.named_parameters():
+            param.requires_grad_(name in self.names)
+        return module.eval()
 
     def _reset_checks(self) -> None:
         super()._reset_checks()

@@ -123,23 +123,6 @@ class Snapshot:
         """A copy with its own tensors."""
         return copy.copy(self)._apply(torch.clone)
 
-    def module_copy(self, suffix: bool = False) -> nn.Module:
-        """A copy of the module holding the snapshot (θ0, frozen weights, buffers), in eval mode, with
-        ``requires_grad`` on the selected parameters only: for libraries that need a module (curvlinops).
-        ``suffix``: only the part after the frozen prefix, whose inputs are ``features`` (the whole module
-        when there is no split); its parameters keep the module's names."""
-        self._check_state()
-        split = getattr(self, "split", None)
-        source = split.suffix if suffix and split is not None else self.module
-        module = copy.deepcopy(source).to(device=self.device, dtype=self.dtype)
-        values = {**self.frozen, **self.buffers, **self.unflatten(self.theta0)}
-        with torch.no_grad():
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-                tensor.copy_(values[name])
-        for name, param in module.named_parameters():
-            param.requires_grad_(name in self.names)
-        return module.eval()
-
     def _at(self, theta: Tensor) -> Any:
         """A shallow copy holding θ0 = ``theta`` (checked)."""
         check_tensor(theta, "theta", f"({self.num_params},)")

@@ -53,7 +53,7 @@ from ..gp.ntk_gp import Prediction
 from ..gp.parameter_space import lanczos_spectrum, ntk_matrix
 from ..gp.solver import Solver, as_solver, conjugate_gradients
 from ..gp.variance_projections import parameter_projections
-from ..inputs import Inputs, check_inputs, inputs_at, length, map_leaves, structure
+from ..inputs import Inputs, check_inputs, chunks, inputs_at, length, map_leaves, structure
 from ..lanczos import lanczos_quadrature
 from ..likelihoods import get_likelihood
 from ..memory import default_budget
@@ -675,7 +675,7 @@ class Laplace:
         num_samples, batch_size = as_count(num_samples, "num_samples"), as_count(batch_size, "batch_size")
         check_generator(generator)
         kind = "diag" if self.task == "regression" else {"probit": "diag", "mc": "full", "map": "none"}[link]
-        parts = [self._latent(inputs_at(x, slice(i, i + batch_size)), kind) for i in range(0, length(x), batch_size)]
+        parts = [self._latent(block, kind) for block in chunks(x, batch_size)]
         mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
         self.variance_error = self.probability_error = None
         if kind == "none":
