@@ -377,7 +377,7 @@ def test_huggingface_masks_fall_back_once_with_one_warning() -> None:
         diagonal = ntk_operator(net, case.x).diagonal()
         ntk_operator(net, case.x).diagonal()
     assert sum("per-sample Jacobians" in str(w.message) for w in record) == 1
-    with pytest.warns(RuntimeWarning, match="traced Jacobian-vector products"), net.linearised(case.x):
+    with pytest.warns(RuntimeWarning, match="traced linearised Jacobian-vector products"), net.linearised(case.x):
         v = torch.randn(net.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         product = net.jvp(case.x, v.unsqueeze(0))[0]
     jac = autograd_jacobian(case.model, case.x, net.names)

@@ -99,14 +99,14 @@ class LinearisationCache(NetworkFunction, CheckedBatching):
         f = self._f(x)
         out, vjp_fn = vjp_of(f, self.theta0)
         jvp_fn = None
-        if "traced Jacobian-vector products" not in self._unbatched:
+        if "linearised Jacobian-vector products" not in self._unbatched:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # torch.fx const folding inside linearize
                     _, jvp_fn = linearize(f, self.theta0)
             except BATCHING_ERRORS as err:
                 if missing_forward_rule(err) is None:  # not traceable (Python branches on values): say so once
-                    self._unbatchable("traced Jacobian-vector products", err)
+                    self._unbatchable("linearised Jacobian-vector products", err)
         return vjp_fn, jvp_fn, tuple(out.shape)
 
     def _cached(self, x: Inputs) -> Linearisation | None:
