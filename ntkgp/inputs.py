@@ -18,7 +18,7 @@ Shapes: n inputs; a leaf is one tensor of the batch, (n, ...).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +36,14 @@ __all__ = [
     "chunks",
     "convert",
     "describe",
+    "gather",
     "layout",
     "leaves",
     "length",
     "magnitude",
     "inputs_at",
     "map_leaves",
+    "loader_pair",
     "pack",
     "requires_grad",
     "same",
@@ -372,3 +374,35 @@ class Unpack:
         if not packed.requires_grad:
             self._last = (packed, unpacked)
         return unpacked
+
+
+def loader_pair(batch: Any) -> tuple[Inputs, Any]:
+    """(x, y) of a DataLoader's batch, or a TypeError saying that the loader must yield such pairs."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        raise TypeError(
+            f"train_x is a DataLoader whose batches are {kind}; it must yield (x, y) pairs (a TensorDataset(x, y), "
+            "or a dataset returning (dict of tensors, label), for example)"
+        )
+    return batch[0], batch[1]
+
+
+def gather(loader: Iterable[Any], targets: Any, dtype: torch.dtype, device: torch.device) -> tuple[Inputs, Tensor]:
+    """All inputs and targets of a DataLoader of (x, y) batches, checked (every batch with the first one's structure,
+    floating tensors in ``dtype``), concatenated (one pass) and moved to ``device``: for the methods that need the
+    whole training set at once (the exact GP and the Laplace posterior). ``targets`` (the caller's train_y) must be
+    None: the batches hold them."""
+    if targets is not None:
+        raise ValueError("train_y must be None when train_x is a DataLoader (its batches hold the targets)")
+    xs: list[Inputs] = []
+    ys: list[Tensor] = []
+    for batch in loader:
+        x, y = loader_pair(batch)
+        like = structure(xs[0]) if xs else None
+        xs.append(check_inputs(x, dtype, "the DataLoader's x", like=like, of="its first batch"))
+        if not isinstance(y, Tensor):
+            raise TypeError(f"the DataLoader's y must be tensors (targets or labels), got {type(y).__name__}")
+        ys.append(y)
+    if not xs:
+        raise ValueError("train_x is a DataLoader that yields no batch")
+    return convert(cat(xs), device), torch.cat(ys).to(device)

@@ -285,3 +285,35 @@ def test_every_entry_point_on_dict_inputs_equals_the_same_network_on_packed_tens
     theirs = run(packed, z, test_z)
     ours = run(model, x, test)
     assert torch.allclose(ours, theirs, rtol=1e-7, atol=1e-9)
+
+
+def _pairs_loader(x: dict, y: torch.Tensor, batch_size: int = 3) -> torch.utils.data.DataLoader:
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return length(x)
+
+        def __getitem__(self, i: int) -> tuple[dict, torch.Tensor]:
+            return {k: v[i] for k, v in x.items()}, y[i]
+
+    return torch.utils.data.DataLoader(Pairs(), batch_size=batch_size)
+
+
+def test_laplace_and_ntkgp_fit_from_a_dataloader_equal_the_tensors() -> None:
+    from ntkgp import NTKGP, Laplace
+
+    model, x, test = _model(), _batch(8), _batch(3, seed=1)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    targets = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    direct = Laplace(model, "classification").fit(x, labels).predict(test)
+    loaded = Laplace(model, "classification").fit(_pairs_loader(x, labels)).predict(test)
+    assert torch.allclose(loaded, direct, rtol=1e-10, atol=1e-12)
+    gp_direct = NTKGP(model, x, targets).fit().predict(test)
+    gp_loaded = NTKGP(model, _pairs_loader(x, targets)).fit().predict(test)
+    assert torch.allclose(gp_loaded.mean, gp_direct.mean, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gp_loaded.variance, gp_direct.variance, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="train_y must be None when train_x is a DataLoader"):
+        Laplace(model, "classification").fit(_pairs_loader(x, labels), labels)
+    with pytest.raises(TypeError, match="must yield \\(x, y\\) pairs"):
+        NTKGP(model, torch.utils.data.DataLoader([x["features"][i] for i in range(8)], batch_size=4))
+    with pytest.raises(TypeError, match="train_y must be a torch.Tensor"):
+        NTKGP(model, x)

@@ -417,3 +417,33 @@ def test_ops_without_forward_rule_name_the_module() -> None:
         warnings.simplefilter("ignore")
         with pytest.raises(NotImplementedError, match=r"_embedding_bag, called by the module bag \(EmbeddingBag\)"):
             ntk_operator(model, torch.randint(0, 20, (3, 5))).to_dense()
+
+
+@pytest.mark.parametrize(
+    ("name", "layer"),
+    [
+        ("hf-bert (dict, padding mask)", "classifier"),
+        ("hf-vit", "classifier"),
+        ("hf-gpt2 (last token)", "head"),
+        ("timm-vit", "head"),
+        ("timm-convnext", "head.fc"),
+        ("timm-efficientnet", "classifier"),
+        ("torchvision-vit", "heads.head"),
+        ("tuple inputs", "head"),
+    ],
+)
+def test_last_layer_is_the_head_wherever_params_is_accepted(name: str, layer: str) -> None:
+    """params="last_layer": the last module holding parameters, by the network's structure; the same word in every
+    entry point (they all select through select_parameters)."""
+    from ntkgp import Laplace
+
+    case, _ = _built(name)
+    net = FunctionalNetwork(case.model, "last_layer")
+    assert net.names == [f"{layer}.weight", f"{layer}.bias"]
+    assert Laplace(case.model, "regression", params="last_layer").network.names == net.names
+
+
+def test_last_layer_of_a_tied_head_goes_by_its_first_name() -> None:
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=1,
+                                                                 n_head=2, bos_token_id=0, eos_token_id=0))  # fmt: skip
+    assert FunctionalNetwork(model.double().eval(), "last_layer").names == ["transformer.wte.weight"]

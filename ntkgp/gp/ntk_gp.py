@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
-from ..inputs import Inputs, Unpack, check_inputs, inputs_at, length, pack, requires_grad, structure
+from ..inputs import Inputs, Unpack, check_inputs, gather, inputs_at, length, pack, requires_grad, structure
 from ..memory import check_fits, default_budget
 from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import LayerFactors, LayerKernel
@@ -115,7 +115,8 @@ class NTKGP(nn.Module):
     Args:
         model: the pretrained network in eval mode (or a :class:`FunctionalNetwork`); inputs (n, ...) ->
             outputs (n,) or (n, C). Not modified; snapshotted as :class:`FunctionalNetwork` describes.
-        train_x: (n, ...) inputs; train_y: (n,) for C = 1, (n, C) otherwise.
+        train_x: n inputs (:mod:`ntkgp.inputs`); train_y: (n,) for C = 1, (n, C) otherwise. Or train_x a DataLoader
+            of (x, y) batches (read once and concatenated) and train_y None.
         params: the parameters to linearise in (names or module prefixes; default all trainable).
         space: ``"function"`` (n·C × n·C solves) or ``"parameter"`` (p × p solves).
         mean: ``"network"`` (prior mean f(x; θ0), the first-order Taylor model) or ``"zero"``
@@ -146,8 +147,8 @@ class NTKGP(nn.Module):
     def __init__(
         self,
         model: nn.Module | FunctionalNetwork,
-        train_x: Inputs,
-        train_y: Tensor,
+        train_x: Inputs | torch.utils.data.DataLoader,
+        train_y: Tensor | None = None,
         params: Sequence[str] | str | None = None,
         space: str = "function",
         mean: str = "network",
@@ -173,6 +174,8 @@ class NTKGP(nn.Module):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.progress, self.cache_linearisation = progress, cache_linearisation
+        if isinstance(train_x, torch.utils.data.DataLoader):
+            train_x, train_y = gather(train_x, train_y, self.network.dtype, self.network.device)
         train_x = check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
         if space == "function":
             check_not_sharded(self.network, train_x, "NTKGP in function space (space='parameter' runs on shards)")

@@ -53,7 +53,7 @@ from ..gp.ntk_gp import Prediction
 from ..gp.parameter_space import lanczos_spectrum, ntk_matrix
 from ..gp.solver import Solver, as_solver, conjugate_gradients
 from ..gp.variance_projections import parameter_projections
-from ..inputs import Inputs, check_inputs, chunks, inputs_at, length, map_leaves, structure
+from ..inputs import Inputs, check_inputs, chunks, gather, inputs_at, length, map_leaves, structure
 from ..lanczos import lanczos_quadrature
 from ..likelihoods import get_likelihood
 from ..memory import default_budget
@@ -191,12 +191,21 @@ class Laplace:
         self.probability_error: float | None = None
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train_x: Inputs, train_y: Tensor, max_iter: int = 100, find_map: bool = True) -> Laplace:
-        """MAP of the linearised model on (train_x (n, ...), train_y) and the posterior around it.
+    def fit(
+        self,
+        train_x: Inputs | torch.utils.data.DataLoader,
+        train_y: Tensor | None = None,
+        max_iter: int = 100,
+        find_map: bool = True,
+    ) -> Laplace:
+        """MAP of the linearised model on (n inputs train_x, train_y) — or on every (x, y) batch of a DataLoader
+        (read once, concatenated) — and the posterior around it.
 
         ``find_map=False`` takes the network as the MAP already (θ_MAP = θ0, post-hoc Laplace of a
         trained network, as laplace-torch does); the posterior and evidence are then formed at θ0.
         """
+        if isinstance(train_x, torch.utils.data.DataLoader):
+            train_x, train_y = gather(train_x, train_y, self.network.dtype, self.network.device)
         targets, c = prepare_data(self.task, self.network, train_x, train_y, self.num_classes)
         max_iter = as_count(max_iter, "max_iter")
         if not isinstance(find_map, bool):

@@ -4,6 +4,7 @@ linearised network f_lin(x; θ) = f(x; θ0) + J(x)(θ − θ0) with the prior N(
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,9 +43,9 @@ def check_task(likelihood: str, noise: float | None, prior_precision: float) -> 
 
 
 def prepare_data(
-    task: str, network: FunctionalNetwork, x: Inputs, y: Tensor, num_classes: int | None
+    task: str, network: FunctionalNetwork, x: Inputs, y: Any, num_classes: int | None
 ) -> tuple[Tensor, int]:
-    """Checked targets — regression (n, C) floats, classification (n,) labels — and C."""
+    """Checked targets — regression (n, C) floats, classification (n,) labels — and C (y of any other kind raises)."""
     check_inputs(x, network.dtype, "train_x", network.device)  # (raises for what the network cannot take)
     c = network.num_outputs(x)
     if task == "regression":

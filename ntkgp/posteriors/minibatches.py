@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..functional import FunctionalNetwork
-from ..inputs import Inputs, Structure, cat, check_inputs, convert, length, structure
+from ..inputs import Inputs, Structure, cat, check_inputs, convert, length, loader_pair, structure
 from ..validation import as_count, check_generator
 from .linearised_model import prepare_data
 
@@ -78,13 +78,7 @@ class Minibatches:
             return
         net = self.network
         for batch in self.loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                raise TypeError(
-                    f"train_x is a DataLoader whose batches are {kind}; it must yield (x, y) pairs (a "
-                    "TensorDataset(x, y), for example)"
-                )
-            x, y = batch
+            x, y = loader_pair(batch)
             x = self._checked(x, "the DataLoader's x")
             y = y.to(net.device) if isinstance(y, Tensor) else y
             targets = prepare_data(self.task, net, x, y, self.num_classes)[0]
