@@ -232,3 +232,37 @@ def test_laplace_bad_input():
         Laplace(single, "classification").fit(xs, torch.zeros(6, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds max_size"):
         Laplace(model, "classification", max_size=10, solver="cholesky").fit(x, y)
+
+
+def test_latent_predictive_is_the_outputs_gaussian_and_nn_samples_the_network():
+    """pred_type="latent": mean f0 + JΔ and the C × C blocks of J Σ Jᵀ (dense formulas from autograd, regression);
+    for classification its diagonal is the probit path's variance. pred_type="nn": for a network that is linear in
+    its weights the sampled network's mean and variance are the latent ones up to Monte Carlo error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double().eval()
+    x, xt = torch.randn(7, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randn(7, 2, dtype=torch.float64)
+    laplace = Laplace(model, "regression", prior_precision=2.0, noise=0.3).fit(x, y)
+    mean, cov = laplace.predict(xt, pred_type="latent")
+    j, js = dense_jacobian(model, x), dense_jacobian(model, xt)
+    sigma = torch.linalg.inv(j.T @ j / 0.3 + 2.0 * torch.eye(j.shape[1], dtype=torch.float64))
+    delta = sigma @ j.T @ (y - model(x)).reshape(-1) / 0.3
+    assert rel_err(mean.reshape(-1), (model(xt).reshape(-1) + js @ delta).detach()) < 1e-10
+    blocks = (js @ sigma @ js.T).reshape(4, 2, 4, 2).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    assert cov.shape == (4, 2, 2) and rel_err(cov, blocks) < 1e-10
+
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    classifier = Laplace(model, "classification").fit(x, labels)
+    _, cov = classifier.predict(xt, pred_type="latent")
+    probit_variance = classifier._latent(xt, "diag")[1]
+    assert rel_err(cov.diagonal(dim1=-2, dim2=-1), probit_variance) < 1e-10
+
+    linear = torch.nn.Linear(3, 2).double().eval()
+    laplace = Laplace(linear, "regression", prior_precision=2.0, noise=0.3).fit(x, y)
+    sampled = laplace.predict(xt, pred_type="nn", num_samples=4000, generator=torch.Generator().manual_seed(0))
+    latent_mean, latent_cov = laplace.predict(xt, pred_type="latent")
+    variance = latent_cov.diagonal(dim1=-2, dim2=-1)
+    assert ((sampled.mean - latent_mean).abs() / (variance / 4000).sqrt()).max() < 5  # 5 standard errors
+    assert ((sampled.variance / variance) - 1).abs().max() < 0.15  # the variance's sampling error at 4000 draws
+    with pytest.raises(ValueError, match="pred_type must be one of"):
+        laplace.predict(xt, pred_type="posterior")

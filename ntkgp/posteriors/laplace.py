@@ -669,21 +669,33 @@ class Laplace:
         num_samples: int = 1000,
         generator: torch.Generator | None = None,
         batch_size: int = 256,
-    ) -> Prediction | Tensor:
-        """Linearised (GLM) predictive at x (m, ...).
+        pred_type: str = "glm",
+    ) -> Prediction | Tensor | tuple[Tensor, Tensor]:
+        """The predictive at m inputs x.
 
-        Regression: a :class:`Prediction` of the latent function, mean and variance (m,) for C = 1,
-        else (m, C). Classification: class probabilities (m, C), by the per-class probit
-        softmax(μ / √(1 + π/8 · var)) (``link="probit"``), by ``num_samples`` Monte Carlo draws of
-        the logits from their full C × C covariance (``link="mc"``), or softmax(μ), the linearised MAP
-        network alone (``link="map"``).
+        ``pred_type="glm"`` (default), the linearised (GLM) predictive. Regression: a :class:`Prediction` of the latent
+        function, mean and variance (m,) for C = 1, else (m, C). Classification: class probabilities (m, C), by the
+        per-class probit softmax(μ / √(1 + π/8 · var)) (``link="probit"``), by ``num_samples`` Monte Carlo draws of
+        the logits from their full C × C covariance (``link="mc"``), or softmax(μ), the linearised MAP network alone
+        (``link="map"``).
+
+        ``pred_type="latent"``: the outputs' (logits') own GLM distribution, (mean (m, C), covariance (m, C, C)), for
+        regression and classification alike (laplace-torch's ``link_approx`` is then the caller's).
+
+        ``pred_type="nn"``: the network itself (not its linearisation) at ``num_samples`` parameter draws θ ~ N(θ_MAP,
+        Σ) (:meth:`sample`): regression, a :class:`Prediction` of the outputs' sample mean and variance;
+        classification, the mean of their softmax (m, C).
         """
         self._check_fitted()
         x = check_inputs(x, self.network.dtype, "x", self.network.device, like=structure(self.train_x))
         check_choice(link, "link", _LINKS)
+        check_choice(pred_type, "pred_type", ("glm", "latent", "nn"))
         num_samples, batch_size = as_count(num_samples, "num_samples"), as_count(batch_size, "batch_size")
         check_generator(generator)
+        if pred_type == "nn":
+            return self._sampled_network(x, num_samples, generator, batch_size)
         kind = "diag" if self.task == "regression" else {"probit": "diag", "mc": "full", "map": "none"}[link]
+        kind = "full" if pred_type == "latent" else kind
         parts = [self._latent(block, kind) for block in chunks(x, batch_size)]
         mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
         self.variance_error = self.probability_error = None
@@ -694,12 +706,30 @@ class Laplace:
         check_prediction(x, mean=mean, variance=spread)
         if self.approximate:
             self._estimate_error(inputs_at(x, slice(0, self.PROBES)), mean[: self.PROBES], spread[: self.PROBES])
+        if pred_type == "latent":
+            return mean.to(dtype), spread.to(dtype)
         if self.task == "regression":
             squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
             return Prediction(squeeze(mean).to(dtype), squeeze(spread).to(dtype), self.variance_error)
         if link == "probit":
             return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * spread), -1).to(dtype)
         return mc_class_probabilities(mean, spread, num_samples, generator).to(dtype)
+
+    def _sampled_network(
+        self, x: Inputs, num_samples: int, generator: torch.Generator | None, batch_size: int
+    ) -> Prediction | Tensor:
+        """The network at ``num_samples`` posterior draws of θ, on x in blocks of ``batch_size`` inputs."""
+        net, dtype = self.network, self.network.dtype
+        thetas = self.sample(num_samples, generator=generator)
+        with torch.no_grad():
+            outputs = torch.stack(
+                [torch.cat([net(block, theta) for block in chunks(x, batch_size)]) for theta in thetas]
+            )
+        check_prediction(x, mean=outputs)
+        if self.task == "classification":
+            return torch.softmax(outputs, -1).mean(0).to(dtype)
+        squeeze = (lambda t: t.squeeze(-1)) if self.num_outputs == 1 else (lambda t: t)
+        return Prediction(squeeze(outputs.mean(0)), squeeze(outputs.var(0)), self.variance_error)
 
     def _estimate_error(self, x: Inputs, mean: Tensor, spread: Tensor) -> None:
         """Set ``variance_error`` (and ``probability_error``) of the low-rank posterior from the exact GLM variance
