@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from timing import TRANSFORMER_SIZES, Logits, header, measure, mlp_and_resnet, transformers_vit_and_bert, write_results
+from timing import Logits, add_transformer_arguments, benchmark_networks, header, measure, write_results
 from torch import nn
 
 from ntkgp import fisher_operator, ntk_operator
@@ -113,20 +113,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n-resnet", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--chunk-size", type=int, default=32)
-    parser.add_argument(
-        "--transformers",
-        choices=[*TRANSFORMER_SIZES, "none"],
-        default=None,
-        help="ViT and BERT sizes (default: base on cuda, small on the CPU)",
-    )
-    parser.add_argument("--seq-len", type=int, default=128)
+    add_transformer_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ntk_mvm.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    size = args.transformers or ("base" if device.type == "cuda" else "small")
-    networks = mlp_and_resnet(device, args.n_mlp, args.n_resnet)
-    if size != "none":
-        networks += transformers_vit_and_bert(device, size, args.seq_len)
+    networks = benchmark_networks(device, args)
     rows = [bench(name, model, x, device, args.repeats, args.chunk_size) for name, model, x in networks]
     print(header(device, args.repeats))
     for r in rows:

@@ -28,13 +28,12 @@ import torch
 from curvlinops import GGNLinearOperator
 from laplace.curvature import CurvlinopsGGN
 from timing import (
-    TRANSFORMER_SIZES,
     Logits,
+    add_transformer_arguments,
+    benchmark_networks,
     cpu_peak_bytes,
     header,
     measure,
-    mlp_and_resnet,
-    transformers_vit_and_bert,
     write_results,
 )
 from torch import nn
@@ -151,20 +150,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n-resnet", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--jacobian-budget-gib", type=float, default=4.0)
-    parser.add_argument(
-        "--transformers",
-        choices=[*TRANSFORMER_SIZES, "none"],
-        default=None,
-        help="ViT and BERT sizes (default: base on cuda, small on the CPU)",
-    )
-    parser.add_argument("--seq-len", type=int, default=128)
+    add_transformer_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/peers.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    size = args.transformers or ("base" if device.type == "cuda" else "small")
-    networks = mlp_and_resnet(device, args.n_mlp, args.n_resnet)
-    if size != "none":
-        networks += transformers_vit_and_bert(device, size, args.seq_len)
+    networks = benchmark_networks(device, args)
     rows = [
         row
         for name, model, x in networks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -127,3 +128,20 @@ def transformers_vit_and_bert(
         (f"ViT {layers}x{hidden} 224px", vit, torch.randn(n, 3, 224, 224, device=device)),
         (f"BERT {layers}x{hidden} seq {seq_len}", bert, tokens),
     ]
+
+
+def add_transformer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--transformers`` (a size of :data:`TRANSFORMER_SIZES`, or none) and ``--seq-len``, for the benchmarks that
+    measure the ViT and the BERT encoder beside the MLP and ResNet-18."""
+    parser.add_argument("--transformers", choices=[*TRANSFORMER_SIZES, "none"], default=None,
+                        help="ViT and BERT sizes (default: base on cuda, small on the CPU)")  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=128)
+
+
+def benchmark_networks(device: torch.device, args: argparse.Namespace) -> list[tuple[str, nn.Module, Inputs]]:
+    """The MLP and ResNet-18 (``--n-mlp``, ``--n-resnet``) and, unless ``--transformers none``, the ViT and BERT."""
+    size = args.transformers or ("base" if device.type == "cuda" else "small")
+    networks = mlp_and_resnet(device, args.n_mlp, args.n_resnet)
+    if size != "none":
+        networks += transformers_vit_and_bert(device, size, args.seq_len)
+    return networks
