@@ -266,3 +266,50 @@ def test_latent_predictive_is_the_outputs_gaussian_and_nn_samples_the_network():
     assert ((sampled.variance / variance) - 1).abs().max() < 0.15  # the variance's sampling error at 4000 draws
     with pytest.raises(ValueError, match="pred_type must be one of"):
         laplace.predict(xt, pred_type="posterior")
+
+
+def test_gridsearch_picks_the_prior_precision_of_least_validation_nll():
+    """method="gridsearch": the δ of the grid whose Gaussian predictive (mean, variance + σ²) has the least NLL on
+    the validation pairs, against the dense regression formulas from J; a DataLoader of the same pairs gives the same
+    δ; the evidence's method refuses validation data."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double().eval()
+    x, xv = torch.randn(10, 2, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    truth = lambda z: torch.sin(2 * z[:, :1]) + z[:, 1:]  # noqa: E731
+    y, yv = truth(x) + 0.1 * torch.randn(10, 1, dtype=torch.float64), truth(xv)
+    grid = torch.logspace(-3, 3, 13, dtype=torch.float64)
+    laplace = Laplace(model, "regression", noise=0.05).fit(x, y)
+    chosen = laplace.optimize_prior_precision(grid, progress=False, method="gridsearch", val_loader=(xv, yv))
+    j, jv = dense_jacobian(model, x), dense_jacobian(model, xv)
+    with torch.no_grad():
+        residual, f_val = (y - model(x)).reshape(-1), model(xv).reshape(-1)
+    nll = []
+    for delta in grid.tolist():
+        sigma = torch.linalg.inv(j.T @ j / 0.05 + delta * torch.eye(j.shape[1], dtype=torch.float64))
+        mean = f_val + jv @ sigma @ j.T @ residual / 0.05
+        variance = ((jv @ sigma) * jv).sum(1) + 0.05
+        nll.append(float((0.5 * (torch.log(2 * math.pi * variance) + (yv.reshape(-1) - mean) ** 2 / variance)).mean()))
+    assert chosen == float(grid[int(torch.tensor(nll).argmin())])
+    assert laplace.prior_precision == chosen
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=5)
+    again = Laplace(model, "regression", noise=0.05).fit(x, y)
+    assert again.optimize_prior_precision(grid, progress=False, method="gridsearch", val_loader=loader) == chosen
+    with pytest.raises(ValueError, match="val_loader is for method='gridsearch'"):
+        again.optimize_prior_precision(grid, progress=False, val_loader=loader)
+    with pytest.raises(ValueError, match="needs validation data"):
+        again.optimize_prior_precision(grid, progress=False, method="gridsearch")
+
+
+def test_gridsearch_for_classification_minimises_the_probit_nll():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double().eval()
+    x, xv = torch.randn(9, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    y, yv = torch.randint(0, 3, (9,)), torch.randint(0, 3, (8,))
+    grid = torch.logspace(-2, 2, 5, dtype=torch.float64)
+    laplace = Laplace(model, "classification").fit(x, y)
+    chosen = laplace.optimize_prior_precision(grid, progress=False, method="gridsearch", val_loader=(xv, yv))
+    nll = {}
+    for delta in grid.tolist():
+        reference = Laplace(model, "classification", prior_precision=delta).fit(x, y).predict(xv)
+        nll[delta] = float(-torch.log(reference[torch.arange(8), yv]).mean())
+    assert chosen == min(nll, key=nll.get)

@@ -581,32 +581,81 @@ class Laplace:
         rho = max(0.0, self._fisher_trace() - float(lam.sum())) / rest if rest > 0 else 0.0
         return lam, q, rho, rest
 
-    def optimize_prior_precision(self, grid: Tensor | None = None, progress: bool = True) -> float:
-        """Set δ to the grid value (default 10^-4 … 10^4, 33 points) of largest evidence; return it.
+    def optimize_prior_precision(
+        self,
+        grid: Tensor | None = None,
+        progress: bool = True,
+        method: str = "marglik",
+        val_loader: Any = None,
+        link: str = "probit",
+    ) -> float:
+        """Set δ to the best grid value (default 10^-4 … 10^4, 33 points); return it.
 
-        Each grid value costs the MAP (Newton, warm-started) and one Cholesky factor of the N × N matrix, or
-        matrix-free the MAP (CG or Newton-CG, warm-started) and the quadrature of the log-determinant, whose nodes
-        are computed once when F does not move with δ (regression, or ``find_map=False``) and at each MAP otherwise
-        (a progress bar over the grid unless ``progress`` is False). Warns when the best value is an
-        end of the grid (the optimum may lie beyond it).
+        ``method="marglik"`` (default): the largest evidence. Each grid value costs the MAP (Newton, warm-started)
+        and one Cholesky factor of the N × N matrix, or matrix-free the MAP (CG or Newton-CG, warm-started) and the
+        quadrature of the log-determinant, whose nodes are computed once when F does not move with δ (regression, or
+        ``find_map=False``) and at each MAP otherwise. ``method="gridsearch"``: the smallest negative log-likelihood
+        of the predictive on validation data ``val_loader`` — a DataLoader of (x, y) batches, read once, or an (x, y)
+        pair —, the GLM predictive with ``link`` for classification, the Gaussian of mean and variance plus the noise
+        σ² for regression; each grid value costs the MAP and one prediction at the validation inputs. A progress bar
+        over the grid unless ``progress`` is False. Warns when the best value is an end of the grid (the optimum may
+        lie beyond it).
         """
         self._check_fitted()
+        check_choice(method, "method", ("marglik", "gridsearch"))
         grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else _as_grid(grid)
+        if method == "gridsearch":
+            score = self._validation_score(val_loader, link)
+        elif val_loader is not None:
+            raise ValueError("val_loader is for method='gridsearch'; the evidence (method='marglik') needs none")
+        else:
+            score = self._evidence
         best, best_value = float(grid[0]), -math.inf
         for delta in tqdm(grid.tolist(), desc="prior precision", disable=not progress):
-            value = self._evidence(delta)
+            value = score(delta)
             if value > best_value:
                 best, best_value = delta, value
         if grid.numel() > 1 and best in (float(grid.min()), float(grid.max())):
             end = "largest" if best == float(grid.max()) else "smallest"
+            criterion = "evidence is highest" if method == "marglik" else "validation NLL is lowest"
             warnings.warn(
-                f"the evidence is highest at the {end} prior precision of the grid (δ = {best:g}); the "
+                f"the {criterion} at the {end} prior precision of the grid (δ = {best:g}); the "
                 "optimum may lie beyond it: extend the grid",
                 RuntimeWarning,
                 stacklevel=2,
             )
         self._update(best)
         return best
+
+    def _validation_score(self, data: Any, link: str) -> Callable[[float], float]:
+        """δ -> minus the mean negative log-likelihood of the predictive at δ on the validation data (a DataLoader of
+        (x, y) batches or an (x, y) pair), checked once."""
+        if data is None:
+            raise ValueError("method='gridsearch' needs validation data: val_loader=DataLoader of (x, y), or (x, y)")
+        if isinstance(data, torch.utils.data.DataLoader):
+            x, y = gather(data, None, self.network.dtype, self.network.device)
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
+            x, y = data
+        else:
+            raise TypeError(
+                f"val_loader must be a DataLoader of (x, y) batches or an (x, y) pair, got {type(data).__name__}"
+            )
+        x = check_inputs(x, self.network.dtype, "the validation x", self.network.device, like=structure(self.train_x))
+        targets = prepare_data(self.task, self.network, x, y, self.num_classes)[0]
+
+        def score(delta: float) -> float:
+            self._update(delta)
+            prediction = self.predict(x, link=link)
+            if isinstance(prediction, Prediction):
+                mean, variance = prediction.mean.reshape(targets.shape), prediction.variance.reshape(targets.shape)
+                variance = variance + self._sigma2
+                nll = 0.5 * (torch.log(2 * math.pi * variance) + (targets - mean).square() / variance).sum(-1)
+            else:
+                assert isinstance(prediction, Tensor)
+                nll = -torch.log(prediction.gather(-1, targets[:, None]).clamp_min(1e-300)).squeeze(-1)
+            return -float(nll.mean())
+
+        return score
 
     # ------------------------------------------------------------------ prediction
     def _latent(self, x: Inputs, spread: str) -> tuple[Tensor, Tensor | None]:
