@@ -61,7 +61,15 @@ from ..operators.fisher_operator import FISHER_METHODS, FisherOperator, default_
 from ..operators.gram_operator import GramOperator
 from ..operators.network_operator import NetworkOperator
 from ..operators.ntk_operator import NTKOperator
-from ..validation import as_count, as_positive_float, check_choice, check_generator, check_prediction
+from ..validation import (
+    as_count,
+    as_positive_float,
+    check_choice,
+    check_finite,
+    check_generator,
+    check_prediction,
+    check_tensor,
+)
 from .linearised_model import TASKS, check_task, log_likelihood, mc_class_probabilities, prepare_data, randn
 
 __all__ = ["Laplace", "PosteriorCovariance"]
@@ -101,6 +109,22 @@ class PosteriorCovariance(NetworkOperator):
             return (v - net.vjp(x, w.reshape(v.shape[0], n, -1))) / self.delta.to(v.dtype)
 
         return map_blocks(block, rhs.mT, net.chunk_size).mT
+
+
+def _prior_offset(prior_mean: Any, network: FunctionalNetwork) -> Tensor | None:
+    """μ − θ0 (p,) for ``prior_mean`` "theta0" (None: no offset), "zero" (−θ0) or a (p,) tensor of the selected
+    parameters, flat, in the network's dtype."""
+    if isinstance(prior_mean, str):
+        check_choice(prior_mean, "prior_mean", ("theta0", "zero"))
+        return None if prior_mean == "theta0" else -network.theta0
+    check_tensor(prior_mean, "prior_mean", f"({network.num_params},)")
+    if prior_mean.shape != (network.num_params,) or prior_mean.dtype != network.dtype:
+        raise ValueError(
+            f"prior_mean must be 'theta0', 'zero' or a ({network.num_params},) {network.dtype} tensor (the selected "
+            f"parameters, flat), got {tuple(prior_mean.shape)} {prior_mean.dtype}"
+        )
+    check_finite(prior_mean, "prior_mean", "pass finite values")
+    return prior_mean.detach().to(network.device) - network.theta0
 
 
 def _blockwise(blocks: Tensor, vectors: Tensor) -> Tensor:
@@ -170,6 +194,7 @@ class Laplace:
         solver: Solver | str | None = None,
         memory_budget: int | None = None,
         progress: bool = True,
+        prior_mean: str | Tensor = "theta0",
     ):
         self.noise = check_task(likelihood, noise, prior_precision)
         self.task, self.hessian = likelihood, check_choice(hessian, "hessian", FISHER_METHODS)
@@ -184,6 +209,7 @@ class Laplace:
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False, got {progress!r}")
         self.progress = progress
+        self._prior_offset = _prior_offset(prior_mean, self.network)  # μ − θ0 (p,), None for μ = θ0
         self._train_x: Inputs | None = None
         self._jacobian: Tensor | None = None
         self._step: Tensor | None = None
@@ -210,10 +236,17 @@ class Laplace:
         max_iter = as_count(max_iter, "max_iter")
         if not isinstance(find_map, bool):
             raise TypeError(f"find_map must be True or False, got {find_map!r}")
+        if not find_map and self._prior_offset is not None:
+            raise NotImplementedError(
+                "find_map=False (the posterior at θ0, post hoc) with a prior_mean other than 'theta0' is not supported "
+                "yet: use find_map=True, whose MAP moves from θ0 under the prior N(prior_mean, I/δ)"
+            )
         self.dense = self._dense(train_x, c)
         self._train_x, self.targets, self.num_outputs, self.max_iter = train_x, targets, c, max_iter
         self.find_map = find_map
-        self.f0 = self.network.outputs(train_x, "train_x")
+        # the outputs at the prior mean: f(X; θ0) + J(X)(μ − θ0); every formula below is centred there, so that the
+        # step θ_MAP − μ has the prior N(0, I/δ) whatever μ is
+        self.f0 = self.network.outputs(train_x, "train_x") + self._shift(train_x)
         self._jacobian = None
         if self.dense:
             with torch.no_grad():  # J Jᵀ from per-sample Jacobians where they are cheaper than N products
@@ -496,11 +529,24 @@ class Laplace:
     # ------------------------------------------------------------------ posterior
     @property
     def mean(self) -> Tensor:
-        """θ_MAP = θ0 + Jᵀα (p,)."""
-        return self.network.theta0 + self._map_step()
+        """θ_MAP = μ + Jᵀα (p,), μ the prior mean (θ0 by default)."""
+        return self.prior_mean + self._map_step()
+
+    @property
+    def prior_mean(self) -> Tensor:
+        """μ (p,), the prior's mean: θ0, zero or the vector given as ``prior_mean``."""
+        theta0 = self.network.theta0
+        return theta0 if self._prior_offset is None else theta0 + self._prior_offset
+
+    def _shift(self, x: Inputs) -> Tensor:
+        """J(x)(μ − θ0) (m, C): the linearised outputs' move from θ0 to the prior mean (zeros for μ = θ0)."""
+        if self._prior_offset is None:
+            return torch.zeros((), dtype=self.network.dtype, device=self.network.device)
+        with torch.no_grad():
+            return self.network.jvp(x, self._prior_offset.unsqueeze(0))[0]
 
     def _map_step(self) -> Tensor:
-        """θ_MAP − θ0 = Jᵀα (p,): one VJP at the training inputs, kept until δ changes."""
+        """θ_MAP − μ = Jᵀα (p,): one VJP at the training inputs, kept until δ changes."""
         self._check_fitted()
         if not self.dense:
             return self._delta
@@ -664,11 +710,11 @@ class Laplace:
         net, c, delta = self.network, self.num_outputs, self.prior_precision
         if spread == "none" or not self.dense:  # the mean: one JVP along θ_MAP − θ0
             with torch.no_grad():
-                mean = (net(x) + net.jvp(x, self._map_step().unsqueeze(0))[0]).double()
+                mean = (net(x) + net.jvp(x, (self.mean - net.theta0).unsqueeze(0))[0]).double()
             return mean, (None if spread == "none" else self._spread_matrix_free(x, spread))
         cross, diagonal = self._cross_kernel(x)
         with torch.no_grad():
-            mean = net(x).double() + (cross @ self._alpha).reshape(-1, c)
+            mean = (net(x) + self._shift(x)).double() + (cross @ self._alpha).reshape(-1, c)
         reduced = (cross @ self._middle).reshape(-1, c, cross.shape[-1])
         cross = cross.reshape(-1, c, cross.shape[-1])
         if spread == "diag":
