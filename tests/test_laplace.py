@@ -350,3 +350,20 @@ def test_prior_mean_moves_the_map_the_predictive_and_the_evidence(prior_mean, so
             Laplace(model, "regression", noise=noise, prior_mean=given).fit(x, y, find_map=False)
     with pytest.raises(ValueError, match="prior_mean must be 'theta0', 'zero' or a"):
         Laplace(model, "regression", noise=noise, prior_mean=mu[:-1])
+
+
+def test_to_converts_and_refits_a_fitted_posterior():
+    """A float32 Laplace moved to float64 equals one built in float64 (1e-10): the posterior is refitted in the new
+    dtype, with the same δ and prior mean; an unfitted one converts its snapshot only."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).float().double().eval()
+    x, xt = torch.randn(8, 2, dtype=torch.float32).double(), torch.randn(3, 2, dtype=torch.float64)  # exact in float32
+    y = torch.randint(0, 3, (8,))
+    reference = Laplace(model, "classification", prior_precision=0.7, prior_mean="zero").fit(x, y).predict(xt)
+    single = Laplace(model.float(), "classification", prior_precision=0.7, prior_mean="zero").fit(x.float(), y)
+    model.double()
+    assert single.to(torch.float64) is single and single.network.dtype == torch.float64
+    assert single.prior_precision == 0.7 and single.prior_mean.dtype == torch.float64
+    assert rel_err(single.predict(xt), reference) < 1e-10
+    unfitted = Laplace(model, "classification").to(torch.float32)
+    assert unfitted.network.dtype == torch.float32 and unfitted._train_x is None

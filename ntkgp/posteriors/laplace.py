@@ -53,7 +53,7 @@ from ..gp.ntk_gp import Prediction
 from ..gp.parameter_space import lanczos_spectrum, ntk_matrix
 from ..gp.solver import Solver, as_solver, conjugate_gradients
 from ..gp.variance_projections import parameter_projections
-from ..inputs import Inputs, check_inputs, chunks, gather, inputs_at, length, map_leaves, structure
+from ..inputs import Inputs, check_inputs, chunks, convert, gather, inputs_at, length, map_leaves, structure
 from ..lanczos import lanczos_quadrature
 from ..likelihoods import get_likelihood
 from ..memory import default_budget
@@ -525,6 +525,25 @@ class Laplace:
         if self.noise is None:
             raise RuntimeError("a classification Laplace has no noise σ²")
         return self.noise
+
+    def to(self, *args: Any, **kwargs: Any) -> Laplace:
+        """Move and convert like ``nn.Module.to`` (in place; returns self): the network snapshot, the prior mean and,
+        once fitted, the training data; a fitted posterior is then refitted there (same δ, MAP search and
+        iterations), since every quantity of it is computed in the network's dtype and on its device."""
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
+        old = self.network
+        self.network = old.to(device=device, dtype=dtype)
+        if self.network is old:
+            return self
+        if self._prior_offset is not None:
+            self._prior_offset = self._prior_offset.to(device=self.network.device, dtype=self.network.dtype)
+        if self._train_x is not None:
+            targets = self.targets.to(self.network.device)
+            targets = targets.to(self.network.dtype) if targets.is_floating_point() else targets
+            train_x = convert(self._train_x, self.network.device, self.network.dtype)
+            self._jacobian = self._step = None
+            self.fit(train_x, targets, self.max_iter, self.find_map)
+        return self
 
     # ------------------------------------------------------------------ posterior
     @property
