@@ -53,7 +53,20 @@ from ..gp.ntk_gp import Prediction
 from ..gp.parameter_space import lanczos_spectrum, ntk_matrix
 from ..gp.solver import Solver, as_solver, conjugate_gradients
 from ..gp.variance_projections import parameter_projections
-from ..inputs import Inputs, check_inputs, chunks, convert, gather, inputs_at, length, map_leaves, structure
+from ..inputs import (
+    Inputs,
+    Layout,
+    check_inputs,
+    chunks,
+    convert,
+    gather,
+    inputs_at,
+    layout,
+    leaves,
+    length,
+    map_leaves,
+    structure,
+)
 from ..lanczos import lanczos_quadrature
 from ..likelihoods import get_likelihood
 from ..memory import default_budget
@@ -543,6 +556,49 @@ class Laplace:
             train_x = convert(self._train_x, self.network.device, self.network.dtype)
             self._jacobian = self._step = None
             self.fit(train_x, targets, self.max_iter, self.find_map)
+        return self
+
+    #: what a Laplace keeps of its own and does not save: the network (rebuild with the same model and ``params``) and
+    #: how it computes (solver, memory budget, progress bars)
+    _NOT_SAVED = ("network", "solver", "memory_budget", "progress")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The posterior (settings, training data, MAP and factors) as plain tensors and numbers, for ``torch.save``
+        (it loads with ``weights_only=True``); with θ0, which :meth:`load_state_dict` checks."""
+        state: dict[str, Any] = {"theta0": self.network.theta0}
+        for name, value in vars(self).items():
+            if name in self._NOT_SAVED:
+                continue
+            if name == "_train_x" and value is not None:
+                held = layout(value)
+                value = {"kind": held.kind, "names": list(held.names), "tensors": leaves(value)}
+            state[name] = list(value) if isinstance(value, tuple) else value
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> Laplace:
+        """Restore a posterior saved by :meth:`state_dict` into this Laplace, built with the same network and
+        parameter selection (θ0 must match); no network pass. Returns self."""
+        theta0 = state.get("theta0")
+        if (
+            not isinstance(theta0, Tensor)
+            or theta0.shape != self.network.theta0.shape
+            or not torch.equal(theta0.to(self.network.theta0), self.network.theta0)
+            or theta0.dtype != self.network.dtype
+        ):
+            raise ValueError(
+                "the state was saved from another network, parameter selection or dtype (its θ0 differs from this "
+                "Laplace's): build this Laplace with the same model, params and dtype"
+            )
+        restored = {}
+        for name, value in state.items():
+            if name == "theta0":
+                continue
+            if name == "_train_x" and isinstance(value, dict):
+                value = Layout(value["kind"], tuple(value["names"])).build(value["tensors"])
+            elif isinstance(value, list):  # a tuple in the posterior (lists are how state_dict saves them)
+                value = tuple(value)
+            restored[name] = value
+        vars(self).update(restored)
         return self
 
     # ------------------------------------------------------------------ posterior
