@@ -30,25 +30,16 @@ def run_in_float32(name, argv):
         torch.set_default_dtype(previous)
 
 
+def tiny_argv(n_mlp: int, out: Path) -> list[str]:
+    """The command line of a benchmark's smallest run on the CPU: every network, the transformers at their tiny size."""
+    sizes = ["--n-mlp", str(n_mlp), "--n-resnet", "2", "--transformers", "tiny", "--seq-len", "16"]
+    return ["--device", "cpu", *sizes, "--repeats", "1", "--out", str(out)]
+
+
 def test_ntk_mvm_benchmark_runs(tmp_path):
     rows = run_in_float32(
         "ntk_mvm",
-        [
-            "--device",
-            "cpu",
-            "--n-mlp",
-            "8",
-            "--n-resnet",
-            "2",
-            "--repeats",
-            "1",
-            "--transformers",
-            "tiny",
-            "--seq-len",
-            "16",
-            "--out",
-            str(tmp_path / "ntk_mvm.json"),
-        ],
+        tiny_argv(8, tmp_path / "ntk_mvm.json"),
     )
     assert [r["model"] for r in rows] == [
         "MLP 784-1024-1024-10",
@@ -140,22 +131,7 @@ def test_peers_benchmark_runs_and_agrees(tmp_path):
     pytest.importorskip("laplace", reason="laplace-torch (the bench/test extra) is not installed")
     rows = run_in_float32(
         "peers",
-        [
-            "--device",
-            "cpu",
-            "--n-mlp",
-            "4",
-            "--n-resnet",
-            "2",
-            "--repeats",
-            "1",
-            "--transformers",
-            "tiny",
-            "--seq-len",
-            "16",
-            "--out",
-            str(tmp_path / "peers.json"),
-        ],
+        tiny_argv(4, tmp_path / "peers.json"),
     )
     assert {r["model"] for r in rows} >= {"ViT 1x32 224px", "BERT 1x32 seq 16"}
     methods = {r["method"] for r in rows}
