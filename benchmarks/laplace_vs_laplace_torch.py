@@ -84,7 +84,7 @@ def _agreement(out: dict) -> None:
         y = torch.randn(30, c, dtype=torch.float64) if task == "regression" else torch.randint(0, c, (30,))
         noise = 0.3 if task == "regression" else None
         theirs = laplace_torch(model, task, x, y, 0.7, noise)
-        ours = Laplace(model, task, prior_precision=0.7, noise=noise).fit(x, y, find_map=False)
+        ours = Laplace(model, task, prior_precision=0.7, noise=noise, prior_mean="theta0").fit(x, y, find_map=False)
         if task == "regression":
             mean, cov = theirs(xs, pred_type="glm")
             pred = ours.predict(xs)

@@ -126,8 +126,8 @@ def test_methods_that_need_every_input_refuse_a_shard():
     net = FunctionalNetwork(model)
     shard = net.shard(x[:6].clone())
     with pytest.raises(NotImplementedError, match="NTKGP in function space.*needs all its training inputs on one"):
-        NTKGP(net, shard, torch.randn(6, 3))
-    with pytest.raises(ValueError, match="solver='cholesky' needs every training input on one process"):
+        NTKGP(net, shard, torch.randn(6, 3), space="function")
+    with pytest.raises(ValueError, match="function-space posterior needs every training input on one process"):
         Laplace(net, "classification", solver="cholesky").fit(shard, y[:6])
     with tempfile.TemporaryDirectory() as out:  # a process group of one, so that the shard's products run
         dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=0, world_size=1)

@@ -346,8 +346,16 @@ def test_prior_mean_moves_the_map_the_predictive_and_the_evidence(prior_mean, so
         cov = j @ j.T / delta + noise * torch.eye(9, dtype=torch.float64)
         expected = torch.distributions.MultivariateNormal(centre, cov).log_prob(y.reshape(-1))
         assert abs(float(laplace.log_marginal_likelihood()) - float(expected)) < 1e-8 * abs(float(expected))
-        with pytest.raises(NotImplementedError, match="find_map=False .* prior_mean"):
-            Laplace(model, "regression", noise=noise, prior_mean=given).fit(x, y, find_map=False)
+    # post hoc: θ_MAP = θ0, the evidence log p(y | f0) − δ/2 ‖θ0 − μ‖² − ½ log det(I + F/δ)
+    posthoc = Laplace(model, "regression", prior_precision=delta, noise=noise, prior_mean=given, solver=solver)
+    posthoc.fit(x, y, find_map=False)
+    fisher = j.T @ j / noise
+    fit = torch.distributions.Normal(f0, noise**0.5).log_prob(y.reshape(-1)).sum()
+    logdet = torch.logdet(torch.eye(p, dtype=torch.float64) + fisher / delta)
+    expected = fit - 0.5 * delta * (theta0 - mu).square().sum() - 0.5 * logdet
+    assert rel_err(posthoc.mean, theta0) < 1e-15
+    if solver == "cholesky":
+        assert abs(float(posthoc.log_marginal_likelihood()) - float(expected)) < 1e-8 * abs(float(expected))
     with pytest.raises(ValueError, match="prior_mean must be 'theta0', 'zero' or a"):
         Laplace(model, "regression", noise=noise, prior_mean=mu[:-1])
 

@@ -115,7 +115,9 @@ class TestPosteriorCovariance(_Case, unittest.TestCase):
     def create_linear_op(self):
         self.model = _tanh_layer(outputs=1)
         x = _inputs(6)
-        self.laplace = Laplace(self.model, "regression", prior_precision=0.5, noise=0.2).fit(x, torch.randn(6))
+        self.laplace = Laplace(
+            self.model, "regression", prior_precision=0.5, noise=0.2, hessian_structure="function"
+        ).fit(x, torch.randn(6))
         return self.laplace.covariance
 
     def evaluate_linear_op(self, linear_op):

@@ -27,6 +27,7 @@ from linear_operator.utils.errors import NotPSDError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..distributed import global_rows
 from ..functional import FunctionalNetwork, as_functional_network
 from ..inputs import Inputs, Unpack, check_inputs, gather, inputs_at, length, pack, requires_grad, structure
 from ..memory import check_fits, default_budget
@@ -118,7 +119,9 @@ class NTKGP(nn.Module):
         train_x: n inputs (:mod:`ntkgp.inputs`); train_y: (n,) for C = 1, (n, C) otherwise. Or train_x a DataLoader
             of (x, y) batches (read once and concatenated) and train_y None.
         params: the parameters to linearise in (names or module prefixes; default all trainable).
-        space: ``"function"`` (n·C × n·C solves) or ``"parameter"`` (p × p solves).
+        space: ``"auto"`` (default: ``"parameter"`` when p ≤ N = n·C or the inputs are sharded, ``"function"``
+            otherwise — the smaller Gram; both give the same posterior), ``"function"`` (N × N solves) or
+            ``"parameter"`` (p × p solves).
         mean: ``"network"`` (prior mean f(x; θ0), the first-order Taylor model) or ``"zero"``
             (the Jacobian alone as features).
         noise: σ², shared by all outputs; learned by :meth:`fit` when None.
@@ -150,7 +153,7 @@ class NTKGP(nn.Module):
         train_x: Inputs | torch.utils.data.DataLoader,
         train_y: Tensor | None = None,
         params: Sequence[str] | str | None = None,
-        space: str = "function",
+        space: str = "auto",
         mean: str = "network",
         noise: float | None = None,
         outputscale: float = 1.0,
@@ -161,7 +164,7 @@ class NTKGP(nn.Module):
         cache_linearisation: bool = True,
     ):
         super().__init__()
-        check_choice(space, "space", ("function", "parameter"))
+        check_choice(space, "space", ("auto", "function", "parameter"))
         check_choice(mean, "mean", ("network", "zero"))
         noise = as_positive_float(noise, "noise", allow_none=True)
         outputscale = as_positive_float(outputscale, "outputscale")
@@ -177,6 +180,10 @@ class NTKGP(nn.Module):
         if isinstance(train_x, torch.utils.data.DataLoader):
             train_x, train_y = gather(train_x, train_y, self.network.dtype, self.network.device)
         train_x = check_inputs(train_x, self.network.dtype, "train_x", self.network.device)
+        if space == "auto":
+            size = global_rows(self.network, train_x) * self.network.num_outputs(train_x)
+            sharded = self.network.is_sharded(train_x)
+            space = "parameter" if self.network.num_params <= size or sharded else "function"
         if space == "function":
             check_not_sharded(self.network, train_x, "NTKGP in function space (space='parameter' runs on shards)")
         self.num_outputs = self.network.num_outputs(train_x)

@@ -9,7 +9,7 @@ form one block (``separate_weight_and_bias=False``, the inputs augmented by a co
 for one Linear layer K is then exactly 2JᵀJ, where separate blocks miss the weight-bias coupling of features
 with a non-zero mean (measured: the preconditioned condition number of a last layer went from 187 to 1).
 (K + λI)⁻¹ is applied exactly in the eigenbasis of each layer's factors G ⊗ A, restricted to their ranges
-(:class:`_Block`; equal to curvlinops' ``KFACInverseLinearOperator(K, damping=λ, use_exact_damping=True)``).
+(:class:`KroneckerBlock`; equal to curvlinops' ``KFACInverseLinearOperator(K, damping=λ, use_exact_damping=True)``).
 Only Linear and ungrouped Conv2d layers get a K-FAC block; every other parameter in scope (BatchNorm or
 LayerNorm affine weights, embeddings, grouped convolutions: :func:`kfac_layers`) gets a diagonal block, the
 exact diagonal of the curvature, computed once from per-sample Jacobians (``FisherOperator._diagonal``).
@@ -30,7 +30,7 @@ from ..inputs import Inputs, Layout, call_arguments, convert, inputs_at, layout,
 from ..operators.fisher_operator import FisherOperator
 from ..validation import as_count, as_positive_float, check_choice
 
-__all__ = ["KFACPreconditioner", "kfac_layers"]
+__all__ = ["KFACPreconditioner", "KroneckerBlock", "kfac_layers"]
 
 _LOSSES = {"mse": ("gaussian", 2.0), "cross_entropy": ("categorical", 1.0)}  # likelihood H_i, its scale
 
@@ -91,14 +91,25 @@ class _Flat(nn.Module):
         self.net, self.held, self.output = net, held, output
 
     def forward(self, x: Tensor | dict[str, Tensor]) -> Tensor:
-        inputs = x if isinstance(x, Tensor) else self.held.build(list(x.values()))
+        offset = None if isinstance(x, Tensor) else x.get("offset")
+        inputs = x if isinstance(x, Tensor) else self.held.build([t for k, t in x.items() if k != "offset"])
         args, kwargs = call_arguments(inputs)
-        return select_output(self.net(*args, **kwargs), self.output).reshape(length(inputs), -1)
+        out = select_output(self.net(*args, **kwargs), self.output).reshape(length(inputs), -1)
+        return out if offset is None else out + offset
 
 
-def _as_curvlinops_inputs(x: Inputs) -> Tensor | dict[str, Tensor]:
-    """x as curvlinops takes inputs: a tensor, or a dict of its tensors by name or position."""
-    return x if isinstance(x, Tensor) else {f"{i}": t for i, t in enumerate(leaves(x))}
+def _as_curvlinops_inputs(x: Inputs, offset: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+    """x as curvlinops takes inputs: a tensor, or a dict of its tensors by name or position (and the outputs'
+    ``offset`` under the key "offset", which :class:`_Flat` adds)."""
+    if isinstance(x, Tensor) and offset is None:
+        return x
+    held = {f"{i}": t for i, t in enumerate(leaves(x))}
+    return held if offset is None else {**held, "offset": offset}
+
+
+def _groups(names: list[str], separate: bool) -> list[list[str]]:
+    """The parameters of one layer's K-FAC block(s): all together, or (``separate``) one block each."""
+    return [[name] for name in names] if separate else [names]
 
 
 class KFACPreconditioner:
@@ -111,6 +122,10 @@ class KFACPreconditioner:
         loss: ``"mse"`` (H_i = 2I: K ≈ 2JᵀJ) or ``"cross_entropy"`` (H_i = diag π − ππᵀ at f(x_i; θ0), labels
             not used: the type-2 Fisher).
         batch_size: inputs per forward pass while the factors are accumulated.
+        offset: (n, C) added to the outputs f(x; θ0) where H_i is evaluated (cross-entropy: the Laplace posterior's
+            linearised MAP outputs f0 + J Δ), constant in θ: the Jacobians stay those at θ0. Default none.
+        separate_weight_and_bias: one block per weight (G ⊗ A) and per bias (G), as laplace-torch forms them,
+            instead of one block per layer over both (the default, which keeps their coupling).
 
     The factors and the eigendecompositions of the damped inverse are computed here, once, in float64 (float32's
     eigh of a gradient covariance factor of MobileNetV2's last block failed to converge), then kept in the
@@ -119,7 +134,16 @@ class KFACPreconditioner:
     Conv2d layer; warns once naming the layers that get a diagonal block instead.
     """
 
-    def __init__(self, network: FunctionalNetwork, x: Inputs, damping: float, loss: str = "mse", batch_size: int = 64):
+    def __init__(
+        self,
+        network: FunctionalNetwork,
+        x: Inputs,
+        damping: float,
+        loss: str = "mse",
+        batch_size: int = 64,
+        offset: Tensor | None = None,
+        separate_weight_and_bias: bool = False,
+    ):
         try:  # imported here: `import ntkgp` stays light and works where curvlinops is not installed
             from curvlinops import KFACLinearOperator
             from curvlinops.kfac import FisherType
@@ -143,7 +167,12 @@ class KFACPreconditioner:
             else torch.zeros(length(x), dtype=torch.long, device=network.device)
         )
         data = [
-            (_as_curvlinops_inputs(inputs_at(x, slice(i, i + batch_size))), targets[i : i + batch_size])
+            (
+                _as_curvlinops_inputs(
+                    inputs_at(x, slice(i, i + batch_size)), None if offset is None else offset[i : i + batch_size]
+                ),
+                targets[i : i + batch_size],
+            )
             for i in range(0, length(x), batch_size)
         ]
         params = dict(module.named_parameters())
@@ -156,7 +185,7 @@ class KFACPreconditioner:
             data,
             fisher_type=FisherType.TYPE2,
             check_deterministic=False,
-            separate_weight_and_bias=False,
+            separate_weight_and_bias=separate_weight_and_bias,
             num_data=length(x),
             batch_size_fn=lambda inputs: length(inputs),
         )
@@ -179,12 +208,13 @@ class KFACPreconditioner:
         self.blocks = [
             _block(
                 network,
-                [self.supported[i] for i in positions.values()],
-                factors["input_covariances"].get(name),
+                names,
+                None if names == [n for n in names if n.endswith("bias")] else factors["input_covariances"].get(name),
                 factors["gradient_covariances"][name],
             )
             for name, positions in mapping.items()
             if name not in unseen
+            for names in _groups([self.supported[i] for i in positions.values()], separate_weight_and_bias)
         ]
         if self.diagonal_names:
             modules = dict(module.named_modules())
@@ -217,7 +247,7 @@ class KFACPreconditioner:
         columns = v.unsqueeze(-1) if vector else v
         out = torch.empty_like(columns)
         for block in self.blocks:
-            out[block.index] = block.apply(columns[block.index], self.damping, inverse)
+            out[block.index] = block.apply(columns[block.index], self.damping, -1.0 if inverse else 1.0)
         diagonal = self.diagonal + self.damping
         out[self.diagonal_index] = (1 / diagonal if inverse else diagonal).unsqueeze(-1) * columns[self.diagonal_index]
         return out.squeeze(-1) if vector else out
@@ -232,7 +262,7 @@ class KFACPreconditioner:
 
 
 @dataclass
-class _Block:
+class KroneckerBlock:
     """One layer's K-FAC block G ⊗ A on its parameters as a (d_out × d_in) matrix (a Conv2d weight flattened
     to (c_out, c_in·k·k), the bias appended as a last column): the eigenpairs of A and G on their ranges."""
 
@@ -243,16 +273,16 @@ class _Block:
     output_vectors: Tensor  # (d_out, r_g)
     output_values: Tensor  # (r_g,)
 
-    def apply(self, columns: Tensor, damping: float, inverse: bool) -> Tensor:
-        """(G ⊗ A + λI)^{±1} on columns (size, k). On the ranges of G and A the eigenvalues are λ_g λ_a + λ,
-        elsewhere λ: M ↦ λ^{±1} M + Q_G [(w − λ^{±1}) ⊙ (Q_Gᵀ M Q_A)] Q_Aᵀ, w = (λ_g λ_aᵀ + λ)^{±1}. Restricting
-        Q_A to A's range is exact and the cost O(d_out·d_in·r_a): ResNet-18's layer4 at 32 × 32 has
-        d_in = 4608 and r_a ≤ the number of inputs."""
+    def apply(self, columns: Tensor, damping: float, power: float) -> Tensor:
+        """(G ⊗ A + λI)^power on columns (size, k) (power 1, −1 or −½: a product, a solve, a symmetric root of the
+        inverse). On the ranges of G and A the eigenvalues are λ_g λ_a + λ, elsewhere λ:
+        M ↦ λ^power M + Q_G [(w − λ^power) ⊙ (Q_Gᵀ M Q_A)] Q_Aᵀ, w = (λ_g λ_aᵀ + λ)^power. Restricting Q_A to A's
+        range is exact and the cost O(d_out·d_in·r_a): ResNet-18's layer4 at 32 × 32 has d_in = 4608 and r_a ≤ the
+        number of inputs."""
         k = columns.shape[-1]
         m = columns.mT.reshape(k, self.rows, -1)
-        values = self.output_values[:, None] * (1.0 if self.input_values is None else self.input_values)
-        scale = damping ** (-1 if inverse else 1)
-        weights = ((values + damping) ** (-1 if inverse else 1)) - scale
+        scale = damping**power
+        weights = (self.values() + damping) ** power - scale
         qa, qg = self.input_vectors, self.output_vectors
         reduced = m if qa is None else m @ qa
         core = qg.mT @ reduced * weights
@@ -261,10 +291,14 @@ class _Block:
             back = back @ qa.mT
         return (scale * m + back).reshape(k, -1).mT
 
+    def values(self) -> Tensor:
+        """The block's eigenvalues on the ranges of G and A, λ_g λ_aᵀ (r_g, r_a)."""
+        return self.output_values[:, None] * (1.0 if self.input_values is None else self.input_values)
+
 
 def _block(
     network: FunctionalNetwork, names: list[str], input_covariance: Tensor | None, gradient_covariance: Tensor
-) -> _Block:
+) -> KroneckerBlock:
     """The block of one layer: its parameters ``names`` (weight and/or bias, in θ order) and K-FAC factors."""
     weight = next((n for n in names if n.endswith("weight")), None)
     bias = next((n for n in names if n.endswith("bias")), None)
@@ -275,4 +309,4 @@ def _block(
     if input_covariance is not None:
         input_values, input_vectors = _range_eigenpairs(input_covariance, network.dtype)
     output_values, output_vectors = _range_eigenpairs(gradient_covariance, network.dtype)
-    return _Block(index, rows, input_vectors, input_values, output_vectors, output_values)
+    return KroneckerBlock(index, rows, input_vectors, input_values, output_vectors, output_values)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
 from ..inputs import Inputs, check_inputs, length, requires_grad
@@ -189,6 +190,23 @@ class FisherOperator(GramOperator):
             diag = diag + (cols * weighted).sum((0, 2))
             start += len(jac)
         return self.network.sum_over_shards(self.x, diag)  # over the ranks too when x is a shard
+
+    def dense(self, progress: bool = False) -> Tensor:
+        """F = Σ_i J_iᵀ H_i J_i (p × p) in float64, from per-sample Jacobians in chunks: with S_i = H_i^{1/2}
+        blockwise, B = S J (b·C × p) per chunk and F = Σ BᵀB (over the ranks too when x is a shard)."""
+        f, p, start = self.hessian_outputs().double(), self.shape[-1], 0
+        dense = torch.zeros(p, p, dtype=torch.float64, device=self.device)
+        eye = torch.eye(f.shape[-1], dtype=torch.float64, device=self.device)
+        chunks = self.network.jacobian_chunks(self.x)
+        for jac in tqdm(chunks, desc="Fisher (per-sample Jacobians)", disable=not progress, delay=1.0, leave=False):
+            at = f[start : start + len(jac)].unsqueeze(1)
+            blocks = self.likelihood.fisher(at, eye.expand(len(jac), -1, -1))  # H_i (b, C, C)
+            evals, evecs = torch.linalg.eigh(blocks)
+            roots = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT  # H_i^{1/2}
+            rows = (roots @ jac.double()).reshape(-1, p)
+            dense.addmm_(rows.mT, rows)
+            start += len(jac)
+        return self.network.sum_over_shards(self.x, dense)
 
 
 def fisher_operator(

@@ -69,6 +69,7 @@ from ..inputs import (
 )
 from ..lanczos import lanczos_quadrature
 from ..likelihoods import get_likelihood
+from ..lqf.kfac import KFACPreconditioner
 from ..memory import default_budget
 from ..operators.fisher_operator import FISHER_METHODS, FisherOperator, default_epsilon
 from ..operators.gram_operator import GramOperator
@@ -83,11 +84,48 @@ from ..validation import (
     check_prediction,
     check_tensor,
 )
+from .hessian_structures import (
+    PARAMETER_STRUCTURES,
+    DiagStructure,
+    FullStructure,
+    KronStructure,
+    Structure,
+    StructureCovariance,
+)
 from .linearised_model import TASKS, check_task, log_likelihood, mc_class_probabilities, prepare_data, randn
 
 __all__ = ["Laplace", "PosteriorCovariance"]
 
 _LINKS = ("probit", "mc", "map")
+
+#: ``hessian_structure`` values (laplace-torch's names; "gp" is "function")
+STRUCTURES = ("full", "kron", "diag", "lowrank", "function", "gp")
+
+
+def _scalar(delta: float | Tensor) -> float:
+    """δ where only one value is possible (function space, low rank: _choose_posterior refuses vectors there)."""
+    assert not isinstance(delta, Tensor), "a per-parameter prior precision reached a one-δ path"
+    return delta
+
+
+def _as_prior_precision(value: Any, network: FunctionalNetwork) -> float | Tensor:
+    """δ > 0: a float, or a float64 (p,) tensor from one value per selected parameter tensor (per layer) or per
+    parameter."""
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return as_positive_float(float(value) if isinstance(value, Tensor) else value, "prior_precision")
+    layers, p = len(network.names), network.num_params
+    if value.dim() != 1 or value.shape[0] not in (layers, p):
+        raise TypeError(
+            f"prior_precision must be a float, one value per selected parameter tensor ({layers}: "
+            f"{', '.join(network.names[:4])}{', …' if layers > 4 else ''}) or one per parameter ({p},); got shape "
+            f"{tuple(value.shape)}"
+        )
+    value = value.detach().to(dtype=torch.float64, device=network.device)
+    if not bool((torch.isfinite(value) & (value > 0)).all()):
+        raise ValueError("prior_precision must be finite and > 0 everywhere")
+    if value.shape[0] == layers and layers != p:
+        value = torch.repeat_interleave(value, torch.tensor(network.numels, device=value.device))
+    return value
 
 
 class PosteriorCovariance(NetworkOperator):
@@ -174,7 +212,18 @@ class Laplace:
         hessian: how products with F are computed where they are needed (``precision``, ``sample``
             with a rank): "exact" (JVP, H, VJP), "finite_difference" (one gradient per product) or
             "central_difference" (two), see :func:`ntkgp.fisher_operator`.
-        prior_precision: δ > 0 of the prior N(θ0, I/δ) centred at the pretrained weights.
+        hessian_structure: the posterior covariance, as laplace-torch names it: ``"full"`` (default: exact, in the
+            cheaper space — p × p in parameter space when p ≤ N = n·C and it fits ``memory_budget``, N × N in
+            function space otherwise while it fits, the low-rank Lanczos form beyond, with a warning), ``"kron"``
+            (K-FAC), ``"diag"`` (the exact diagonal of F), ``"lowrank"`` (the matrix-free rank-r Lanczos form) or
+            ``"function"`` / ``"gp"`` (dense in function space). See :mod:`ntkgp.posteriors.hessian_structures`.
+            The approximate ones report their estimated error at every prediction (``variance_error``).
+        prior_precision: δ > 0 of the prior N(μ, D⁻¹): one value, one per selected parameter tensor (per layer, in
+            ``network.names`` order) or one per parameter (p,) — the last two with the parameter-space structures
+            (``"full"`` taken in parameter space, ``"kron"``: equal on a layer's weight and bias, ``"diag"``).
+        prior_mean: μ: ``"theta0"`` (the pretrained weights), ``"zero"`` or a (p,) tensor; default (None)
+            ``"theta0"`` when :meth:`fit` finds the MAP and ``"zero"`` post hoc (``find_map=False``), as
+            laplace-torch's prior: centred at θ0 = θ_MAP the evidence would only grow with δ.
         noise: σ² for regression; must be None for classification.
         num_classes: if given, must equal the network's output width C.
         max_size: largest N = n·C solved densely (the dense posterior holds N × N matrices).
@@ -199,7 +248,7 @@ class Laplace:
         likelihood: str = "regression",
         params: Sequence[str] | str | None = None,
         hessian: str = "exact",
-        prior_precision: float = 1.0,
+        prior_precision: float | Tensor = 1.0,
         noise: float | None = None,
         num_classes: int | None = None,
         chunk_size: int | None = None,
@@ -207,12 +256,14 @@ class Laplace:
         solver: Solver | str | None = None,
         memory_budget: int | None = None,
         progress: bool = True,
-        prior_mean: str | Tensor = "theta0",
+        prior_mean: str | Tensor | None = None,
+        hessian_structure: str = "full",
     ):
-        self.noise = check_task(likelihood, noise, prior_precision)
+        self.noise = check_task(likelihood, noise, 1.0)
         self.task, self.hessian = likelihood, check_choice(hessian, "hessian", FISHER_METHODS)
-        self.prior_precision = as_positive_float(prior_precision, "prior_precision")
+        self.hessian_structure = check_choice(hessian_structure, "hessian_structure", STRUCTURES)
         self.network = as_functional_network(model, params, chunk_size)
+        self.prior_precision = _as_prior_precision(prior_precision, self.network)
         self.num_classes = None if num_classes is None else as_count(num_classes, "num_classes", minimum=2)
         self.max_size = as_count(max_size, "max_size")
         self.solver = as_solver(solver)
@@ -222,7 +273,10 @@ class Laplace:
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False, got {progress!r}")
         self.progress = progress
-        self._prior_offset = _prior_offset(prior_mean, self.network)  # μ − θ0 (p,), None for μ = θ0
+        self._prior_mean_given = prior_mean is not None
+        # μ − θ0 (p,), None for μ = θ0; the default is set by fit, by find_map
+        self._prior_offset = None if prior_mean is None else _prior_offset(prior_mean, self.network)
+        self._structure: Structure | None = None
         self._train_x: Inputs | None = None
         self._jacobian: Tensor | None = None
         self._step: Tensor | None = None
@@ -249,18 +303,16 @@ class Laplace:
         max_iter = as_count(max_iter, "max_iter")
         if not isinstance(find_map, bool):
             raise TypeError(f"find_map must be True or False, got {find_map!r}")
-        if not find_map and self._prior_offset is not None:
-            raise NotImplementedError(
-                "find_map=False (the posterior at θ0, post hoc) with a prior_mean other than 'theta0' is not supported "
-                "yet: use find_map=True, whose MAP moves from θ0 under the prior N(prior_mean, I/δ)"
-            )
-        self.dense = self._dense(train_x, c)
+        if not self._prior_mean_given:
+            self._prior_offset = _prior_offset("theta0" if find_map else "zero", self.network)
+        self.posterior = self._choose_posterior(train_x, c)
+        self.dense = self.posterior == "function"
         self._train_x, self.targets, self.num_outputs, self.max_iter = train_x, targets, c, max_iter
         self.find_map = find_map
-        # the outputs at the prior mean: f(X; θ0) + J(X)(μ − θ0); every formula below is centred there, so that the
-        # step θ_MAP − μ has the prior N(0, I/δ) whatever μ is
+        # the outputs at the centre of the formulas: the prior mean, f(X; θ0) + J(X)(μ − θ0), when the MAP is
+        # searched (the step θ_MAP − μ has the prior N(0, D⁻¹) whatever μ is); θ0 itself post hoc
         self.f0 = self.network.outputs(train_x, "train_x") + self._shift(train_x)
-        self._jacobian = None
+        self._jacobian, self._structure = None, None
         if self.dense:
             with torch.no_grad():  # J Jᵀ from per-sample Jacobians where they are cheaper than N products
                 kernel = ntk_matrix(self.network, train_x, c, self.memory_budget).detach()
@@ -271,20 +323,21 @@ class Laplace:
             self._delta = torch.zeros_like(self.network.theta0)
             self._nodes: tuple[Tensor, Tensor] | None = None
         self._update(self.prior_precision)
-        if self.approximate:
+        if self.posterior == "lowrank" and self.approximate:
             size, rank = self.f0.numel(), min(self.solver.lanczos_rank, self.network.num_params)
             reason = (
                 "solver='cg'"
                 if self.solver.method == "cg"
-                else f"n·C = {size} > max_size = {self.max_size}"
-                if size > self.max_size
-                else "the dense posterior does not fit memory_budget or train_x is a shard"
+                else "hessian_structure='lowrank'"
+                if self.hessian_structure == "lowrank"
+                else "neither the p × p nor the n·C × n·C posterior fits memory_budget and max_size, or train_x is "
+                "a shard and p × p does not fit"
             )
             warnings.warn(
                 f"Laplace: {reason}, so the posterior covariance is the rank-{rank} Lanczos approximation "
                 f"(exact only from rank min(n·C, p) = {min(size, self.network.num_params)}); predict reports "
                 "its estimated error (variance_error, probability_error). For the exact posterior raise "
-                "max_size (dense in n·C) or Solver.lanczos_rank",
+                "memory_budget, max_size (dense in n·C) or Solver.lanczos_rank",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -292,44 +345,69 @@ class Laplace:
 
     @property
     def approximate(self) -> bool:
-        """Whether the fitted posterior covariance is the low-rank Lanczos form short of F's possible rank."""
+        """Whether the fitted posterior covariance is approximate: ``"kron"``, ``"diag"``, or the low-rank Lanczos
+        form short of F's possible rank."""
+        if self.posterior in ("kron", "diag"):
+            return True
         rank = min(self.solver.lanczos_rank, self.network.num_params)
-        return not self.dense and rank < min(self.f0.numel(), self.network.num_params)
+        return self.posterior == "lowrank" and rank < min(self.f0.numel(), self.network.num_params)
 
-    def _dense(self, x: Inputs, num_outputs: int) -> bool:
-        """Whether the posterior is dense in N = n·C (``solver`` and ``max_size``), or matrix-free."""
-        method, sharded = self.solver.method, self.network.is_sharded(x)
-        if method == "cg":
-            return False
-        if method == "cholesky" and sharded:
+    def _choose_posterior(self, x: Inputs, num_outputs: int) -> str:
+        """The posterior's form: "function" (dense N × N), "full" (dense p × p), "kron", "diag" or "lowrank"
+        (matrix-free), from ``hessian_structure``, ``solver``, ``max_size`` and ``memory_budget``."""
+        structure, method, sharded = self.hessian_structure, self.solver.method, self.network.is_sharded(x)
+        p = self.network.num_params
+        fits = lambda n: 3 * 8 * n**2 <= self.memory_budget  # noqa: E731  (three n × n float64 matrices)
+        if structure in ("kron", "diag"):
+            return structure
+        if isinstance(self.prior_precision, Tensor) and (structure != "full" or not fits(p) or method != "auto"):
             raise ValueError(
-                "solver='cholesky' needs every training input on one process, but train_x is a shard "
-                "(network.shard): use solver='auto' or 'cg' (matrix-free, runs on shards)"
+                "a prior_precision per layer or per parameter needs a parameter-space posterior: "
+                "hessian_structure='full' (with p × p within memory_budget and solver='auto'), 'kron' or 'diag'; "
+                f"got hessian_structure={structure!r}, solver={method!r}, p = {p}"
             )
-        size = global_rows(self.network, x) * num_outputs
-        if method == "cholesky":
+        if structure == "lowrank" or method == "cg":
+            return "lowrank"
+        if structure in ("function", "gp") or method == "cholesky":
+            if sharded:
+                raise ValueError(
+                    "the function-space posterior needs every training input on one process, but train_x is a shard "
+                    "(network.shard): use hessian_structure='full' (p × p, runs on shards), 'kron', 'diag' or "
+                    "'lowrank'"
+                )
+            size = length(x) * num_outputs
             if size > self.max_size:
                 raise ValueError(
-                    f"n·C = {size} exceeds max_size = {self.max_size}: the dense Laplace posterior holds "
-                    "N × N matrices; use solver='auto' or 'cg' (matrix-free), or raise max_size"
+                    f"n·C = {size} exceeds max_size = {self.max_size}: the function-space Laplace posterior holds "
+                    "N × N matrices; use solver='auto' with hessian_structure='full' (the cheaper exact space), or "
+                    "solver='cg' / hessian_structure='lowrank' (matrix-free), or raise max_size"
                 )
-            return True
-        return not sharded and size <= self.max_size and 3 * 8 * size**2 <= self.memory_budget
+            return "function"
+        size = global_rows(self.network, x) * num_outputs  # (over the ranks: a shard's products need them)
+        if (p <= size or sharded) and fits(p):
+            return "full"
+        if not sharded and size <= self.max_size and fits(size):
+            return "function"
+        return "full" if fits(p) else "lowrank"
 
-    def _update(self, delta: float) -> None:
-        """MAP and posterior for prior precision δ (the NTK is reused: no network passes)."""
+    def _update(self, delta: float | Tensor) -> None:
+        """MAP and posterior for prior precision δ (the NTK is reused: no network passes; the parameter-space
+        structures are rebuilt only where F moved with the MAP)."""
         self.prior_precision = delta
         if not self.dense:
             if self.find_map:
                 self._delta = self._map_step_matrix_free(delta, self._delta)
                 if self.task == "classification":
                     self._nodes = None  # F is evaluated at the MAP, which moved
+                    self._structure = None
             self._f_map = self._linearised_outputs(self._delta)
             self._posterior: tuple[Tensor, Tensor, float] | None = None
             self._trace: float | None = None
+            if self.posterior in PARAMETER_STRUCTURES and self._structure is None:
+                self._structure = self._build_structure(self._f_map)
             return
         if self.find_map:
-            self._alpha = self._map_coefficients(delta, self._alpha)
+            self._alpha = self._map_coefficients(_scalar(delta), self._alpha)
         self._step = None
         self._f_map = self._outputs(self._alpha)
         s = self._sqrt_h = _psd_sqrt(self._hessian_blocks(self._f_map))
@@ -337,6 +415,28 @@ class Laplace:
         self._evals, self._evecs = evals.clamp_min(0), evecs
         su = _blockwise(s, evecs.mT).mT  # S U
         self._middle = (su / (self._evals + delta)) @ su.mT
+
+    def _build_structure(self, f: Tensor) -> Structure:
+        """F in the fitted structure, with H at the training outputs f (n, C) (1/σ²-scaled for regression)."""
+        net, scale = self.network, 1.0 if self.noise is None else 1.0 / self.noise
+        with torch.no_grad():
+            if self.posterior == "kron":
+                loss = "mse" if self.task == "regression" else "cross_entropy"
+                offset = None if self.task == "regression" else (f - net.outputs(self.train_x)).to(net.dtype)
+                with torch.enable_grad():  # curvlinops backpropagates
+                    kfac = KFACPreconditioner(net, self.train_x, 1.0, loss, offset=offset)
+                return KronStructure.of(kfac, scale / 2 if loss == "mse" else scale, net.num_params)
+            fisher = FisherOperator.of(
+                self.train_x,
+                network=net,
+                likelihood=TASKS[self.task],
+                method="exact",
+                epsilon=1.0,
+                at=f.to(net.dtype),
+            )
+            if self.posterior == "diag":
+                return DiagStructure(fisher._diagonal().double() * scale)
+            return FullStructure(fisher.dense(self.progress) * scale)
 
     def _outputs(self, alpha: Tensor) -> Tensor:
         """f0 + Kα at the training inputs (n, C), float64."""
@@ -355,12 +455,21 @@ class Laplace:
         return blocks if self.noise is None else blocks / self.noise
 
     def _objective(self, alpha: Tensor, delta: float) -> Tensor:
-        """−log p(y | f0 + Kα) + δ/2 αᵀKα."""
+        """−log p(y | f0 + Kα) + δ/2 ‖θ_MAP − μ‖², ‖θ_MAP − μ‖² = αᵀKα + ‖θ0 − μ‖² (the second post hoc only)."""
         f = self._outputs(alpha)
-        quadratic = alpha @ (f - self.f0.double()).reshape(-1)
+        quadratic = alpha @ (f - self.f0.double()).reshape(-1) + self._gap_squared()
         return -log_likelihood(self.task, f, self._targets64(), self.noise) + 0.5 * delta * quadratic
 
-    def _evidence(self, delta: float) -> float:
+    def _gap(self) -> Tensor | None:
+        """θ0 − μ (p,) post hoc (``find_map=False``: θ_MAP = θ0) with μ ≠ θ0; None otherwise (the formulas are
+        centred at μ and the step θ_MAP − μ is their own)."""
+        return None if self.find_map or self._prior_offset is None else -self._prior_offset
+
+    def _gap_squared(self) -> float:
+        gap = self._gap()
+        return 0.0 if gap is None else float(gap.double().square().sum())
+
+    def _evidence(self, delta: float | Tensor) -> float:
         """The Laplace evidence at δ; its MAP is kept as the warm start of the next δ. Dense: one Cholesky factor,
         no eigendecomposition. Matrix-free: the log-determinant by quadrature (:meth:`_slq_logdet`)."""
         if not self.dense:
@@ -368,8 +477,16 @@ class Laplace:
                 self._delta = self._map_step_matrix_free(delta, self._delta)
             f = self._linearised_outputs(self._delta)
             moves = self.find_map and self.task == "classification"  # F is evaluated at the MAP
-            logdet = self._slq_logdet(delta, f if moves else self._f_map, self.SLQ_STEPS, self.SLQ_PROBES, None)
+            if self.posterior in PARAMETER_STRUCTURES:
+                if moves:
+                    self._structure = self._build_structure(f)
+                assert self._structure is not None
+                logdet = self._structure.logdet(delta)
+            else:
+                f_hessian = f if moves else self._f_map
+                logdet = self._slq_logdet(_scalar(delta), f_hessian, self.SLQ_STEPS, self.SLQ_PROBES, None)
             return float(self._data_fit(f, self._delta, delta) - 0.5 * logdet)
+        delta = _scalar(delta)
         alpha = self._map_coefficients(delta, self._alpha) if self.find_map else self._alpha
         g = self._whitened_kernel(_psd_sqrt(self._hessian_blocks(self._outputs(alpha))))
         chol = torch.linalg.cholesky(torch.eye(g.shape[0], dtype=g.dtype, device=g.device) + g / delta)
@@ -423,13 +540,23 @@ class Laplace:
         with torch.no_grad():
             return self.f0.double() + self.network.jvp(self.train_x, step.unsqueeze(0))[0].double()
 
-    def _data_fit(self, f: Tensor, step: Tensor, delta: float) -> Tensor:
-        """log p(y | f) − δ/2 ‖Δ‖² (float64; the likelihood summed over the ranks when train_x is a shard)."""
+    def _data_fit(self, f: Tensor, step: Tensor, delta: float | Tensor) -> Tensor:
+        """log p(y | f) − ½ (θ_MAP − μ)ᵀ D (θ_MAP − μ) (float64; the likelihood summed over the ranks when train_x
+        is a shard); θ_MAP − μ is the step Δ, plus θ0 − μ post hoc."""
         value = log_likelihood(self.task, f, self._targets64(), self.noise).reshape(1)
         value = self.network.sum_over_shards(self.train_x, value)[0]
-        return value - 0.5 * delta * step.double().square().sum()
+        gap = self._gap()
+        distance = step.double() if gap is None else step.double() + gap.double()
+        d = torch.as_tensor(delta, dtype=torch.float64, device=distance.device)
+        return value - 0.5 * (d * distance.square()).sum()
 
-    def _cg(self, product: Callable[[Tensor], Tensor], rhs: Tensor, start: Tensor | None = None) -> Tensor:
+    def _cg(
+        self,
+        product: Callable[[Tensor], Tensor],
+        rhs: Tensor,
+        start: Tensor | None = None,
+        preconditioner: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
         return conjugate_gradients(
             product,
             rhs,
@@ -438,16 +565,34 @@ class Laplace:
             start,
             desc="Laplace MAP (CG products)",
             progress=self.progress,
+            preconditioner=preconditioner,
         )
 
-    def _map_step_matrix_free(self, delta: float, start: Tensor) -> Tensor:
-        """Δ_MAP (p,): CG on (JᵀJ + σ²δ I)Δ = Jᵀr for regression; Newton-CG from ``start`` for classification."""
+    def _structure_inverse(self, delta: float | Tensor, scale: float) -> Callable[[Tensor], Tensor] | None:
+        """v (p, k) ↦ (F + D)⁻¹ v / ``scale`` from the structure, when one is held (a preconditioner for CG)."""
+        structure = self._structure
+        if structure is None:
+            return None
+        return lambda v: (structure.solve(delta, v.double()) / scale).to(v.dtype)
+
+    def _map_step_matrix_free(self, delta: float | Tensor, start: Tensor) -> Tensor:
+        """Δ_MAP (p,): CG on (JᵀJ + σ²D)Δ = Jᵀr for regression; Newton-CG from ``start`` for classification. With a
+        parameter-space structure, CG is preconditioned by it (built first where none is held: for regression and
+        ``"full"`` it is the exact inverse, and CG takes one step)."""
         net, x, c = self.network, self.train_x, self.f0.shape[-1]
+        if self.posterior in PARAMETER_STRUCTURES and self._structure is None:
+            self._structure = self._build_structure(self._linearised_outputs(start))
+        if isinstance(delta, Tensor):
+            delta = delta.to(net.dtype)
         with torch.no_grad(), net.linearised(x, budget=self.memory_budget):
             if self.task == "regression":
                 gram, shift = GramOperator.of(x, network=net), self._sigma2 * delta
+                shift = shift.unsqueeze(-1) if isinstance(shift, Tensor) else shift
                 rhs = net.vjp(x, (self.targets - self.f0).unsqueeze(0))[0]
-                return self._cg(lambda v: gram._matmul(v) + shift * v, rhs, start)
+                inverse = self._structure_inverse(delta, self._sigma2)
+                if self.posterior == "full" and inverse is not None:  # (F + D)⁻¹ exactly: no CG
+                    return inverse(rhs.unsqueeze(-1)).squeeze(-1)
+                return self._cg(lambda v: gram._matmul(v) + shift * v, rhs, start, inverse)
             onehot = torch.nn.functional.one_hot(self.targets, c).to(net.dtype)
             step, f = start, self._linearised_outputs(start)
             value = self._data_fit(f, step, delta)
@@ -456,9 +601,14 @@ class Laplace:
                 hessian = self._fisher_at(f, "exact")
 
                 def product(v: Tensor, hessian: LinearOperator = hessian) -> Tensor:
-                    return hessian._matmul(v) + delta * v
+                    return hessian._matmul(v) + (delta.unsqueeze(-1) if isinstance(delta, Tensor) else delta) * v
 
-                direction = self._cg(product, -gradient)
+                if self.posterior == "full":  # an exact Newton step from F at f, dense
+                    self._structure = self._build_structure(f)
+                    direction = self._structure.solve(delta, -gradient.double().unsqueeze(-1)).squeeze(-1)
+                    direction = direction.to(net.dtype)
+                else:
+                    direction = self._cg(product, -gradient, None, self._structure_inverse(delta, 1.0))
                 moved = net.jvp(x, direction.unsqueeze(0))[0].double()  # the line search costs no more passes
                 t = 1.0
                 while True:
@@ -466,7 +616,7 @@ class Laplace:
                     if candidate >= value or t < 1e-6:
                         break
                     t /= 2
-                if not candidate > value:
+                if not candidate >= value:  # (a step the objective cannot resolve in float64 is still taken)
                     break
                 converged = candidate - value <= 1e-12 * max(1.0, abs(float(value)))
                 step, f, value = step + t * direction, f + t * moved, candidate
@@ -604,8 +754,10 @@ class Laplace:
     # ------------------------------------------------------------------ posterior
     @property
     def mean(self) -> Tensor:
-        """θ_MAP = μ + Jᵀα (p,), μ the prior mean (θ0 by default)."""
-        return self.prior_mean + self._map_step()
+        """θ_MAP (p,): μ + Δ with the step Δ (Jᵀα in function space) when the MAP is searched, θ0 post hoc."""
+        self._check_fitted()
+        centre = self._centre()
+        return self.network.theta0 + self._map_step() if centre is None else self.prior_mean + self._map_step()
 
     @property
     def prior_mean(self) -> Tensor:
@@ -614,11 +766,18 @@ class Laplace:
         return theta0 if self._prior_offset is None else theta0 + self._prior_offset
 
     def _shift(self, x: Inputs) -> Tensor:
-        """J(x)(μ − θ0) (m, C): the linearised outputs' move from θ0 to the prior mean (zeros for μ = θ0)."""
-        if self._prior_offset is None:
+        """J(x)(c − θ0) (m, C): the linearised outputs' move from θ0 to the centre c of the formulas (zeros for
+        c = θ0)."""
+        centre = self._centre()
+        if centre is None:
             return torch.zeros((), dtype=self.network.dtype, device=self.network.device)
         with torch.no_grad():
-            return self.network.jvp(x, self._prior_offset.unsqueeze(0))[0]
+            return self.network.jvp(x, centre.unsqueeze(0))[0]
+
+    def _centre(self) -> Tensor | None:
+        """c − θ0 (p,) for the centre c of the formulas: the prior mean when the MAP is searched, θ0 (None) post hoc
+        (and for μ = θ0)."""
+        return self._prior_offset if self.find_map else None
 
     def _map_step(self) -> Tensor:
         """θ_MAP − μ = Jᵀα (p,): one VJP at the training inputs, kept until δ changes."""
@@ -634,10 +793,12 @@ class Laplace:
     def covariance(self) -> LinearOperator:
         """Σ = (F + δI)⁻¹ as a lazy (p × p) operator (matrix-free: its rank-r Lanczos form, module docstring)."""
         self._check_fitted()
+        if self._structure is not None:
+            return StructureCovariance.of(self._structure, self.prior_precision, self.network.dtype)
         if not self.dense:
             lam, q, rho = self._low_rank()
             delta, p = self.prior_precision, self.network.num_params
-            rest = torch.full((p,), 1.0 / (delta + rho), dtype=q.dtype, device=q.device)
+            rest = torch.full((p,), 1.0 / (_scalar(delta) + rho), dtype=q.dtype, device=q.device)
             return MatmulLinearOperator(q * (1.0 / (lam + delta) - 1.0 / (delta + rho)), q.mT).add_diagonal(rest)
         precision = torch.tensor(self.prior_precision, dtype=torch.float64, device=self.kernel.device)
         return PosteriorCovariance.of(self.train_x, self._middle, precision, network=self.network)
@@ -650,10 +811,9 @@ class Laplace:
     @property
     def precision(self) -> LinearOperator:
         """F + δI as a lazy (p × p) operator, products by ``hessian``."""
-        eye = torch.full(
-            (self.network.num_params,), self.prior_precision, dtype=self.network.dtype, device=self.network.device
-        )
-        return self.fisher().add_diagonal(eye)
+        net = self.network
+        eye = torch.as_tensor(self.prior_precision, dtype=net.dtype, device=net.device).expand(net.num_params)
+        return self.fisher().add_diagonal(eye.clone())
 
     def log_marginal_likelihood(
         self, rank: int | None = None, probes: int | None = None, generator: torch.Generator | None = None
@@ -679,17 +839,21 @@ class Laplace:
             probes = as_count(probes, "probes")
             if rank is None:
                 raise ValueError("probes needs rank: the number of Lanczos steps per probe")
-            logdet = self._slq_logdet(delta, self._f_map, rank, probes, check_generator(generator))
+            logdet = self._slq_logdet(_scalar(delta), self._f_map, rank, probes, check_generator(generator))
         elif rank is None and self.dense:
             logdet = torch.log1p(self._evals / delta).sum()
+        elif rank is None and self._structure is not None:
+            logdet = self._structure.logdet(delta)
         elif rank is None:
-            logdet = self._slq_logdet(delta, self._f_map, self.SLQ_STEPS, self.SLQ_PROBES, check_generator(generator))
+            logdet = self._slq_logdet(
+                _scalar(delta), self._f_map, self.SLQ_STEPS, self.SLQ_PROBES, check_generator(generator)
+            )
         else:
             with torch.no_grad(), self.network.linearised(self.train_x, budget=self.memory_budget):
                 lam, _, rho, rest = self._lanczos(rank)
             logdet = torch.log1p(lam / delta).sum().double() + rest * math.log1p(rho / delta)
         if self.dense:
-            return -self._objective(self._alpha, delta) - 0.5 * logdet
+            return -self._objective(self._alpha, _scalar(delta)) - 0.5 * logdet
         return self._data_fit(self._f_map, self._delta, delta) - 0.5 * logdet
 
     def _lanczos(self, rank: int) -> tuple[Tensor, Tensor, float, int]:
@@ -709,21 +873,29 @@ class Laplace:
         method: str = "marglik",
         val_loader: Any = None,
         link: str = "probit",
-    ) -> float:
+        prior_structure: str = "scalar",
+    ) -> float | Tensor:
         """Set δ to the best grid value (default 10^-4 … 10^4, 33 points); return it.
 
         ``method="marglik"`` (default): the largest evidence. Each grid value costs the MAP (Newton, warm-started)
         and one Cholesky factor of the N × N matrix, or matrix-free the MAP (CG or Newton-CG, warm-started) and the
         quadrature of the log-determinant, whose nodes are computed once when F does not move with δ (regression, or
-        ``find_map=False``) and at each MAP otherwise. ``method="gridsearch"``: the smallest negative log-likelihood
-        of the predictive on validation data ``val_loader`` — a DataLoader of (x, y) batches, read once, or an (x, y)
-        pair —, the GLM predictive with ``link`` for classification, the Gaussian of mean and variance plus the noise
-        σ² for regression; each grid value costs the MAP and one prediction at the validation inputs. A progress bar
-        over the grid unless ``progress`` is False. Warns when the best value is an end of the grid (the optimum may
-        lie beyond it).
+        ``find_map=False``) and at each MAP otherwise; in parameter space ("full") the eigenvalues of F, once, where F
+        does not move, a Cholesky factor per value otherwise. ``method="gridsearch"``: the smallest negative
+        log-likelihood of the predictive on validation data ``val_loader`` — a DataLoader of (x, y) batches, read
+        once, or an (x, y) pair —, the GLM predictive with ``link`` for classification, the Gaussian of mean and
+        variance plus the noise σ² for regression; each grid value costs the MAP and one prediction at the validation
+        inputs. A progress bar over the grid unless ``progress`` is False. Warns when the best value is an end of the
+        grid (the optimum may lie beyond it).
+
+        ``prior_structure="layerwise"``: one δ per selected parameter tensor (``network.names``; with "kron" one per
+        layer, its weight and bias together), by coordinate ascent — each one over the grid with the others fixed,
+        two sweeps — returned as a (tensors,) tensor (parameter-space structures only: "full" in parameter space,
+        "kron", "diag").
         """
         self._check_fitted()
         check_choice(method, "method", ("marglik", "gridsearch"))
+        check_choice(prior_structure, "prior_structure", ("scalar", "layerwise"))
         grid = torch.logspace(-4, 4, 33, dtype=torch.float64) if grid is None else _as_grid(grid)
         if method == "gridsearch":
             score = self._validation_score(val_loader, link)
@@ -731,6 +903,10 @@ class Laplace:
             raise ValueError("val_loader is for method='gridsearch'; the evidence (method='marglik') needs none")
         else:
             score = self._evidence
+        if prior_structure == "layerwise":
+            return self._layerwise(grid, score, progress)
+        if self._structure is not None and (self.task == "regression" or not self.find_map):
+            self._structure.prepare_grid()  # F does not move with δ
         best, best_value = float(grid[0]), -math.inf
         for delta in tqdm(grid.tolist(), desc="prior precision", disable=not progress):
             value = score(delta)
@@ -747,6 +923,36 @@ class Laplace:
             )
         self._update(best)
         return best
+
+    def _layerwise(self, grid: Tensor, score: Callable[[Any], float], progress: bool) -> Tensor:
+        """One δ per parameter tensor by coordinate ascent over ``grid`` (two sweeps): (layers,) float64."""
+        if self.posterior not in PARAMETER_STRUCTURES:
+            raise ValueError(
+                "prior_structure='layerwise' needs a parameter-space posterior (hessian_structure 'full' with "
+                f"p ≤ n·C, 'kron' or 'diag'); this one is {self.posterior!r}"
+            )
+        net = self.network
+        sizes = torch.tensor(net.numels, device=net.device)
+        current = self.prior_precision
+        if isinstance(current, Tensor):  # (p,): the first entry of each tensor
+            layers = current[torch.cumsum(sizes, 0) - sizes].clone()
+        else:
+            layers = torch.full((len(net.names),), current, dtype=torch.float64, device=net.device)
+        expand = lambda values: torch.repeat_interleave(values, sizes)  # noqa: E731
+        best_value = score(expand(layers))
+        # the tensors that share one δ: each on its own, a module's together for K-FAC (one δ per block)
+        owners = [name.rsplit(".", 1)[0] if self.posterior == "kron" else name for name in net.names]
+        groups = [[k for k, owner in enumerate(owners) if owner == first] for first in dict.fromkeys(owners)]
+        steps = [(sweep, group) for sweep in range(2) for group in groups]
+        for _, group in tqdm(steps, desc="prior precision per layer", disable=not progress):
+            for value in grid.tolist():
+                trial = layers.clone()
+                trial[group] = value
+                result = score(expand(trial))
+                if result > best_value:
+                    layers, best_value = trial, result
+        self._update(expand(layers))
+        return layers
 
     def _validation_score(self, data: Any, link: str) -> Callable[[float], float]:
         """δ -> minus the mean negative log-likelihood of the predictive at δ on the validation data (a DataLoader of
@@ -786,7 +992,10 @@ class Laplace:
         if spread == "none" or not self.dense:  # the mean: one JVP along θ_MAP − θ0
             with torch.no_grad():
                 mean = (net(x) + net.jvp(x, (self.mean - net.theta0).unsqueeze(0))[0]).double()
-            return mean, (None if spread == "none" else self._spread_matrix_free(x, spread))
+            if spread == "none":
+                return mean, None
+            structured = self.posterior in PARAMETER_STRUCTURES
+            return mean, (self._spread_structured if structured else self._spread_matrix_free)(x, spread)
         cross, diagonal = self._cross_kernel(x)
         with torch.no_grad():
             mean = (net(x) + self._shift(x)).double() + (cross @ self._alpha).reshape(-1, c)
@@ -800,6 +1009,18 @@ class Laplace:
         prior = torch.cat([j @ j.mT for j in net.jacobian_chunks(x)]).detach().double()
         cov = (prior - reduced @ cross.mT) / delta
         return mean, 0.5 * (cov + cov.mT)
+
+    def _spread_structured(self, x: Inputs, spread: str) -> Tensor:
+        """J(x) Σ J(x)ᵀ = WᵀW, W = Rᵀ J(x)ᵀ (R Rᵀ = Σ, :mod:`~ntkgp.posteriors.hessian_structures`), from per-sample
+        Jacobians in chunks: variances (m, C) or blocks (m, C, C)."""
+        structure, delta, p = self._structure, self.prior_precision, self.network.num_params
+        assert structure is not None
+        parts = []
+        with torch.no_grad():
+            for jac in self.network.jacobian_chunks(x):  # (b, C, p)
+                w = structure.root(delta, jac.reshape(-1, p).mT.double(), transpose=True).reshape(p, *jac.shape[:2])
+                parts.append(w.square().sum(0) if spread == "diag" else torch.einsum("pbc,pbd->bcd", w, w))
+        return torch.cat(parts)
 
     def _spread_matrix_free(self, x: Inputs, spread: str) -> Tensor:
         """J(x) Σ J(x)ᵀ of the rank-r posterior: variances (m, C) or blocks (m, C, C), from J(x)Q and the prior
@@ -950,6 +1171,8 @@ class Laplace:
         k, generator = as_count(k, "k"), check_generator(generator)
         net, delta = self.network, self.prior_precision
         z = randn(k, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
+        if rank is None and self._structure is not None:
+            return self.mean + self._structure.root(delta, z.mT.double()).mT.to(net.dtype)
         if rank is None and self.dense:
             bz = _blockwise(self._sqrt_h, net.jvp(self.train_x, z).reshape(k, -1).double())
             root = self._evals + delta
