@@ -377,19 +377,24 @@ def test_to_converts_and_refits_a_fitted_posterior():
     assert unfitted.network.dtype == torch.float32 and unfitted._train_x is None
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg"])
-def test_state_dict_round_trip_restores_the_posterior(solver, tmp_path):
+@pytest.mark.parametrize(
+    "structure, solver", [("full", "cholesky"), ("full", "cg"), ("full", "auto"), ("kron", "auto"), ("diag", "auto")]
+)
+@pytest.mark.filterwarnings("ignore:Laplace.predict. the:RuntimeWarning")
+def test_state_dict_round_trip_restores_the_posterior(structure, solver, tmp_path):
     """A fitted posterior saved with torch.save (loaded back with weights_only=True) and loaded into a new Laplace of
     the same network predicts the same, with the same evidence and samples; a Laplace of other weights refuses it."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double().eval()
     x, xt = torch.randn(20, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     y = torch.randint(0, 3, (20,))
-    fitted = Laplace(model, "classification", prior_precision=0.5, solver=solver, progress=False).fit(x, y)
+    kw = {"solver": solver, "hessian_structure": structure, "progress": False}
+    fitted = Laplace(model, "classification", prior_precision=0.5, **kw).fit(x, y)
+    assert fitted.posterior == {"cholesky": "function", "cg": "lowrank", "auto": structure}[solver]
     expected, evidence = fitted.predict(xt), float(fitted.log_marginal_likelihood())
     torch.save(fitted.state_dict(), tmp_path / "laplace.pt")
     state = torch.load(tmp_path / "laplace.pt", weights_only=True)
-    loaded = Laplace(model, "classification", solver=solver, progress=False).load_state_dict(state)
+    loaded = Laplace(model, "classification", **kw).load_state_dict(state)
     assert loaded.prior_precision == 0.5 and torch.equal(loaded.predict(xt), expected)
     assert float(loaded.log_marginal_likelihood()) == pytest.approx(evidence, rel=1e-12)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)

@@ -344,3 +344,22 @@ def test_layerwise_prior_precision_is_a_coordinatewise_optimum(structure):
         Laplace(model, "regression", noise=0.3, hessian_structure="function").fit(x, y).optimize_prior_precision(
             grid, progress=False, prior_structure="layerwise"
         )
+
+
+@pytest.mark.parametrize("params", [None, ["2."], ["0."], ["0.weight"], ["2.bias"]])
+@pytest.mark.parametrize("likelihood", ["gaussian", "categorical"])
+def test_dense_fisher_from_layer_factors_or_jacobians(params, likelihood):
+    """FisherOperator.dense(): F = JᵀHJ (p × p) against autograd Jacobians (1e-12): from one Linear layer's factors
+    (a last layer, a hidden one, weight or bias alone) or from per-sample Jacobians (the whole network)."""
+    from ntkgp.operators.fisher_operator import FisherOperator, _single_linear_layer
+
+    model = mlp(3)
+    x = data("regression", 11, 3)[0]
+    net = FunctionalNetwork(model, params=params)
+    with torch.no_grad():
+        f = model(x)
+    j = dense_jacobian(model, x, params=params)
+    expected = j.T @ dense_output_fisher(likelihood, f) @ j
+    op = FisherOperator.of(x, network=net, likelihood=likelihood, method="exact", epsilon=1.0)
+    assert (_single_linear_layer(net, x) is not None) is (params is not None)
+    assert rel_err(op.dense(), expected) < 1e-12

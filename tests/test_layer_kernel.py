@@ -73,7 +73,7 @@ def test_a_shared_layer_is_refused_and_ntkgp_falls_back():
     model, x = Shared().eval(), torch.randn(6, 3)
     with pytest.raises(NotImplementedError, match="more than once"):
         LayerKernel(FunctionalNetwork(model)).factors(x)
-    gp = NTKGP(model, x, torch.randn(6, 3), noise=0.1)
+    gp = NTKGP(model, x, torch.randn(6, 3), noise=0.1, space="function")
     assert gp.predict(x[:2]).variance.shape == (2, 3)  # auto: per-sample Jacobians instead
     with pytest.raises(ValueError, match="variance_path='kernel' needs function space"):
         gp.predict(x[:2], variance_path="kernel")

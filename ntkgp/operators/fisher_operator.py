@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
-from ..inputs import Inputs, check_inputs, length, requires_grad
+from ..inputs import Inputs, check_inputs, inputs_at, length, requires_grad
 from ..likelihoods import get_likelihood
 from ..validation import as_positive_float, check_choice, check_finite, check_tensor
 from .gram_operator import GramOperator
+from .layer_kernel import LayerKernel
 from .network_operator import group_batches
 
 __all__ = ["FISHER_METHODS", "FisherOperator", "check_epsilon", "default_epsilon", "fisher_operator"]
@@ -192,21 +193,93 @@ class FisherOperator(GramOperator):
         return self.network.sum_over_shards(self.x, diag)  # over the ranks too when x is a shard
 
     def dense(self, progress: bool = False) -> Tensor:
-        """F = Σ_i J_iᵀ H_i J_i (p × p) in float64, from per-sample Jacobians in chunks: with S_i = H_i^{1/2}
-        blockwise, B = S J (b·C × p) per chunk and F = Σ BᵀB (over the ranks too when x is a shard)."""
-        f, p, start = self.hessian_outputs().double(), self.shape[-1], 0
-        dense = torch.zeros(p, p, dtype=torch.float64, device=self.device)
-        eye = torch.eye(f.shape[-1], dtype=torch.float64, device=self.device)
+        """F = Σ_i J_iᵀ H_i J_i (p × p) in float64 (over the ranks too when x is a shard).
+
+        When the selected parameters are one Linear layer applied once per input (a last layer, say) and its layer
+        factors agree with the network's products (:meth:`~ntkgp.operators.layer_kernel.LayerKernel.agrees`),
+        from them: J_i = g_i ⊗ ãᵢᵀ (ã = [a, 1]: the layer's input and the bias), so
+        F[(o,a), (q,b)] = Σ_i (g_iᵀ H_i g_i)[o,q] ã_ia ã_ib — C times fewer multiplications than per-sample
+        Jacobians. Otherwise from per-sample Jacobians in chunks: with S_i = H_i^{1/2} blockwise, B = S J (b·C × p)
+        per chunk and F = Σ BᵀB."""
+        f, p = self.hessian_outputs().double(), self.shape[-1]
+        kernel = _single_linear_layer(self.network, self.x)
+        if kernel is not None:
+            return self.network.sum_over_shards(self.x, _factored_fisher(kernel, self.x, f, self.likelihood, progress))
+        dense, start = torch.zeros(p, p, dtype=torch.float64, device=self.device), 0
         chunks = self.network.jacobian_chunks(self.x)
         for jac in tqdm(chunks, desc="Fisher (per-sample Jacobians)", disable=not progress, delay=1.0, leave=False):
-            at = f[start : start + len(jac)].unsqueeze(1)
-            blocks = self.likelihood.fisher(at, eye.expand(len(jac), -1, -1))  # H_i (b, C, C)
-            evals, evecs = torch.linalg.eigh(blocks)
-            roots = (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT  # H_i^{1/2}
+            roots = _psd_roots(_hessian_blocks(self.likelihood, f[start : start + len(jac)]))
             rows = (roots @ jac.double()).reshape(-1, p)
             dense.addmm_(rows.mT, rows)
             start += len(jac)
         return self.network.sum_over_shards(self.x, dense)
+
+
+def _hessian_blocks(likelihood: Any, f: Tensor) -> Tensor:
+    """H_i (b, C, C) of the likelihood at outputs f (b, C)."""
+    eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+    return likelihood.fisher(f.unsqueeze(1), eye.expand(f.shape[0], -1, -1))
+
+
+def _psd_roots(blocks: Tensor) -> Tensor:
+    """Symmetric square roots of PSD blocks (b, C, C)."""
+    evals, evecs = torch.linalg.eigh(blocks)
+    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT
+
+
+#: the largest d_out² · (d_in + 1) of a layer whose Fisher is formed from its factors (one chunk's products hold
+#: b times that many numbers)
+FACTORED_FISHER_ELEMENTS = 2**22
+
+
+def _single_linear_layer(network: FunctionalNetwork, x: Inputs) -> LayerKernel | None:
+    """The :class:`~ntkgp.operators.layer_kernel.LayerKernel` of ``network`` when its selected parameters are one
+    nn.Linear layer applied at one position per input, small enough (``FACTORED_FISHER_ELEMENTS``) and its factors
+    agree with the network's products on the first two inputs; else None."""
+    kernel = LayerKernel(network)
+    if len(kernel.layers) != 1 or kernel.rest_names or not isinstance(kernel.layers[0].module, nn.Linear):
+        return None
+    module = kernel.layers[0].module
+    if module.out_features**2 * (module.in_features + 1) > FACTORED_FISHER_ELEMENTS:
+        return None
+    try:
+        first = kernel.factors(inputs_at(x, slice(0, 1)))
+        if first.inputs[0].shape[1] != 1 or not kernel.agrees(x):
+            return None
+    except NotImplementedError:  # called twice per forward pass
+        return None
+    return kernel
+
+
+def _factored_fisher(kernel: LayerKernel, x: Inputs, f: Tensor, likelihood: Any, progress: bool) -> Tensor:
+    """F (p × p) float64 of one Linear layer from its factors (:meth:`FisherOperator.dense`), in θ's order."""
+    network, layer = kernel.network, kernel.layers[0]
+    module = layer.module
+    assert isinstance(module, nn.Linear)
+    d_out, d_in = module.out_features, module.in_features
+    width = (d_in if layer.weight else 0) + (1 if layer.bias else 0)
+    total = torch.zeros(d_out, d_out, width, width, dtype=torch.float64, device=f.device)
+    step = max(1, FACTORED_FISHER_ELEMENTS // (d_out * d_out * width))
+    starts = range(0, length(x), step)
+    for start in tqdm(starts, desc="Fisher (layer factors)", disable=not progress, delay=1.0, leave=False):
+        factors = kernel.factors(inputs_at(x, slice(start, start + step)))
+        a, g = factors.inputs[0][:, 0].double(), factors.grads[0][:, :, 0].double()  # (b, d_in), (b, C, d_out)
+        h = _hessian_blocks(likelihood, f[start : start + len(a)])
+        m = g.mT @ h @ g  # (b, d_out, d_out)
+        columns = ([a] if layer.weight else []) + ([torch.ones_like(a[:, :1])] if layer.bias else [])
+        augmented = torch.cat(columns, 1)  # (b, width)
+        left = (m[..., None] * augmented[:, None, None, :]).reshape(len(a), -1)
+        total += (left.mT @ augmented).reshape(d_out, d_out, width, width)
+    # θ positions of the (o, a) entries: the weight row-major, then the bias
+    prefix = f"{layer.name}." if layer.name else ""
+    offsets = dict(zip(network.names, torch.cumsum(torch.tensor([0, *network.numels[:-1]]), 0).tolist()))
+    rows = torch.arange(d_out)[:, None]
+    parts = [offsets[f"{prefix}weight"] + rows * d_in + torch.arange(d_in)] if layer.weight else []
+    parts += [offsets[f"{prefix}bias"] + rows] if layer.bias else []
+    index = torch.cat(parts, 1).reshape(-1).to(f.device)
+    dense = torch.zeros(network.num_params, network.num_params, dtype=torch.float64, device=f.device)
+    dense[index[:, None], index[None, :]] = total.permute(0, 2, 1, 3).reshape(d_out * width, d_out * width)
+    return dense
 
 
 def fisher_operator(

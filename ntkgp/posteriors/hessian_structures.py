@@ -21,7 +21,8 @@ Structures, as laplace-torch names them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from linear_operator.operators import LinearOperator
@@ -36,6 +37,7 @@ __all__ = [
     "KronStructure",
     "Structure",
     "StructureCovariance",
+    "restore_structure",
 ]
 
 PARAMETER_STRUCTURES = ("full", "kron", "diag")
@@ -67,6 +69,11 @@ class Structure:
     def prepare_grid(self) -> None:
         """Called before the evidence is evaluated at many one-δ priors (nothing to do unless a structure caches)."""
 
+    def state(self) -> dict[str, Any]:
+        """The factors as plain tensors and numbers (``torch.load(weights_only=True)`` reads them back), for
+        :func:`restore_structure`."""
+        raise NotImplementedError
+
 
 @dataclass
 class FullStructure(Structure):
@@ -85,6 +92,9 @@ class FullStructure(Structure):
         if self._factor is None or not torch.equal(self._factor[0], d):
             self._factor = (d.clone(), torch.linalg.cholesky(self.matrix + torch.diag(d)))
         return self._factor[1]
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "full", "matrix": self.matrix}
 
     def prepare_grid(self) -> None:
         if self._eigenvalues is None:
@@ -111,6 +121,9 @@ class DiagStructure(Structure):
     @property
     def size(self) -> int:  # type: ignore[override]
         return self.diagonal.shape[-1]
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "diag", "diagonal": self.diagonal}
 
     def logdet(self, delta: float | Tensor) -> Tensor:
         return torch.log1p(self.diagonal / _as_vector(delta, self.size, self.diagonal)).sum()
@@ -144,6 +157,16 @@ class KronStructure(Structure):
             for block in kfac.blocks
         ]
         return cls(blocks, kfac.diagonal_index, kfac.diagonal.double() * scale, size)
+
+    def state(self) -> dict[str, Any]:
+        blocks = [{f.name: getattr(block, f.name) for f in fields(block)} for block in self.blocks]
+        return {
+            "kind": "kron",
+            "blocks": blocks,
+            "index": self.diagonal_index,
+            "diagonal": self.diagonal,
+            "size": self.size,
+        }
 
     def _block_delta(self, delta: float | Tensor, index: Tensor) -> float:
         """The one δ of a block's entries (K-FAC adds δ to the Kronecker eigenvalues exactly for one δ only)."""
@@ -208,3 +231,13 @@ def _device(structure: Structure) -> torch.device:
     """The device a structure's factors are on."""
     held = [value for value in vars(structure).values() if isinstance(value, Tensor)]
     return held[0].device
+
+
+def restore_structure(state: dict[str, Any]) -> Structure:
+    """The structure saved by :meth:`Structure.state`."""
+    if state["kind"] == "full":
+        return FullStructure(state["matrix"])
+    if state["kind"] == "diag":
+        return DiagStructure(state["diagonal"])
+    blocks = [KroneckerBlock(**block) for block in state["blocks"]]
+    return KronStructure(blocks, state["index"], state["diagonal"], state["size"])

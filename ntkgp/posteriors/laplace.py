@@ -91,12 +91,16 @@ from .hessian_structures import (
     KronStructure,
     Structure,
     StructureCovariance,
+    restore_structure,
 )
 from .linearised_model import TASKS, check_task, log_likelihood, mc_class_probabilities, prepare_data, randn
 
 __all__ = ["Laplace", "PosteriorCovariance"]
 
 _LINKS = ("probit", "mc", "map")
+
+#: how the approximate posteriors are named in warnings
+_NAMES = {"lowrank": "low-rank", "kron": "K-FAC", "diag": "diagonal"}
 
 #: ``hessian_structure`` values (laplace-torch's names; "gp" is "function")
 STRUCTURES = ("full", "kron", "diag", "lowrank", "function", "gp")
@@ -722,6 +726,8 @@ class Laplace:
             if name == "_train_x" and value is not None:
                 held = layout(value)
                 value = {"kind": held.kind, "names": list(held.names), "tensors": leaves(value)}
+            elif name == "_structure" and value is not None:
+                value = value.state()
             state[name] = list(value) if isinstance(value, tuple) else value
         return state
 
@@ -745,6 +751,8 @@ class Laplace:
                 continue
             if name == "_train_x" and isinstance(value, dict):
                 value = Layout(value["kind"], tuple(value["names"])).build(value["tensors"])
+            elif name == "_structure" and isinstance(value, dict):
+                value = restore_structure(value)
             elif isinstance(value, list):  # a tuple in the posterior (lists are how state_dict saves them)
                 value = tuple(value)
             restored[name] = value
@@ -1153,8 +1161,13 @@ class Laplace:
             message += f", probit probabilities {self.probability_error:.2g}"
         if self.variance_error > 1e-2 or (self.probability_error or 0.0) > 1e-2:
             warnings.warn(
-                f"Laplace.predict: the low-rank posterior's error on {length(x)} probe inputs: {message}. "
-                "For the exact posterior raise max_size or Solver.lanczos_rank",
+                f"Laplace.predict: the {_NAMES[self.posterior]} posterior's error on {length(x)} probe inputs: "
+                f"{message}. For the exact posterior "
+                + (
+                    "raise memory_budget, max_size or Solver.lanczos_rank"
+                    if self.posterior == "lowrank"
+                    else "use hessian_structure='full'"
+                ),
                 RuntimeWarning,
                 stacklevel=3,
             )
