@@ -351,7 +351,7 @@ def test_layerwise_prior_precision_is_a_coordinatewise_optimum(structure):
 def test_dense_fisher_from_layer_factors_or_jacobians(params, likelihood):
     """FisherOperator.dense(): F = JᵀHJ (p × p) against autograd Jacobians (1e-12): from one Linear layer's factors
     (a last layer, a hidden one, weight or bias alone) or from per-sample Jacobians (the whole network)."""
-    from ntkgp.operators.fisher_operator import FisherOperator, _single_linear_layer
+    from ntkgp.operators.fisher_operator import FisherOperator, single_linear_layer
 
     model = mlp(3)
     x = data("regression", 11, 3)[0]
@@ -361,5 +361,53 @@ def test_dense_fisher_from_layer_factors_or_jacobians(params, likelihood):
     j = dense_jacobian(model, x, params=params)
     expected = j.T @ dense_output_fisher(likelihood, f) @ j
     op = FisherOperator.of(x, network=net, likelihood=likelihood, method="exact", epsilon=1.0)
-    assert (_single_linear_layer(net, x) is not None) is (params is not None)
+    assert (single_linear_layer(net, x) is not None) is (params is not None)
     assert rel_err(op.dense(), expected) < 1e-12
+
+
+def test_kron_blocks_as_laplace_torch_forms_them_equal_kron_laplace():
+    """With laplace-torch's blocks (a layer's weight and bias apart), the K-FAC structure equals laplace-torch's
+    KronLaplace on a last layer, post hoc: log det(K + δI) and the GLM covariances J Σ Jᵀ (float64, 1e-9)."""
+    laplace_torch = pytest.importorskip("laplace")
+    from ntkgp.lqf.kfac import KFACPreconditioner
+    from ntkgp.posteriors.hessian_structures import KronStructure
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)).double().eval()
+        x, xt, y = torch.randn(60, 3), torch.randn(7, 3), torch.randint(0, 4, (60,))
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=60)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = laplace_torch.Laplace(
+                model, "classification", subset_of_weights="last_layer", hessian_structure="kron", prior_precision=0.5
+            )
+            theirs.fit(loader)
+        net = FunctionalNetwork(model, params="last_layer")
+        kfac = KFACPreconditioner(net, x, 1.0, "cross_entropy", separate_weight_and_bias=True)
+        ours = KronStructure.of(kfac, 1.0, net.num_params)
+        logdet = float(ours.logdet(0.5)) + net.num_params * math.log(0.5)
+        assert abs(logdet - float(theirs.log_det_posterior_precision)) < 1e-9 * abs(logdet)
+        jac = torch.cat(list(net.jacobian_chunks(xt)))  # (m, C, p)
+        w = ours.root(0.5, jac.reshape(-1, net.num_params).mT, transpose=True).reshape(net.num_params, 7, 4)
+        assert rel_err(torch.einsum("pbc,pbd->bcd", w, w), theirs.functional_variance(jac)) < 1e-9
+    finally:
+        torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("params", ["last_layer", ["2.weight"], ["0."]])
+def test_one_linear_layer_predictive_from_its_factors(params):
+    """With one Linear layer selected, the GLM covariance comes from Σ and the layer's factors (g_i V_i g_iᵀ); it
+    equals J Σ Jᵀ from autograd Jacobians (1e-10): a last layer, a weight alone, a hidden layer."""
+    model = mlp(3)
+    x, y = data("classification", 30, 3)
+    xt = data("classification", 20, 3, seed=2)[0]
+    la = Laplace(model, "classification", params=params, progress=False).fit(x, y)
+    assert la.posterior == "full"
+    _, cov = la.predict(xt, pred_type="latent")
+    names = ["2."] if params == "last_layer" else params
+    jt = dense_jacobian(model, xt, params=names)
+    expected = (jt @ la.covariance.to_dense() @ jt.T).reshape(20, 3, 20, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    assert rel_err(cov, expected) < 1e-10

@@ -202,7 +202,7 @@ class FisherOperator(GramOperator):
         Jacobians. Otherwise from per-sample Jacobians in chunks: with S_i = H_i^{1/2} blockwise, B = S J (b·C × p)
         per chunk and F = Σ BᵀB."""
         f, p = self.hessian_outputs().double(), self.shape[-1]
-        kernel = _single_linear_layer(self.network, self.x)
+        kernel = single_linear_layer(self.network, self.x)
         if kernel is not None:
             return self.network.sum_over_shards(self.x, _factored_fisher(kernel, self.x, f, self.likelihood, progress))
         dense, start = torch.zeros(p, p, dtype=torch.float64, device=self.device), 0
@@ -227,20 +227,21 @@ def _psd_roots(blocks: Tensor) -> Tensor:
     return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT
 
 
-#: the largest d_out² · (d_in + 1) of a layer whose Fisher is formed from its factors (one chunk's products hold
-#: b times that many numbers)
-FACTORED_FISHER_ELEMENTS = 2**22
+#: the most outputs of a Linear layer whose Fisher is formed from its factors (one product per pair of outputs)
+FACTORED_MAX_OUTPUTS = 64
+
+#: inputs per chunk of the factored Fisher
+FACTORED_CHUNK = 4096
 
 
-def _single_linear_layer(network: FunctionalNetwork, x: Inputs) -> LayerKernel | None:
+def single_linear_layer(network: FunctionalNetwork, x: Inputs) -> LayerKernel | None:
     """The :class:`~ntkgp.operators.layer_kernel.LayerKernel` of ``network`` when its selected parameters are one
-    nn.Linear layer applied at one position per input, small enough (``FACTORED_FISHER_ELEMENTS``) and its factors
+    nn.Linear layer (at most ``FACTORED_MAX_OUTPUTS`` outputs) applied at one position per input, and its factors
     agree with the network's products on the first two inputs; else None."""
     kernel = LayerKernel(network)
     if len(kernel.layers) != 1 or kernel.rest_names or not isinstance(kernel.layers[0].module, nn.Linear):
         return None
-    module = kernel.layers[0].module
-    if module.out_features**2 * (module.in_features + 1) > FACTORED_FISHER_ELEMENTS:
+    if kernel.layers[0].module.out_features > FACTORED_MAX_OUTPUTS:
         return None
     try:
         first = kernel.factors(inputs_at(x, slice(0, 1)))
@@ -251,35 +252,54 @@ def _single_linear_layer(network: FunctionalNetwork, x: Inputs) -> LayerKernel |
     return kernel
 
 
-def _factored_fisher(kernel: LayerKernel, x: Inputs, f: Tensor, likelihood: Any, progress: bool) -> Tensor:
-    """F (p × p) float64 of one Linear layer from its factors (:meth:`FisherOperator.dense`), in θ's order."""
+def linear_layer_factors(kernel: LayerKernel, x: Inputs) -> tuple[Tensor, Tensor]:
+    """The factors of one Linear layer at b inputs x: its inputs a (b, d_in) and output derivatives g (b, C, d_out),
+    float64 (J_i = g_i ⊗ a_iᵀ in the weight, g_i in the bias)."""
+    factors = kernel.factors(x)
+    return factors.inputs[0][:, 0].double(), factors.grads[0][:, :, 0].double()
+
+
+def layer_slices(kernel: LayerKernel) -> tuple[list[slice], list[int]]:
+    """θ positions of one Linear layer's selected entries: per output o, the slice of its weight row (empty when the
+    weight is not selected) and the index of its bias (-1 when not selected)."""
     network, layer = kernel.network, kernel.layers[0]
     module = layer.module
     assert isinstance(module, nn.Linear)
-    d_out, d_in = module.out_features, module.in_features
-    width = (d_in if layer.weight else 0) + (1 if layer.bias else 0)
-    total = torch.zeros(d_out, d_out, width, width, dtype=torch.float64, device=f.device)
-    step = max(1, FACTORED_FISHER_ELEMENTS // (d_out * d_out * width))
-    starts = range(0, length(x), step)
-    for start in tqdm(starts, desc="Fisher (layer factors)", disable=not progress, delay=1.0, leave=False):
-        factors = kernel.factors(inputs_at(x, slice(start, start + step)))
-        a, g = factors.inputs[0][:, 0].double(), factors.grads[0][:, :, 0].double()  # (b, d_in), (b, C, d_out)
-        h = _hessian_blocks(likelihood, f[start : start + len(a)])
-        m = g.mT @ h @ g  # (b, d_out, d_out)
-        columns = ([a] if layer.weight else []) + ([torch.ones_like(a[:, :1])] if layer.bias else [])
-        augmented = torch.cat(columns, 1)  # (b, width)
-        left = (m[..., None] * augmented[:, None, None, :]).reshape(len(a), -1)
-        total += (left.mT @ augmented).reshape(d_out, d_out, width, width)
-    # θ positions of the (o, a) entries: the weight row-major, then the bias
     prefix = f"{layer.name}." if layer.name else ""
     offsets = dict(zip(network.names, torch.cumsum(torch.tensor([0, *network.numels[:-1]]), 0).tolist()))
-    rows = torch.arange(d_out)[:, None]
-    parts = [offsets[f"{prefix}weight"] + rows * d_in + torch.arange(d_in)] if layer.weight else []
-    parts += [offsets[f"{prefix}bias"] + rows] if layer.bias else []
-    index = torch.cat(parts, 1).reshape(-1).to(f.device)
+    d_in, d_out = module.in_features, module.out_features
+    weight, bias = offsets.get(f"{prefix}weight"), offsets.get(f"{prefix}bias")
+    rows = [
+        slice(weight + o * d_in, weight + (o + 1) * d_in) if weight is not None else slice(0, 0) for o in range(d_out)
+    ]
+    return rows, [bias + o if bias is not None else -1 for o in range(d_out)]
+
+
+def _factored_fisher(kernel: LayerKernel, x: Inputs, f: Tensor, likelihood: Any, progress: bool) -> Tensor:
+    """F (p × p) float64 of one Linear layer from its factors (:meth:`FisherOperator.dense`), in θ's order: with
+    M_i = g_iᵀ H_i g_i, the weight block (o, q) is Aᵀ diag(M[:, o, q]) A (one product per pair o ≤ q), the
+    weight-bias block Aᵀ M[:, o, q] and the bias block Σ_i M_i."""
+    network = kernel.network
+    rows, biases = layer_slices(kernel)
+    d_out = len(rows)
     dense = torch.zeros(network.num_params, network.num_params, dtype=torch.float64, device=f.device)
-    dense[index[:, None], index[None, :]] = total.permute(0, 2, 1, 3).reshape(d_out * width, d_out * width)
-    return dense
+    starts = range(0, length(x), FACTORED_CHUNK)
+    for start in tqdm(starts, desc="Fisher (layer factors)", disable=not progress, delay=1.0, leave=False):
+        a, g = linear_layer_factors(kernel, inputs_at(x, slice(start, start + FACTORED_CHUNK)))
+        m = g.mT @ _hessian_blocks(likelihood, f[start : start + len(a)]) @ g  # (b, d_out, d_out)
+        weighted_bias = a.mT @ m.reshape(len(a), -1)  # (d_in, d_out²): Aᵀ M[:, o, q]
+        for o in range(d_out):
+            for q in range(o, d_out):
+                if rows[o].stop > rows[o].start:
+                    dense[rows[o], rows[q]] += (a * m[:, o, q, None]).mT @ a
+                    if biases[q] >= 0:
+                        dense[rows[o], biases[q]] += weighted_bias[:, o * d_out + q]
+                    if biases[o] >= 0 and q > o:
+                        dense[rows[q], biases[o]] += weighted_bias[:, o * d_out + q]
+                if biases[o] >= 0 and biases[q] >= 0:
+                    dense[biases[o], biases[q]] += m[:, o, q].sum()
+    upper = dense.triu()  # every block was added on or above the diagonal: mirror it
+    return upper + upper.mT - torch.diag(dense.diagonal())
 
 
 def fisher_operator(

@@ -82,6 +82,7 @@ class FullStructure(Structure):
     matrix: Tensor
     _factor: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # (δ, Cholesky factor of F + D)
     _eigenvalues: Tensor | None = field(default=None, repr=False)
+    _inverse: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # (the factor it came from, Σ)
 
     @property
     def size(self) -> int:  # type: ignore[override]
@@ -95,6 +96,13 @@ class FullStructure(Structure):
 
     def state(self) -> dict[str, Any]:
         return {"kind": "full", "matrix": self.matrix}
+
+    def inverse(self, delta: float | Tensor) -> Tensor:
+        """Σ = (F + D)⁻¹ (p × p) float64, explicitly (from the Cholesky factor; kept for the last δ)."""
+        factor = self._cholesky(delta)
+        if self._inverse is None or self._inverse[0] is not factor:
+            self._inverse = (factor, torch.cholesky_inverse(factor))
+        return self._inverse[1]
 
     def prepare_grid(self) -> None:
         if self._eigenvalues is None:
