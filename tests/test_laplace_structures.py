@@ -397,16 +397,26 @@ def test_kron_blocks_as_laplace_torch_forms_them_equal_kron_laplace():
         torch.set_default_dtype(default)
 
 
-@pytest.mark.parametrize("params", ["last_layer", ["2.weight"], ["0."]])
-def test_one_linear_layer_predictive_from_its_factors(params):
-    """With one Linear layer selected, the GLM covariance comes from Σ and the layer's factors (g_i V_i g_iᵀ); it
-    equals J Σ Jᵀ from autograd Jacobians (1e-10): a last layer, a weight alone, a hidden layer."""
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+@pytest.mark.parametrize("params", ["last_layer", ["2.weight"], ["2.bias"], ["0."]])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_one_linear_layer_predictive_from_its_factors(params, structure):
+    """With one Linear layer selected, the GLM covariance comes from the layer's factors, g_i V_i g_iᵀ with
+    V_i[o, q] = ã_iᵀ Σ_{oq} ã_i from Σ (full), the Kronecker eigenpairs (kron) or the diagonal; it equals J Σ Jᵀ from
+    autograd Jacobians and Σ by solves (1e-10): a last layer, a weight or a bias alone, a hidden layer."""
     model = mlp(3)
     x, y = data("classification", 30, 3)
     xt = data("classification", 20, 3, seed=2)[0]
-    la = Laplace(model, "classification", params=params, progress=False).fit(x, y)
-    assert la.posterior == "full"
-    _, cov = la.predict(xt, pred_type="latent")
+    la = Laplace(model, "classification", params=params, hessian_structure=structure, progress=False).fit(x, y)
+    assert la.posterior == structure
+    used = []
+    original = type(la)._spread_linear_layer
+    type(la)._spread_linear_layer = lambda self, *args: used.append(1) or original(self, *args)
+    try:
+        _, cov = la.predict(xt, pred_type="latent")
+    finally:
+        type(la)._spread_linear_layer = original
+    assert used  # the factored path was taken
     names = ["2."] if params == "last_layer" else params
     jt = dense_jacobian(model, xt, params=names)
     expected = (jt @ la.covariance.to_dense() @ jt.T).reshape(20, 3, 20, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1)

@@ -69,6 +69,16 @@ class Structure:
     def prepare_grid(self) -> None:
         """Called before the evidence is evaluated at many one-δ priors (nothing to do unless a structure caches)."""
 
+    def covers(self, layout: tuple[list[slice], list[int]]) -> bool:
+        """Whether :meth:`layer_quadratic` applies to the Linear layer of this layout (its θ positions: per output,
+        the weight row's slice and the bias index, -1 when not selected)."""
+        return True
+
+    def layer_quadratic(self, delta: float | Tensor, a: Tensor, rows: list[slice], biases: list[int]) -> Tensor:
+        """V (b, d_out, d_out), V_i[o, q] = ã_iᵀ Σ_{oq} ã_i, for one Linear layer whose parameters are all of θ: a
+        (b, d_in) float64 its inputs, ã = [a, 1] over the selected entries, Σ_{oq} the block of outputs o and q."""
+        raise NotImplementedError
+
     def state(self) -> dict[str, Any]:
         """The factors as plain tensors and numbers (``torch.load(weights_only=True)`` reads them back), for
         :func:`restore_structure`."""
@@ -104,6 +114,22 @@ class FullStructure(Structure):
             self._inverse = (factor, torch.cholesky_inverse(factor))
         return self._inverse[1]
 
+    def layer_quadratic(self, delta: float | Tensor, a: Tensor, rows: list[slice], biases: list[int]) -> Tensor:
+        # ã_iᵀ Σ_{oq} ã_i = aᵀ Σ[W_o, W_q] a + aᵀ Σ[W_o, b_q] + aᵀ Σ[W_q, b_o] + Σ[b_o, b_q], one product per o ≤ q
+        sigma, d_out = self.inverse(delta), len(rows)
+        v = torch.zeros(len(a), d_out, d_out, dtype=torch.float64, device=a.device)
+        for o in range(d_out):
+            for q in range(o, d_out):
+                value = torch.zeros(len(a), dtype=torch.float64, device=a.device)
+                if rows[o].stop > rows[o].start:
+                    value = value + ((a @ sigma[rows[o], rows[q]]) * a).sum(-1)
+                    if biases[q] >= 0:
+                        value = value + a @ sigma[rows[o], biases[q]] + a @ sigma[rows[q], biases[o]]
+                if biases[o] >= 0:
+                    value = value + sigma[biases[o], biases[q]]
+                v[:, o, q] = v[:, q, o] = value
+        return v
+
     def prepare_grid(self) -> None:
         if self._eigenvalues is None:
             self._eigenvalues = torch.linalg.eigvalsh(self.matrix).clamp_min(0)
@@ -132,6 +158,17 @@ class DiagStructure(Structure):
 
     def state(self) -> dict[str, Any]:
         return {"kind": "diag", "diagonal": self.diagonal}
+
+    def layer_quadratic(self, delta: float | Tensor, a: Tensor, rows: list[slice], biases: list[int]) -> Tensor:
+        # Σ is diagonal: V_i = diag_o(Σ_a a² s[W_o, a] + s[b_o]), s = 1/(diag F + δ)
+        s = 1.0 / (self.diagonal + _as_vector(delta, self.size, self.diagonal))
+        v = torch.zeros(len(a), len(rows), dtype=torch.float64, device=a.device)
+        for o, (row, bias) in enumerate(zip(rows, biases)):
+            if row.stop > row.start:
+                v[:, o] += a.square() @ s[row]
+            if bias >= 0:
+                v[:, o] += s[bias]
+        return torch.diag_embed(v)
 
     def logdet(self, delta: float | Tensor) -> Tensor:
         return torch.log1p(self.diagonal / _as_vector(delta, self.size, self.diagonal)).sum()
@@ -175,6 +212,30 @@ class KronStructure(Structure):
             "diagonal": self.diagonal,
             "size": self.size,
         }
+
+    def covers(self, layout: tuple[list[slice], list[int]]) -> bool:
+        # one block over the layer, its entries in the (o, [a, 1]) order, and no diagonal part
+        return (
+            len(self.blocks) == 1
+            and self.diagonal_index.numel() == 0
+            and torch.equal(self.blocks[0].index.cpu(), _layer_order(*layout))
+        )
+
+    def layer_quadratic(self, delta: float | Tensor, a: Tensor, rows: list[slice], biases: list[int]) -> Tensor:
+        # Σ = δ⁻¹I + (Q_G ⊗ Q_A) diag(w) (Q_G ⊗ Q_A)ᵀ, w = 1/(λ_g λ_a + δ) − 1/δ:
+        # V_i = δ⁻¹ ‖ã_i‖² I + Q_G diag_k(Σ_r w_kr (Q_Aᵀ ã_i)_r²) Q_Gᵀ
+        block = self.blocks[0]
+        d = self._block_delta(delta, block.index)
+        columns = ([a] if rows[0].stop > rows[0].start else []) + (
+            [torch.ones_like(a[:, :1])] if biases[0] >= 0 else []
+        )
+        augmented = torch.cat(columns, 1)  # (b, d')
+        u = augmented @ block.input_vectors if block.input_vectors is not None else augmented  # (b, r_a)
+        weights = 1.0 / (block.values() + d) - 1.0 / d  # (r_g, r_a)
+        core = u.square() @ weights.mT  # (b, r_g)
+        qg = block.output_vectors
+        eye = torch.eye(len(rows), dtype=torch.float64, device=a.device)
+        return (augmented.square().sum(-1) / d)[:, None, None] * eye + (qg * core[:, None, :]) @ qg.mT
 
     def _block_delta(self, delta: float | Tensor, index: Tensor) -> float:
         """The one δ of a block's entries (K-FAC adds δ to the Kronecker eigenvalues exactly for one δ only)."""
@@ -249,3 +310,9 @@ def restore_structure(state: dict[str, Any]) -> Structure:
         return DiagStructure(state["diagonal"])
     blocks = [KroneckerBlock(**block) for block in state["blocks"]]
     return KronStructure(blocks, state["index"], state["diagonal"], state["size"])
+
+
+def _layer_order(rows: list[slice], biases: list[int]) -> Tensor:
+    """θ positions of one Linear layer in the (output, [inputs, bias]) order of its K-FAC block."""
+    order = [list(range(row.start, row.stop)) + ([bias] if bias >= 0 else []) for row, bias in zip(rows, biases)]
+    return torch.tensor([i for entries in order for i in entries], dtype=torch.long)

@@ -28,11 +28,11 @@ Lanczos quadrature on F, whose nodes serve every δ of a grid.
 That rank-r posterior is an approximation unless r reaches the rank of F (r ≥ min(N, p)): it gives every direction
 outside the top r the same variance 1/(δ + ρ), which understates the variance of the directions F barely sees (on
 ImageNet MobileNetV2 features of Fashion-MNIST, a 10-way head, N = 10,000: probit probabilities 0.54 from the exact
-ones, overconfident). ``fit`` then warns, and every ``predict`` computes the exact GLM variance of its first
-:attr:`Laplace.PROBES` test inputs by CG on F + δI (one solve per output, all at once) and reports the largest relative
-error of the variance there (``variance_error``: the attribute, and the regression Prediction's) and, for
-classification, the largest difference of the probit probabilities (``probability_error``), warning when either
-exceeds 1e-2.
+ones, overconfident). ``fit`` then warns, and the first ``predict`` of each posterior (each δ) computes the exact GLM
+variance of its first :attr:`Laplace.PROBES` test inputs by CG on F + δI (one solve per output, all at once,
+preconditioned by the approximation) and reports the largest relative error of the variance there (``variance_error``:
+the attribute, and the regression Prediction's) and, for classification, the largest difference of the probit
+probabilities (``probability_error``), warning when either exceeds 1e-2.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class Laplace:
             function space otherwise while it fits, the low-rank Lanczos form beyond, with a warning), ``"kron"``
             (K-FAC), ``"diag"`` (the exact diagonal of F), ``"lowrank"`` (the matrix-free rank-r Lanczos form) or
             ``"function"`` / ``"gp"`` (dense in function space). See :mod:`ntkgp.posteriors.hessian_structures`.
-            The approximate ones report their estimated error at every prediction (``variance_error``).
+            The approximate ones report their estimated error at prediction (``variance_error``).
         prior_precision: δ > 0 of the prior N(μ, D⁻¹): one value, one per selected parameter tensor (per layer, in
             ``network.names`` order) or one per parameter (p,) — the last two with the parameter-space structures
             (``"full"`` taken in parameter space, ``"kron"``: equal on a layer's weight and bias, ``"diag"``).
@@ -406,6 +406,7 @@ class Laplace:
         """MAP and posterior for prior precision δ (the NTK is reused: no network passes; the parameter-space
         structures are rebuilt only where F moved with the MAP)."""
         self.prior_precision = delta
+        self.variance_error = self.probability_error = None  # estimated again at the next prediction
         if not self.dense:
             if self.find_map:
                 self._delta = self._map_step_matrix_free(delta, self._delta)
@@ -1031,10 +1032,11 @@ class Laplace:
         Jacobians in chunks: variances (m, C) or blocks (m, C, C)."""
         structure, delta, p = self._structure, self.prior_precision, self.network.num_params
         assert structure is not None
-        if isinstance(structure, FullStructure) and length(x) * self.num_outputs > p / 4:
+        # one Linear layer: from its factors (for "full" once m·C makes the explicit Σ cheaper than the solves)
+        if not isinstance(structure, FullStructure) or length(x) * self.num_outputs > p / 4:
             kernel = single_linear_layer(self.network, x)
-            if kernel is not None:
-                return self._spread_linear_layer(kernel, structure.inverse(delta), x, spread)
+            if kernel is not None and structure.covers(layer_slices(kernel)):
+                return self._spread_linear_layer(kernel, structure, x, spread)
         parts = []
         with torch.no_grad():
             for jac in self.network.jacobian_chunks(x):  # (b, C, p)
@@ -1042,27 +1044,14 @@ class Laplace:
                 parts.append(w.square().sum(0) if spread == "diag" else torch.einsum("pbc,pbd->bcd", w, w))
         return torch.cat(parts)
 
-    def _spread_linear_layer(self, kernel: LayerKernel, sigma: Tensor, x: Inputs, spread: str) -> Tensor:
-        """J(x) Σ J(x)ᵀ when the selection is one Linear layer (J_i = g_i ⊗ ã_iᵀ, ã = [a, 1]), from Σ (p × p) and the
-        layer factors: g_i V_i g_iᵀ with V_i[o, q] = ã_iᵀ Σ_{oq} ã_i, one product per pair o ≤ q — C times fewer
-        multiplications than solves with the test Jacobians once m·C exceeds p/4 or so."""
-        rows, biases = layer_slices(kernel)
-        d_out, parts = len(rows), []
+    def _spread_linear_layer(self, kernel: LayerKernel, structure: Structure, x: Inputs, spread: str) -> Tensor:
+        """J(x) Σ J(x)ᵀ when the selection is one Linear layer (J_i = g_i ⊗ ã_iᵀ, ã = [a, 1]) from its factors:
+        g_i V_i g_iᵀ with V_i[o, q] = ã_iᵀ Σ_{oq} ã_i (:meth:`Structure.layer_quadratic`)."""
+        layout, parts = layer_slices(kernel), []
         with torch.no_grad():
             for block in chunks(x, 1024):
                 a, g = linear_layer_factors(kernel, block)  # (b, d_in), (b, C, d_out)
-                v = torch.zeros(len(a), d_out, d_out, dtype=torch.float64, device=a.device)
-                for o in range(d_out):
-                    for q in range(o, d_out):
-                        value = torch.zeros(len(a), dtype=torch.float64, device=a.device)
-                        if rows[o].stop > rows[o].start:
-                            value = value + ((a @ sigma[rows[o], rows[q]]) * a).sum(-1)
-                            if biases[q] >= 0:
-                                value = value + a @ sigma[rows[o], biases[q]] + a @ sigma[rows[q], biases[o]]
-                        if biases[o] >= 0:
-                            value = value + sigma[biases[o], biases[q]]
-                        v[:, o, q] = v[:, q, o] = value
-                blocks = g @ v @ g.mT
+                blocks = g @ structure.layer_quadratic(self.prior_precision, a, *layout) @ g.mT
                 parts.append(blocks.diagonal(dim1=-2, dim2=-1) if spread == "diag" else 0.5 * (blocks + blocks.mT))
         return torch.cat(parts)
 
@@ -1133,13 +1122,12 @@ class Laplace:
         kind = "full" if pred_type == "latent" else kind
         parts = [self._latent(block, kind) for block in chunks(x, batch_size)]
         mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
-        self.variance_error = self.probability_error = None
         if kind == "none":
             check_prediction(x, mean=mean)
             return torch.softmax(mean, -1).to(dtype)
         spread = torch.cat([s for _, s in parts if s is not None])
         check_prediction(x, mean=mean, variance=spread)
-        if self.approximate:
+        if self.approximate and self.variance_error is None:  # once per posterior (per δ)
             self._estimate_error(inputs_at(x, slice(0, self.PROBES)), mean[: self.PROBES], spread[: self.PROBES])
         if pred_type == "latent":
             return mean.to(dtype), spread.to(dtype)
