@@ -204,3 +204,33 @@ def test_iterative_step_benchmark_runs(tmp_path):
         for key in ("proxy_step_ratio", "gn_cross_entropy_ratio", "gn_mse_function_ratio")
     )
     assert (tmp_path / "iterative_step.json").exists()
+
+
+def test_laplace_workload_benchmark_runs_resumes_and_agrees(tmp_path):
+    """benchmarks/laplace_workload.py on synthetic 16-d features (p = 170): every cell of both libraries, the full
+    posterior within 1e-6 of the exact float64 closed form, full and diag equal to laplace-torch's at δ = 1; a rerun
+    finds every cell done and recomputes none."""
+    pytest.importorskip("laplace")
+    g = torch.Generator().manual_seed(0)
+    features = {
+        "train_y": torch.randint(0, 10, (300,), generator=g),
+        "test_y": torch.randint(0, 10, (40,), generator=g),
+    }
+    for name, n in (("train", 300), ("test", 40), ("ood", 40)):
+        shift = 0.5 * features.get(f"{name}_y", torch.zeros(n))[:, None]  # a little class signal
+        features[name] = (torch.randn(n, 16, generator=g) + shift).float()
+    torch.save(features, tmp_path / "features.pt")
+    argv = ["--n", "300", "--block-n", "--test", "40", "--features", str(tmp_path / "features.pt")]
+    argv += ["--out", str(tmp_path / "out.json")]
+    rows = run_in_float32("laplace_workload", argv)
+    assert {(r["library"], r["structure"]) for r in rows} == {
+        (library, structure) for library in ("ntkgp", "laplace-torch") for structure in ("full", "kron", "diag")
+    }
+    for row in rows:
+        assert math.isfinite(row["nll"]) and 0 <= row["accuracy"] <= 1 and row["total_s"] > 0
+        if row["structure"] == "full":
+            assert row["distance_from_exact"] < (1e-6 if row["library"] == "ntkgp" else 1e-3)
+        if row["structure"] in ("full", "diag") and row["library"] == "laplace-torch":
+            assert row["difference_at_delta_1"] < 1e-5  # float32 networks, the same posterior
+    again = run_in_float32("laplace_workload", argv)
+    assert again == rows
