@@ -254,6 +254,9 @@ class Laplace:
     #: Test inputs of each matrix-free prediction whose exact GLM variance (by CG) estimates the low-rank error.
     PROBES = 8
 
+    #: The most products with F + D of that CG (beyond, the estimate is rough, and says so).
+    ESTIMATE_PRODUCTS = 200
+
     def __init__(
         self,
         model: nn.Module | FunctionalNetwork,
@@ -292,7 +295,8 @@ class Laplace:
         self._train_x: Inputs | None = None
         self._jacobian: Tensor | None = None
         self._step: Tensor | None = None
-        self.variance_error: float | None = None  # of the last prediction, when the posterior is low rank
+        self.variance_error: float | None = None  # of the last prediction, when the posterior is approximate
+        self.estimate_converged = True  # whether the CG of that estimate reached its tolerance
         self.probability_error: float | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -1159,8 +1163,11 @@ class Laplace:
         diag J(x) (F + δI)⁻¹ J(x)ᵀ at probe inputs x (b, ...), one CG solve per output, against the approximate
         ``spread`` ((b, C) variances or (b, C, C) blocks) and ``mean`` (b, C). CG is preconditioned by the low-rank
         posterior itself (it inverts F + δI on the top Ritz directions already) and stops at a relative residual of
-        1e-4 (or the solver's, if smaller): the error of vᵀx is CG's squared error in the (F + δI)-norm."""
+        1e-4 (or the solver's, if smaller): the error of vᵀx is CG's squared error in the (F + δI)-norm — or after
+        ``ESTIMATE_PRODUCTS`` products (a diagonal preconditioner can leave F + δI badly conditioned), when the
+        estimate is rough and says so (CG's variances then bound the exact ones from below)."""
         net, c = self.network, self.num_outputs
+        tolerance = min(self.solver.cg_tolerance, 1e-4)
         size = length(x) * c
         eye = torch.eye(size, dtype=net.dtype, device=net.device).reshape(size, length(x), c)
         with torch.no_grad(), net.linearised(self.train_x, budget=self.memory_budget):
@@ -1169,12 +1176,14 @@ class Laplace:
             solved = conjugate_gradients(
                 lambda v: precision @ v,
                 rows.mT,
-                min(self.solver.cg_tolerance, 1e-4),
-                self.solver.max_cg_iterations,
+                tolerance,
+                min(self.solver.max_cg_iterations, self.ESTIMATE_PRODUCTS),
                 desc="Laplace error estimate (CG products)",
                 progress=self.progress,
                 preconditioner=lambda v: approximate_inverse @ v,
             )
+            residual = float(((precision @ solved - rows.mT).norm(dim=0) / rows.mT.norm(dim=0).clamp_min(1e-300)).max())
+        self.estimate_converged = residual <= 10 * tolerance
         exact = (rows.mT * solved).sum(0).double().reshape(-1, c)
         approximate = spread.diagonal(dim1=-2, dim2=-1) if spread.dim() == 3 else spread
         self.variance_error = float((approximate - exact).abs().max() / exact.abs().max().clamp_min(1e-300))
@@ -1183,7 +1192,12 @@ class Laplace:
             probit = lambda var: torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)  # noqa: E731
             self.probability_error = float((probit(approximate) - probit(exact)).abs().max())
             message += f", probit probabilities {self.probability_error:.2g}"
-        if self.variance_error > 1e-2 or (self.probability_error or 0.0) > 1e-2:
+        if not self.estimate_converged:
+            message += (
+                f" (a rough estimate: CG stopped after {self.ESTIMATE_PRODUCTS} products at relative residual "
+                f"{residual:.1g}; the exact variances are at least CG's)"
+            )
+        if self.variance_error > 1e-2 or (self.probability_error or 0.0) > 1e-2 or not self.estimate_converged:
             warnings.warn(
                 f"Laplace.predict: the {_NAMES[self.posterior]} posterior's error on {length(x)} probe inputs: "
                 f"{message}. For the exact posterior "
