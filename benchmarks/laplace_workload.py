@@ -208,7 +208,7 @@ def laplace_torch_probit(la: object, xs: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+", default=[1000, 10000, 60000])
+    parser.add_argument("--n", type=int, nargs="*", default=[1000, 10000, 60000])
     parser.add_argument("--block-n", type=int, nargs="*", default=[500], help="N of the last-block cases")
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES)
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
