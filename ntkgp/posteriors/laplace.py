@@ -1006,7 +1006,7 @@ class Laplace:
         return score
 
     # ------------------------------------------------------------------ prediction
-    def _latent(self, x: Inputs, spread: str) -> tuple[Tensor, Tensor | None]:
+    def _latent(self, x: Inputs, spread: str, total: int | None = None) -> tuple[Tensor, Tensor | None]:
         """Mean (m, C) of f_lin at θ_MAP and, for ``spread`` "diag" / "full" / "none", its variance
         (m, C), its covariance blocks (m, C, C) or None."""
         net, c, delta = self.network, self.num_outputs, self.prior_precision
@@ -1016,7 +1016,9 @@ class Laplace:
             if spread == "none":
                 return mean, None
             structured = self.posterior in PARAMETER_STRUCTURES
-            return mean, (self._spread_structured if structured else self._spread_matrix_free)(x, spread)
+            if structured:
+                return mean, self._spread_structured(x, spread, length(x) if total is None else total)
+            return mean, self._spread_matrix_free(x, spread)
         cross, diagonal = self._cross_kernel(x)
         with torch.no_grad():
             mean = (net(x) + self._shift(x)).double() + (cross @ self._alpha).reshape(-1, c)
@@ -1031,13 +1033,13 @@ class Laplace:
         cov = (prior - reduced @ cross.mT) / delta
         return mean, 0.5 * (cov + cov.mT)
 
-    def _spread_structured(self, x: Inputs, spread: str) -> Tensor:
+    def _spread_structured(self, x: Inputs, spread: str, total: int) -> Tensor:
         """J(x) Σ J(x)ᵀ = WᵀW, W = Rᵀ J(x)ᵀ (R Rᵀ = Σ, :mod:`~ntkgp.posteriors.hessian_structures`), from per-sample
         Jacobians in chunks: variances (m, C) or blocks (m, C, C)."""
         structure, delta, p = self._structure, self.prior_precision, self.network.num_params
         assert structure is not None
         # one Linear layer: from its factors (for "full" once m·C makes the explicit Σ cheaper than the solves)
-        if not isinstance(structure, FullStructure) or length(x) * self.num_outputs > p / 4:
+        if not isinstance(structure, FullStructure) or total * self.num_outputs > p / 4:  # (total: the prediction's)
             kernel = single_linear_layer(self.network, x)
             if kernel is not None and structure.covers(layer_slices(kernel)):
                 return self._spread_linear_layer(kernel, structure, x, spread)
@@ -1124,7 +1126,7 @@ class Laplace:
             return self._sampled_network(x, num_samples, generator, batch_size)
         kind = "diag" if self.task == "regression" else {"probit": "diag", "mc": "full", "map": "none"}[link]
         kind = "full" if pred_type == "latent" else kind
-        parts = [self._latent(block, kind) for block in chunks(x, batch_size)]
+        parts = [self._latent(block, kind, length(x)) for block in chunks(x, batch_size)]
         mean, dtype = torch.cat([m for m, _ in parts]), self.network.dtype
         if kind == "none":
             check_prediction(x, mean=mean)
