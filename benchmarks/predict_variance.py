@@ -110,13 +110,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     y.double(),
                     mean="zero",
                     noise=0.1,
+                    space="function",
                     progress=False,
                 )
                 reference = gp64.predict(test.double()).variance
                 model.float()
             for name, (net_options, predict_options) in variants.items():
                 net = FunctionalNetwork(model, params, **net_options)
-                gp = NTKGP(net, x, y, mean="zero", noise=0.1)
+                gp = NTKGP(net, x, y, mean="zero", noise=0.1, space="function")
 
                 def predict(name=name, gp=gp, net=net, x=x, test=test, predict_options=predict_options):
                     if name == "before":  # K(X, X) by N VJPs and N JVPs, as before (the first prediction forms it)

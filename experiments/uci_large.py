@@ -141,6 +141,7 @@ def ntk_gp(
             model,
             x,
             y,
+            space="function",  # (what this experiment measures: CG and LOVE at large N)
             solver=solver,
             noise=hyper["noise"],
             outputscale=hyper["outputscale"],
