@@ -252,10 +252,10 @@ class Laplace:
     SLQ_STEPS, SLQ_PROBES = 64, 16
 
     #: Test inputs of each matrix-free prediction whose exact GLM variance (by CG) estimates the low-rank error.
-    PROBES = 8
+    PROBES = 4
 
     #: The most products with F + D of that CG (beyond, the estimate is rough, and says so).
-    ESTIMATE_PRODUCTS = 200
+    ESTIMATE_PRODUCTS = 50
 
     def __init__(
         self,
