@@ -425,3 +425,19 @@ def test_one_linear_layer_predictive_from_its_factors(params, structure):
     jt = dense_jacobian(model, xt, params=names)
     expected = (jt @ la.covariance.to_dense() @ jt.T).reshape(20, 3, 20, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     assert rel_err(cov, expected) < 1e-10
+
+
+def test_probes_zero_skips_the_error_estimate():
+    """Laplace.PROBES = 0 on an instance: an approximate posterior predicts without the estimate (variance_error
+    None), the same probabilities."""
+    model = mlp(3)
+    x, y = data("classification", 20, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = Laplace(model, "classification", hessian_structure="diag", progress=False).fit(x, y)
+        expected = la.predict(x[:5])
+    la._update(la.prior_precision)
+    la.PROBES = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(la.predict(x[:5]), expected) and la.variance_error is None

@@ -251,7 +251,8 @@ class Laplace:
     #: Lanczos steps and probes of the matrix-free evidence's stochastic Lanczos quadrature.
     SLQ_STEPS, SLQ_PROBES = 64, 16
 
-    #: Test inputs of each matrix-free prediction whose exact GLM variance (by CG) estimates the low-rank error.
+    #: Test inputs of the first prediction of an approximate posterior whose exact GLM variance (by CG) estimates its
+    #: error; 0 (on the class or an instance) skips the estimate, and ``variance_error`` stays None.
     PROBES = 4
 
     #: The most products with F + D of that CG (beyond, the estimate is rough, and says so).
@@ -1133,7 +1134,7 @@ class Laplace:
             return torch.softmax(mean, -1).to(dtype)
         spread = torch.cat([s for _, s in parts if s is not None])
         check_prediction(x, mean=mean, variance=spread)
-        if self.approximate and self.variance_error is None:  # once per posterior (per δ)
+        if self.approximate and self.variance_error is None and self.PROBES > 0:  # once per posterior (per δ)
             self._estimate_error(inputs_at(x, slice(0, self.PROBES)), mean[: self.PROBES], spread[: self.PROBES])
         if pred_type == "latent":
             return mean.to(dtype), spread.to(dtype)
