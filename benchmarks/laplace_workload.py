@@ -170,7 +170,7 @@ def run_cell(
             la.optimize_prior_precision(method="marglik")
             delta = float(la.prior_precision)
             optimised = time.perf_counter()
-            probs = laplace_torch_probit(la, xs)
+            probs = laplace_torch_probit(la, xs, 20 if block else 500)
             again = estimate = None
         done = again or time.perf_counter()
     probs = probs.detach()
@@ -206,9 +206,9 @@ def _probit_at_one(library: str, la: object, xs: torch.Tensor) -> torch.Tensor:
     return laplace_torch_probit(la, xs).double()
 
 
-def laplace_torch_probit(la: object, xs: torch.Tensor) -> torch.Tensor:
-    """laplace-torch's probit GLM predictive on xs in batches of 500."""
-    parts = [la(xs[i : i + 500], pred_type="glm", link_approx="probit") for i in range(0, len(xs), 500)]  # type: ignore[operator]
+def laplace_torch_probit(la: object, xs: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """laplace-torch's probit GLM predictive on xs in batches (it holds the batch's Jacobians: batch·C·p numbers)."""
+    parts = [la(xs[i : i + batch], pred_type="glm", link_approx="probit") for i in range(0, len(xs), batch)]  # type: ignore[operator]
     return torch.cat(parts).detach()
 
 
