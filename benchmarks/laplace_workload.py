@@ -88,7 +88,7 @@ def last_block(net: nn.Module, head: nn.Module) -> nn.Module:
 def train_head(x: torch.Tensor, y: torch.Tensor, steps: int = 500, lr: float = 1e-2) -> nn.Module:
     """A 10-way Linear head trained by full-batch Adam with weight decay 1e-4 (seeded)."""
     torch.manual_seed(0)
-    head = nn.Sequential(nn.Flatten(), nn.Linear(x.shape[1], 10))  # (laplace-torch's last layer needs two modules)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(x.shape[1], 10)).to(x.device)  # (laplace-torch needs two modules)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -101,7 +101,8 @@ def exact_probit(head: nn.Module, x: torch.Tensor, xs: torch.Tensor, delta: floa
     """The probit GLM predictive (m, C) of the post-hoc last-layer Laplace in closed form, float64: F = Σ_i H_i ⊗ ã_i
     ã_iᵀ (ã = [a, 1], θ = vec of [W b] row by row: reordered to the weight then the bias), Σ = (F + δI)⁻¹."""
     layer = head[-1]
-    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    w, b = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
+    x, xs = x.cpu(), xs.cpu()
     a = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
     probs = torch.softmax(x.double() @ w.T + b, -1)
     c, d = w.shape[0], a.shape[1]
@@ -173,7 +174,7 @@ def run_cell(
             probs = laplace_torch_probit(la, xs, 20 if block else 500)
             again = estimate = None
         done = again or time.perf_counter()
-    probs = probs.detach()
+    probs = probs.detach().cpu()
     row = {
         "library": library,
         "structure": structure,
@@ -186,7 +187,7 @@ def run_cell(
         "peak_mib": memory.increase / 2**20,
         "delta": float(delta),
         **({} if estimate is None else {"error_estimate_s": estimate}),
-        **scores(probs[: len(data["test_y"])], data["test_y"], probs[len(data["test_y"]) :]),
+        **scores(probs[: len(data["test_y"])], data["test_y"].cpu(), probs[len(data["test_y"]) :]),
     }
     return row, probs, la
 
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--test", type=int, default=TEST, help="test images of each set")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the networks, data and posteriors live")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/laplace_workload.json"))
     parser.add_argument("--features", type=Path, default=Path("results/benchmarks/laplace_workload_features.pt"))
     args = parser.parse_args(argv)
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     data = features(args.features)
     tests = ("test", "test_y", "ood", "test_block", "ood_block")
-    data = {k: (v[: args.test] if k in tests else v) for k, v in data.items()}
+    data = {k: (v[: args.test] if k in tests else v).to(args.device) for k, v in data.items()}
     rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
 
     def record(row: dict) -> None:
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     exact = exact_probit(head, data["train"][:n], xs, row["delta"])
                     row["distance_from_exact"] = float((probs.double() - exact).abs().max())
                 if structure in ("full", "diag"):  # the same posterior in both libraries
-                    at_one = probit_at_one(library, la, xs)
+                    at_one = probit_at_one(library, la, xs).cpu()
                     saved.mkdir(parents=True, exist_ok=True)
                     torch.save(at_one, saved / f"{n}-{structure}-{library}.pt")
                     other = saved / f"{n}-{structure}-{'ntkgp' if library != 'ntkgp' else 'laplace-torch'}.pt"
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row["difference_at_delta_1"] = float((torch.load(other) - at_one).abs().max())
                 record(row)
     for n in args.block_n:  # the last block: kron in both libraries, against our exact function-space posterior
-        model = last_block(load_mobilenet("cpu"), train_head(data["train"][:n], data["train_y"][:n]))
+        model = last_block(load_mobilenet(args.device), train_head(data["train"][:n], data["train_y"][:n]))
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.requires_grad_(False)
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 exact.prior_precision = row["delta"]  # type: ignore[attr-defined]
                 exact._update(row["delta"])  # type: ignore[attr-defined]
                 reference = torch.cat([exact.predict(xs_block[i : i + 500]) for i in range(0, len(xs_block), 500)])  # type: ignore[attr-defined]
-                row["distance_from_exact"] = float((probs.double() - reference.double()).abs().max())
+                row["distance_from_exact"] = float((probs.double() - reference.double().cpu()).abs().max())
             record(row)
     print(table(rows))
     return rows
