@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Categorical", "Gaussian", "HeteroscedasticGaussian", "get_likelihood"]
+__all__ = ["Categorical", "Gaussian", "HeteroscedasticGaussian", "get_likelihood", "hessian_blocks", "psd_roots"]
 
 
 class Gaussian:
@@ -97,3 +97,16 @@ def get_likelihood(name: str) -> Gaussian | Categorical | HeteroscedasticGaussia
     if not isinstance(name, str) or name not in _LIKELIHOODS:
         raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(_LIKELIHOODS)}")
     return _LIKELIHOODS[name]()
+
+
+def hessian_blocks(likelihood: Gaussian | Categorical | HeteroscedasticGaussian, f: Tensor) -> Tensor:
+    """The likelihood's Hessian in the outputs as blocks H_i (n, C, C) at outputs f (n, C): its Fisher applied to the
+    identity."""
+    eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+    return likelihood.fisher(f.unsqueeze(1), eye.expand(f.shape[0], -1, -1))
+
+
+def psd_roots(blocks: Tensor) -> Tensor:
+    """Symmetric square roots of PSD blocks (n, C, C) (negative rounding in the eigenvalues clamped to 0)."""
+    evals, evecs = torch.linalg.eigh(blocks)
+    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT

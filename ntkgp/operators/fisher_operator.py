@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
 from ..inputs import Inputs, check_inputs, inputs_at, length, requires_grad
-from ..likelihoods import get_likelihood
+from ..likelihoods import get_likelihood, hessian_blocks, psd_roots
 from ..validation import as_positive_float, check_choice, check_finite, check_tensor
 from .gram_operator import GramOperator
 from .layer_kernel import LayerKernel
@@ -208,23 +208,11 @@ class FisherOperator(GramOperator):
         dense, start = torch.zeros(p, p, dtype=torch.float64, device=self.device), 0
         chunks = self.network.jacobian_chunks(self.x)
         for jac in tqdm(chunks, desc="Fisher (per-sample Jacobians)", disable=not progress, delay=1.0, leave=False):
-            roots = _psd_roots(_hessian_blocks(self.likelihood, f[start : start + len(jac)]))
+            roots = psd_roots(hessian_blocks(self.likelihood, f[start : start + len(jac)]))
             rows = (roots @ jac.double()).reshape(-1, p)
             dense.addmm_(rows.mT, rows)
             start += len(jac)
         return self.network.sum_over_shards(self.x, dense)
-
-
-def _hessian_blocks(likelihood: Any, f: Tensor) -> Tensor:
-    """H_i (b, C, C) of the likelihood at outputs f (b, C)."""
-    eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
-    return likelihood.fisher(f.unsqueeze(1), eye.expand(f.shape[0], -1, -1))
-
-
-def _psd_roots(blocks: Tensor) -> Tensor:
-    """Symmetric square roots of PSD blocks (b, C, C)."""
-    evals, evecs = torch.linalg.eigh(blocks)
-    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT
 
 
 #: the most outputs of a Linear layer whose Fisher is formed from its factors (one product per pair of outputs)
@@ -286,7 +274,7 @@ def _factored_fisher(kernel: LayerKernel, x: Inputs, f: Tensor, likelihood: Any,
     starts = range(0, length(x), FACTORED_CHUNK)
     for start in tqdm(starts, desc="Fisher (layer factors)", disable=not progress, delay=1.0, leave=False):
         a, g = linear_layer_factors(kernel, inputs_at(x, slice(start, start + FACTORED_CHUNK)))
-        m = g.mT @ _hessian_blocks(likelihood, f[start : start + len(a)]) @ g  # (b, d_out, d_out)
+        m = g.mT @ hessian_blocks(likelihood, f[start : start + len(a)]) @ g  # (b, d_out, d_out)
         weighted_bias = a.mT @ m.reshape(len(a), -1)  # (d_in, d_out²): Aᵀ M[:, o, q]
         for o in range(d_out):
             for q in range(o, d_out):

@@ -68,7 +68,7 @@ from ..inputs import (
     structure,
 )
 from ..lanczos import lanczos_quadrature
-from ..likelihoods import get_likelihood
+from ..likelihoods import get_likelihood, hessian_blocks, psd_roots
 from ..lqf.kfac import KFACPreconditioner
 from ..memory import default_budget
 from ..operators.fisher_operator import (
@@ -205,12 +205,6 @@ def _as_grid(grid: Any) -> Tensor:
     if values.dim() != 1 or values.numel() == 0 or not bool((torch.isfinite(values) & (values > 0)).all()):
         raise ValueError(f"grid must be a non-empty 1-d sequence of finite prior precisions > 0, got {grid!r}")
     return values
-
-
-def _psd_sqrt(blocks: Tensor) -> Tensor:
-    """Symmetric square roots of PSD blocks (n, C, C)."""
-    evals, evecs = torch.linalg.eigh(blocks)
-    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT
 
 
 class Laplace:
@@ -428,7 +422,7 @@ class Laplace:
             self._alpha = self._map_coefficients(_scalar(delta), self._alpha)
         self._step = None
         self._f_map = self._outputs(self._alpha)
-        s = self._sqrt_h = _psd_sqrt(self._hessian_blocks(self._f_map))
+        s = self._sqrt_h = psd_roots(self._hessian_blocks(self._f_map))
         evals, evecs = torch.linalg.eigh(self._whitened_kernel(s))
         self._evals, self._evecs = evals.clamp_min(0), evecs
         su = _blockwise(s, evecs.mT).mT  # S U
@@ -468,8 +462,7 @@ class Laplace:
     def _hessian_blocks(self, f: Tensor) -> Tensor:
         """The likelihood's Hessian in the outputs, blocks (n, C, C) at outputs f (n, C): the task's
         likelihood (:mod:`ntkgp.likelihoods`) applied to the identity, scaled by 1/σ² for regression."""
-        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
-        blocks = get_likelihood(TASKS[self.task]).fisher(f.unsqueeze(-2), eye)
+        blocks = hessian_blocks(get_likelihood(TASKS[self.task]), f)
         return blocks if self.noise is None else blocks / self.noise
 
     def _objective(self, alpha: Tensor, delta: float) -> Tensor:
@@ -506,7 +499,7 @@ class Laplace:
             return float(self._data_fit(f, self._delta, delta) - 0.5 * logdet)
         delta = _scalar(delta)
         alpha = self._map_coefficients(delta, self._alpha) if self.find_map else self._alpha
-        g = self._whitened_kernel(_psd_sqrt(self._hessian_blocks(self._outputs(alpha))))
+        g = self._whitened_kernel(psd_roots(self._hessian_blocks(self._outputs(alpha))))
         chol = torch.linalg.cholesky(torch.eye(g.shape[0], dtype=g.dtype, device=g.device) + g / delta)
         logdet = 2 * chol.diagonal().log().sum()
         self._alpha = alpha
@@ -533,7 +526,7 @@ class Laplace:
         for _ in range(self.max_iter):
             f = self._outputs(alpha).reshape(-1)
             h = self._hessian_blocks(f.reshape(n, c))
-            s = _psd_sqrt(h)
+            s = psd_roots(h)
             b = _blockwise(h, f - f0) + onehot - torch.softmax(f.reshape(n, c), -1).reshape(-1)
             chol = torch.linalg.cholesky(delta * eye + self._whitened_kernel(s))
             inner = torch.cholesky_solve(_blockwise(s, self.kernel @ b).unsqueeze(-1), chol).squeeze(-1)
