@@ -286,8 +286,8 @@ def _factored_fisher(kernel: LayerKernel, x: Inputs, f: Tensor, likelihood: Any,
                         dense[rows[q], biases[o]] += weighted_bias[:, o * d_out + q]
                 if biases[o] >= 0 and biases[q] >= 0:
                     dense[biases[o], biases[q]] += m[:, o, q].sum()
-    upper = dense.triu()  # every block was added on or above the diagonal: mirror it
-    return upper + upper.mT - torch.diag(dense.diagonal())
+    dense.triu_()  # every block was added on or above the diagonal: mirror it, in place (one p × p copy more)
+    return dense.add_(dense.triu(1).mT)
 
 
 def fisher_operator(
