@@ -115,8 +115,8 @@ def one_network(name: str, hidden: list[int], task: str, config: dict, seed: int
         pred, std = gp.predict(grid), gp.predict(probes).stddev.tolist()
         row[kind] = {
             "train_rmse": float((gp.predict(x).mean - y[:, 0]).pow(2).mean().sqrt()),
-            "outputscale": float(gp.outputscale.detach()),
-            "noise": float(gp.noise.detach()),
+            "outputscale": gp.outputscale,
+            "noise": gp.noise,
             "std_at_data": 0.5 * (std[1] + std[3]),
             "std_gap": std[2],
             "std_away": 0.5 * (std[0] + std[4]),

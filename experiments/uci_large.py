@@ -152,7 +152,7 @@ def ntk_gp(
     return (
         prediction.mean,
         prediction.variance,
-        {"noise": float(gp.noise.detach()), "outputscale": float(gp.outputscale.detach())},
+        {"noise": gp.noise, "outputscale": gp.outputscale},
     )
 
 

@@ -120,10 +120,8 @@ class NTKGPModel(Model, FantasizeMixin):
         )
         if learn:
             gp.fit()
-        self.outputscale = (
-            float(gp.outputscale.detach()) if outputscale is None else as_positive_float(outputscale, "outputscale")
-        )
-        self.noise = float(gp.noise.detach())
+        self.outputscale = gp.outputscale if outputscale is None else as_positive_float(outputscale, "outputscale")
+        self.noise = gp.noise
         self.likelihood = GaussianLikelihood(noise_constraint=GreaterThan(self.noise / 2)).to(self.network.dtype)
         self.likelihood.noise = self.noise
         self.likelihood.requires_grad_(False)  # (σ² as BoTorch's fantasize reads it; fixed here)

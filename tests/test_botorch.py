@@ -73,6 +73,15 @@ def test_posterior_against_ntkgp_and_dense_for_batched_joint_inputs():
     assert single.mean.shape == (1, 1) and abs(float(single.mean[0, 0]) - float(post.mean[0, 0, 0])) < 1e-12
     noisy = m.posterior(xs, observation_noise=True)
     assert (noisy.variance - post.variance - 0.05).abs().max() < 1e-10
+    for b in range(3):  # NTKGP's own posterior(x): the same joint distribution as the BoTorch model's
+        for observed in (False, True):
+            ours, theirs = (
+                gp.posterior(xs[b], observation_noise=observed),
+                m.posterior(xs[b], observation_noise=observed),
+            )
+            assert ours.mean.shape == theirs.mean.shape == (4, 1)
+            assert (ours.mean - theirs.mean).abs().max() < 1e-8
+            assert (ours.distribution.covariance_matrix - theirs.distribution.covariance_matrix).abs().max() < 1e-8
 
 
 def test_learned_hyperparameters_are_ntkgps():

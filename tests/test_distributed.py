@@ -63,7 +63,7 @@ def methods(net, x, y):
         solver=Solver("cg", cg_tolerance=1e-12, lanczos_rank=59),
     ).fit(x, y)
     out = {
-        "ntkgp_hyperparameters": torch.stack([gp.noise, gp.outputscale]).detach(),
+        "ntkgp_hyperparameters": torch.tensor([gp.noise, gp.outputscale]),
         "ntkgp_mean": gp_prediction.mean,
         "ntkgp_variance": gp_prediction.variance,
         "laplace_map": la.mean,

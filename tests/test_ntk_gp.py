@@ -7,6 +7,7 @@ import gpytorch
 import pytest
 import torch
 from conftest import dense_jacobian, make_case, rel_err
+from linear_operator.operators import LinearOperator
 from torch import nn
 
 from ntkgp import NTKGP, JacobianKernel, Solver
@@ -15,8 +16,9 @@ S2, NOISE = 0.7, 0.3
 SOLVERS = {"cholesky": (Solver("cholesky"), 1e-6), "cg": (Solver("cg"), 1e-4)}
 
 
-def dense_posterior(model, x, y, xs, params=None, mean="network", s2=S2, noise=NOISE):
-    """Mean, latent variance and log marginal likelihood from explicit Jacobians."""
+def dense_posterior(model, x, y, xs, params=None, mean="network", s2=S2, noise=NOISE, joint=False):
+    """Mean, latent variance (the joint covariance if ``joint``) and log marginal likelihood from explicit
+    Jacobians."""
     j, js = dense_jacobian(model, x, params), dense_jacobian(model, xs, params)
     with torch.no_grad():
         f0 = model(x).reshape(-1)
@@ -26,7 +28,8 @@ def dense_posterior(model, x, y, xs, params=None, mean="network", s2=S2, noise=N
     cov = s2 * j @ j.T + noise * torch.eye(j.shape[0])
     cross = s2 * js @ j.T
     mu = fs + cross @ torch.linalg.solve(cov, y.reshape(-1) - f0)
-    var = (s2 * js @ js.T - cross @ torch.linalg.solve(cov, cross.T)).diagonal()
+    var = s2 * js @ js.T - cross @ torch.linalg.solve(cov, cross.T)
+    var = var if joint else var.diagonal()
     lml = torch.distributions.MultivariateNormal(f0, cov).log_prob(y.reshape(-1))
     return mu, var, lml
 
@@ -252,5 +255,54 @@ def test_hyperparameters_are_held_in_the_networks_dtype(outputscale, noise):
         gp = NTKGP(model, x, y, outputscale=outputscale, noise=noise)
     finally:
         torch.set_default_dtype(previous)
-    assert gp.outputscale.dtype == torch.float64
-    assert float(gp.outputscale) == outputscale and float(gp.noise) == noise
+    assert gp.gp.covar_module.outputscale.dtype == gp.likelihood.noise.dtype == torch.float64
+    assert gp.outputscale == outputscale and gp.noise == noise
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_calling_the_gp_gives_the_joint_posterior(case, space, solver):
+    """gp(x) is GPyTorch's joint posterior (lazy covariance, interleaved multitask), gp.likelihood(gp(x)) adds σ²,
+    predict(x, full_cov=True) the dense joint covariance: all against the dense closed form."""
+    _, model, x, params = case
+    solver, tol = SOLVERS[solver]
+    y, xs = targets(model, x), torch.randn(4, *x.shape[1:])
+    gp = NTKGP(model, x, y, params=params, space=space, noise=NOISE, outputscale=S2, solver=solver)
+    mu, cov, _ = dense_posterior(model, x, y, xs, params, joint=True)
+    posterior = gp(xs)
+    multitask = y.dim() == 2
+    expected = (
+        gpytorch.distributions.MultitaskMultivariateNormal if multitask else gpytorch.distributions.MultivariateNormal
+    )
+    assert type(posterior) is expected and posterior.mean.shape == ((4, y.shape[1]) if multitask else (4,))
+    assert isinstance(posterior.lazy_covariance_matrix, LinearOperator)
+    assert rel_err(posterior.mean.reshape(-1), mu) < tol
+    assert rel_err(posterior.covariance_matrix, cov) < tol
+    assert rel_err(posterior.variance.reshape(-1), cov.diagonal()) < tol
+    noisy = gp.likelihood(gp(xs))
+    assert rel_err(noisy.covariance_matrix, cov + NOISE * torch.eye(len(mu))) < tol
+    full = gp.predict(xs, full_cov=True)
+    assert full.covariance.shape == (len(mu), len(mu)) and full.mean.shape == posterior.mean.shape
+    assert rel_err(full.covariance, cov) < tol and rel_err(full.variance.reshape(-1), cov.diagonal()) < tol
+    noisy = gp.predict(xs, full_cov=True, observation_noise=True)
+    assert rel_err(noisy.covariance, cov + NOISE * torch.eye(len(mu))) < tol
+    assert gp.predict(xs).covariance is None
+
+
+def test_hyperparameters_read_as_plain_numbers():
+    """float(gp.noise) warned (a tensor with requires_grad): now plain floats, before and after fit."""
+    model, x, _ = make_case("mlp_c1")
+    gp = NTKGP(model, x, targets(model, x))
+    for _ in range(2):
+        assert type(gp.noise) is float and type(gp.outputscale) is float
+        assert gp.noise == float(gp.likelihood.noise) and gp.outputscale == float(gp.gp.covar_module.outputscale)
+        gp.fit()
+
+
+def test_full_cov_needs_the_exact_variance():
+    model, x, _ = make_case("mlp_c1")
+    gp = NTKGP(model, x, targets(model, x), noise=NOISE)
+    with pytest.raises(ValueError, match="full_cov=True gives the exact joint covariance"):
+        gp.predict(x, variance="low_rank", full_cov=True)
+    with pytest.raises(TypeError, match="full_cov must be True or False"):
+        gp.predict(x, full_cov="yes")

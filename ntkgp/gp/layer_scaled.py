@@ -216,9 +216,9 @@ class LayerScaledNTKGP(nn.Module):
         return self._hyperparameters()[0].detach()
 
     @property
-    def noise(self) -> Tensor:
-        """σ² (scalar), detached."""
-        return self._hyperparameters()[1].detach()
+    def noise(self) -> float:
+        """σ², a plain number."""
+        return float(self._hyperparameters()[1].detach())
 
     def _mean(self, x: Inputs) -> Tensor:
         if self.mean_kind == "zero":

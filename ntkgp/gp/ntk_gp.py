@@ -22,7 +22,13 @@ from typing import Any, Literal
 import gpytorch
 import torch
 from gpytorch.constraints import GreaterThan
-from linear_operator.operators import AddedDiagLinearOperator, ConstantDiagLinearOperator
+from linear_operator.operators import (
+    AddedDiagLinearOperator,
+    ConstantDiagLinearOperator,
+    LinearOperator,
+    MatmulLinearOperator,
+    SumLinearOperator,
+)
 from linear_operator.utils.errors import NotPSDError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -68,13 +74,16 @@ class Prediction:
     """Predictive marginals: ``mean`` and ``variance`` of shape (m,) for C = 1, (m, C) otherwise.
 
     ``variance_error``: for a low-rank variance, its largest relative error against the exact variance on the
-    probe inputs (None when the variance is exact); ``rank``: the directions it used.
+    probe inputs (None when the variance is exact); ``rank``: the directions it used. ``covariance``: with
+    ``predict(x, full_cov=True)``, the joint covariance (m·C, m·C), outputs interleaved (row i·C + c is output c
+    of input i), whose diagonal is ``variance``; None otherwise.
     """
 
     mean: Tensor
     variance: Tensor
     variance_error: float | None = None
     rank: int | None = None
+    covariance: Tensor | None = None
 
     @property
     def stddev(self) -> Tensor:
@@ -264,14 +273,29 @@ class NTKGP(nn.Module):
 
     # --- hyperparameters -------------------------------------------------------------------------
     @property
-    def noise(self) -> Tensor:
-        """σ² (scalar)."""
+    def noise(self) -> float:
+        """σ², a plain number (what :meth:`fit` learned or what was given)."""
+        return float(self._noise.detach())
+
+    @property
+    def outputscale(self) -> float:
+        """s², a plain number."""
+        return float(self._outputscale.detach())
+
+    @property
+    def _noise(self) -> Tensor:
+        """σ² (scalar tensor, differentiable in GPyTorch's raw parameter)."""
         return self.gp.likelihood.noise.reshape(())
 
     @property
-    def outputscale(self) -> Tensor:
-        """s² (scalar)."""
+    def _outputscale(self) -> Tensor:
+        """s² (scalar tensor, differentiable in GPyTorch's raw parameter)."""
         return self.gp.covar_module.outputscale.reshape(())
+
+    @property
+    def likelihood(self) -> Any:
+        """GPyTorch's Gaussian likelihood (multitask for C > 1): ``gp.likelihood(gp(x))`` adds σ² to ``gp(x)``."""
+        return self.gp.likelihood
 
     def _prior_mean(self, x: Inputs) -> Tensor:
         """m(x) as (m, C)."""
@@ -446,7 +470,7 @@ class NTKGP(nn.Module):
             evals, projected, b_sq, floor = terms
             r_sq, num_data = self._residual_summary()
             return spectral_log_marginal_likelihood(
-                evals, projected, b_sq, r_sq, num_data, self.outputscale, self.noise, floor
+                evals, projected, b_sq, r_sq, num_data, self._outputscale, self._noise, floor
             )
         self.gp.train()
         with self.solver.settings(), self._memoized(), self._explained_singularity(), self._linearised():
@@ -504,7 +528,7 @@ class NTKGP(nn.Module):
 
     def _non_finite_evidence_message(self) -> str:
         state = (
-            f"at output scale s² = {float(self.outputscale):.3g} and noise σ² = {float(self.noise):.3g}"
+            f"at output scale s² = {self.outputscale:.3g} and noise σ² = {self.noise:.3g}"
             f" ({'learned' if self.learn_noise else 'fixed'})"
         )
         if self.learn_noise:
@@ -527,7 +551,7 @@ class NTKGP(nn.Module):
         except NotPSDError as err:
             raise FloatingPointError(
                 f"s²K + σ²I ({self._residual.numel()} × {self._residual.numel()}) is numerically singular in "
-                f"{self.network.dtype} at s² = {float(self.outputscale):.3g}, σ² = {float(self.noise):.3g}: the "
+                f"{self.network.dtype} at s² = {self.outputscale:.3g}, σ² = {self.noise:.3g}: the "
                 "noise is below what this dtype resolves for this kernel, as with repeated or nearly repeated inputs. "
                 "Raise the noise, remove duplicate inputs, use float64, or a dense solver (which treats unresolved "
                 "directions as numerically zero)"
@@ -544,7 +568,7 @@ class NTKGP(nn.Module):
             noises = torch.logspace(-6, 0.5, points, dtype=level.dtype, device=level.device) * level
             noises = noises.clamp_min(2 * self._noise_floor)
         else:
-            noises = self.noise.detach().double().reshape(1)
+            noises = self._noise.detach().double().reshape(1)
         with torch.no_grad():
             evals, projected, b_sq, floor = terms
             values = spectral_log_marginal_likelihood(
@@ -567,8 +591,11 @@ class NTKGP(nn.Module):
         rank: int | None = None,
         tolerance: float = 1e-2,
         variance_path: str = "auto",
+        full_cov: bool = False,
     ) -> Prediction:
-        """Posterior marginals of the latent function at x (m, ...) (plus σ² if ``observation_noise``).
+        """Posterior marginals of the latent function at x (m, ...) (plus σ² if ``observation_noise``), and with
+        ``full_cov=True`` their joint covariance too (``Prediction.covariance``, dense (m·C, m·C); ``variance`` must
+        be ``"exact"``). For the lazy joint posterior as a GPyTorch distribution call the model: ``gp(x)``.
 
         ``variance``: ``"exact"``, or ``"low_rank"``: the variance reduction from the ``rank`` leading directions
         of the training data only (eigenvectors of K(X, X), or of JᵀJ in parameter space, by eigenvalue) — the
@@ -588,6 +615,24 @@ class NTKGP(nn.Module):
         check_choice(variance_path, "variance_path", PATHS)
         rank = None if rank is None else as_count(rank, "rank")
         tolerance = as_positive_float(tolerance, "tolerance")
+        if not isinstance(full_cov, bool):
+            raise TypeError(f"full_cov must be True or False, got {full_cov!r}")
+        if full_cov:
+            if variance != "exact":
+                raise ValueError("full_cov=True gives the exact joint covariance: leave variance='exact'")
+            mean, lazy = self._joint(x, variance_path)
+            covariance = lazy.to_dense()
+            if observation_noise:
+                covariance = covariance + self._noise.detach() * torch.eye(
+                    covariance.shape[-1], dtype=covariance.dtype, device=covariance.device
+                )
+            var = covariance.diagonal().reshape(mean.shape)
+            if self.num_outputs == 1:
+                mean, var = mean.squeeze(-1), var.squeeze(-1)
+            check_prediction(x, mean=mean, variance=var)
+            if not requires_grad(x):
+                mean, var, covariance = mean.detach(), var.detach(), covariance.detach()
+            return Prediction(mean, var, covariance=covariance)
         if self.space == "function" and not self.solver.dense(self._residual.numel()):
             mean, var, error, used = *self._predict_gpytorch(x), None, None
         else:
@@ -605,6 +650,48 @@ class NTKGP(nn.Module):
             mean, var = mean.detach(), var.detach()
         return Prediction(mean, var, error, used)
 
+    def forward(self, x: Inputs) -> gpytorch.distributions.MultivariateNormal:
+        """The joint posterior of the latent function at x (m, ...), as GPyTorch's models return it in eval mode.
+
+        A ``MultivariateNormal`` with mean (m,) for C = 1, a ``MultitaskMultivariateNormal`` (``interleaved``) with
+        mean (m, C) otherwise; its covariance is lazy: s²K(x, x) − P diag(w) Pᵀ with the NTK operator K(x, x) and the
+        projections P (m·C, r) of x on the r directions of the training data that :meth:`predict` uses (GPyTorch's
+        own lazy posterior when function space runs CG). ``gp.likelihood(gp(x))`` adds the noise. The evidence is
+        :meth:`log_marginal_likelihood`, not ``gp(train_x)`` (the model is always conditioned on its data).
+        """
+        x = check_inputs(x, self.network.dtype, "x", self.network.device, like=self.train_structure)
+        mean, covariance = self._joint(x, "auto")
+        if self.num_outputs == 1:
+            return gpytorch.distributions.MultivariateNormal(mean.squeeze(-1), covariance)
+        return gpytorch.distributions.MultitaskMultivariateNormal(mean, covariance, interleaved=True)
+
+    def posterior(self, x: Inputs, observation_noise: bool = False) -> Any:
+        """BoTorch's ``GPyTorchPosterior`` of the joint posterior at x (m, ...): mean (m, C) — the same numbers as
+        :class:`ntkgp.botorch.NTKGPModel` with this GP's hyperparameters (which is the BoTorch *model*, for
+        acquisition functions and batched candidate sets). Imports BoTorch (which changes GPyTorch's settings)."""
+        from botorch.posteriors.gpytorch import GPyTorchPosterior
+
+        if not isinstance(observation_noise, bool):
+            raise TypeError(f"observation_noise must be True or False, got {observation_noise!r}")
+        distribution = self(x)
+        return GPyTorchPosterior(self.likelihood(distribution) if observation_noise else distribution)
+
+    def _joint(self, x: Inputs, path: str) -> tuple[Tensor, LinearOperator]:
+        """(mean (m, C), lazy joint covariance (m·C, m·C) interleaved) of the latent function at checked inputs x."""
+        m = length(x)
+        if self.space == "function" and not self.solver.dense(self._residual.numel()):
+            self.gp.eval()
+            with self.solver.settings(), self._explained_singularity(), self._linearised():
+                posterior = self.gp(self._packed(x))
+                return posterior.mean.reshape(m, -1), posterior.lazy_covariance_matrix
+        setup = self._parameter_directions if self.space == "parameter" else self._function_directions
+        columns, coefficients, directions = setup()
+        cross, _ = self._projections(x, columns, directions, 1 + coefficients.numel(), path)
+        mean = self._prior_mean(x) + cross[:, 0].reshape(m, -1)
+        prior = NTKOperator.of(x, x, network=self.network, num_outputs=self.num_outputs)
+        reduction = MatmulLinearOperator(-cross[:, 1:] * coefficients, cross[:, 1:].mT)
+        return mean, SumLinearOperator(prior * self._outputscale.detach(), reduction)
+
     def _predict_gpytorch(self, x: Inputs) -> tuple[Tensor, Tensor]:
         """GPyTorch's exact GP (CG for the mean, LOVE for the variance) beyond dense sizes: (m, C) each."""
         self.gp.eval()
@@ -618,7 +705,7 @@ class NTKGP(nn.Module):
         Returns the output-space columns [a, u_1, …] (N, 1 + r) by decreasing λ, the coefficients s²·w (r,),
         and their parameter-space directions Jᵀ[a, u_i] (p, k) for the first k columns, made on demand."""
         evals, evecs, floor = self._ntk_eigenpairs()
-        s2, noise = self.outputscale.detach(), self.noise.detach()
+        s2, noise = self._outputscale.detach(), self._noise.detach()
         c = (noise / s2).double()
         self._warn_unresolved(evals, floor, c)
         weights = spectral_weights(evals, c, floor)
@@ -643,7 +730,7 @@ class NTKGP(nn.Module):
         """Parameter space: mean = m(X*) + J*α with α = (JᵀJ + cI)⁻¹Jᵀr, variance = s²·diag K** −
         σ² Σ_k λ_k/(c(λ_k + c)) (J* q_k)² over the eigenpairs (λ_k, q_k) of JᵀJ, by decreasing λ."""
         spectrum, b = self._parameter_cache()
-        s2, noise = self.outputscale.detach(), self.noise.detach()
+        s2, noise = self._outputscale.detach(), self._noise.detach()
         c = noise / s2
         with torch.no_grad():
             alpha = self._mean_tangent(spectrum, b, c)
@@ -698,7 +785,7 @@ class NTKGP(nn.Module):
         path: str,
     ) -> tuple[Tensor, Tensor, float | None, int | None]:
         """Mean and variance (m, C) from the mean direction and the variance directions, all or the leading ones."""
-        s2, total = self.outputscale.detach(), coefficients.numel()
+        s2, total = self._outputscale.detach(), coefficients.numel()
         error, used = None, total
         if variance == "low_rank":
             probe = inputs_at(x, slice(0, self.PROBES))
