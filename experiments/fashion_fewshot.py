@@ -31,9 +31,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_calibration_error
-from tqdm import tqdm
 
 from ntkgp import NTKGP, SVI, FunctionalNetwork, Laplace
+from ntkgp.progress import progress_bar
 
 from .common import Experiment, format_table, mean_and_stderr, save_figure_atomic, seed_everything, write_json_atomic
 from .datasets import data_root, load_fashion_mnist, support_indices
@@ -220,7 +220,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     test = {"inputs": preprocess(test_images, size)}
     rows, payload = [], {"config": config, "seed": seed, "device": device, "scope": scope}
     jobs = [(k, d) for k in config["shots"] for d in range(config["draws"])]
-    for k, draw in tqdm(jobs, desc="fashion-fewshot"):
+    for k, draw in progress_bar(jobs, desc="fashion-fewshot"):
         draw_seed = 1000 * seed + 100 * k + draw
         generator = torch.Generator().manual_seed(draw_seed)
         torch.manual_seed(draw_seed)

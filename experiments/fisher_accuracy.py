@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ntkgp import fisher_operator
+from ntkgp.progress import progress_bar
 
 from .common import Experiment, format_table, save_figure_atomic, seed_everything, write_json_atomic
 from .datasets import load_fashion_mnist
@@ -125,7 +125,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     rows, epoch, start = [], 0, time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stage in tqdm(config["stages"], desc="fisher-accuracy", unit="stage"):
+    for stage in progress_bar(config["stages"], desc="fisher-accuracy", unit="stage"):
         while epoch < stage:
             for batch in torch.randperm(len(images), device=device).split(config["batch_size"]):
                 optimizer.zero_grad()

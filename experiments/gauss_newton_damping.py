@@ -22,7 +22,6 @@ import matplotlib
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ntkgp import DampedGaussNewton
 
@@ -30,6 +29,8 @@ from .common import Experiment, begin, format_table, mean_and_stderr, save_figur
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 
 def quintic(x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     todo = [
         (lam, seed + s) for lam in config["dampings"] for s in range(config["seeds"]) if (lam, seed + s) not in done
     ]
-    for lam, s in tqdm(todo, desc="gauss-newton-damping"):
+    for lam, s in progress_bar(todo, desc="gauss-newton-damping"):
         payload["rows"].append(train_one(lam, s, config, x, y, x_test, y_test))
         write_json_atomic(path, payload)
     payload["wall_seconds_this_run"] = time.perf_counter() - start

@@ -25,7 +25,6 @@ import matplotlib
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ntkgp import ntk_operator
 from ntkgp.lanczos import ritz_values
@@ -35,6 +34,8 @@ from .datasets import load_fashion_mnist, load_mnist
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 SOURCES = ("MNIST1", "MNIST2", "Fashion-MNIST")
 
@@ -111,7 +112,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     test_x, test_y = data["test"]
     done = {(m["source"], m["index"]) for m in payload["models"]}
     todo = [(s, i) for s in SOURCES for i in range(config["models"]) if (s, i) not in done]
-    for source, index in tqdm(todo, desc="jacobian-spectra"):
+    for source, index in progress_bar(todo, desc="jacobian-spectra"):
         begun = time.perf_counter()
         model = train_model(source, index, data, config, seed)
         trained = time.perf_counter() - begun

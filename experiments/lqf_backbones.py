@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ntkgp import SqrtCovariancePooling, leaky_relu
+from ntkgp.progress import progress_bar
 
 from .common import atomic_path
 from .datasets import load_fashion_mnist
@@ -83,7 +83,7 @@ def pretrain_cnn(activation: str, path: Path, seed: int, training: dict) -> tupl
     optimizer = torch.optim.Adam(model.parameters(), lr=training["lr"])
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in tqdm(range(training["epochs"]), desc=f"pretraining the {activation} CNN", unit="epoch"):
+    for _ in progress_bar(range(training["epochs"]), desc=f"pretraining the {activation} CNN", unit="epoch"):
         for rows in torch.randperm(len(x), generator=generator).split(training["batch_size"]):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x[rows]), labels[rows]).backward()

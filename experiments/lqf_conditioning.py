@@ -33,7 +33,6 @@ import matplotlib
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ntkgp import LQF, FisherOperator, FunctionalNetwork
 from ntkgp.lanczos import ritz_values
@@ -45,6 +44,8 @@ from .lqf_methods import sgd_cross_entropy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 SPECTRA = ["LQF Hessian", "LQF, K-FAC preconditioned", "NLFT start", "NLFT end"]
 
@@ -198,7 +199,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
             payload["nlft_test_accuracy"] = float((end(test[0]).argmax(-1) == test[1]).double().mean())
             record("spectra", SPECTRA[3], lambda: summary(ggn_ritz_values(end, x, lam, steps)))
         runs = [(p, lr) for p in ("kfac", None) for lr in ["auto", *config["lrs"]]]
-        for preconditioner, lr in tqdm(runs, desc="LQF curves"):
+        for preconditioner, lr in progress_bar(runs, desc="LQF curves"):
             key = f"{preconditioner or 'plain'} lr={lr}"
             record(
                 "curves",

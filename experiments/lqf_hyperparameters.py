@@ -19,7 +19,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from tqdm.auto import tqdm
 
 from ntkgp import FunctionalNetwork
 
@@ -30,6 +29,8 @@ from .lqf_tasks import draw_task, load_pool
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 MOMENTUM = 0.9
 
@@ -134,7 +135,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         for b in config["batch_sizes"]
     ]
     tasks: dict = {}
-    for dataset, scope, method, lr, b in tqdm([g for g in grid if g not in done], desc="lqf-hyperparameters"):
+    for dataset, scope, method, lr, b in progress_bar([g for g in grid if g not in done], desc="lqf-hyperparameters"):
         if dataset not in tasks:
             pool = load_pool(dataset, seed, config["test_size"])
             tasks.clear()  # one dataset's networks at a time

@@ -28,7 +28,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ntkgp import LQF
 
@@ -39,6 +38,8 @@ from .lqf_tasks import Task, load_pool
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 
 def draw_with_validation(pool, backbone: Backbone, shots: int, val_per_class: int, seed: int) -> tuple:
@@ -184,7 +185,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         loo = learner.leave_one_out().double().cpu()
         loo_seconds = time.perf_counter() - clock  # the kernel system is the fit's: this is the downdate only
         brute, differences = [], []
-        for i in tqdm(range(config["brute_force"]), desc="brute-force LOO"):
+        for i in progress_bar(range(config["brute_force"]), desc="brute-force LOO"):
             keep = torch.ones(len(task.train_y), dtype=torch.bool)
             keep[i] = False
             clock = time.perf_counter()
@@ -209,7 +210,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     loo_part = payload.setdefault("loo", {"cells": []})
     done = {(c["dataset"], c["shots"]) for c in loo_part["cells"]}
     grid = [(d, k) for d in config["loo_datasets"] for k in config["loo_shots"] if (d, k) not in done]
-    for dataset, k in tqdm(grid, desc="LOO against test"):
+    for dataset, k in progress_bar(grid, desc="LOO against test"):
         p = pool_of(dataset)
         task, _, _ = draw_with_validation(p, backbone, k, 0, seed + k)
         learner = fit_exact(backbone.network(p.num_classes, "leaky", seed), params, task, lam)

@@ -21,9 +21,9 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ntkgp import LQF, FunctionalNetwork
+from ntkgp.progress import progress_bar
 
 __all__ = ["epochs_for", "fine_tune", "lqf", "sgd_cross_entropy", "test_error"]
 
@@ -57,7 +57,7 @@ def sgd_cross_entropy(
     theta = (network.theta0 if theta is None else theta).clone().requires_grad_(True)
     optimizer = torch.optim.SGD([theta], lr=lr, momentum=0.9, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=desc is None):
+    for epoch in progress_bar(range(epochs), desc=desc, unit="epoch", enabled=desc is not None):
         for rows in torch.randperm(len(x), generator=generator).split(batch_size):
             optimizer.zero_grad()
             nn.functional.cross_entropy(network(network.take(x, rows), theta), y[rows]).backward()

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from tqdm.auto import tqdm
 
 from ntkgp import LQF, FunctionalNetwork
 
@@ -39,6 +38,8 @@ from .lqf_tasks import load_pool
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 METHODS = ["LQF exact", "LQF SGD", "NLFT incremental", "NLFT paragon"]
 
@@ -144,7 +145,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     data = [(backbone.prepare(pool.images[i]), pool.labels[i].to(device)) for i in parts]
     test = (backbone.prepare(pool.test_images), pool.test_labels.to(device))
     params = backbone.params(config["scope"])
-    for method in tqdm(METHODS, desc="lqf-online"):
+    for method in progress_bar(METHODS, desc="lqf-online"):
         done = payload["steps"].get(method, [])
         if len(done) == len(data):
             continue

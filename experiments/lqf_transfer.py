@@ -35,7 +35,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from tqdm.auto import tqdm
 
 from ntkgp import FunctionalNetwork
 
@@ -54,6 +53,8 @@ from .lqf_tasks import Pool, draw_task, load_pool
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 LOWSHOT = ["NLFT", "LQF", "LQF FC", "GaF", "FC"]
 ABLATION = ["LQF without MSE", "LQF without K-FAC", "LQF without Leaky-ReLU"]
@@ -272,7 +273,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     backbones: dict[tuple[str, int], Backbone] = {}
     pools: dict[str, Pool] = {}
     todo = [j for j in jobs(config) if any((j[1], j[2], j[3], j[4], m) not in done for m in j[5])]
-    for part, name, dataset, k, draw, methods in tqdm(todo, desc="lqf-transfer"):
+    for part, name, dataset, k, draw, methods in progress_bar(todo, desc="lqf-transfer"):
         size = config["olivetti_image_size"] if dataset == "olivetti" else config["image_size"]
         if (name, size) not in backbones:
             backbones[name, size] = Backbone(name, size, device, out_dir / "backbones", seed, config["cnn_training"])

@@ -37,7 +37,6 @@ import matplotlib
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ntkgp import NTKGP
 
@@ -55,6 +54,8 @@ from .datasets import load_olivetti
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 METHODS = ("pretrained", "NTK-GP (pretraining noise)", "NTK-GP (ML)", "retrain last layer", "fine-tune all")
 CROP = 45
@@ -273,7 +274,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         for n in config["shots"]
         if any((s, n, m) not in done for m in config["methods"])
     ]
-    for s, n in tqdm(jobs, desc="olivetti-rotation", unit="draw"):
+    for s, n in progress_bar(jobs, desc="olivetti-rotation", unit="draw"):
         adapt_rows, test_rows = split(data, n, config, s)
         x, y = standardised(data, adapt_rows, stats, dtype)
         xs, ys = standardised(data, test_rows, stats, dtype)

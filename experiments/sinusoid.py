@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ntkgp import NTKGP, LayerScaledNTKGP
+from ntkgp.progress import progress_bar
 
 from .common import Experiment, format_table, mean_and_stderr, save_figure_atomic, seed_everything, write_json_atomic
 
@@ -324,7 +324,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     pretrained, rows, examples, pending = [], [], [], []
     try:
         # workers start (and jobs run) while the next network pretrains; larger jobs (more shots) first
-        for pretrain_seed in tqdm(config["pretrain_seeds"], desc="pretraining", unit="network"):
+        for pretrain_seed in progress_bar(config["pretrain_seeds"], desc="pretraining", unit="network"):
             model, pre_mse = pretrain(seed + pretrain_seed, config, torch.float64, device)
             fixed_noise = max(1e-3, pre_mse)
             pretrained.append({"seed": seed + pretrain_seed, "pretrain_mse": pre_mse, "fixed_noise": fixed_noise})
@@ -342,7 +342,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
                 }
                 pending.append(pool.submit(evaluate, job) if pool else job)
         done = as_completed(pending) if pool else (evaluate(job) for job in pending)
-        for result in tqdm(done, total=num_jobs, desc="sinusoid", unit="job"):
+        for result in progress_bar(done, total=num_jobs, desc="sinusoid", unit="job"):
             result = result.result() if pool else result
             rows += result["rows"]
             examples += result["examples"]

@@ -35,12 +35,13 @@ import matplotlib
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .common import Experiment, begin, format_table, mean_and_stderr, save_figure_atomic, write_json_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 METHODS = ("NTK-GP (ML)", "NTK-GP (fixed)", "SingleTaskGP", "fine-tuned network", "random search")
 
@@ -200,7 +201,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         for m in config["methods"]
         if (m, t, s) not in done
     ]
-    for method, t, s in tqdm(jobs, desc="transfer-bo"):
+    for method, t, s in progress_bar(jobs, desc="transfer-bo"):
         result = bo_run(method, tasks[t], model, (mean, std), config, 100 * seed + 10 * t + s)
         regret = [b - minima[t] for b in result["best"]]
         payload["runs"].append(

@@ -35,7 +35,6 @@ import gpytorch
 import matplotlib
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ntkgp import NTKGP, Laplace, Solver
 from ntkgp.memory import LargestTensor, format_bytes, peak_resident_bytes
@@ -45,6 +44,8 @@ from .datasets import load_uci
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ntkgp.progress import progress_bar
 
 METHODS = [
     "network",
@@ -71,7 +72,7 @@ def pretrain(model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float, bat
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in tqdm(range(epochs), desc="pretraining the MLP", unit="epoch"):
+    for _ in progress_bar(range(epochs), desc="pretraining the MLP", unit="epoch"):
         for rows in torch.randperm(x.shape[0], generator=generator).split(batch):
             optimizer.zero_grad()
             nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
@@ -108,7 +109,7 @@ def matern_gp(x: Tensor, y: Tensor, test_x: Tensor, iterations: int, lr: float, 
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
-    for _ in tqdm(range(iterations), desc="GPyTorch exact GP", unit="step"):
+    for _ in progress_bar(range(iterations), desc="GPyTorch exact GP", unit="step"):
         optimizer.zero_grad()
         (-mll(model(*model.train_inputs), model.train_targets)).backward()
         optimizer.step()

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ntkgp import LQF, NTKGP, FunctionalNetwork, Laplace
+from ntkgp.progress import progress_bar
 
 from .common import (
     Experiment,
@@ -236,7 +236,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         model = pretrained(kind, config, images[source], labels[source], cache, seed)
         payload.setdefault("parameters", {})[kind] = sum(p.numel() for p in model.parameters())
         jobs = [(k, d) for k in config["shots"] for d in range(config["draws"])]
-        for k, draw in tqdm(jobs, desc=f"vit-fewshot {kind}", delay=1.0):
+        for k, draw in progress_bar(jobs, desc=f"vit-fewshot {kind}"):
             if [kind, k, draw] in payload["done"]:
                 continue
             draw_seed = 1000 * seed + 100 * k + draw

@@ -1,5 +1,6 @@
 """ntkgp: Gaussian processes from pretrained PyTorch networks through their finite neural tangent kernel."""
 
+import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 
@@ -8,10 +9,16 @@ try:  # the one version is pyproject.toml's
 except PackageNotFoundError:  # a source tree that was not installed
     __version__ = "0+unknown"
 
-with warnings.catch_warnings():  # linear_operator uses torch.jit.script, deprecated in torch 2.14
+with warnings.catch_warnings():
+    # torch 2.14 deprecates torch.jit.script, which linear_operator calls at import and torch's forward-mode AD at the
+    # first JVP of a process (it loads its JVP decompositions then, when PYTORCH_JIT is on): both are loaded here,
+    # once, with the warning silenced, so that no call of ours prints it
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     import gpytorch  # noqa: F401
     import linear_operator  # noqa: F401
+
+    if os.environ.get("PYTORCH_JIT", "1") == "1" and __debug__:  # torch.autograd.forward_ad's own condition
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 from .functional import FunctionalNetwork
 from .gp import NTKGP, JacobianKernel, LayerScaledNTKGP, NetworkMean, Prediction, Solver
@@ -36,6 +43,7 @@ from .operators import (
     ntk_operator,
 )
 from .posteriors import SVI, Laplace, PosteriorCovariance
+from .progress import show_progress
 
 __all__ = [
     "DampedGaussNewton",
@@ -68,4 +76,5 @@ __all__ = [
     "kernel_distance",
     "leaky_relu",
     "ntk_operator",
+    "show_progress",
 ]

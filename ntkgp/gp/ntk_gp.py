@@ -31,7 +31,6 @@ from linear_operator.operators import (
 )
 from linear_operator.utils.errors import NotPSDError
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..distributed import global_rows
 from ..functional import FunctionalNetwork, as_functional_network
@@ -40,6 +39,7 @@ from ..memory import check_fits, default_budget
 from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import LayerFactors, LayerKernel
 from ..operators.ntk_operator import NTKOperator
+from ..progress import progress_bar
 from ..validation import (
     as_count,
     as_positive_float,
@@ -403,7 +403,7 @@ class NTKGP(nn.Module):
         cross, diagonal, step = [], [], max(1, self.network.chunk_size * 8)
         with torch.no_grad():
             self.network.features(x)  # the frozen prefix once for all of x: its chunks are row blocks of it
-            for start in tqdm(range(0, length(x), step), desc="test kernel", delay=1.0, disable=not self.progress):
+            for start in progress_bar(range(0, length(x), step), desc="test kernel", enabled=self.progress):
                 factors = kernel.factors(inputs_at(x, slice(start, start + step)))
                 cross.append(kernel.kernel(factors, self._train_factors(), self._block_elements()) @ columns)
                 diagonal.append(kernel.diagonal_blocks(factors).diagonal(dim1=-2, dim2=-1).reshape(-1))

@@ -15,8 +15,8 @@ import linear_operator
 import torch
 from linear_operator.utils.linear_cg import linear_cg
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..validation import as_count, as_positive_float, check_choice
 
 __all__ = ["Solver", "as_solver", "conjugate_gradients"]
@@ -113,7 +113,7 @@ def conjugate_gradients(
     column = rhs.dim() == 1
     rhs = rhs.unsqueeze(-1) if column else rhs
     tiny = torch.finfo(rhs.dtype).tiny
-    with tqdm(desc=desc, delay=1.0, disable=not progress) as bar:
+    with progress_bar(desc=desc, enabled=progress) as bar:
 
         def counted(v: Tensor) -> Tensor:
             bar.update(1)

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork
 from ..inputs import Inputs, inputs_at, length, map_leaves
 from ..memory import check_fits
+from ..progress import progress_bar
 from ..validation import check_choice
 
 __all__ = [
@@ -119,7 +119,7 @@ def jacobian_projections(
             diagonal.append(block.square().sum(-1))
             pending, rows = [], 0
 
-    with tqdm(total=length(x), desc="test Jacobians", unit="input", delay=1.0, disable=not progress) as bar:
+    with progress_bar(total=length(x), desc="test Jacobians", unit="input", enabled=progress) as bar:
         for jac in network.jacobian_chunks(x):
             pending.append(jac.reshape(-1, p))
             rows += pending[-1].shape[0]
@@ -152,7 +152,7 @@ def tangent_projections(
     starts = range(0, count, network.chunk_size)
     blocks = [
         product(start, min(start + network.chunk_size, count))
-        for start in tqdm(starts, desc="test tangents", delay=1.0, disable=not progress)
+        for start in progress_bar(starts, desc="test tangents", enabled=progress)
     ]
     _, diagonal = jacobian_projections(network, x, network.theta0.new_zeros(network.num_params, 0), budget, progress)
     return torch.cat(blocks, dim=-1), diagonal

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork
 from ..inputs import Inputs, check_inputs, inputs_at, length
+from ..progress import progress_bar
 from ..validation import as_count, check_eval_mode
 from .kernel_distance import kernel_distance, probe_kernel
 from .losses import as_loss, check_loss_value
@@ -279,12 +279,12 @@ class IterativeLinearisation:
 
         if not self.history.evaluations:
             evaluate()
-        with tqdm(
+        with progress_bar(
             total=steps,
             initial=min(self.steps, steps),
             desc="iterative linearisation",
             unit="step",
-            disable=not progress,
+            enabled=progress,
         ) as bar:
             while self.steps < steps:
                 if batch_size == n:
@@ -297,7 +297,7 @@ class IterativeLinearisation:
                 xb = x if batch is None else self.network0.take(x, batch)
                 loss = self.step(xb, targets if batch is None else targets[batch])
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}", updates=self.feature_updates)
+                bar.set_postfix(loss=f"{loss:.4g}", updates=self.feature_updates, refresh=False)
                 long_enough = self._linearisation_length() >= (0 if every == math.inf else every)
                 if self.steps % every == 0 or self.steps == steps or (self.feature_updates != updates and long_enough):
                     evaluate()

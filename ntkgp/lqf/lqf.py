@@ -20,7 +20,6 @@ from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..distributed import global_rows
 from ..functional import FunctionalNetwork, as_functional_network
@@ -35,6 +34,7 @@ from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import LayerKernel, cheap_layer_kernel, dense_ntk
 from ..operators.ntk_operator import NTKOperator
 from ..posteriors.minibatches import Minibatches
+from ..progress import progress_bar
 from ..validation import as_count, as_nonnegative_float, as_positive_float, check_choice, check_prediction
 from .influence import kfac_influence
 from .kernel_system import KernelSystem
@@ -300,7 +300,7 @@ class LQF:
         self.lr = self._default_lr() if lr is None else as_positive_float(lr, "lr")
         w = self.delta.clone().requires_grad_(True)
         optimizer = torch.optim.SGD([w], lr=self.lr, momentum=self.momentum)
-        for epoch in tqdm(range(as_count(epochs, "epochs")), desc="LQF", disable=not progress):
+        for epoch in progress_bar(range(as_count(epochs, "epochs")), desc="LQF", enabled=progress):
             total, correct = 0.0, 0
             for x, targets, f0 in data:
                 value, f = self._step(

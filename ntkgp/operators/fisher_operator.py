@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
 from ..inputs import Inputs, check_inputs, inputs_at, length, requires_grad
 from ..likelihoods import get_likelihood, hessian_blocks, psd_roots
+from ..progress import progress_bar
 from ..validation import as_positive_float, check_choice, check_finite, check_tensor
 from .gram_operator import GramOperator
 from .layer_kernel import LayerKernel
@@ -207,7 +207,7 @@ class FisherOperator(GramOperator):
             return self.network.sum_over_shards(self.x, _factored_fisher(kernel, self.x, f, self.likelihood, progress))
         dense, start = torch.zeros(p, p, dtype=torch.float64, device=self.device), 0
         chunks = self.network.jacobian_chunks(self.x)
-        for jac in tqdm(chunks, desc="Fisher (per-sample Jacobians)", disable=not progress, delay=1.0, leave=False):
+        for jac in progress_bar(chunks, desc="Fisher (per-sample Jacobians)", enabled=progress, leave=False):
             roots = psd_roots(hessian_blocks(self.likelihood, f[start : start + len(jac)]))
             rows = (roots @ jac.double()).reshape(-1, p)
             dense.addmm_(rows.mT, rows)
@@ -272,7 +272,7 @@ def _factored_fisher(kernel: LayerKernel, x: Inputs, f: Tensor, likelihood: Any,
     d_out = len(rows)
     dense = torch.zeros(network.num_params, network.num_params, dtype=torch.float64, device=f.device)
     starts = range(0, length(x), FACTORED_CHUNK)
-    for start in tqdm(starts, desc="Fisher (layer factors)", disable=not progress, delay=1.0, leave=False):
+    for start in progress_bar(starts, desc="Fisher (layer factors)", enabled=progress, leave=False):
         a, g = linear_layer_factors(kernel, inputs_at(x, slice(start, start + FACTORED_CHUNK)))
         m = g.mT @ hessian_blocks(likelihood, f[start : start + len(a)]) @ g  # (b, d_out, d_out)
         weighted_bias = a.mT @ m.reshape(len(a), -1)  # (d_in, d_out²): Aᵀ M[:, o, q]

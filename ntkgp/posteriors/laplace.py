@@ -45,7 +45,6 @@ from typing import Any
 import torch
 from linear_operator.operators import LinearOperator, MatmulLinearOperator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..distributed import global_rows
 from ..functional import FunctionalNetwork, as_functional_network, map_blocks
@@ -83,6 +82,7 @@ from ..operators.gram_operator import GramOperator
 from ..operators.layer_kernel import LayerKernel
 from ..operators.network_operator import NetworkOperator
 from ..operators.ntk_operator import NTKOperator
+from ..progress import progress_bar
 from ..validation import (
     as_count,
     as_positive_float,
@@ -923,7 +923,7 @@ class Laplace:
         if self._structure is not None and (self.task == "regression" or not self.find_map):
             self._structure.prepare_grid()  # F does not move with δ
         best, best_value = float(grid[0]), -math.inf
-        for delta in tqdm(grid.tolist(), desc="prior precision", disable=not progress):
+        for delta in progress_bar(grid.tolist(), desc="prior precision", enabled=progress):
             value = score(delta)
             if value > best_value:
                 best, best_value = delta, value
@@ -959,7 +959,7 @@ class Laplace:
         owners = [name.rsplit(".", 1)[0] if self.posterior == "kron" else name for name in net.names]
         groups = [[k for k, owner in enumerate(owners) if owner == first] for first in dict.fromkeys(owners)]
         steps = [(sweep, group) for sweep in range(2) for group in groups]
-        for _, group in tqdm(steps, desc="prior precision per layer", disable=not progress):
+        for _, group in progress_bar(steps, desc="prior precision per layer", enabled=progress):
             for value in grid.tolist():
                 trial = layers.clone()
                 trial[group] = value

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
-from tqdm.auto import tqdm
 
 from ..functional import FunctionalNetwork, as_functional_network
 from ..gp.ntk_gp import Prediction
 from ..inputs import Inputs, Structure, check_inputs, length
+from ..progress import progress_bar
 from ..validation import as_count, as_positive_float, check_generator, check_prediction
 from .linearised_model import (
     check_task,
@@ -115,7 +115,7 @@ class SVI:
         self.structure, num_data = batches.structure, batches.num_data
         optimizer = torch.optim.Adam([self.loc, self.raw_scale], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if anneal else None
-        for epoch in tqdm(range(epochs), desc="SVI", disable=not progress):
+        for epoch in progress_bar(range(epochs), desc="SVI", enabled=progress):
             values = []
             for x, targets, f0 in batches:
                 eps = randn(num_samples, net.num_params, dtype=net.dtype, device=net.device, generator=generator)
