@@ -45,7 +45,8 @@ def test_regression_closed_form_and_subset_scope():
 
 
 def test_variance_is_the_ntk_gp_of_which_lqf_is_the_mean():
-    """σ² = ½, s² = 1/λ: var = s²(diag K** − K*X (K + (λ/2)I)⁻¹ KX*) against the dense formula."""
+    """σ² = t/2, s² = t/λ: var = t·s²(diag K** − K*X (K + (λ/2)I)⁻¹ KX*) against the dense formula, t the scale that
+    maximises the evidence of t·(K/λ + I/2) (checked against a grid of dense log-likelihoods)."""
     model, x, y, xt = classification_case()
     lam = 0.5
     lqf = LQF(model, weight_decay=lam).fit(x, y, solver="closed_form", progress=False)
@@ -53,7 +54,17 @@ def test_variance_is_the_ntk_gp_of_which_lqf_is_the_mean():
     j, js = dense_jacobian(model, x), dense_jacobian(model, xt)
     kxx, ksx = j @ j.T, js @ j.T
     var = (js * js).sum(-1) - (ksx @ torch.linalg.solve(kxx + lam / 2 * torch.eye(len(kxx)), ksx.T)).diagonal()
-    assert rel_err(pred.variance.reshape(-1), var / lam) < 1e-8
+    residual = (lqf.train_targets - model(x)).detach().reshape(-1)
+    covariance = kxx / lam + 0.5 * torch.eye(len(kxx))
+    scale = float(residual @ torch.linalg.solve(covariance, residual)) / len(residual)
+    assert lqf.variance_scale() == pytest.approx(scale, rel=1e-8)
+    zero = torch.zeros_like(residual)
+    evidence = [
+        float(torch.distributions.MultivariateNormal(zero, t * covariance).log_prob(residual))
+        for t in (0.9 * scale, scale, 1.1 * scale)
+    ]
+    assert evidence[1] > max(evidence[0], evidence[2])
+    assert rel_err(pred.variance.reshape(-1), scale * var / lam) < 1e-8
     assert rel_err(pred.mean, lqf.predict(xt)) == 0
 
 
@@ -200,7 +211,7 @@ def test_dataloader_history_and_cross_entropy():
         < 1e-12
     )
     lqf = LQF(model, weight_decay=0.5).fit(loader, epochs=4, progress=False)
-    assert [r["epoch"] for r in lqf.history] == [1, 2, 3, 4] and lqf.lr == 0.1
+    assert [r["epoch"] for r in lqf.history] == [1, 2, 3, 4] and lqf.lr == (1 - lqf.momentum) / lqf.lr_curvature
     assert set(lqf.history[0]) == {"epoch", "loss", "accuracy", "lr"}
     assert lqf.history[-1]["loss"] < lqf.history[0]["loss"]
     probabilities = lqf.predict_proba(xt)
@@ -335,3 +346,50 @@ def test_kernel_matrix_from_layer_factors_equals_ntk_products():
     assert costly._layer_kernel is False
     dense = NTKOperator(xt, x, network=costly.network, num_outputs=3).to_dense()
     assert rel_err(costly.kernel_matrix(xt, x), dense) < 1e-12
+
+
+@pytest.mark.parametrize("preconditioner", [None, "kfac"])
+@pytest.mark.parametrize("batch_size", [40, 16])
+def test_default_step_from_the_preconditioned_minibatch_curvature(preconditioner, batch_size):
+    """lr = 1/λ̂ with λ̂ the largest eigenvalue of P⁻¹H_B, H_B = (N/b)·2J_bᵀJ_b + λI on the most scaled batch: against
+    the dense float64 eigenvalues of P⁻¹H_B on every batch an epoch of 40 = 16 + 16 + 8 can produce."""
+    model, x, y, _ = classification_case(n=40)
+    lam = 0.5
+    lqf = LQF(model, weight_decay=lam, preconditioner=preconditioner).fit(
+        x, y, epochs=1, batch_size=batch_size, progress=False
+    )
+    precondition = lqf._kfac
+    p = lqf.network.num_params
+    inverse = torch.eye(p) if precondition is None else torch.stack([precondition @ e for e in torch.eye(p)], -1)
+
+    def largest(rows, scale):
+        j = dense_jacobian(model, x[rows])
+        hessian = scale * 2 * j.T @ j + lam * torch.eye(p)
+        return float(torch.linalg.eigvals(inverse @ hessian).real.max())
+
+    if batch_size >= 40:
+        exact = largest(slice(None), 1.0)
+        assert lqf.lr_curvature == pytest.approx(exact, rel=1e-3)
+    else:  # the sampled batches are subsets: λ̂ within what the batches of an epoch can reach
+        full = largest(slice(None), 40 / 8)  # the smallest batch (8) scaled by 5 can reach at most the whole data's ×5
+        assert largest(slice(0, 8), 5.0) * 0.5 < lqf.lr_curvature <= full * (1 + 1e-6)
+    assert lqf.lr == pytest.approx((1 - lqf.momentum) / lqf.lr_curvature)
+
+
+def test_default_step_does_not_diverge_where_the_papers_does():
+    """ReLU layers on inputs offset by 5 put K-FAC's preconditioned curvature near 100, far from the 1 the paper's
+    lr = 0.1 assumes: 0.1 grows the objective; 1/λ̂ (inside heavy ball's full-batch bound) grew it 14-fold by epoch
+    30 on alternating minibatches; the default (1 − momentum)/λ̂ lowers it at every epoch's end."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    x, y = torch.randn(50, 4) + 5, torch.randint(0, 3, (50,))
+    lqf = LQF(model).fit(x, y, epochs=30, progress=False)
+    losses = [record["loss"] for record in lqf.history]
+    assert lqf.lr == pytest.approx(0.1 / lqf.lr_curvature) and lqf.lr_curvature > 50
+    assert max(losses) <= losses[0] and losses[-1] < 0.2 * losses[0]
+    for lr in (0.1, 1 / lqf.lr_curvature):
+        try:
+            history = LQF(model).fit(x, y, epochs=30, lr=lr, progress=False).history
+        except FloatingPointError:
+            continue
+        assert max(record["loss"] for record in history) > 5 * losses[0]

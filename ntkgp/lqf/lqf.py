@@ -77,8 +77,13 @@ class LQF:
         chunk_size: vectors pushed through the network at once in the closed form and influence products.
 
     After :meth:`fit`: ``delta`` θ − θ0 (p,), ``weights`` θ (p,), ``history`` (one dict per epoch: epoch, loss,
-    accuracy for classification, lr), ``lr`` (the learning rate used).
+    accuracy for classification, lr), ``lr`` (the learning rate used), ``lr_curvature`` (the curvature λ̂ a default
+    lr came from, None when lr was given).
     """
+
+    #: random minibatches, and Lanczos steps on each, whose preconditioned curvature sets the default SGD step
+    STEP_BATCHES = 3
+    STEP_LANCZOS = 10
 
     def __init__(
         self,
@@ -122,6 +127,7 @@ class LQF:
         self.delta = torch.zeros(self.network.num_params, dtype=self.network.dtype, device=self.network.device)
         self.history: list[dict] = []
         self.lr: float | None = None
+        self.lr_curvature: float | None = None
         self._data: _TrainingData | None = None
         self._kfac: KFACPreconditioner | None = None
         self._system: KernelSystem | None = None
@@ -240,10 +246,18 @@ class LQF:
 
         Args:
             epochs, batch_size: SGD passes over the data and the minibatch size for tensors.
-            lr: learning rate; default 0.1 with K-FAC (the paper's: the preconditioned Hessian has eigenvalues
-                near 1 — true where K-FAC is exact, a last Linear layer; on MobileNetV2's last block P⁻¹H reaches
-                ≥ 857 and 0.1 diverges: ``ntkgp run lqf-conditioning``), and 1/λ_max of the Hessian (20 Lanczos
-                steps) for plain SGD.
+            lr: learning rate; default (1 − momentum)/λ̂ (1/λ̂ without momentum) with λ̂ the largest eigenvalue of
+                the preconditioned curvature P⁻¹H_B of the minibatch objective SGD steps on — H_B =
+                (N/b)·∇²(Σ_batch ℓ) + λI, P the K-FAC preconditioner (the identity without one) — by
+                ``STEP_LANCZOS`` = 10 Lanczos steps on each of ``STEP_BATCHES`` = 3 random batches of the epoch's
+                sizes (the smallest, most scaled one included; the whole data when b ≥ N; on shards with b < N, the
+                whole data's curvature times N/b, an upper bound). Momentum sums steps to lr/(1 − momentum), so the
+                effective step is 1/λ̂, half the 2/λ_max beyond which gradient descent diverges: room for Lanczos'
+                underestimate and for the batches not sampled. (1/λ̂ itself, inside heavy ball's full-batch bound
+                2(1 + momentum)/λ_max, grew the loss 14-fold over 30 epochs of alternating minibatches in
+                tests/test_lqf.py.) The paper's 0.1 with K-FAC assumes P⁻¹H ≈ I, true where K-FAC is exact (a last
+                Linear layer); on MobileNetV2's last block P⁻¹H reaches ≥ 857 and 0.1 diverged (``ntkgp run
+                lqf-conditioning``). ``lr_curvature`` keeps λ̂.
             solver: ``"sgd"`` (minibatch SGD with momentum; each step one JVP and one VJP on the batch, the
                 gradient scaled to the whole data set: (N/b)·Σ_batch + λ(θ − θ0)) or ``"closed_form"`` (the exact
                 minimiser, MSE only: :meth:`solve`).
@@ -279,12 +293,28 @@ class LQF:
             self._kfac = KFACPreconditioner(self.network, self.train_x, self.weight_decay, self.loss)
         return self._kfac if self.preconditioner == "kfac" else None
 
-    def _default_lr(self) -> float:
-        """0.1 with K-FAC; 1/λ_max of the Hessian at θ0 (20 Lanczos steps) for plain SGD."""
-        if self.preconditioner == "kfac":
-            return 0.1
-        largest = float(self.hessian_ritz_values(steps=20)[-1])
-        return 1.0 / largest
+    def _default_lr(self, data: Minibatches, num_data: int) -> float:
+        """1/λ̂, λ̂ the largest eigenvalue of P⁻¹H_B over a few minibatches (:meth:`fit`'s ``lr``); sets
+        ``lr_curvature``."""
+        x, net = self.train_x, self.network
+        size = data.batch_size if data.loader is None else data.loader.batch_size
+        size = num_data if size is None else size
+        if net.is_sharded(x):  # the global batch: every rank's
+            size = int(net.sum_over_shards(x, torch.tensor([float(size)], dtype=torch.float64))[0])
+        size = min(size, num_data)
+        if size >= num_data or net.is_sharded(x):
+            batches, scales = [x], [num_data / size]
+        else:
+            generator = torch.Generator().manual_seed(0)
+            sizes = sorted({size, num_data % size or size})  # the smallest batch is the most scaled
+            sizes += [size] * (self.STEP_BATCHES - len(sizes))
+            batches = [net.take(x, torch.randperm(num_data, generator=generator)[:b].to(net.device)) for b in sizes]
+            scales = [num_data / b for b in sizes]
+        self.lr_curvature = max(
+            float(self._ritz_values(batch, scale, self.STEP_LANCZOS, self._preconditioner())[-1])
+            for batch, scale in zip(batches, scales)
+        )
+        return (1.0 - self.momentum if self.momentum > 0 else 1.0) / self.lr_curvature
 
     def _sgd(
         self,
@@ -297,7 +327,8 @@ class LQF:
         decay = self.weight_decay
         num_data = self._check_shard_batches(data)
         precondition = self._preconditioner()
-        self.lr = self._default_lr() if lr is None else as_positive_float(lr, "lr")
+        self.lr_curvature = None
+        self.lr = self._default_lr(data, num_data) if lr is None else as_positive_float(lr, "lr")
         w = self.delta.clone().requires_grad_(True)
         optimizer = torch.optim.SGD([w], lr=self.lr, momentum=self.momentum)
         for epoch in progress_bar(range(as_count(epochs, "epochs")), desc="LQF", enabled=progress):
@@ -456,8 +487,13 @@ class LQF:
 
     def predict(self, x: Inputs, variance: bool = False) -> Tensor | Prediction:
         """f_lin(x) (m, C) at inputs x (m, ...); with ``variance=True`` a :class:`Prediction` whose mean is
-        f_lin(x) and whose variance (m, C) is the NTK-GP's of which the LQF minimiser is the mean (σ² = ½,
-        s² = 1/λ; :class:`~ntkgp.NTKGP`; MSE loss and λ > 0)."""
+        f_lin(x) and whose variance (m, C) is that of the NTK-GP whose posterior mean the LQF minimiser is — σ²/s² =
+        λ/2 — at the overall scale its evidence prefers: σ² = t/2, s² = t/λ with t = :meth:`variance_scale`
+        (:class:`~ntkgp.NTKGP`; MSE loss and λ > 0). Units: those of f_lin² — the targets' squared, so for MSE
+        classification of (α·one-hot)², α = 15 by default. The ratio is λ's: a small λ is a broad prior, and away
+        from the data the variance approaches the prior's t·K(x, x)/λ — on MobileNetV2's last block with the default
+        λ = 1e-4 and 50 Fashion-MNIST images, t = 1.07 and variances of 2.7e5 to 1.4e7 (targets ±15). For variances
+        the data calibrate, fit both scales by the evidence: ``NTKGP(model, x, targets).fit()``."""
         self._fitted("predict()")
         x = check_inputs(x, self.network.dtype, "x", self.network.device, like=self.structure)
         mean = self._linearised(x)
@@ -472,9 +508,16 @@ class LQF:
         if self._gp is None:
             targets = self.train_targets.squeeze(-1) if self.num_outputs == 1 else self.train_targets
             self._gp = NTKGP(self.network, self.train_x, targets, noise=0.5, outputscale=1 / self.weight_decay)
-        var = self._gp.predict(x).variance.reshape(mean.shape)
+        var = self.variance_scale() * self._gp.predict(x).variance.reshape(mean.shape)
         check_prediction(x, mean=mean, variance=var)
         return Prediction(mean, var)
+
+    def variance_scale(self) -> float:
+        """t = 2·L(θ)/N (N = n·C), the scale of the GP with covariance t·(K/λ + I/2) that maximises its evidence
+        for the residuals r = targets − f(X; θ0): rᵀ(K/λ + I/2)⁻¹r / N, which is 2·L at the exact minimiser (L, the
+        objective, equals (λ/2)·rᵀ(K + (λ/2)I)⁻¹r there). After SGD L(θ) is above its minimum, so t is too: the
+        variance errs large. One JVP over the training data."""
+        return 2 * self.objective() / (length(self.train_x) * self.num_outputs)
 
     def predict_proba(self, x: Inputs) -> Tensor:
         """softmax(f_lin(x)) (m, C) (classification)."""
@@ -587,17 +630,24 @@ class LQF:
         that of F + (λ/2)I (they differ by the factor 2)."""
         self._fitted("hessian_ritz_values()")
         steps = as_count(steps, "steps")
-        net, x = self.network, self.train_x
-        likelihood, scale = ("gaussian", 2.0) if self.loss == "mse" else ("categorical", 1.0)
+        precondition = None
+        if preconditioned:
+            net = self.network
+            precondition = self._preconditioner() or KFACPreconditioner(net, self.train_x, self.weight_decay, self.loss)
+        return self._ritz_values(self.train_x, 1.0, steps, precondition)
+
+    def _ritz_values(self, x: Inputs, scale: float, steps: int, precondition: KFACPreconditioner | None) -> Tensor:
+        """Ritz values (ascending) of scale·∇²(Σ_x ℓ) + λI at θ0 on inputs x, or of P⁻¹ times it (K-FAC's P)."""
+        net = self.network
+        likelihood, factor = ("gaussian", 2.0) if self.loss == "mse" else ("categorical", 1.0)
         fisher = FisherOperator.of(x, network=net, likelihood=likelihood, method="exact", epsilon=1.0)
 
         def apply(v: Tensor) -> Tensor:
             with torch.no_grad():
-                return scale * (fisher @ v.unsqueeze(-1)).squeeze(-1) + self.weight_decay * v
+                return scale * factor * (fisher @ v.unsqueeze(-1)).squeeze(-1) + self.weight_decay * v
 
-        if not preconditioned:
+        if precondition is None:
             return ritz_values(apply, net.num_params, steps, net.dtype, net.device)
-        precondition = self._preconditioner() or KFACPreconditioner(net, x, self.weight_decay, self.loss)
         return ritz_values(
             apply,
             net.num_params,
