@@ -35,7 +35,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from ntkgp import NTKGP, SVI, FunctionalNetwork, Laplace
 from ntkgp.progress import progress_bar
 
-from .common import Experiment, format_table, mean_and_stderr, save_figure_atomic, seed_everything, write_json_atomic
+from .common import Experiment, begin, format_table, mean_and_stderr, save_figure_atomic, write_json_atomic
 from .datasets import data_root, load_fashion_mnist, support_indices
 
 METHODS = ["linearised MAP", "Laplace (probit)", "SVI", "NTK-GP one-hot", "retrain last layer", "fine-tune"]
@@ -204,11 +204,12 @@ def plot(rows: list[dict], shots: list[int], methods: list[str], path: Path) -> 
 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
-    seed_everything(seed)
+    """Every (shots, draw) job, results.json rewritten after each; a rerun of the same configuration and seed skips
+    the finished draws (each draw is seeded by itself: 1000·seed + 100·k + draw)."""
     unknown = [m for m in config["methods"] if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; the methods are {METHODS}")
-    start = time.perf_counter()
+    path, payload, start = begin(config, out_dir, device, seed, scope=config["scope"], rows=[])
     size, scope = config["image_size"], config["scope"]
     train_images, train_labels = load_fashion_mnist(train=True)
     test_images, test_labels = load_fashion_mnist(train=False)
@@ -218,8 +219,9 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
     model = with_head(load_mobilenet(device), head)
     params, split_prefix = scope_params(scope), config["frozen_prefix"]
     test = {"inputs": preprocess(test_images, size)}
-    rows, payload = [], {"config": config, "seed": seed, "device": device, "scope": scope}
-    jobs = [(k, d) for k in config["shots"] for d in range(config["draws"])]
+    rows = payload["rows"]
+    done = {(r["shots"], r["draw"]) for r in rows}
+    jobs = [(k, d) for k in config["shots"] for d in range(config["draws"]) if (k, d) not in done]
     for k, draw in progress_bar(jobs, desc="fashion-fewshot"):
         draw_seed = 1000 * seed + 100 * k + draw
         generator = torch.Generator().manual_seed(draw_seed)
@@ -242,17 +244,19 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
                     **metrics(probs, test_labels),
                 }
             )
-        payload.update(
-            rows=rows, parameters=net.num_params, cut=net.split and net.split.cut, seconds=time.perf_counter() - start
-        )
-        write_json_atomic(out_dir / "results.json", payload)
+        payload.update(parameters=net.num_params, cut=net.split and net.split.cut)
+        payload["seconds_this_run"] = time.perf_counter() - start
+        write_json_atomic(path, payload)
+    payload["seconds_this_run"] = time.perf_counter() - start
+    write_json_atomic(path, payload)
     plot(rows, config["shots"], config["methods"], out_dir / "fewshot.png")
     print(
         f"scope {scope}: {payload['parameters']:,} adapted parameters (frozen prefix up to {payload['cut']}), "
-        f"{len(test_labels)} test images, {size}×{size} inputs, device {device}, {payload['seconds']:.0f} s"
+        f"{len(test_labels)} test images, {size}×{size} inputs, device {device}, {payload['seconds_this_run']:.0f} s"
+        " this run"
     )
     print(summarise(rows, config["shots"], config["methods"]))
-    print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'fewshot.png'}")
+    print(f"results: {path}  figure: {out_dir / 'fewshot.png'}")
     return {"rows": len(rows)}
 
 

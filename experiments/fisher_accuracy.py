@@ -23,7 +23,7 @@ from torch import nn
 from ntkgp import fisher_operator
 from ntkgp.progress import progress_bar
 
-from .common import Experiment, format_table, save_figure_atomic, seed_everything, write_json_atomic
+from .common import Experiment, atomic_path, begin, format_table, save_figure_atomic, write_json_atomic
 from .datasets import load_fashion_mnist
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
@@ -115,17 +115,31 @@ def plot(rows: list[dict], path: Path, activation: str) -> None:
 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
-    """Train the CNN, measure FD errors at each stage; writes results.json (per stage) and errors.png."""
-    seed_everything(seed)
+    """Train the CNN, measure FD errors at each stage; writes results.json (per stage) and errors.png.
+
+    After each stage the network, its optimizer and the random state go to ``checkpoint.pt`` (atomically, with the
+    configuration and seed): a rerun of the same configuration and seed continues from the last finished stage and
+    ends with the rows an uninterrupted run gives."""
+    path, payload, start = begin(config, out_dir, device, seed, rows=[])
     images, labels = load_fashion_mnist(train=True)
     order = torch.randperm(len(images))[: config["train_size"]]
     images, labels = images[order].to(device), labels[order].to(device)
     probe_x, probe_y = images[: config["probe_size"]], labels[: config["probe_size"]]
     model = make_cnn(config["activation"]).to(device=device, dtype=torch.float32)  # float32 whatever the default
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    rows, epoch, start = [], 0, time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stage in progress_bar(config["stages"], desc="fisher-accuracy", unit="stage"):
+    rows, epoch, resumed = payload["rows"], 0, False
+    checkpoint = out_dir / "checkpoint.pt"
+    finished = sorted({r["stage"] for r in rows})
+    if finished and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        if saved["config"] == config and saved["seed"] == seed and saved["epoch"] == finished[-1]:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"])
+            epoch, resumed = saved["epoch"], True
+    if not resumed:  # nothing to continue from: start over
+        rows.clear()
+    for stage in progress_bar([s for s in config["stages"] if s > epoch or not resumed], desc="fisher-accuracy"):
         while epoch < stage:
             for batch in torch.randperm(len(images), device=device).split(config["batch_size"]):
                 optimizer.zero_grad()
@@ -139,10 +153,11 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         for row in measure(model, probe_x, vectors, config):
             rows.append({"stage": stage, "train_accuracy": accuracy, **row})
         model.train()
-        write_json_atomic(
-            out_dir / "results.json",
-            {"config": config, "seed": seed, "rows": rows, "seconds": time.perf_counter() - start},
-        )
+        state = {"config": config, "seed": seed, "epoch": epoch, "rng": torch.get_rng_state()}
+        with atomic_path(checkpoint) as tmp:
+            torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+        payload["seconds_this_run"] = time.perf_counter() - start
+        write_json_atomic(path, payload)
     plot(rows, out_dir / "errors.png", config["activation"])
     table = [
         [
@@ -170,7 +185,7 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
         ]
         summary[method] = max(r["error_max"] for r in window) if window else math.nan
         print(f"{method}, float32, ε in [1e-4, 1e-2]: worst relative error {summary[method]:.2e} (target < 1e-2)")
-    print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'errors.png'}")
+    print(f"results: {path}  figure: {out_dir / 'errors.png'}")
     return {"worst_float32_window": summary}
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ntkgp import NTKGP, LayerScaledNTKGP
 from ntkgp.progress import progress_bar
 
-from .common import Experiment, format_table, mean_and_stderr, save_figure_atomic, seed_everything, write_json_atomic
+from .common import Experiment, begin, format_table, mean_and_stderr, save_figure_atomic, write_json_atomic
 
 Z95 = 1.959964
 
@@ -69,15 +69,26 @@ def adam(loss_fn, params: list[Tensor], steps: int, lr: float) -> None:
 
 
 def pretrain(seed: int, config: dict, dtype: torch.dtype, device: str) -> tuple[nn.Module, float]:
-    """Pretrain the MLP on one task; returns (model in eval mode, training MSE)."""
+    """Pretrain the MLP on one task — full-batch Adam for ``pretrain_steps`` steps, or (``pretrain_batch_size`` set:
+    the supplement's recipe) SGD with momentum ``pretrain_momentum`` on minibatches of that size for
+    ``pretrain_epochs`` epochs —; returns (model in eval mode, training MSE)."""
     generator = torch.Generator().manual_seed(10_000 + seed)
     torch.manual_seed(seed)
     task = sample_task(generator)
     x, y = task.sample(config["pretrain_points"], generator, dtype)
     model = make_mlp().to(dtype=dtype, device=device)
     x, y = x.to(device), y.to(device)
-    loss = lambda: (model(x).squeeze(-1) - y).square().mean()  # noqa: E731
-    adam(loss, list(model.parameters()), config["pretrain_steps"], config["pretrain_lr"])
+    loss = lambda rows=slice(None): (model(x[rows]).squeeze(-1) - y[rows]).square().mean()  # noqa: E731
+    size = config["pretrain_batch_size"]
+    if size is None:
+        adam(loss, list(model.parameters()), config["pretrain_steps"], config["pretrain_lr"])
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config["pretrain_lr"], momentum=config["pretrain_momentum"])
+        for _ in range(config["pretrain_epochs"]):
+            for rows in torch.randperm(len(x), generator=generator).to(device).split(size):
+                optimizer.zero_grad()
+                loss(rows).backward()
+                optimizer.step()
     with torch.no_grad():
         return model.eval(), float(loss())
 
@@ -217,13 +228,13 @@ def plot_bands(examples: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(examples[0]["predictions"])
+    labels = list(examples[0]["predictions"])  # (the examples come back from results.json as lists)
     fig, axes = plt.subplots(
         len(examples), len(labels), figsize=(3.2 * len(labels), 2.4 * len(examples)), squeeze=False, sharex=True
     )
     for row, example in zip(axes, examples):
         for ax, label in zip(row, labels):
-            mean, var = example["predictions"][label]
+            mean, var = (np.asarray(values) for values in example["predictions"][label])
             sd = np.sqrt(np.maximum(var, 0))
             ax.fill_between(example["grid"], mean - Z95 * sd, mean + Z95 * sd, alpha=0.3, label="95% band")
             ax.plot(example["grid"], example["truth"], "k--", lw=1, label="truth")
@@ -300,36 +311,46 @@ def evaluate(job: dict) -> dict:
     examples = [
         {
             "shots": shots,
-            "grid": grid.flatten().cpu().numpy(),
-            "x": x[t].flatten().cpu().numpy(),
-            "y": y[t].cpu().numpy(),
-            "truth": tasks[t](grid[0]).flatten().cpu().numpy(),
-            "predictions": {k: (v[0][t], v[1][t]) for k, v in predictions.items()},
+            "grid": grid.flatten().cpu().tolist(),
+            "x": x[t].flatten().cpu().tolist(),
+            "y": y[t].cpu().tolist(),
+            "truth": tasks[t](grid[0]).flatten().cpu().tolist(),
+            "predictions": {k: (v[0][t].tolist(), v[1][t].tolist()) for k, v in predictions.items()},
         }
         for t in range(num_plot)
     ]
-    return {"rows": rows, "examples": examples}
+    return {"job": [job["pretrain_seed"], shots], "rows": rows, "examples": examples}
 
 
 def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
     """Pretrain one network per seed, then evaluate every (seed, shots) job, in ``config["workers"]`` processes.
 
-    ``results.json`` is rewritten (atomically) after every finished job; ``bands.png`` at the end.
+    ``results.json`` is rewritten (atomically) after every finished job, with the job's rows and plotted examples; a
+    rerun of the same configuration and seed skips the finished jobs (and the pretraining of seeds with none left).
+    ``bands.png`` at the end.
     """
-    seed_everything(seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    num_jobs = len(config["pretrain_seeds"]) * len(config["shots"])
+    path, payload, start = begin(config, out_dir, device, seed, pretraining=[], rows=[], examples=[], done=[])
+    done = {tuple(job) for job in payload["done"]}
+    remaining = {
+        s: [k for k in sorted(config["shots"], reverse=True) if (seed + s, k) not in done]
+        for s in config["pretrain_seeds"]
+    }
+    num_jobs = sum(len(shots) for shots in remaining.values())
     workers = min(config["workers"], num_jobs)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-    pretrained, rows, examples, pending = [], [], [], []
+    pretrained, pending = {p["seed"] for p in payload["pretraining"]}, []
     try:
         # workers start (and jobs run) while the next network pretrains; larger jobs (more shots) first
-        for pretrain_seed in progress_bar(config["pretrain_seeds"], desc="pretraining", unit="network"):
+        todo = [s for s in config["pretrain_seeds"] if remaining[s]]
+        for pretrain_seed in progress_bar(todo, desc="pretraining", unit="network"):
             model, pre_mse = pretrain(seed + pretrain_seed, config, torch.float64, device)
             fixed_noise = max(1e-3, pre_mse)
-            pretrained.append({"seed": seed + pretrain_seed, "pretrain_mse": pre_mse, "fixed_noise": fixed_noise})
+            if seed + pretrain_seed not in pretrained:
+                payload["pretraining"].append(
+                    {"seed": seed + pretrain_seed, "pretrain_mse": pre_mse, "fixed_noise": fixed_noise}
+                )
             state = {k: v.cpu() for k, v in model.state_dict().items()}
-            for shots in sorted(config["shots"], reverse=True):
+            for shots in remaining[pretrain_seed]:
                 job = {
                     "config": config,
                     "device": device,
@@ -341,34 +362,28 @@ def run(config: dict, out_dir: Path, device: str = "cpu", seed: int = 0) -> dict
                     "plot": pretrain_seed == config["pretrain_seeds"][0] and shots == min(config["shots"]),
                 }
                 pending.append(pool.submit(evaluate, job) if pool else job)
-        done = as_completed(pending) if pool else (evaluate(job) for job in pending)
-        for result in progress_bar(done, total=num_jobs, desc="sinusoid", unit="job"):
+        finished = as_completed(pending) if pool else (evaluate(job) for job in pending)
+        for result in progress_bar(finished, total=num_jobs, desc="sinusoid", unit="job"):
             result = result.result() if pool else result
-            rows += result["rows"]
-            examples += result["examples"]
-            write_json_atomic(
-                out_dir / "results.json",
-                {
-                    "config": config,
-                    "seed": seed,
-                    "device": device,
-                    "pretraining": pretrained,
-                    "summary": summarise(rows),
-                    "rows": rows,
-                },
-            )
+            payload["rows"] += result["rows"]
+            payload["examples"] += result["examples"]
+            payload["done"].append(result["job"])
+            payload["summary"] = summarise(payload["rows"])
+            write_json_atomic(path, payload)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    if examples:
-        plot_bands(examples, out_dir / "bands.png")
-    summary = summarise(rows)
+    payload["wall_seconds_this_run"] = time.perf_counter() - start
+    write_json_atomic(path, payload)
+    if payload["examples"]:
+        plot_bands(payload["examples"], out_dir / "bands.png")
+    summary = summarise(payload["rows"])
     print(print_tables(summary))
     print(
         "\ntimes are single-thread; fine-tuning and last-layer retraining adapt all tasks of a pretraining seed in"
         " one batched run, and their time is that run's time divided by the number of tasks."
     )
-    print(f"results: {out_dir / 'results.json'}  figure: {out_dir / 'bands.png'}")
+    print(f"results: {path}  figure: {out_dir / 'bands.png'}; {payload['wall_seconds_this_run']:.0f} s this run")
     return summary
 
 
@@ -380,6 +395,9 @@ DEFAULT = {
     "pretrain_points": 200,
     "pretrain_steps": 1000,
     "pretrain_lr": 1e-2,
+    "pretrain_batch_size": None,  # None: full-batch Adam for pretrain_steps; a size: SGD for pretrain_epochs
+    "pretrain_epochs": 0,
+    "pretrain_momentum": 0.9,
     "finetune_steps": [100, 500],
     "last_layer_steps": 500,
     "finetune_lr": 1e-2,
@@ -406,10 +424,21 @@ TINY = {
     "workers": 1,
 }
 
+#: the supplement's pretraining (E): SGD, batches of 3, 2500 epochs, lr 1e-3, momentum 0.9; more tasks per seed
+PAPER = {
+    **DEFAULT,
+    "pretrain_seeds": [0, 1, 2, 3, 4],
+    "tasks": 50,
+    "pretrain_batch_size": 3,
+    "pretrain_epochs": 2500,
+    "pretrain_lr": 1e-3,
+    "pretrain_momentum": 0.9,
+}
+
 EXPERIMENT = Experiment(
     name="sinusoid",
     description="few-shot sinusoid regression: NTK-GP against fine-tuning, last-layer retraining and a Bayesian "
     "last layer",
     run=run,
-    configs={"default": DEFAULT, "tiny": TINY},
+    configs={"default": DEFAULT, "tiny": TINY, "paper": PAPER},
 )
