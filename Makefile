@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,lint]"
+	$(BIN)/python -m pip install -q -e ".[test,lint,docs]"
 	touch $@
 
 run: $(VENV)/.installed

@@ -2,7 +2,11 @@
 give the products of one process over all of them (1e-10 in float64)."""
 
 import os
+import re
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +141,23 @@ def test_methods_that_need_every_input_refuse_a_shard():
                 lqf.solve("function")
         finally:
             dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_the_documented_script_runs_under_two_gloo_processes(tmp_path):
+    """docs/distributed.md's script (a fragment with an undefined model, x and rank until issue 26) as written, under
+    torchrun with 2 processes on gloo."""
+    text = (Path(__file__).parents[1] / "docs" / "distributed.md").read_text()
+    (script,) = re.findall(r"```python notest\n(# shards\.py.*?)```", text, re.S)
+    (tmp_path / "shards.py").write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NTKGP_PROGRESS": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "shards.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes: σ² = " in done.stdout and done.stdout.count("tensor(") == 1

@@ -14,7 +14,7 @@ TIMINGS = {"time", "seconds"}
 def rows(out):
     payload = json.loads((out / "results.json").read_text())
     return sorted(
-        (json.dumps({k: v for k, v in row.items() if k not in TIMINGS}, sort_keys=True) for row in payload["rows"])
+        json.dumps({k: v for k, v in row.items() if k not in TIMINGS}, sort_keys=True) for row in payload["rows"]
     )
 
 

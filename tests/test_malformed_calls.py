@@ -627,7 +627,7 @@ for what, call, exc, pattern in [
         TypeError,
         "network must be a FunctionalNetwork",
     ),
-    ("NetworkMean with a module", lambda: NetworkMean(MLP), TypeError, "network must be a FunctionalNetwork"),
+    ("NetworkMean with a string", lambda: NetworkMean("mlp"), TypeError, "network must be an nn.Module or a"),
 ]:
     case("operators", what, call, raises(exc, pattern))
 for what, call, shape in [

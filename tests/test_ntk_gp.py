@@ -10,7 +10,7 @@ from conftest import dense_jacobian, make_case, rel_err
 from linear_operator.operators import LinearOperator
 from torch import nn
 
-from ntkgp import NTKGP, JacobianKernel, Solver
+from ntkgp import NTKGP, JacobianKernel, NetworkMean, Solver
 
 S2, NOISE = 0.7, 0.3
 SOLVERS = {"cholesky": (Solver("cholesky"), 1e-6), "cg": (Solver("cg"), 1e-4)}
@@ -306,3 +306,13 @@ def test_full_cov_needs_the_exact_variance():
         gp.predict(x, variance="low_rank", full_cov=True)
     with pytest.raises(TypeError, match="full_cov must be True or False"):
         gp.predict(x, full_cov="yes")
+
+
+def test_network_mean_takes_the_module_or_a_kernels_snapshot():
+    """docs/api.md promised NetworkMean(net); it took only a FunctionalNetwork. Both now, the module snapshotted."""
+    model, x, _ = make_case("mlp_c3")
+    kernel = JacobianKernel(model)
+    for mean in (NetworkMean(model), NetworkMean(kernel.network)):
+        assert torch.equal(mean(x), model(x).detach())
+    model1, x1, _ = make_case("mlp_c1")
+    assert NetworkMean(model1)(x1).shape == (len(x1),)

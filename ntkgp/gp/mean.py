@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import gpytorch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..functional import FunctionalNetwork
+from ..functional import FunctionalNetwork, as_functional_network
 from ..inputs import Inputs
 
 __all__ = ["NetworkMean"]
@@ -18,22 +18,24 @@ class NetworkMean(gpytorch.means.Mean):
     """m(x) = f(x; θ0) for inputs x (n, d), reshaped to (n, *input_shape) or mapped to the network's inputs by
     ``inputs`` (as in :class:`~ntkgp.JacobianKernel`); output (n,) if C = 1 else (n, C).
 
+    ``network``: the pretrained module (eval mode; snapshotted as :class:`FunctionalNetwork` describes) or a
+    :class:`FunctionalNetwork` — pass a :class:`~ntkgp.JacobianKernel`'s own ``kernel.network`` to share its snapshot.
     The network is a frozen snapshot (not a submodule): no gradient reaches its weights, while ``.to(...)``,
     ``.double()``, … convert it.
     """
 
     def __init__(
         self,
-        network: FunctionalNetwork,
+        network: nn.Module | FunctionalNetwork,
         input_shape: Sequence[int] | None = None,
         inputs: Callable[[Tensor], Inputs] | None = None,
     ):
         super().__init__()
-        if not isinstance(network, FunctionalNetwork):
+        if not isinstance(network, (nn.Module, FunctionalNetwork)):
             raise TypeError(
-                f"network must be a FunctionalNetwork (ntkgp.FunctionalNetwork(model)), got {type(network).__name__}"
+                f"network must be an nn.Module or a FunctionalNetwork, got {type(network).__name__}"
             )
-        self.network = network
+        self.network = as_functional_network(network)
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.inputs = inputs
 
