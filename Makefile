@@ -3,11 +3,12 @@
 # make lint  — ruff check and ruff format --check (what CI runs before the tests)
 # make typecheck — mypy on ntkgp/ (configured in pyproject.toml)
 # make bench — the NTK-MVM benchmark and the comparison with laplace-torch (benchmarks/)
+# make docs  — the documentation site, offline, into site/ (mkdocs --strict: a warning fails; the tutorials run)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run test lint typecheck bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +34,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/ntk_mvm.py
 	$(BIN)/python benchmarks/laplace_vs_laplace_torch.py
 
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) results *.egg-info
+	rm -rf $(VENV) results site *.egg-info

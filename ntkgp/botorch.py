@@ -37,6 +37,7 @@ from botorch.posteriors.gpytorch import GPyTorchPosterior
 from gpytorch.constraints import GreaterThan
 from gpytorch.distributions import MultivariateNormal
 from gpytorch.likelihoods import GaussianLikelihood
+from linear_operator.operators import DenseLinearOperator
 from torch import Tensor, nn
 
 from .functional import FunctionalNetwork, as_functional_network
@@ -60,12 +61,15 @@ class NTKGPModel(Model, FantasizeMixin):
 
     Args:
         model: the pretrained network, in eval mode, mapping (n, d) to (n,) or (n, 1).
-        train_X: (n, d) inputs; train_Y: (n, 1) observations (raw: transforms below).
+        train_X: (n, d) inputs.
+        train_Y: (n, 1) observations (raw: transforms below).
         params: the parameters linearised (names or module prefixes; default all).
         mean: ``"network"`` (f(x; θ0)) or ``"zero"``.
-        outputscale, noise: s² and σ²; None (default) learns them by the exact marginal likelihood
-            (:meth:`ntkgp.NTKGP.fit`); numbers fix them.
-        outcome_transform, input_transform: BoTorch transforms, none by default (module docstring).
+        outputscale: s²; None (default) learns it (with σ²) by the exact marginal likelihood
+            (:meth:`ntkgp.NTKGP.fit`); a number fixes it.
+        noise: σ², likewise.
+        outcome_transform: a BoTorch outcome transform, none by default (module docstring).
+        input_transform: a BoTorch input transform, none by default.
 
     The network snapshot is converted to ``train_X``'s dtype (module docstring).
     """
@@ -206,7 +210,9 @@ class NTKGPModel(Model, FantasizeMixin):
             noise = self.noise if observation_noise is True else observation_noise[..., 0]
             cov = cov + torch.diag_embed(torch.as_tensor(noise, dtype=cov.dtype).expand(cov.shape[:-1]))
         cov = 0.5 * (cov + cov.mT)
-        posterior = GPyTorchPosterior(MultivariateNormal(mean, cov))
+        # lazy: a dense q × q covariance of many close candidates is PSD only to rounding, and torch's eager Cholesky
+        # refused it (200 points on a line); GPyTorch factors a linear operator when sampling, with jitter
+        posterior = GPyTorchPosterior(MultivariateNormal(mean, DenseLinearOperator(cov)))
         if hasattr(self, "outcome_transform"):
             posterior = self.outcome_transform.untransform_posterior(posterior, X=X)
         if posterior_transform is not None:

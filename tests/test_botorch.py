@@ -242,3 +242,16 @@ def test_ntkgp_refuses_targets_of_another_floating_dtype():
         TypeError, match="train_y has dtype torch.float64 but the network's parameters are torch.float32"
     ):
         NTKGP(net().float(), x.float(), y[:, 0], noise=0.1)
+
+
+def test_a_posterior_over_many_close_candidates_is_lazy_and_samples():
+    """200 points on a line have a covariance PSD only to rounding: torch's eager Cholesky (in GPyTorch's
+    MultivariateNormal of a dense tensor) refused it; the posterior is lazy now and samples with GPyTorch's jitter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)).double().eval()
+    x = torch.tensor([[-1.5], [0.0], [0.6], [2.0]], dtype=torch.float64)
+    m = NTKGPModel(model, x, torch.sin(3 * x), outputscale=0.5, noise=1e-3)
+    grid = torch.linspace(-2, 2, 200, dtype=torch.float64).unsqueeze(-1)
+    post = m.posterior(grid)
+    assert post.mean.shape == post.variance.shape == (200, 1) and torch.isfinite(post.variance).all()
+    assert post.rsample(torch.Size([3])).shape == (3, 200, 1)

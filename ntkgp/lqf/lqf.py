@@ -245,7 +245,8 @@ class LQF:
         closed form). Starts from θ0.
 
         Args:
-            epochs, batch_size: SGD passes over the data and the minibatch size for tensors.
+            epochs: SGD passes over the data.
+            batch_size: the minibatch size for tensors.
             lr: learning rate; default (1 − momentum)/λ̂ (1/λ̂ without momentum) with λ̂ the largest eigenvalue of
                 the preconditioned curvature P⁻¹H_B of the minibatch objective SGD steps on — H_B =
                 (N/b)·∇²(Σ_batch ℓ) + λI, P the K-FAC preconditioner (the identity without one) — by

@@ -309,7 +309,8 @@ def fisher_operator(
             gradients, error O(ε²)) or "exact" (JVP then VJP).
         epsilon: finite-difference step along v/‖v‖ (> 0); default :func:`default_epsilon`; steps lost in
             the rounding of θ0 + εv/‖v‖ are refused, small ones warned about (:func:`check_epsilon`).
-        params, chunk_size: as in :func:`ntkgp.ntk_operator`.
+        params: as in :func:`ntkgp.ntk_operator`.
+        chunk_size: as in :func:`ntkgp.ntk_operator`.
         at: outputs (n, C) at which H is evaluated (default f(x; θ0)), e.g. linearised MAP logits.
     """
     check_choice(method, "method", FISHER_METHODS)

@@ -32,8 +32,9 @@ class NTKOperator(NetworkOperator):
     inputs (:mod:`ntkgp.inputs`).
 
     Args:
-        x1: n1 inputs; x2: n2 inputs, or the same inputs for the symmetric K(X, X).
-        network: the functional network (keyword); num_outputs: C (keyword).
+        *tensors: the tensors of x1 and x2 (n1 and n2 inputs; the same inputs for the symmetric K(X, X)).
+        network: the functional network (keyword).
+        num_outputs: C (keyword).
         batch_shape: the matrix repeated over these batch dimensions (keyword, default none).
         layouts: how the positional tensors group into x1 and x2 (keyword; :meth:`of` sets it).
     """

@@ -42,8 +42,13 @@ class SVI:
     """Mean-field Gaussian posterior over the linearised network's parameters.
 
     Args:
-        model, likelihood, params, prior_precision, noise, num_classes, chunk_size: as in
-            :class:`ntkgp.Laplace` (regression noise σ² defaults to 1).
+        model: as in :class:`ntkgp.Laplace`.
+        likelihood: as in :class:`ntkgp.Laplace`.
+        params: as in :class:`ntkgp.Laplace`.
+        prior_precision: as in :class:`ntkgp.Laplace`.
+        noise: regression noise σ² (default 1).
+        num_classes: as in :class:`ntkgp.Laplace`.
+        chunk_size: as in :class:`ntkgp.Laplace`.
         init_scale: initial standard deviations s, relative to the prior's 1/√δ.
     """
 
