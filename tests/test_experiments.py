@@ -243,7 +243,9 @@ def test_lqf_conditioning_tiny_run_and_resume(tmp_path, capsys):
     # the last layer with its bias in one K-FAC block: P = H exactly, every Ritz value of P⁻¹H is 1
     assert payload["spectra"]["LQF, K-FAC preconditioned"]["condition"] == pytest.approx(1.0, abs=1e-8)
     assert set(payload["curves"]) == {f"{p} lr={lr}" for p in ("kfac", "plain") for lr in ("auto", 0.1, 0.0001)}
-    assert payload["curves"]["kfac lr=auto"]["lr_used"] == 0.1 and payload["best"]["kfac"] is not None
+    # the default step (1 − momentum)/λ̂ is the paper's 0.1 where K-FAC is exact (λ̂ = 1, P⁻¹H = I)
+    assert payload["curves"]["kfac lr=auto"]["lr_used"] == pytest.approx(0.1, rel=1e-9)
+    assert payload["best"]["kfac"] is not None
     assert (out / "conditioning.png").stat().st_size > 10_000
     capsys.readouterr()
     stamp = (out / "results.json").read_text()

@@ -125,16 +125,19 @@ class LayerScaledNTKGP(nn.Module):
     """Exact GP regression with K = Σ_g s_g² J_g J_gᵀ (module docstring).
 
     Args:
-        model: the network (eval mode) or a FunctionalNetwork; n inputs train_x (:mod:`ntkgp.inputs`), train_y (n,)
-            or (n, C).
+        model: the network (eval mode) or a FunctionalNetwork.
+        train_x: n inputs (:mod:`ntkgp.inputs`).
+        train_y: (n,) or (n, C).
         groups: None (one group per layer, i.e. per module holding parameters) or name -> parameter names /
             module prefixes.
-        params: the parameters linearised (default all); space: ``"function"`` (N = n·C rows) or ``"parameter"``
-            (p rows); mean: ``"network"`` or ``"zero"``.
-        outputscales: initial s_g² (one number for all groups, or one per group; default 1); noise: σ² (None:
-            learned, default initial value 1e-2·Var(y)).
+        params: the parameters linearised (default all).
+        space: ``"function"`` (N = n·C rows) or ``"parameter"`` (p rows).
+        mean: ``"network"`` or ``"zero"``.
+        outputscales: initial s_g² (one number for all groups, or one per group; default 1).
+        noise: σ² (None: learned, default initial value 1e-2·Var(y)).
         solver: a :class:`~ntkgp.gp.solver.Solver` or its method name (default ``"auto"``: dense up to 2048 rows of
-            the space's system, CG and SLQ beyond); trace_samples: SLQ probe vectors (fixed across evaluations).
+            the space's system, CG and SLQ beyond).
+        trace_samples: SLQ probe vectors (fixed across evaluations).
     Attributes: ``outputscales`` (G,), ``noise``, ``group_names``.
     """
 

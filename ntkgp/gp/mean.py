@@ -32,9 +32,7 @@ class NetworkMean(gpytorch.means.Mean):
     ):
         super().__init__()
         if not isinstance(network, (nn.Module, FunctionalNetwork)):
-            raise TypeError(
-                f"network must be an nn.Module or a FunctionalNetwork, got {type(network).__name__}"
-            )
+            raise TypeError(f"network must be an nn.Module or a FunctionalNetwork, got {type(network).__name__}")
         self.network = as_functional_network(network)
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.inputs = inputs

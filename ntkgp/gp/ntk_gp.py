@@ -125,8 +125,8 @@ class NTKGP(nn.Module):
     Args:
         model: the pretrained network in eval mode (or a :class:`FunctionalNetwork`); inputs (n, ...) ->
             outputs (n,) or (n, C). Not modified; snapshotted as :class:`FunctionalNetwork` describes.
-        train_x: n inputs (:mod:`ntkgp.inputs`); train_y: (n,) for C = 1, (n, C) otherwise. Or train_x a DataLoader
-            of (x, y) batches (read once and concatenated) and train_y None.
+        train_x: n inputs (:mod:`ntkgp.inputs`), or a DataLoader of (x, y) batches (read once and concatenated).
+        train_y: (n,) for C = 1, (n, C) otherwise; None with a DataLoader.
         params: the parameters to linearise in (names or module prefixes; default all trainable).
         space: ``"auto"`` (default: ``"parameter"`` when p ≤ N = n·C or the inputs are sharded, ``"function"``
             otherwise — the smaller Gram; both give the same posterior), ``"function"`` (N × N solves) or
