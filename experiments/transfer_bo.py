@@ -36,7 +36,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import Experiment, begin, format_table, mean_and_stderr, save_figure_atomic, write_json_atomic
+from .common import (
+    Experiment,
+    begin,
+    format_table,
+    mean_and_stderr,
+    save_figure_atomic,
+    seed_everything,
+    write_json_atomic,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -173,6 +181,9 @@ class _Negate(nn.Module):
 
 
 def bo_run(method: str, task: dict, model: nn.Module, stats: tuple[float, float], config: dict, seed: int) -> dict:
+    # seeded by the job alone (optimize_acqf's raw samples draw from the global generator): a resumed run that skips
+    # finished jobs gets the same numbers as an uninterrupted one
+    seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(config["initial"], 2, generator=generator, dtype=torch.float64)  # the same for every method
     y = objective(task, x)

@@ -57,7 +57,12 @@ CASES = [
     ("olivetti-rotation", "adapt", []),
     ("iterative-linearisation", "train_run", []),
     ("uci-large", "ntk_gp", []),
-    pytest.param("fashion-fewshot", "adapt", ["--set", "shots=[1, 2]"], marks=pytest.mark.slow),
+    pytest.param(
+        "fashion-fewshot",
+        "adapt",
+        ["--set", "shots=[1, 2]", "--set", 'methods=["linearised MAP", "NTK-GP one-hot"]'],
+        marks=pytest.mark.slow,
+    ),
     pytest.param("lqf-conditioning", "lqf_curve", [], marks=pytest.mark.slow),
     pytest.param("lqf-hyperparameters", "lqf", [], marks=pytest.mark.slow),
     pytest.param("lqf-informativeness", "draw_with_validation", [], marks=pytest.mark.slow),
