@@ -67,7 +67,12 @@ CASES = [
     pytest.param("lqf-hyperparameters", "lqf", [], marks=pytest.mark.slow),
     pytest.param("lqf-informativeness", "draw_with_validation", [], marks=pytest.mark.slow),
     pytest.param("lqf-online", "run_lqf", [], marks=pytest.mark.slow),
-    pytest.param("lqf-transfer", "run_method", [], marks=pytest.mark.slow),
+    pytest.param(
+        "lqf-transfer",
+        "run_method",  # the low-shot part alone: one draw of five methods
+        ["--set", "shots=[1]", "--set", "cnn_datasets=[]", "--set", "olivetti_draws=0"],
+        marks=pytest.mark.slow,
+    ),
 ]
 
 
