@@ -146,6 +146,9 @@ class NTKGP(nn.Module):
         cache_linearisation: inside CG and Lanczos, reuse one forward pass at the training inputs
             (``FunctionalNetwork.linearised``) when it fits ``memory_budget`` (default True).
 
+    A GPyTorch model as GPyTorch's own are used: ``gp(x)`` is the joint posterior at x (:meth:`forward`),
+    ``gp.likelihood(gp(x))`` adds the noise, :meth:`predict` gives the marginals (``full_cov=True``: the joint
+    covariance too) and :meth:`posterior` BoTorch's posterior; ``gp.noise``, ``gp.outputscale`` are plain numbers.
     ``.to(dtype/device)``, ``.double()``, ``.float()`` convert the network snapshot with the GP.
     """
 
