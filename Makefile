@@ -35,7 +35,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/laplace_vs_laplace_torch.py
 
 docs: $(VENV)/.installed
-	NO_MKDOCS_2_WARNING=1 NTKGP_PROGRESS=0 $(BIN)/mkdocs build --strict
+	NTKGP_DATA=$${NTKGP_DATA:-../shared/data} NO_MKDOCS_2_WARNING=1 NTKGP_PROGRESS=0 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) results site *.egg-info
