@@ -315,7 +315,7 @@ class LQF:
             float(self._ritz_values(batch, scale, self.STEP_LANCZOS, self._preconditioner())[-1])
             for batch, scale in zip(batches, scales)
         )
-        return (1.0 - self.momentum if self.momentum > 0 else 1.0) / self.lr_curvature
+        return (1.0 - self.momentum) / self.lr_curvature
 
     def _sgd(
         self,
